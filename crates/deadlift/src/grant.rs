@@ -1,0 +1,163 @@
+//! Grants: what a module may do when it runs. Deny by default.
+//!
+//! A grant is checked when a module is bound to an instance (host functions it imports)
+//! and enforced on every call (memory, time, fuel, input and output sizes). Grants are
+//! plain data so that later layers can load them from workflow files and API requests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The default memory budget: enough for a Rust guest (about 17 pages) with room to work.
+pub const DEFAULT_MEMORY_BYTES: u64 = 16 * 1024 * 1024;
+/// The default wall-clock limit of one call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The default maximum input and output size of one call.
+pub const DEFAULT_MAX_IO_BYTES: u64 = 4 * 1024 * 1024;
+/// The default cap on an instance's Extism vars, as the SDK's.
+pub const DEFAULT_MAX_VAR_BYTES: u64 = 1024 * 1024;
+
+/// What a module may do when it runs. `Grant::default()` allows no host function and
+/// modest limits; everything else must be granted explicitly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Grant {
+    /// Host functions (in `extism:host/user`) the module may import, by name.
+    pub host_functions: BTreeSet<String>,
+    /// Budget for all memory of one instance: guest linear memory and Extism memory.
+    pub memory_bytes: u64,
+    /// Wall-clock limit of one call.
+    #[serde(with = "duration_ms", rename = "timeout_ms")]
+    pub timeout: Duration,
+    /// Instruction budget of one call; `None` means unmetered (still bounded by time).
+    pub fuel: Option<u64>,
+    pub max_input_bytes: u64,
+    pub max_output_bytes: u64,
+    /// Cap on the total size of the instance's vars; 0 disables vars.
+    pub max_var_bytes: u64,
+    /// Config values the module reads with `config_get`.
+    pub config: BTreeMap<String, String>,
+}
+
+impl Default for Grant {
+    fn default() -> Self {
+        Self {
+            host_functions: BTreeSet::new(),
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+            timeout: DEFAULT_TIMEOUT,
+            fuel: None,
+            max_input_bytes: DEFAULT_MAX_IO_BYTES,
+            max_output_bytes: DEFAULT_MAX_IO_BYTES,
+            max_var_bytes: DEFAULT_MAX_VAR_BYTES,
+            config: BTreeMap::new(),
+        }
+    }
+}
+
+impl Grant {
+    /// Grants the named host functions in addition to what is already granted.
+    pub fn allow<I, S>(mut self, host_functions: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.host_functions
+            .extend(host_functions.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn with_memory_bytes(mut self, bytes: u64) -> Self {
+        self.memory_bytes = bytes;
+        self
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn with_fuel(mut self, fuel: u64) -> Self {
+        self.fuel = Some(fuel);
+        self
+    }
+
+    pub fn with_max_input_bytes(mut self, bytes: u64) -> Self {
+        self.max_input_bytes = bytes;
+        self
+    }
+
+    pub fn with_max_output_bytes(mut self, bytes: u64) -> Self {
+        self.max_output_bytes = bytes;
+        self
+    }
+
+    pub fn with_max_var_bytes(mut self, bytes: u64) -> Self {
+        self.max_var_bytes = bytes;
+        self
+    }
+
+    pub fn with_config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.insert(key.into(), value.into());
+        self
+    }
+
+    /// The part of the grant an instance is built with: calls whose grants agree on it may
+    /// share warm instances; the rest (time, fuel, sizes, config) applies per call.
+    pub(crate) fn instance_shape(&self) -> InstanceShape {
+        InstanceShape {
+            host_functions: self.host_functions.clone(),
+            memory_bytes: self.memory_bytes,
+            max_var_bytes: self.max_var_bytes,
+        }
+    }
+}
+
+/// See [`Grant::instance_shape`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct InstanceShape {
+    pub host_functions: BTreeSet<String>,
+    pub memory_bytes: u64,
+    pub max_var_bytes: u64,
+}
+
+mod duration_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        u64::deserialize(deserializer).map(Duration::from_millis)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_grant_denies_every_host_function() {
+        assert!(Grant::default().host_functions.is_empty());
+    }
+
+    #[test]
+    fn grant_round_trips_as_json_with_millisecond_timeouts() {
+        let grant = Grant::default()
+            .allow(["kv_get"])
+            .with_timeout(Duration::from_millis(250));
+        let json = serde_json::to_value(&grant).unwrap();
+        assert_eq!(json["timeout_ms"], 250);
+        let back: Grant = serde_json::from_value(json).unwrap();
+        assert_eq!(back, grant);
+    }
+
+    #[test]
+    fn unknown_grant_fields_are_rejected() {
+        let err = serde_json::from_str::<Grant>(r#"{"host_function":["kv_get"]}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+}
