@@ -10,6 +10,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use deadlift::{CallContext, Engine, Grant, LogLevel, NewModule, registry};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+mod client;
+mod config;
+
+use client::{Client, cell, table};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,7 +31,27 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Load a plug-in and call one of its functions
+    /// Run an agent: the HTTP API on embedded storage in a data directory
+    Serve {
+        /// TOML file with settings (flags and environment override it)
+        #[arg(long, env = "DEADLIFT_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: config::ServeConfig,
+    },
+    /// Manage modules on an agent
+    #[command(subcommand)]
+    Module(ModuleCommand),
+    /// Read and write a tenant's key-value entries on an agent
+    #[command(subcommand)]
+    Kv(KvCommand),
+    /// Manage tenants (admin)
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Manage API tokens (admin)
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Load a plug-in locally (no agent) and call one of its functions
     Run(RunArgs),
     /// Validate a plug-in and list its imports and exports
     Inspect {
@@ -33,6 +60,131 @@ enum Command {
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// How to reach an agent.
+#[derive(Debug, Args)]
+struct Remote {
+    /// The agent's URL
+    #[arg(long, env = "DEADLIFT_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// API token
+    #[arg(long, env = "DEADLIFT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of tables
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum ModuleCommand {
+    /// Upload a .wasm file
+    Push {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List modules
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show one module (by name, name@version or sha256:...)
+    Show {
+        module: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Call a module's function
+    Call {
+        module: String,
+        function: String,
+        /// Input (JSON or any text)
+        #[arg(long, default_value = "")]
+        input: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Delete a module
+    Delete {
+        module: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KvCommand {
+    /// List keys
+    List {
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print a value
+    Get {
+        key: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Set a value
+    Set {
+        key: String,
+        value: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Delete a key
+    Delete {
+        key: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantCommand {
+    /// Create a tenant
+    Create {
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List tenants
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token for a tenant (printed once)
+    Create {
+        tenant: String,
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List tokens
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Revoke a token by id
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
     },
 }
 
@@ -94,7 +246,370 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect { file, json } => inspect(&file, json),
         Command::Run(args) => call(args),
+        Command::Serve { config, settings } => {
+            let file = match config {
+                Some(path) => config::ServeConfig::from_file(&path)?,
+                None => config::ServeConfig::default(),
+            };
+            runtime()?.block_on(serve(settings.over(file).resolve()))
+        }
+        Command::Module(command) => runtime()?.block_on(module(command)),
+        Command::Kv(command) => runtime()?.block_on(kv(command)),
+        Command::Tenant(command) => runtime()?.block_on(tenant(command)),
+        Command::Token(command) => runtime()?.block_on(token(command)),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+async fn serve(config: config::Resolved) -> anyhow::Result<()> {
+    let mut builder = deadlift::Agent::builder(&config.data_dir)
+        .admin_token(config.admin_token.clone())
+        .v1_requires_token(config.v1_require_token)
+        .max_body_bytes(config.max_body_bytes)
+        .default_grant(config.grant.clone());
+    if let Some(workers) = config.workers {
+        builder = builder.workers(workers);
+    }
+    let (agent, new_admin_token) = tokio::task::spawn_blocking(move || builder.build()).await??;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    println!(
+        "deadlift agent listening on http://{}",
+        listener.local_addr()?
+    );
+    println!("data directory: {}", config.data_dir.display());
+    if let Some(token) = new_admin_token {
+        println!("admin token (shown once, keep it safe): {token}");
+    }
+    deadlift::server::serve(std::sync::Arc::new(agent), listener, shutdown_signal()).await?;
+    println!("deadlift agent stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+fn print_json(value: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn module_rows(modules: &[Value]) -> Vec<Vec<String>> {
+    modules
+        .iter()
+        .map(|m| {
+            vec![
+                cell(&m["name"]),
+                cell(&m["version"]),
+                cell(&m["id"]),
+                cell(&m["size_bytes"]),
+                m["exports"]
+                    .as_array()
+                    .map(|e| {
+                        e.iter()
+                            .filter(|x| x["kind"] == "function")
+                            .map(|x| cell(&x["name"]))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect()
+}
+
+async fn module(command: ModuleCommand) -> anyhow::Result<()> {
+    match command {
+        ModuleCommand::Push {
+            file,
+            name,
+            version,
+            description,
+            remote,
+        } => {
+            let client = Client::new(&remote.server, remote.token)?;
+            let bytes = read_module(&file)?;
+            let mut query = vec![("name", name)];
+            query.extend(version.map(|v| ("version", v)));
+            query.extend(description.map(|d| ("description", d)));
+            let info = client
+                .json(
+                    client
+                        .request(Method::POST, "/v1/modules")
+                        .query(&query)
+                        .body(bytes),
+                )
+                .await?;
+            if remote.json {
+                return print_json(&info);
+            }
+            println!("pushed {} as {}", cell(&info["id"]), cell(&info["name"]));
+        }
+        ModuleCommand::List { remote } => {
+            let client = Client::new(&remote.server, remote.token)?;
+            let list = client
+                .json(client.request(Method::GET, "/v1/modules"))
+                .await?;
+            if remote.json {
+                return print_json(&list);
+            }
+            let modules = list.as_array().cloned().unwrap_or_default();
+            table(
+                &["name", "version", "id", "bytes", "functions"],
+                &module_rows(&modules),
+            );
+        }
+        ModuleCommand::Show { module, remote } => {
+            let client = Client::new(&remote.server, remote.token)?;
+            let info = client
+                .json(client.request(Method::GET, &format!("/v1/modules/{}", encode(&module))))
+                .await?;
+            if remote.json {
+                return print_json(&info);
+            }
+            table(
+                &["name", "version", "id", "bytes", "functions"],
+                &module_rows(std::slice::from_ref(&info)),
+            );
+            for import in info["imports"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "imports {}::{}",
+                    cell(&import["module"]),
+                    cell(&import["name"])
+                );
+            }
+        }
+        ModuleCommand::Call {
+            module,
+            function,
+            input,
+            remote,
+        } => {
+            let client = Client::new(&remote.server, remote.token)?;
+            let path = format!("/v1/modules/{}/call/{}", encode(&module), encode(&function));
+            let out = client
+                .json(client.request(Method::POST, &path).body(input))
+                .await?;
+            if remote.json {
+                return print_json(&out);
+            }
+            for line in out["logs"].as_array().cloned().unwrap_or_default() {
+                eprintln!(
+                    "[guest {}] {}",
+                    cell(&line["level"]),
+                    cell(&line["message"])
+                );
+            }
+            let output = if !out["output"].is_null() {
+                out["output"].to_string()
+            } else if let Some(text) = out["output_text"].as_str() {
+                text.to_owned()
+            } else {
+                format!("(hex) {}", cell(&out["output_hex"]))
+            };
+            println!("{output}");
+            eprintln!(
+                "fuel {} · {} µs",
+                cell(&out["fuel_used"]),
+                cell(&out["duration_us"])
+            );
+        }
+        ModuleCommand::Delete { module, remote } => {
+            let client = Client::new(&remote.server, remote.token)?;
+            client
+                .send(client.request(Method::DELETE, &format!("/v1/modules/{}", encode(&module))))
+                .await?;
+            if !remote.json {
+                println!("deleted {module}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn kv(command: KvCommand) -> anyhow::Result<()> {
+    match command {
+        KvCommand::List { prefix, remote } => {
+            let client = Client::new(&remote.server, remote.token)?;
+            let keys = client
+                .json(
+                    client
+                        .request(Method::GET, "/v1/kv")
+                        .query(&[("prefix", prefix)]),
+                )
+                .await?;
+            if remote.json {
+                return print_json(&keys);
+            }
+            for key in keys["keys"].as_array().cloned().unwrap_or_default() {
+                println!("{}", cell(&key));
+            }
+        }
+        KvCommand::Get { key, remote } => {
+            let client = Client::new(&remote.server, remote.token)?;
+            let response = client
+                .send(client.request(Method::GET, &format!("/v1/kv/{}", encode(&key))))
+                .await?;
+            let bytes = response.bytes().await?;
+            if remote.json {
+                return print_json(
+                    &json!({ "key": key, "value": String::from_utf8_lossy(&bytes) }),
+                );
+            }
+            std::io::stdout().write_all(&bytes)?;
+            println!();
+        }
+        KvCommand::Set { key, value, remote } => {
+            let client = Client::new(&remote.server, remote.token)?;
+            client
+                .send(
+                    client
+                        .request(Method::PUT, &format!("/v1/kv/{}", encode(&key)))
+                        .body(value),
+                )
+                .await?;
+        }
+        KvCommand::Delete { key, remote } => {
+            let client = Client::new(&remote.server, remote.token)?;
+            client
+                .send(client.request(Method::DELETE, &format!("/v1/kv/{}", encode(&key))))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn tenant(command: TenantCommand) -> anyhow::Result<()> {
+    match command {
+        TenantCommand::Create { name, remote } => {
+            let client = Client::new(&remote.server, remote.token)?;
+            let created = client
+                .json(
+                    client
+                        .request(Method::POST, "/v1/tenants")
+                        .json(&json!({ "name": name })),
+                )
+                .await?;
+            if remote.json {
+                return print_json(&created);
+            }
+            println!("created tenant {name}");
+        }
+        TenantCommand::List { remote } => {
+            let client = Client::new(&remote.server, remote.token)?;
+            let list = client
+                .json(client.request(Method::GET, "/v1/tenants"))
+                .await?;
+            if remote.json {
+                return print_json(&list);
+            }
+            for name in list["tenants"].as_array().cloned().unwrap_or_default() {
+                println!("{}", cell(&name));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn token(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create {
+            tenant,
+            description,
+            remote,
+        } => {
+            let client = Client::new(&remote.server, remote.token)?;
+            let body = json!({ "description": description });
+            let created = client
+                .json(
+                    client
+                        .request(
+                            Method::POST,
+                            &format!("/v1/tenants/{}/tokens", encode(&tenant)),
+                        )
+                        .json(&body),
+                )
+                .await?;
+            if remote.json {
+                return print_json(&created);
+            }
+            println!(
+                "token for {tenant} (shown once): {}",
+                cell(&created["token"])
+            );
+        }
+        TokenCommand::List { remote } => {
+            let client = Client::new(&remote.server, remote.token)?;
+            let list = client
+                .json(client.request(Method::GET, "/v1/tokens"))
+                .await?;
+            if remote.json {
+                return print_json(&list);
+            }
+            let rows: Vec<Vec<String>> = list["tokens"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|t| {
+                    vec![
+                        cell(&t["id"]),
+                        cell(&t["tenant"]),
+                        cell(&t["admin"]),
+                        cell(&t["description"]),
+                    ]
+                })
+                .collect();
+            table(&["id", "tenant", "admin", "description"], &rows);
+        }
+        TokenCommand::Revoke { id, remote } => {
+            let client = Client::new(&remote.server, remote.token)?;
+            client
+                .send(client.request(Method::DELETE, &format!("/v1/tokens/{}", encode(&id))))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Percent-encodes a path segment.
+fn encode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'@' | b':' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
 }
 
 fn read_module(file: &PathBuf) -> anyhow::Result<Vec<u8>> {

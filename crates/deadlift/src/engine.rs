@@ -12,7 +12,7 @@
 //! The pool is last-in-first-out, so sequential calls meet the same instance and see
 //! the state they left, as with one Extism `Plugin`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::Hasher;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -225,6 +225,11 @@ fn compatibility_key(engine: &wasmtime::Engine) -> String {
     hex::encode(&hasher.0.finalize()[..12])
 }
 
+/// Upper bounds (in microseconds) of the call-duration histogram buckets.
+pub const DURATION_BUCKETS_US: [u64; 10] = [
+    10, 50, 100, 500, 1_000, 5_000, 10_000, 50_000, 100_000, 1_000_000,
+];
+
 /// Counters behind [`EngineStats`].
 #[derive(Debug, Default)]
 struct Counters {
@@ -234,10 +239,35 @@ struct Counters {
     instances_discarded: AtomicU64,
     calls: AtomicU64,
     call_errors: AtomicU64,
+    errors_by_code: Mutex<BTreeMap<&'static str, u64>>,
+    /// Calls per duration bucket (the last slot counts those above every bound).
+    duration_buckets: [AtomicU64; DURATION_BUCKETS_US.len() + 1],
+    duration_sum_us: AtomicU64,
+}
+
+impl Counters {
+    fn record(&self, elapsed: std::time::Duration, result: &Result<CallOutput, CallError>) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = DURATION_BUCKETS_US
+            .iter()
+            .position(|bound| micros <= *bound)
+            .unwrap_or(DURATION_BUCKETS_US.len());
+        self.duration_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.duration_sum_us.fetch_add(micros, Ordering::Relaxed);
+        if let Err(error) = result {
+            self.call_errors.fetch_add(1, Ordering::Relaxed);
+            *self
+                .errors_by_code
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(error.code())
+                .or_default() += 1;
+        }
+    }
 }
 
 /// A snapshot of what the engine has done, for metrics and tests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct EngineStats {
     /// Modules compiled from Wasm bytes.
     pub compiled: u64,
@@ -250,6 +280,12 @@ pub struct EngineStats {
     pub call_errors: u64,
     /// Warm instances waiting in pools right now.
     pub idle_instances: u64,
+    /// Failed calls by `CallError::code`.
+    pub errors_by_code: BTreeMap<String, u64>,
+    /// Calls per bucket of [`DURATION_BUCKETS_US`] (not cumulative; one extra slot for
+    /// slower calls).
+    pub duration_buckets: Vec<u64>,
+    pub duration_sum_us: u64,
 }
 
 /// A compiled module ready to be instantiated.
@@ -398,6 +434,19 @@ impl Engine {
             calls: c.calls.load(Ordering::Relaxed),
             call_errors: c.call_errors.load(Ordering::Relaxed),
             idle_instances: idle,
+            errors_by_code: c
+                .errors_by_code
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|(code, n)| ((*code).to_owned(), *n))
+                .collect(),
+            duration_buckets: c
+                .duration_buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            duration_sum_us: c.duration_sum_us.load(Ordering::Relaxed),
         }
     }
 }
@@ -429,9 +478,10 @@ impl Inner {
         ctx: &CallContext,
     ) -> Result<CallOutput, CallError> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let result = self.run(module, function, input, grant, ctx);
+        self.stats.record(started.elapsed(), &result);
         if let Err(error) = &result {
-            self.stats.call_errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%module, function, tenant = %ctx.tenant, code = error.code(), "call failed: {error}");
         }
         result

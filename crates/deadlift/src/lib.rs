@@ -22,13 +22,17 @@
 //! # Ok(()) }
 //! ```
 
+pub mod agent;
 pub mod engine;
 pub mod error;
 pub(crate) mod executor;
 pub mod grant;
 pub mod host;
 pub mod registry;
+pub mod server;
+pub mod store;
 
+pub use agent::{Agent, AgentBuilder, AgentError, DEFAULT_TENANT};
 pub use engine::{Engine, EngineBuilder, EngineError, EngineStats};
 pub use error::CallError;
 pub use executor::{CallOutput, LogLevel, LogLine};

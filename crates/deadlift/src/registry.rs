@@ -110,6 +110,8 @@ impl Inspection {
 #[derive(Debug, Clone, Default)]
 pub struct NewModule {
     pub name: String,
+    /// A human title (the v1 API's `title`).
+    pub title: Option<String>,
     pub version: Option<String>,
     pub description: Option<String>,
     pub bytes: Vec<u8>,
@@ -121,6 +123,8 @@ pub struct ModuleInfo {
     pub id: ModuleId,
     pub tenant: String,
     pub name: String,
+    #[serde(default)]
+    pub title: Option<String>,
     pub version: Option<String>,
     pub description: Option<String>,
     pub size_bytes: u64,
@@ -459,6 +463,7 @@ impl Registry {
             id: inspection.id,
             tenant: tenant.to_owned(),
             name: module.name,
+            title: module.title,
             version: module.version,
             description: module.description,
             size_bytes: module.bytes.len() as u64,

@@ -12,3 +12,5 @@ mod engine_calls;
 mod isolation;
 mod limits;
 mod registry;
+mod server_api;
+mod server_v1;

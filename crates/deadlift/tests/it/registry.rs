@@ -147,6 +147,7 @@ fn modules_resolve_by_name_version_and_id() {
             TENANT,
             NewModule {
                 name: "math".into(),
+                title: None,
                 version: Some("1".into()),
                 description: Some("adds ten".into()),
                 bytes: fixture("add_ten"),
@@ -158,6 +159,7 @@ fn modules_resolve_by_name_version_and_id() {
             TENANT,
             NewModule {
                 name: "math".into(),
+                title: None,
                 version: Some("2".into()),
                 description: None,
                 bytes: fixture("multiply_by_five"),

@@ -1,0 +1,99 @@
+//! The CLI's HTTP client for a running agent, and how its answers are printed: readable
+//! tables by default, the JSON itself with `--json`.
+
+use anyhow::{Context, bail};
+use reqwest::{Method, RequestBuilder, Response};
+use serde_json::Value;
+
+/// A client for one agent.
+#[derive(Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    server: String,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn new(server: &str, token: Option<String>) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("deadlift-cli/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            server: server.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let request = self.http.request(method, format!("{}{path}", self.server));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// Sends the request; a non-2xx answer becomes an error with the server's message.
+    pub async fn send(&self, request: RequestBuilder) -> anyhow::Result<Response> {
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the agent at {}", self.server))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        match (
+            body["error"]["message"].as_str(),
+            body["error"]["code"].as_str(),
+        ) {
+            (Some(message), Some(code)) => bail!("{message} ({code})"),
+            _ => bail!("the agent answered {status}"),
+        }
+    }
+
+    pub async fn json(&self, request: RequestBuilder) -> anyhow::Result<Value> {
+        let response = self.send(request).await?;
+        if response.content_length() == Some(0) {
+            return Ok(Value::Null);
+        }
+        Ok(response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// Prints rows as an aligned table with a header line.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    println!(
+        "{}",
+        line(headers.iter().map(|h| h.to_uppercase()).collect())
+    );
+    for row in rows {
+        println!("{}", line(row.clone()));
+    }
+}
+
+/// A JSON field as display text (`-` when absent).
+pub fn cell(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,136 @@
+//! The agent's configuration: one struct, read from a TOML file, then the environment,
+//! then flags (each later source wins), with embedded defaults for everything.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use serde::Deserialize;
+
+/// Settings of `deadlift serve`. Every field is optional so that sources can be layered;
+/// [`ServeConfig::resolve`] fills in the defaults.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address to listen on [default: 127.0.0.1:8080]
+    #[arg(long, env = "DEADLIFT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the database and compiled modules [default: ./deadlift-data]
+    #[arg(long, env = "DEADLIFT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Admin token to use instead of generating one at first start
+    #[arg(long, env = "DEADLIFT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Require a token on the Deadlift v1 routes [default: false]
+    #[arg(long, env = "DEADLIFT_V1_REQUIRE_TOKEN")]
+    pub v1_require_token: Option<bool>,
+    /// Largest request body in bytes [default: 16 MiB]
+    #[arg(long, env = "DEADLIFT_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Threads that run plug-in calls [default: number of CPUs]
+    #[arg(long, env = "DEADLIFT_WORKERS")]
+    pub workers: Option<usize>,
+    /// Wall-clock limit of one call through the API, in ms [default: 1000]
+    #[arg(long, env = "DEADLIFT_CALL_TIMEOUT_MS")]
+    pub call_timeout_ms: Option<u64>,
+    /// Memory budget of a module instance, in bytes [default: 16 MiB]
+    #[arg(long, env = "DEADLIFT_CALL_MEMORY_BYTES")]
+    pub call_memory_bytes: Option<u64>,
+    /// Instruction budget of one call [default: unmetered]
+    #[arg(long, env = "DEADLIFT_CALL_FUEL")]
+    pub call_fuel: Option<u64>,
+}
+
+/// [`ServeConfig`] with every default applied.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub admin_token: Option<String>,
+    pub v1_require_token: bool,
+    pub max_body_bytes: usize,
+    pub workers: Option<usize>,
+    pub grant: deadlift::Grant,
+}
+
+impl ServeConfig {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// `self` (environment and flags) over `file`.
+    pub fn over(self, file: Self) -> Self {
+        Self {
+            listen: self.listen.or(file.listen),
+            data_dir: self.data_dir.or(file.data_dir),
+            admin_token: self.admin_token.or(file.admin_token),
+            v1_require_token: self.v1_require_token.or(file.v1_require_token),
+            max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
+            workers: self.workers.or(file.workers),
+            call_timeout_ms: self.call_timeout_ms.or(file.call_timeout_ms),
+            call_memory_bytes: self.call_memory_bytes.or(file.call_memory_bytes),
+            call_fuel: self.call_fuel.or(file.call_fuel),
+        }
+    }
+
+    pub fn resolve(self) -> Resolved {
+        let mut grant = deadlift::Grant::default();
+        if let Some(ms) = self.call_timeout_ms {
+            grant.timeout = std::time::Duration::from_millis(ms);
+        }
+        if let Some(bytes) = self.call_memory_bytes {
+            grant.memory_bytes = bytes;
+        }
+        grant.fuel = self.call_fuel;
+        Resolved {
+            listen: self
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("deadlift-data")),
+            admin_token: self.admin_token.filter(|t| !t.is_empty()),
+            v1_require_token: self.v1_require_token.unwrap_or(false),
+            max_body_bytes: self.max_body_bytes.unwrap_or(16 * 1024 * 1024),
+            workers: self.workers,
+            grant,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_and_environment_win_over_the_file() {
+        let file: ServeConfig = toml::from_str(
+            "listen = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/file\"\ncall_timeout_ms = 50\n",
+        )
+        .unwrap();
+        let flags = ServeConfig {
+            data_dir: Some(PathBuf::from("/tmp/flag")),
+            ..ServeConfig::default()
+        };
+        let resolved = flags.over(file).resolve();
+        assert_eq!(resolved.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(resolved.data_dir, PathBuf::from("/tmp/flag"));
+        assert_eq!(resolved.grant.timeout.as_millis(), 50);
+    }
+
+    #[test]
+    fn defaults_listen_on_loopback_only() {
+        let resolved = ServeConfig::default().resolve();
+        assert!(resolved.listen.ip().is_loopback());
+        assert!(!resolved.v1_require_token);
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_errors() {
+        assert!(toml::from_str::<ServeConfig>("lisen = \"x\"").is_err());
+    }
+}

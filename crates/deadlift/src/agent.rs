@@ -1,0 +1,183 @@
+//! The agent: an [`Engine`] wired to durable storage in a data directory, with tenants,
+//! API tokens and the defaults the server applies. Built by [`AgentBuilder`]; the HTTP
+//! server (`server`) is one way to drive it, an embedding application is another.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::engine::{Engine, EngineError};
+use crate::grant::Grant;
+use crate::host::HostFunction;
+use crate::store::{Database, DbError, Principal};
+
+/// The tenant the Deadlift v1 routes act for.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Failures starting an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Database(#[from] DbError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("cannot generate a token: {0}")]
+    Random(String),
+}
+
+/// Builds an [`Agent`].
+#[derive(Debug)]
+pub struct AgentBuilder {
+    data_dir: PathBuf,
+    admin_token: Option<String>,
+    v1_requires_token: bool,
+    default_grant: Grant,
+    max_body_bytes: usize,
+    workers: Option<usize>,
+    host_functions: Vec<HostFunction>,
+}
+
+impl AgentBuilder {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            admin_token: None,
+            v1_requires_token: false,
+            default_grant: Grant::default(),
+            max_body_bytes: 16 * 1024 * 1024,
+            workers: None,
+            host_functions: Vec::new(),
+        }
+    }
+
+    /// Use this admin token instead of generating one at first start.
+    pub fn admin_token(mut self, token: Option<String>) -> Self {
+        self.admin_token = token;
+        self
+    }
+
+    /// Whether the Deadlift v1 routes need a token (the original needed none).
+    pub fn v1_requires_token(mut self, required: bool) -> Self {
+        self.v1_requires_token = required;
+        self
+    }
+
+    /// The grant applied to calls made through the API.
+    pub fn default_grant(mut self, grant: Grant) -> Self {
+        self.default_grant = grant;
+        self
+    }
+
+    /// Largest request body the server accepts.
+    pub fn max_body_bytes(mut self, bytes: usize) -> Self {
+        self.max_body_bytes = bytes;
+        self
+    }
+
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = Some(workers);
+        self
+    }
+
+    pub fn host_function(mut self, function: HostFunction) -> Self {
+        self.host_functions.push(function);
+        self
+    }
+
+    /// Opens the data directory and starts the engine. Returns the agent and, when an
+    /// admin token was generated now (first start), that token: it is shown only once.
+    pub fn build(self) -> Result<(Agent, Option<String>), AgentError> {
+        std::fs::create_dir_all(&self.data_dir).map_err(|source| AgentError::DataDir {
+            path: self.data_dir.clone(),
+            source,
+        })?;
+        let db = Database::open(&self.data_dir.join("agent.db"))?;
+        db.create_tenant(DEFAULT_TENANT)?;
+        let mut engine = Engine::builder()
+            .data_dir(&self.data_dir)
+            .kv(Arc::new(db.clone()))
+            .modules(Arc::new(db.clone()));
+        if let Some(workers) = self.workers {
+            engine = engine.workers(workers);
+        }
+        for function in self.host_functions {
+            engine = engine.host_function(function);
+        }
+        let engine = engine.build()?;
+        let new_admin_token = match self.admin_token {
+            Some(token) => {
+                if db.authenticate(&token)? != Some(Principal::Admin) {
+                    db.add_token(&token, &Principal::Admin, Some("given at start"))?;
+                }
+                None
+            }
+            None if db.has_admin_token()? => None,
+            None => {
+                let token = new_token()?;
+                db.add_token(&token, &Principal::Admin, Some("created at first start"))?;
+                Some(token)
+            }
+        };
+        let agent = Agent {
+            engine,
+            db,
+            data_dir: self.data_dir,
+            v1_requires_token: self.v1_requires_token,
+            default_grant: self.default_grant,
+            max_body_bytes: self.max_body_bytes,
+        };
+        Ok((agent, new_admin_token))
+    }
+}
+
+/// A fresh random API token (`dl_` and 32 random bytes in hex).
+pub fn new_token() -> Result<String, AgentError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| AgentError::Random(e.to_string()))?;
+    Ok(format!("dl_{}", hex::encode(bytes)))
+}
+
+/// A running agent's state. Share it behind an `Arc`.
+#[derive(Debug)]
+pub struct Agent {
+    engine: Engine,
+    db: Database,
+    data_dir: PathBuf,
+    v1_requires_token: bool,
+    default_grant: Grant,
+    max_body_bytes: usize,
+}
+
+impl Agent {
+    pub fn builder(data_dir: impl Into<PathBuf>) -> AgentBuilder {
+        AgentBuilder::new(data_dir)
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    pub fn v1_requires_token(&self) -> bool {
+        self.v1_requires_token
+    }
+
+    pub fn default_grant(&self) -> &Grant {
+        &self.default_grant
+    }
+
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+    }
+}

@@ -1,0 +1,401 @@
+//! The JSON API under `/v1`: modules (upload, list, get, delete, call), tenants and
+//! tokens (admin), and a tenant's key-value entries. Every route acts for the caller's
+//! tenant; nothing here can reach another tenant's data.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::{AgentState, ApiError, Caller, RawBody, json, parse_json};
+use crate::agent::new_token;
+use crate::executor::LogLine;
+use crate::host::{CallContext, KvStore};
+use crate::registry::{ModuleInfo, NewModule};
+use crate::store::{Principal, TokenInfo};
+
+pub(super) fn routes() -> Router<AgentState> {
+    Router::new()
+        .route("/v1/modules", get(list_modules).post(upload_module))
+        .route(
+            "/v1/modules/{reference}",
+            get(get_module).delete(delete_module),
+        )
+        .route("/v1/modules/{reference}/call/{function}", post(call_module))
+        .route("/v1/tenants", get(list_tenants).post(create_tenant))
+        .route("/v1/tenants/{tenant}/tokens", post(create_token))
+        .route("/v1/tokens", get(list_tokens))
+        .route("/v1/tokens/{id}", delete(revoke_token))
+        .route("/v1/kv", get(list_kv))
+        .route("/v1/kv/{key}", get(get_kv).put(put_kv).delete(delete_kv))
+}
+
+/// Runs blocking storage work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await?
+}
+
+async fn list_modules(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    headers: HeaderMap,
+) -> Result<Json<Vec<ModuleInfo>>, ApiError> {
+    let tenant = caller.tenant(&headers)?;
+    let engine = agent.engine().clone();
+    Ok(Json(
+        blocking(move || Ok(engine.registry().list(&tenant)?)).await?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadQuery {
+    name: String,
+    version: Option<String>,
+    title: Option<String>,
+    description: Option<String>,
+}
+
+/// Upload: the module's bytes as the body, its metadata in the query string.
+async fn upload_module(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    headers: HeaderMap,
+    query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let tenant = caller.tenant(&headers)?;
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            "missing_field",
+            format!(
+                "module metadata goes in the query string (name, version, title, description): {}",
+                e.body_text()
+            ),
+        )
+    })?;
+    let engine = agent.engine().clone();
+    let module = NewModule {
+        name: query.name,
+        title: query.title,
+        version: query.version,
+        description: query.description,
+        bytes: body.to_vec(),
+    };
+    let info = blocking(move || Ok(engine.add_module(&tenant, module)?)).await?;
+    Ok(json(StatusCode::CREATED, info))
+}
+
+async fn resolve(
+    agent: &AgentState,
+    tenant: String,
+    reference: String,
+) -> Result<ModuleInfo, ApiError> {
+    let engine = agent.engine().clone();
+    blocking(move || Ok(engine.registry().resolve(&tenant, &reference)?)).await
+}
+
+async fn get_module(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(reference): Path<String>,
+) -> Result<Json<ModuleInfo>, ApiError> {
+    let tenant = caller.tenant(&headers)?;
+    Ok(Json(resolve(&agent, tenant, reference).await?))
+}
+
+async fn delete_module(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(reference): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = caller.tenant(&headers)?;
+    let info = resolve(&agent, tenant.clone(), reference).await?;
+    let engine = agent.engine().clone();
+    blocking(move || Ok(engine.delete_module(&tenant, &info.id)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The result of a call as JSON: the output as JSON when it is JSON, as text when it
+/// is UTF-8, as hex otherwise.
+#[derive(Debug, Serialize)]
+struct CallResponse {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_text: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_hex: Option<String>,
+    logs: Vec<LogLine>,
+    fuel_used: u64,
+    duration_us: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct CallQuery {
+    /// `raw` answers with the output bytes themselves.
+    #[serde(default)]
+    format: Option<String>,
+}
+
+async fn call_module(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path((reference, function)): Path<(String, String)>,
+    Query(query): Query<CallQuery>,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let tenant = caller.tenant(&headers)?;
+    let info = resolve(&agent, tenant.clone(), reference).await?;
+    let out = agent
+        .engine()
+        .call(
+            &info.id,
+            &function,
+            &body,
+            agent.default_grant(),
+            &CallContext::new(tenant),
+        )
+        .await?;
+    if query.format.as_deref() == Some("raw") {
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                (
+                    header::HeaderName::from_static("x-deadlift-fuel-used"),
+                    out.fuel_used.to_string(),
+                ),
+                (
+                    header::HeaderName::from_static("x-deadlift-duration-us"),
+                    out.duration.as_micros().to_string(),
+                ),
+            ],
+            out.output,
+        )
+            .into_response());
+    }
+    let (mut output, mut output_text, mut output_hex) = (None, None, None);
+    match serde_json::from_slice::<serde_json::Value>(&out.output) {
+        Ok(value) => output = Some(value),
+        Err(_) => match String::from_utf8(out.output) {
+            Ok(text) => output_text = Some(text),
+            Err(e) => output_hex = Some(hex::encode(e.into_bytes())),
+        },
+    }
+    Ok(Json(CallResponse {
+        output,
+        output_text,
+        output_hex,
+        logs: out.logs,
+        fuel_used: out.fuel_used,
+        duration_us: u64::try_from(out.duration.as_micros()).unwrap_or(u64::MAX),
+    })
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewTenant {
+    name: String,
+}
+
+fn valid_tenant(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+async fn create_tenant(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let NewTenant { name } = parse_json(&body)?;
+    if !valid_tenant(&name) {
+        return Err(ApiError::new(
+            "tenant_invalid",
+            "tenant names are 1-64 characters of a-z, 0-9, '-' or '_'",
+        ));
+    }
+    let db = agent.db().clone();
+    let created_name = name.clone();
+    let created = blocking(move || Ok(db.create_tenant(&created_name)?)).await?;
+    if !created {
+        return Err(ApiError::new(
+            "tenant_exists",
+            format!("tenant `{name}` already exists"),
+        ));
+    }
+    Ok(json(
+        StatusCode::CREATED,
+        serde_json::json!({ "name": name }),
+    ))
+}
+
+async fn list_tenants(
+    State(agent): State<AgentState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let db = agent.db().clone();
+    let tenants = blocking(move || Ok(db.tenants()?)).await?;
+    Ok(Json(serde_json::json!({ "tenants": tenants })).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    description: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct CreatedToken {
+    /// The secret: shown once, stored only as a hash.
+    token: String,
+    #[serde(flatten)]
+    info: TokenInfo,
+}
+
+async fn create_token(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path(tenant): Path<String>,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let request: NewToken = if body.is_empty() {
+        NewToken::default()
+    } else {
+        parse_json(&body)?
+    };
+    let db = agent.db().clone();
+    let created = blocking(move || {
+        if !db.tenant_exists(&tenant)? {
+            return Err(ApiError::new(
+                "tenant_not_found",
+                format!("no tenant `{tenant}`"),
+            ));
+        }
+        let token = new_token().map_err(|e| ApiError::new("internal", e.to_string()))?;
+        let info = db.add_token(
+            &token,
+            &Principal::Tenant(tenant),
+            request.description.as_deref(),
+        )?;
+        Ok(CreatedToken { token, info })
+    })
+    .await?;
+    Ok(json(StatusCode::CREATED, created))
+}
+
+async fn list_tokens(
+    State(agent): State<AgentState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let db = agent.db().clone();
+    let tokens = blocking(move || Ok(db.tokens(None)?)).await?;
+    Ok(Json(serde_json::json!({ "tokens": tokens })).into_response())
+}
+
+async fn revoke_token(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_admin()?;
+    let db = agent.db().clone();
+    let revoked = blocking(move || Ok(db.revoke_token(&id)?)).await?;
+    if revoked {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new("token_not_found", "no such token"))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct KvQuery {
+    #[serde(default)]
+    prefix: String,
+}
+
+async fn list_kv(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Query(query): Query<KvQuery>,
+) -> Result<Response, ApiError> {
+    let tenant = caller.tenant(&headers)?;
+    let db = agent.db().clone();
+    let keys = blocking(move || Ok(db.keys(&tenant, &query.prefix)?)).await?;
+    Ok(Json(BTreeMap::from([("keys", keys)])).into_response())
+}
+
+async fn get_kv(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let tenant = caller.tenant(&headers)?;
+    let db = agent.db().clone();
+    let value = blocking(move || Ok(KvStore::get(&db, &tenant, &key)?)).await?;
+    match value {
+        Some(value) => {
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], value).into_response())
+        }
+        None => Err(ApiError::new("key_not_found", "no such key")),
+    }
+}
+
+async fn put_kv(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+    RawBody(body): RawBody,
+) -> Result<StatusCode, ApiError> {
+    let tenant = caller.tenant(&headers)?;
+    if key.is_empty() || key.len() > crate::host::MAX_KV_KEY_BYTES {
+        return Err(ApiError::new(
+            "invalid_input",
+            "keys are 1 to 1024 bytes long",
+        ));
+    }
+    if body.len() > crate::host::MAX_KV_VALUE_BYTES {
+        return Err(ApiError::new(
+            "payload_too_large",
+            "values are at most 1 MiB",
+        ));
+    }
+    let db = agent.db().clone();
+    blocking(move || Ok(KvStore::set(&db, &tenant, &key, &body)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete_kv(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = caller.tenant(&headers)?;
+    let db = agent.db().clone();
+    if blocking(move || Ok(KvStore::delete(&db, &tenant, &key)?)).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new("key_not_found", "no such key"))
+    }
+}

@@ -1,0 +1,176 @@
+//! The one HTTP error type. Every failure a client can cause becomes an [`ApiError`]
+//! with a stable code; [`status_of`] is the single table from codes to statuses, and
+//! the body is always `{"error": {"code": "...", "message": "..."}}`.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::error::CallError;
+use crate::host::KvError;
+use crate::registry::ModuleError;
+use crate::store::DbError;
+
+/// An error answered to an HTTP client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        status_of(self.code)
+    }
+}
+
+/// The status of every error code: the one place they are mapped.
+pub fn status_of(code: &str) -> StatusCode {
+    match code {
+        "bad_request"
+        | "invalid_json"
+        | "missing_field"
+        | "not_multipart"
+        | "invalid_input"
+        | "module_invalid"
+        | "module_import_invalid"
+        | "module_name_invalid"
+        | "module_id_invalid"
+        | "module_missing_main"
+        | "grant_invalid"
+        | "tenant_invalid"
+        | "subject_unknown"
+        | "pipeline_empty" => StatusCode::BAD_REQUEST,
+        "unauthorized" => StatusCode::UNAUTHORIZED,
+        "forbidden" => StatusCode::FORBIDDEN,
+        "not_found" | "route_not_found" | "module_not_found" | "function_not_found"
+        | "tenant_not_found" | "token_not_found" | "key_not_found" | "workflow_not_found" => {
+            StatusCode::NOT_FOUND
+        }
+        "method_not_allowed" => StatusCode::METHOD_NOT_ALLOWED,
+        "module_conflict" | "tenant_exists" | "module_in_use" => StatusCode::CONFLICT,
+        "payload_too_large" | "input_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+        "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "trap"
+        | "guest_error"
+        | "guest_exit_code"
+        | "timeout"
+        | "cancelled"
+        | "fuel_exhausted"
+        | "memory_limit"
+        | "output_too_large"
+        | "host_function_denied"
+        | "host_function_unknown"
+        | "host_function_failed"
+        | "import_denied"
+        | "function_signature"
+        | "link_failed"
+        | "output_not_json" => StatusCode::UNPROCESSABLE_ENTITY,
+        "overloaded" | "shutting_down" => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(code = self.code, "{}", self.message);
+        }
+        let body = Body {
+            error: Inner {
+                code: self.code,
+                message: &self.message,
+            },
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<CallError> for ApiError {
+    fn from(e: CallError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}
+
+impl From<ModuleError> for ApiError {
+    fn from(e: ModuleError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        Self::new("storage", e.to_string())
+    }
+}
+
+impl From<KvError> for ApiError {
+    fn from(e: KvError) -> Self {
+        Self::new("storage", e.to_string())
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Self::new("internal", format!("a background task failed: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_call_error_code_has_a_client_or_capacity_status() {
+        let samples = [
+            CallError::Trap {
+                message: String::new(),
+            },
+            CallError::Timeout {
+                limit: std::time::Duration::ZERO,
+            },
+            CallError::FunctionNotFound {
+                function: String::new(),
+            },
+            CallError::ModuleNotFound {
+                module: String::new(),
+            },
+            CallError::InputTooLarge { size: 1, limit: 0 },
+            CallError::Overloaded {
+                reason: String::new(),
+            },
+            CallError::GrantInvalid {
+                reason: String::new(),
+            },
+        ];
+        for error in samples {
+            let status = status_of(error.code());
+            assert!(
+                status.is_client_error() || status == StatusCode::SERVICE_UNAVAILABLE,
+                "{} -> {status}",
+                error.code()
+            );
+        }
+        assert_eq!(status_of("no_such_code"), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}

@@ -1,0 +1,511 @@
+//! The agent's durable state in one SQLite file: tenants, API tokens (hashed), module
+//! metadata and bytes, and key-value entries. It implements the library's storage
+//! traits ([`ModuleStore`], [`KvStore`]) so the engine persists without knowing SQL.
+//!
+//! Migrations are embedded and applied in order at open; every connection runs in WAL
+//! mode with foreign keys on. All calls block: async code reaches them through
+//! `spawn_blocking` (the server does), engine workers call them directly.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+use crate::host::{KvError, KvStore};
+use crate::registry::{ModuleId, ModuleInfo, ModuleStore, StoreError};
+
+/// Schema versions, applied in order; the index + 1 is the `user_version` they lead to.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE tenants (
+    name TEXT PRIMARY KEY,
+    created_unix_ms INTEGER NOT NULL
+);
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY,
+    hash BLOB NOT NULL UNIQUE,
+    tenant TEXT REFERENCES tenants(name) ON DELETE CASCADE,
+    admin INTEGER NOT NULL,
+    description TEXT,
+    created_unix_ms INTEGER NOT NULL,
+    CHECK (admin = 1 OR tenant IS NOT NULL)
+);
+CREATE TABLE module_blobs (
+    id TEXT PRIMARY KEY,
+    bytes BLOB NOT NULL
+);
+CREATE TABLE modules (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    id TEXT NOT NULL REFERENCES module_blobs(id),
+    info TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, id),
+    UNIQUE (tenant, name, version)
+);
+CREATE TABLE kv (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (tenant, key)
+) WITHOUT ROWID;
+"#];
+
+/// Errors of the database layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database holds schema version {found}, newer than this agent understands ({known})")]
+    TooNew { found: i64, known: i64 },
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<DbError> for StoreError {
+    fn from(e: DbError) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+impl From<DbError> for KvError {
+    fn from(e: DbError) -> Self {
+        KvError::Storage(e.to_string())
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Who a token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Admin,
+    Tenant(String),
+}
+
+/// A token as listed (never the secret itself).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub tenant: Option<String>,
+    pub admin: bool,
+    pub description: Option<String>,
+    pub created_unix_ms: i64,
+}
+
+/// The agent's database. Cheap to clone; one connection serialised behind a mutex,
+/// which SQLite in WAL mode serves well for an agent's write rate.
+#[derive(Debug, Clone)]
+pub struct Database {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Database {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let conn = Connection::open(path)?;
+        Self::prepare(conn)
+    }
+
+    /// A private in-memory database, for tests.
+    pub fn in_memory() -> Result<Self, DbError> {
+        Self::prepare(Connection::open_in_memory()?)
+    }
+
+    fn prepare(mut conn: Connection) -> Result<Self, DbError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(DbError::TooNew {
+                found: version,
+                known,
+            });
+        }
+        for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(migration)?;
+            tx.pragma_update(None, "user_version", index as i64 + 1)?;
+            tx.commit()?;
+        }
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn schema_version(&self) -> Result<i64, DbError> {
+        Ok(self
+            .conn()
+            .pragma_query_value(None, "user_version", |row| row.get(0))?)
+    }
+
+    /// Creates a tenant; `false` if it already existed.
+    pub fn create_tenant(&self, name: &str) -> Result<bool, DbError> {
+        let changed = self.conn().execute(
+            "INSERT OR IGNORE INTO tenants (name, created_unix_ms) VALUES (?1, ?2)",
+            params![name, now_ms()],
+        )?;
+        Ok(changed == 1)
+    }
+
+    pub fn tenant_exists(&self, name: &str) -> Result<bool, DbError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT 1 FROM tenants WHERE name = ?1", [name], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    pub fn tenants(&self) -> Result<Vec<String>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name FROM tenants ORDER BY name")?;
+        let names = stmt
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(names)
+    }
+
+    /// Stores a token by the SHA-256 of its secret.
+    pub fn add_token(
+        &self,
+        secret: &str,
+        principal: &Principal,
+        description: Option<&str>,
+    ) -> Result<TokenInfo, DbError> {
+        let hash = Sha256::digest(secret.as_bytes()).to_vec();
+        let id = hex::encode(&hash[..6]);
+        let (tenant, admin) = match principal {
+            Principal::Admin => (None, true),
+            Principal::Tenant(t) => (Some(t.clone()), false),
+        };
+        let created = now_ms();
+        self.conn().execute(
+            "INSERT INTO tokens (id, hash, tenant, admin, description, created_unix_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id, hash, tenant, admin, description, created],
+        )?;
+        Ok(TokenInfo {
+            id,
+            tenant,
+            admin,
+            description: description.map(str::to_owned),
+            created_unix_ms: created,
+        })
+    }
+
+    /// Who the secret belongs to, if it is a known token.
+    pub fn authenticate(&self, secret: &str) -> Result<Option<Principal>, DbError> {
+        let hash = Sha256::digest(secret.as_bytes()).to_vec();
+        let row: Option<(Option<String>, bool)> = self
+            .conn()
+            .query_row(
+                "SELECT tenant, admin FROM tokens WHERE hash = ?1",
+                [hash],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        Ok(row.map(|(tenant, admin)| match (admin, tenant) {
+            (true, _) | (false, None) => Principal::Admin,
+            (false, Some(tenant)) => Principal::Tenant(tenant),
+        }))
+    }
+
+    pub fn has_admin_token(&self) -> Result<bool, DbError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT 1 FROM tokens WHERE admin = 1 LIMIT 1", [], |_| {
+                Ok(())
+            })
+            .optional()?
+            .is_some())
+    }
+
+    pub fn tokens(&self, tenant: Option<&str>) -> Result<Vec<TokenInfo>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, tenant, admin, description, created_unix_ms FROM tokens
+             WHERE ?1 IS NULL OR tenant = ?1 ORDER BY created_unix_ms, id",
+        )?;
+        let tokens = stmt
+            .query_map([tenant], |row| {
+                Ok(TokenInfo {
+                    id: row.get(0)?,
+                    tenant: row.get(1)?,
+                    admin: row.get(2)?,
+                    description: row.get(3)?,
+                    created_unix_ms: row.get(4)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(tokens)
+    }
+
+    pub fn revoke_token(&self, id: &str) -> Result<bool, DbError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM tokens WHERE id = ?1", [id])?
+            == 1)
+    }
+
+    fn decode_info(text: &str) -> Result<ModuleInfo, DbError> {
+        serde_json::from_str(text).map_err(|e| DbError::Corrupt(format!("module record: {e}")))
+    }
+}
+
+impl ModuleStore for Database {
+    fn insert(&self, info: &ModuleInfo, bytes: &[u8]) -> Result<(), StoreError> {
+        let record = serde_json::to_string(info).map_err(|e| StoreError(e.to_string()))?;
+        let id = info.id.to_string();
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(DbError::from)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO tenants (name, created_unix_ms) VALUES (?1, ?2)",
+            params![info.tenant, now_ms()],
+        )
+        .map_err(DbError::from)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO module_blobs (id, bytes) VALUES (?1, ?2)",
+            params![id, bytes],
+        )
+        .map_err(DbError::from)?;
+        tx.execute(
+            "INSERT INTO modules (tenant, id, info, name, version, created_unix_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                info.tenant,
+                id,
+                record,
+                info.name,
+                info.version.as_deref().unwrap_or(""),
+                info.created_unix_ms as i64
+            ],
+        )
+        .map_err(DbError::from)?;
+        tx.commit().map_err(DbError::from)?;
+        Ok(())
+    }
+
+    fn get(&self, tenant: &str, id: &ModuleId) -> Result<Option<ModuleInfo>, StoreError> {
+        let text: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT info FROM modules WHERE tenant = ?1 AND id = ?2",
+                params![tenant, id.to_string()],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(DbError::from)?;
+        Ok(text.map(|t| Self::decode_info(&t)).transpose()?)
+    }
+
+    fn list(&self, tenant: &str) -> Result<Vec<ModuleInfo>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT info FROM modules WHERE tenant = ?1 ORDER BY name, version")
+            .map_err(DbError::from)?;
+        let texts: Vec<String> = stmt
+            .query_map([tenant], |row| row.get(0))
+            .map_err(DbError::from)?
+            .collect::<Result<_, _>>()
+            .map_err(DbError::from)?;
+        Ok(texts
+            .iter()
+            .map(|t| Self::decode_info(t))
+            .collect::<Result<_, _>>()?)
+    }
+
+    fn bytes(&self, id: &ModuleId) -> Result<Option<Arc<[u8]>>, StoreError> {
+        let bytes: Option<Vec<u8>> = self
+            .conn()
+            .query_row(
+                "SELECT bytes FROM module_blobs WHERE id = ?1",
+                [id.to_string()],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(DbError::from)?;
+        Ok(bytes.map(Arc::from))
+    }
+
+    fn delete(&self, tenant: &str, id: &ModuleId) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(DbError::from)?;
+        let removed = tx
+            .execute(
+                "DELETE FROM modules WHERE tenant = ?1 AND id = ?2",
+                params![tenant, id],
+            )
+            .map_err(DbError::from)?;
+        tx.execute(
+            "DELETE FROM module_blobs WHERE id = ?1
+             AND NOT EXISTS (SELECT 1 FROM modules WHERE id = ?1)",
+            [&id],
+        )
+        .map_err(DbError::from)?;
+        tx.commit().map_err(DbError::from)?;
+        Ok(removed == 1)
+    }
+}
+
+impl KvStore for Database {
+    fn get(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT value FROM kv WHERE tenant = ?1 AND key = ?2",
+                params![tenant, key],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(DbError::from)?)
+    }
+
+    fn set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(DbError::from)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO tenants (name, created_unix_ms) VALUES (?1, ?2)",
+            params![tenant, now_ms()],
+        )
+        .map_err(DbError::from)?;
+        tx.execute(
+            "INSERT INTO kv (tenant, key, value) VALUES (?1, ?2, ?3)
+             ON CONFLICT (tenant, key) DO UPDATE SET value = excluded.value",
+            params![tenant, key, value],
+        )
+        .map_err(DbError::from)?;
+        tx.commit().map_err(DbError::from)?;
+        Ok(())
+    }
+
+    fn delete(&self, tenant: &str, key: &str) -> Result<bool, KvError> {
+        Ok(self
+            .conn()
+            .execute(
+                "DELETE FROM kv WHERE tenant = ?1 AND key = ?2",
+                params![tenant, key],
+            )
+            .map_err(DbError::from)?
+            == 1)
+    }
+
+    fn keys(&self, tenant: &str, prefix: &str) -> Result<Vec<String>, KvError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT key FROM kv WHERE tenant = ?1 AND substr(key, 1, length(?2)) = ?2
+                 ORDER BY key",
+            )
+            .map_err(DbError::from)?;
+        let keys = stmt
+            .query_map(params![tenant, prefix], |row| row.get(0))
+            .map_err(DbError::from)?
+            .collect::<Result<_, _>>()
+            .map_err(DbError::from)?;
+        Ok(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry;
+
+    fn module_info(tenant: &str, name: &str, bytes: &[u8]) -> ModuleInfo {
+        ModuleInfo {
+            id: ModuleId::of(bytes),
+            tenant: tenant.into(),
+            name: name.into(),
+            title: None,
+            version: None,
+            description: None,
+            size_bytes: bytes.len() as u64,
+            exports: Vec::new(),
+            imports: Vec::new(),
+            created_unix_ms: 1,
+        }
+    }
+
+    #[test]
+    fn migrations_apply_once_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let db = Database::open(&path).unwrap();
+        assert_eq!(db.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        db.create_tenant("acme").unwrap();
+        drop(db);
+        let db = Database::open(&path).unwrap();
+        assert_eq!(db.tenants().unwrap(), vec!["acme".to_owned()]);
+    }
+
+    #[test]
+    fn tokens_are_stored_hashed_and_authenticate() {
+        let db = Database::in_memory().unwrap();
+        db.create_tenant("acme").unwrap();
+        let info = db
+            .add_token("secret-1", &Principal::Tenant("acme".into()), Some("ci"))
+            .unwrap();
+        assert_eq!(
+            db.authenticate("secret-1").unwrap(),
+            Some(Principal::Tenant("acme".into()))
+        );
+        assert_eq!(db.authenticate("secret-2").unwrap(), None);
+        let stored: Vec<u8> = db
+            .conn()
+            .query_row("SELECT hash FROM tokens", [], |r| r.get(0))
+            .unwrap();
+        assert_ne!(stored, b"secret-1");
+        assert!(db.revoke_token(&info.id).unwrap());
+        assert_eq!(db.authenticate("secret-1").unwrap(), None);
+    }
+
+    #[test]
+    fn module_bytes_are_shared_and_removed_with_the_last_record() {
+        let db = Database::in_memory().unwrap();
+        let bytes = b"\0asm\x01\0\0\0";
+        let a = module_info("a", "m", bytes);
+        let b = module_info("b", "m", bytes);
+        ModuleStore::insert(&db, &a, bytes).unwrap();
+        ModuleStore::insert(&db, &b, bytes).unwrap();
+        assert_eq!(ModuleStore::list(&db, "a").unwrap(), vec![a.clone()]);
+        assert!(ModuleStore::delete(&db, "a", &a.id).unwrap());
+        assert!(ModuleStore::bytes(&db, &a.id).unwrap().is_some());
+        assert!(ModuleStore::delete(&db, "b", &b.id).unwrap());
+        assert!(ModuleStore::bytes(&db, &a.id).unwrap().is_none());
+        assert!(registry::inspect(bytes).is_ok());
+    }
+
+    #[test]
+    fn kv_is_scoped_by_tenant_and_lists_by_prefix() {
+        let db = Database::in_memory().unwrap();
+        KvStore::set(&db, "a", "user:1", b"x").unwrap();
+        KvStore::set(&db, "a", "user:2", b"y").unwrap();
+        KvStore::set(&db, "a", "other", b"z").unwrap();
+        KvStore::set(&db, "a", "user:1", b"x2").unwrap();
+        assert_eq!(
+            KvStore::get(&db, "a", "user:1").unwrap(),
+            Some(b"x2".to_vec())
+        );
+        assert_eq!(KvStore::get(&db, "b", "user:1").unwrap(), None);
+        assert_eq!(
+            KvStore::keys(&db, "a", "user:").unwrap(),
+            vec!["user:1", "user:2"]
+        );
+        assert!(KvStore::delete(&db, "a", "other").unwrap());
+        assert!(!KvStore::delete(&db, "b", "user:1").unwrap());
+    }
+}
