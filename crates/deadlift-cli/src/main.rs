@@ -279,14 +279,15 @@ async fn serve(config: config::Resolved) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    println!(
-        "deadlift agent listening on http://{}",
-        listener.local_addr()?
-    );
     println!("data directory: {}", config.data_dir.display());
     if let Some(token) = new_admin_token {
         println!("admin token (shown once, keep it safe): {token}");
     }
+    // Printed last: once this line is out, the agent accepts connections.
+    println!(
+        "deadlift agent listening on http://{}",
+        listener.local_addr()?
+    );
     deadlift::server::serve(std::sync::Arc::new(agent), listener, shutdown_signal()).await?;
     println!("deadlift agent stopped");
     Ok(())

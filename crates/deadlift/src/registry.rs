@@ -76,7 +76,7 @@ impl<'de> Deserialize<'de> for ModuleId {
 }
 
 /// An import or export of a module, with its Wasm type.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Item {
     /// The import's module (empty for exports).
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -118,8 +118,9 @@ pub struct NewModule {
 }
 
 /// A registered module's metadata.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModuleInfo {
+    #[schema(value_type = String, example = "sha256:65717b2e7d32dab905d6dd0aaec9937af4eedf8eb0e04fd75f5ddd7edc8a0824")]
     pub id: ModuleId,
     pub tenant: String,
     pub name: String,

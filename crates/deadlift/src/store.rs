@@ -90,7 +90,7 @@ pub enum Principal {
 }
 
 /// A token as listed (never the secret itself).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct TokenInfo {
     pub id: String,
     pub tenant: Option<String>,

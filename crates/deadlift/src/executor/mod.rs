@@ -51,7 +51,19 @@ impl std::fmt::Display for Abort {
 impl std::error::Error for Abort {}
 
 /// Severity of a guest log line; the numbers are the ABI's `get_log_level` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
     Trace = 0,
@@ -82,7 +94,7 @@ impl LogLevel {
 }
 
 /// One line a guest logged during a call.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LogLine {
     pub level: LogLevel,
     /// Milliseconds since the Unix epoch.

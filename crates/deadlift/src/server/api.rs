@@ -11,6 +11,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use super::error::ErrorBody;
 use super::{AgentState, ApiError, Caller, RawBody, json, parse_json};
 use crate::agent::new_token;
 use crate::executor::LogLine;
@@ -32,6 +33,39 @@ pub(super) fn routes() -> Router<AgentState> {
         .route("/v1/tokens/{id}", delete(revoke_token))
         .route("/v1/kv", get(list_kv))
         .route("/v1/kv/{key}", get(get_kv).put(put_kv).delete(delete_kv))
+        .route("/v1/openapi.json", get(openapi))
+}
+
+/// The API's description, generated from the handlers and types above.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Deadlift agent API", description = "Run Extism plug-ins next to your data."),
+    paths(
+        list_modules, upload_module, get_module, delete_module, call_module,
+        create_tenant, list_tenants, create_token, list_tokens, revoke_token,
+        list_kv, get_kv, put_kv, delete_kv
+    ),
+    components(schemas(ErrorBody, ModuleInfo, CallResponse, LogLine, TokenInfo, CreatedToken, NewTenant, NewToken)),
+    modifiers(&BearerAuth)
+)]
+pub(super) struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    use utoipa::OpenApi;
+    Json(ApiDoc::openapi())
 }
 
 /// Runs blocking storage work off the async threads.
@@ -41,6 +75,8 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work).await?
 }
 
+#[utoipa::path(get, path = "/v1/modules", tag = "modules", security(("bearer" = [])),
+    responses((status = 200, description = "The tenant's modules", body = Vec<ModuleInfo>), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn list_modules(
     State(agent): State<AgentState>,
     caller: Caller,
@@ -53,8 +89,9 @@ async fn list_modules(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct UploadQuery {
     name: String,
     version: Option<String>,
@@ -63,6 +100,12 @@ struct UploadQuery {
 }
 
 /// Upload: the module's bytes as the body, its metadata in the query string.
+#[utoipa::path(post, path = "/v1/modules", tag = "modules", security(("bearer" = [])), params(UploadQuery),
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The module's Wasm bytes"),
+    responses((status = 201, description = "Registered (or already registered identically)", body = ModuleInfo),
+        (status = 400, description = "Not a valid Extism plug-in, or metadata missing", body = ErrorBody),
+        (status = 409, description = "Name and version taken by other bytes", body = ErrorBody),
+        (status = 413, description = "Body over the size limit", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn upload_module(
     State(agent): State<AgentState>,
     caller: Caller,
@@ -101,6 +144,9 @@ async fn resolve(
     blocking(move || Ok(engine.registry().resolve(&tenant, &reference)?)).await
 }
 
+#[utoipa::path(get, path = "/v1/modules/{reference}", tag = "modules", security(("bearer" = [])),
+    params(("reference" = String, Path, description = "`name`, `name@version` or `sha256:<hex>`")),
+    responses((status = 200, description = "The module", body = ModuleInfo), (status = 404, description = "No such module", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn get_module(
     State(agent): State<AgentState>,
     caller: Caller,
@@ -111,6 +157,9 @@ async fn get_module(
     Ok(Json(resolve(&agent, tenant, reference).await?))
 }
 
+#[utoipa::path(delete, path = "/v1/modules/{reference}", tag = "modules", security(("bearer" = [])),
+    params(("reference" = String, Path, description = "`name`, `name@version` or `sha256:<hex>`")),
+    responses((status = 204, description = "Deleted"), (status = 404, description = "No such module", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn delete_module(
     State(agent): State<AgentState>,
     caller: Caller,
@@ -126,7 +175,7 @@ async fn delete_module(
 
 /// The result of a call as JSON: the output as JSON when it is JSON, as text when it
 /// is UTF-8, as hex otherwise.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct CallResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     output: Option<serde_json::Value>,
@@ -139,13 +188,23 @@ struct CallResponse {
     duration_us: u64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct CallQuery {
     /// `raw` answers with the output bytes themselves.
     #[serde(default)]
     format: Option<String>,
 }
 
+#[utoipa::path(post, path = "/v1/modules/{reference}/call/{function}", tag = "modules", security(("bearer" = [])),
+    params(("reference" = String, Path, description = "`name`, `name@version` or `sha256:<hex>`"),
+        ("function" = String, Path, description = "The exported function"), CallQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The call's input bytes"),
+    responses((status = 200, description = "The call's output", body = CallResponse),
+        (status = 404, description = "No such module or function", body = ErrorBody),
+        (status = 413, description = "Input over the limit", body = ErrorBody),
+        (status = 422, description = "The plug-in failed: trap, guest error, time, fuel or memory limit, denied import", body = ErrorBody),
+        (status = 503, description = "The engine is at capacity", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn call_module(
     State(agent): State<AgentState>,
     caller: Caller,
@@ -202,7 +261,7 @@ async fn call_module(
     .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewTenant {
     name: String,
@@ -216,6 +275,9 @@ fn valid_tenant(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
 }
 
+#[utoipa::path(post, path = "/v1/tenants", tag = "tenants", security(("bearer" = [])), request_body = NewTenant,
+    responses((status = 201, description = "Created"), (status = 400, description = "Invalid name or body", body = ErrorBody),
+        (status = 409, description = "Exists", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn create_tenant(
     State(agent): State<AgentState>,
     caller: Caller,
@@ -244,6 +306,8 @@ async fn create_tenant(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/tenants", tag = "tenants", security(("bearer" = [])),
+    responses((status = 200, description = "Every tenant's name"), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn list_tenants(
     State(agent): State<AgentState>,
     caller: Caller,
@@ -254,13 +318,13 @@ async fn list_tenants(
     Ok(Json(serde_json::json!({ "tenants": tenants })).into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewToken {
     description: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct CreatedToken {
     /// The secret: shown once, stored only as a hash.
     token: String,
@@ -268,6 +332,10 @@ struct CreatedToken {
     info: TokenInfo,
 }
 
+#[utoipa::path(post, path = "/v1/tenants/{tenant}/tokens", tag = "tenants", security(("bearer" = [])),
+    params(("tenant" = String, Path, description = "The tenant the token acts for")), request_body = NewToken,
+    responses((status = 201, description = "The new token; its secret is shown only now", body = CreatedToken),
+        (status = 404, description = "No such tenant", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn create_token(
     State(agent): State<AgentState>,
     caller: Caller,
@@ -300,6 +368,8 @@ async fn create_token(
     Ok(json(StatusCode::CREATED, created))
 }
 
+#[utoipa::path(get, path = "/v1/tokens", tag = "tenants", security(("bearer" = [])),
+    responses((status = 200, description = "Every token, without secrets"), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn list_tokens(
     State(agent): State<AgentState>,
     caller: Caller,
@@ -310,6 +380,9 @@ async fn list_tokens(
     Ok(Json(serde_json::json!({ "tokens": tokens })).into_response())
 }
 
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tenants", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The token's id")),
+    responses((status = 204, description = "Revoked"), (status = 404, description = "No such token", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn revoke_token(
     State(agent): State<AgentState>,
     caller: Caller,
@@ -325,12 +398,15 @@ async fn revoke_token(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct KvQuery {
     #[serde(default)]
     prefix: String,
 }
 
+#[utoipa::path(get, path = "/v1/kv", tag = "kv", security(("bearer" = [])), params(KvQuery),
+    responses((status = 200, description = "The tenant's keys"), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn list_kv(
     State(agent): State<AgentState>,
     caller: Caller,
@@ -343,6 +419,8 @@ async fn list_kv(
     Ok(Json(BTreeMap::from([("keys", keys)])).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/kv/{key}", tag = "kv", security(("bearer" = [])), params(("key" = String, Path, description = "The key")),
+    responses((status = 200, description = "The value's bytes", content_type = "application/octet-stream"), (status = 404, description = "No such key", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn get_kv(
     State(agent): State<AgentState>,
     caller: Caller,
@@ -360,6 +438,9 @@ async fn get_kv(
     }
 }
 
+#[utoipa::path(put, path = "/v1/kv/{key}", tag = "kv", security(("bearer" = [])), params(("key" = String, Path, description = "The key")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 204, description = "Stored"), (status = 400, description = "Invalid key", body = ErrorBody), (status = 413, description = "Value too large", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn put_kv(
     State(agent): State<AgentState>,
     caller: Caller,
@@ -385,6 +466,8 @@ async fn put_kv(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(delete, path = "/v1/kv/{key}", tag = "kv", security(("bearer" = [])), params(("key" = String, Path, description = "The key")),
+    responses((status = 204, description = "Deleted"), (status = 404, description = "No such key", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn delete_kv(
     State(agent): State<AgentState>,
     caller: Caller,

@@ -79,15 +79,18 @@ pub fn status_of(code: &str) -> StatusCode {
     }
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: Inner<'a>,
+/// The body of every error answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
 }
 
-#[derive(Serialize)]
-struct Inner<'a> {
-    code: &'a str,
-    message: &'a str,
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable code, e.g. `module_not_found`.
+    pub code: String,
+    /// What went wrong, for people.
+    pub message: String,
 }
 
 impl IntoResponse for ApiError {
@@ -96,10 +99,10 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(code = self.code, "{}", self.message);
         }
-        let body = Body {
-            error: Inner {
-                code: self.code,
-                message: &self.message,
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
             },
         };
         (status, Json(body)).into_response()

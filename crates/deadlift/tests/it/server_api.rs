@@ -478,3 +478,30 @@ async fn a_restart_keeps_state_and_does_not_recompile() {
         "{stats:?}"
     );
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_the_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let doc: Value = agent
+        .http
+        .get(agent.url("/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let paths = doc["paths"].as_object().unwrap();
+    for path in [
+        "/v1/modules",
+        "/v1/modules/{reference}/call/{function}",
+        "/v1/tenants",
+        "/v1/kv/{key}",
+    ] {
+        assert!(paths.contains_key(path), "missing {path}");
+    }
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    assert!(doc["components"]["schemas"]["ModuleInfo"].is_object());
+}

@@ -1,0 +1,186 @@
+//! The `deadlift` binary as a user runs it: a real `serve` process on a loopback port,
+//! driven by the CLI's own client commands.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_deadlift");
+
+fn fixture(name: &str) -> String {
+    format!(
+        "{}/../../guests/wasm/{name}.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// A `deadlift serve` process; killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+    admin_token: Option<String>,
+}
+
+impl Server {
+    fn start(data_dir: &std::path::Path) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env_remove("DEADLIFT_ADMIN_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut url = None;
+        let mut admin_token = None;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(token) = line.strip_prefix("admin token (shown once, keep it safe): ") {
+                admin_token = Some(token.to_owned());
+            } else if let Some(rest) = line.strip_prefix("deadlift agent listening on ") {
+                url = Some(rest.to_owned());
+                break;
+            }
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Self {
+            child,
+            url: url.expect("the server prints where it listens"),
+            admin_token,
+        }
+    }
+
+    fn cli(&self, token: Option<&str>, args: &[&str]) -> Output {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .env("DEADLIFT_SERVER", &self.url)
+            .env_remove("DEADLIFT_TOKEN");
+        if let Some(token) = token {
+            command.env("DEADLIFT_TOKEN", token);
+        }
+        command.output().unwrap()
+    }
+
+    fn ok(&self, token: Option<&str>, args: &[&str]) -> String {
+        let out = self.cli(token, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// SIGTERM, then wait: the server must stop by itself, cleanly.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn serve_and_drive_it_with_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let admin = server
+        .admin_token
+        .clone()
+        .expect("first start prints an admin token");
+
+    server.ok(Some(&admin), &["tenant", "create", "acme"]);
+    let created = server.ok(Some(&admin), &["token", "create", "acme", "--json"]);
+    let created: serde_json::Value = serde_json::from_str(&created).unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+
+    let pushed = server.ok(
+        Some(&token),
+        &["module", "push", &fixture("add_ten"), "--name", "adder"],
+    );
+    assert!(pushed.contains("sha256:"), "{pushed}");
+    let listed = server.ok(Some(&token), &["module", "list"]);
+    assert!(
+        listed.starts_with("NAME") && listed.contains("adder"),
+        "{listed}"
+    );
+    let out = server.ok(
+        Some(&token),
+        &["module", "call", "adder", "_main", "--input", "5"],
+    );
+    assert_eq!(out.trim(), "15");
+    server.ok(Some(&token), &["kv", "set", "greeting", "hello"]);
+    assert_eq!(
+        server.ok(Some(&token), &["kv", "get", "greeting"]).trim(),
+        "hello"
+    );
+    let keys: serde_json::Value =
+        serde_json::from_str(&server.ok(Some(&token), &["kv", "list", "--json"])).unwrap();
+    assert_eq!(keys["keys"], serde_json::json!(["greeting"]));
+
+    // Errors are one clear line and a non-zero exit code.
+    let failed = server.cli(
+        Some(&token),
+        &["module", "call", "adder", "_main", "--input", "\"x\""],
+    );
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8(failed.stderr).unwrap();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("(guest_error)"),
+        "{stderr}"
+    );
+    let denied = server.cli(Some(&token), &["tenant", "list"]);
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("(forbidden)"));
+    let unauthenticated = server.cli(None, &["module", "list"]);
+    assert!(String::from_utf8_lossy(&unauthenticated.stderr).contains("(unauthorized)"));
+
+    let status = server.terminate();
+    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+
+    // A restart on the same data directory keeps tokens, modules and KV, and does not
+    // print a new admin token.
+    let again = Server::start(dir.path());
+    assert!(again.admin_token.is_none());
+    assert_eq!(
+        again.ok(Some(&token), &["kv", "get", "greeting"]).trim(),
+        "hello"
+    );
+    let out = again.ok(
+        Some(&token),
+        &["module", "call", "adder", "_main", "--input", "1"],
+    );
+    assert_eq!(out.trim(), "11");
+    again.ok(Some(&admin), &["tenant", "list"]);
+}
+
+#[test]
+fn unreachable_agent_is_a_clear_error() {
+    let out = Command::new(BIN)
+        .args([
+            "module",
+            "list",
+            "--server",
+            "http://127.0.0.1:9",
+            "--token",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("cannot reach the agent"), "{stderr}");
+}
