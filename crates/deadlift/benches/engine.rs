@@ -223,12 +223,11 @@ fn throughput(c: &mut Criterion) {
                 spread(
                     threads,
                     iters,
-                    || (),
-                    move |_| {
-                        let ctx = CallContext::new(TENANT);
+                    || (CallContext::new(TENANT), grant()),
+                    move |(ctx, grant)| {
                         black_box(
                             engine
-                                .call_blocking(&module, "_main", b"5", &grant(), &ctx)
+                                .call_blocking(&module, "_main", b"5", grant, ctx)
                                 .expect("call"),
                         );
                     },

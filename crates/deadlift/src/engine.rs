@@ -195,7 +195,7 @@ impl EngineBuilder {
             host_names,
             registry: Registry::new(modules),
             compiled: RwLock::new(HashMap::new()),
-            pools: RwLock::new(HashMap::new()),
+            shards: (0..self.workers).map(|_| Shard::default()).collect(),
             cache_dir,
             log_level: self.log_level,
             max_idle_per_pool: self.max_idle_per_pool,
@@ -230,40 +230,59 @@ pub const DURATION_BUCKETS_US: [u64; 10] = [
     10, 50, 100, 500, 1_000, 5_000, 10_000, 50_000, 100_000, 1_000_000,
 ];
 
-/// Counters behind [`EngineStats`].
+/// Counters of rare events behind [`EngineStats`]; per-call counters live in [`Shard`]s.
 #[derive(Debug, Default)]
 struct Counters {
     compiled: AtomicU64,
     loaded_from_cache: AtomicU64,
     instances_created: AtomicU64,
     instances_discarded: AtomicU64,
-    calls: AtomicU64,
     call_errors: AtomicU64,
     errors_by_code: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// One thread's pools and per-call counters. Each thread works in the shard its
+/// [`thread_slot`] picks, so the hot path writes no cache line another core uses:
+/// no shared lock, reference count or counter is touched by a warm call.
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard {
+    /// Warm-instance pools by module; few per module (one per tenant and grant shape).
+    pools: RwLock<HashMap<ModuleId, Vec<Arc<InstancePool>>>>,
+    calls: AtomicU64,
     /// Calls per duration bucket (the last slot counts those above every bound).
     duration_buckets: [AtomicU64; DURATION_BUCKETS_US.len() + 1],
     duration_sum_us: AtomicU64,
 }
 
-impl Counters {
-    fn record(&self, elapsed: std::time::Duration, result: &Result<CallOutput, CallError>) {
+impl Shard {
+    fn record(&self, elapsed: std::time::Duration) {
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         let bucket = DURATION_BUCKETS_US
             .iter()
             .position(|bound| micros <= *bound)
             .unwrap_or(DURATION_BUCKETS_US.len());
+        self.calls.fetch_add(1, Ordering::Relaxed);
         self.duration_buckets[bucket].fetch_add(1, Ordering::Relaxed);
         self.duration_sum_us.fetch_add(micros, Ordering::Relaxed);
-        if let Err(error) = result {
-            self.call_errors.fetch_add(1, Ordering::Relaxed);
-            *self
-                .errors_by_code
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(error.code())
-                .or_default() += 1;
-        }
     }
+
+    fn pools(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ModuleId, Vec<Arc<InstancePool>>>> {
+        self.pools.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn pools_mut(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, HashMap<ModuleId, Vec<Arc<InstancePool>>>> {
+        self.pools.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A small number fixed per thread, spreading threads over shards.
+fn thread_slot() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local!(static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed));
+    SLOT.with(|slot| *slot)
 }
 
 /// A snapshot of what the engine has done, for metrics and tests.
@@ -296,17 +315,18 @@ struct Compiled {
     wasi_imports: Vec<String>,
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct PoolKey {
-    module: ModuleId,
+/// Warm instances of one module for one tenant and grant shape, in one shard.
+struct InstancePool {
     tenant: String,
     shape: InstanceShape,
-}
-
-/// Warm instances of one module for one tenant and grant shape.
-struct InstancePool {
     pre: InstancePre<StoreData>,
     idle: Mutex<Vec<Instance>>,
+}
+
+impl InstancePool {
+    fn serves(&self, tenant: &str, grant: &Grant) -> bool {
+        self.tenant == tenant && self.shape.admits(grant)
+    }
 }
 
 struct Inner {
@@ -315,7 +335,7 @@ struct Inner {
     host_names: HashSet<String>,
     registry: Registry,
     compiled: RwLock<HashMap<ModuleId, Arc<Compiled>>>,
-    pools: RwLock<HashMap<PoolKey, Arc<InstancePool>>>,
+    shards: Box<[Shard]>,
     cache_dir: Option<PathBuf>,
     log_level: LogLevel,
     max_idle_per_pool: usize,
@@ -363,11 +383,11 @@ impl Engine {
     /// Unregisters a tenant's module and drops that tenant's warm instances of it.
     pub fn delete_module(&self, tenant: &str, id: &ModuleId) -> Result<(), ModuleError> {
         self.inner.registry.delete(tenant, id)?;
-        self.inner
-            .pools
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|key, _| !(key.module == *id && key.tenant == tenant));
+        for shard in &self.inner.shards {
+            if let Some(pools) = shard.pools_mut().get_mut(id) {
+                pools.retain(|pool| pool.tenant != tenant);
+            }
+        }
         Ok(())
     }
 
@@ -418,20 +438,27 @@ impl Engine {
 
     pub fn stats(&self) -> EngineStats {
         let c = &self.inner.stats;
-        let idle = self
-            .inner
-            .pools
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .map(|p| p.idle.lock().unwrap_or_else(PoisonError::into_inner).len() as u64)
+        let shards = &self.inner.shards;
+        let idle = shards
+            .iter()
+            .flat_map(|shard| {
+                shard
+                    .pools()
+                    .values()
+                    .flatten()
+                    .map(|p| p.idle.lock().unwrap_or_else(PoisonError::into_inner).len() as u64)
+                    .collect::<Vec<_>>()
+            })
             .sum();
+        let sum = |f: fn(&Shard) -> &AtomicU64| -> u64 {
+            shards.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
+        };
         EngineStats {
             compiled: c.compiled.load(Ordering::Relaxed),
             loaded_from_cache: c.loaded_from_cache.load(Ordering::Relaxed),
             instances_created: c.instances_created.load(Ordering::Relaxed),
             instances_discarded: c.instances_discarded.load(Ordering::Relaxed),
-            calls: c.calls.load(Ordering::Relaxed),
+            calls: sum(|s| &s.calls),
             call_errors: c.call_errors.load(Ordering::Relaxed),
             idle_instances: idle,
             errors_by_code: c
@@ -441,12 +468,15 @@ impl Engine {
                 .iter()
                 .map(|(code, n)| ((*code).to_owned(), *n))
                 .collect(),
-            duration_buckets: c
-                .duration_buckets
-                .iter()
-                .map(|b| b.load(Ordering::Relaxed))
+            duration_buckets: (0..=DURATION_BUCKETS_US.len())
+                .map(|i| {
+                    shards
+                        .iter()
+                        .map(|s| s.duration_buckets[i].load(Ordering::Relaxed))
+                        .sum()
+                })
                 .collect(),
-            duration_sum_us: c.duration_sum_us.load(Ordering::Relaxed),
+            duration_sum_us: sum(|s| &s.duration_sum_us),
         }
     }
 }
@@ -477,11 +507,19 @@ impl Inner {
         grant: &Grant,
         ctx: &CallContext,
     ) -> Result<CallOutput, CallError> {
-        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let shard = &self.shards[thread_slot() % self.shards.len()];
         let started = std::time::Instant::now();
-        let result = self.run(module, function, input, grant, ctx);
-        self.stats.record(started.elapsed(), &result);
+        let result = self.run(shard, module, function, input, grant, ctx);
+        shard.record(started.elapsed());
         if let Err(error) = &result {
+            self.stats.call_errors.fetch_add(1, Ordering::Relaxed);
+            *self
+                .stats
+                .errors_by_code
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(error.code())
+                .or_default() += 1;
             tracing::debug!(%module, function, tenant = %ctx.tenant, code = error.code(), "call failed: {error}");
         }
         result
@@ -489,6 +527,7 @@ impl Inner {
 
     fn run(
         &self,
+        shard: &Shard,
         module: &ModuleId,
         function: &str,
         input: &[u8],
@@ -509,7 +548,7 @@ impl Inner {
                 limit: grant.max_input_bytes,
             });
         }
-        let pool = self.pool(module, grant, ctx)?;
+        let pool = self.pool(shard, module, grant, ctx)?;
         let idle = pool
             .idle
             .lock()
@@ -554,16 +593,13 @@ impl Inner {
     }
 
     fn evict_idle(&self) {
-        for pool in self
-            .pools
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-        {
-            pool.idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clear();
+        for shard in &self.shards {
+            for pool in shard.pools().values().flatten() {
+                pool.idle
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clear();
+            }
         }
     }
 
@@ -571,22 +607,20 @@ impl Inner {
     /// ownership, imports and grants are checked.
     fn pool(
         &self,
+        shard: &Shard,
         module: &ModuleId,
         grant: &Grant,
         ctx: &CallContext,
     ) -> Result<Arc<InstancePool>, CallError> {
-        let key = PoolKey {
-            module: *module,
-            tenant: ctx.tenant.clone(),
-            shape: grant.instance_shape(),
+        let find = |pools: &HashMap<ModuleId, Vec<Arc<InstancePool>>>| {
+            pools
+                .get(module)?
+                .iter()
+                .find(|pool| pool.serves(&ctx.tenant, grant))
+                .cloned()
         };
-        if let Some(pool) = self
-            .pools
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-        {
-            return Ok(pool.clone());
+        if let Some(pool) = find(&shard.pools()) {
+            return Ok(pool);
         }
         let not_found = || CallError::ModuleNotFound {
             module: module.to_string(),
@@ -640,12 +674,18 @@ impl Inner {
             .map_err(|e| CallError::Link {
                 message: format!("{e:#}"),
             })?;
+        let mut pools = shard.pools_mut();
+        if let Some(pool) = find(&pools) {
+            return Ok(pool);
+        }
         let pool = Arc::new(InstancePool {
+            tenant: ctx.tenant.clone(),
+            shape: grant.instance_shape(),
             pre,
             idle: Mutex::new(Vec::new()),
         });
-        let mut pools = self.pools.write().unwrap_or_else(PoisonError::into_inner);
-        Ok(pools.entry(key).or_insert(pool).clone())
+        pools.entry(*module).or_default().push(pool.clone());
+        Ok(pool)
     }
 
     /// The compiled form of a module: from memory, else from the disk cache, else by

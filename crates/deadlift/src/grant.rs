@@ -121,6 +121,16 @@ pub(crate) struct InstanceShape {
     pub max_var_bytes: u64,
 }
 
+impl InstanceShape {
+    /// Whether instances of this shape serve calls under `grant` (compared in place,
+    /// without building the grant's shape).
+    pub(crate) fn admits(&self, grant: &Grant) -> bool {
+        self.memory_bytes == grant.memory_bytes
+            && self.max_var_bytes == grant.max_var_bytes
+            && self.host_functions == grant.host_functions
+    }
+}
+
 mod duration_ms {
     use std::time::Duration;
 

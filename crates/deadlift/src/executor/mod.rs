@@ -484,7 +484,6 @@ impl Instance {
         let fuel_used = fuel_budget.saturating_sub(self.store.get_fuel().unwrap_or(0));
         let data = self.store.data_mut();
         let logs = std::mem::take(&mut data.call.logs);
-        data.call.ctx = CallContext::default();
         data.call.deadline = None;
         let guest_error = data
             .memory
@@ -541,7 +540,10 @@ fn begin_call(
         })?;
     store.set_epoch_deadline(1);
     let call = &mut store.data_mut().call;
-    call.ctx = ctx.clone();
+    // Field by field, so that a warm instance reuses the tenant string's allocation.
+    call.ctx.tenant.clone_from(&ctx.tenant);
+    call.ctx.run_id.clone_from(&ctx.run_id);
+    call.ctx.cancel = ctx.cancel.clone();
     call.config.clone_from(&grant.config);
     call.timeout = grant.timeout;
     call.deadline = Instant::now().checked_add(grant.timeout);

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -101,7 +101,7 @@ struct UploadQuery {
 
 /// Upload: the module's bytes as the body, its metadata in the query string.
 #[utoipa::path(post, path = "/v1/modules", tag = "modules", security(("bearer" = [])), params(UploadQuery),
-    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The module's Wasm bytes"),
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The module's Wasm bytes, metadata in the query string; or multipart/form-data with the file in `module` and fields `name`, `version`, `title`, `description`"),
     responses((status = 201, description = "Registered (or already registered identically)", body = ModuleInfo),
         (status = 400, description = "Not a valid Extism plug-in, or metadata missing", body = ErrorBody),
         (status = 409, description = "Name and version taken by other bytes", body = ErrorBody),
@@ -111,28 +111,82 @@ async fn upload_module(
     caller: Caller,
     headers: HeaderMap,
     query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
-    RawBody(body): RawBody,
+    request: Request,
 ) -> Result<Response, ApiError> {
     let tenant = caller.tenant(&headers)?;
-    let Query(query) = query.map_err(|e| {
-        ApiError::new(
-            "missing_field",
-            format!(
-                "module metadata goes in the query string (name, version, title, description): {}",
-                e.body_text()
-            ),
-        )
-    })?;
-    let engine = agent.engine().clone();
-    let module = NewModule {
-        name: query.name,
-        title: query.title,
-        version: query.version,
-        description: query.description,
-        bytes: body.to_vec(),
+    let multipart = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let module = if multipart {
+        let form = Multipart::from_request(request, &agent)
+            .await
+            .map_err(|e| ApiError::new("not_multipart", e.body_text()))?;
+        module_from_form(form).await?
+    } else {
+        let Query(query) = query.map_err(|e| {
+            ApiError::new(
+                "missing_field",
+                format!(
+                    "send the module as the body with its metadata in the query string \
+                     (name, version, title, description), or as multipart/form-data: {}",
+                    e.body_text()
+                ),
+            )
+        })?;
+        let RawBody(body) = RawBody::from_request(request, &agent).await?;
+        NewModule {
+            name: query.name,
+            title: query.title,
+            version: query.version,
+            description: query.description,
+            bytes: body.to_vec(),
+        }
     };
+    let engine = agent.engine().clone();
     let info = blocking(move || Ok(engine.add_module(&tenant, module)?)).await?;
     Ok(json(StatusCode::CREATED, info))
+}
+
+/// A module from a form: the file in field `module`, metadata in `name`, `version`,
+/// `title` and `description`.
+async fn module_from_form(mut form: Multipart) -> Result<NewModule, ApiError> {
+    let mut module = NewModule::default();
+    let mut bytes = None;
+    let unreadable = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new("payload_too_large", "the upload is over the size limit")
+        } else {
+            ApiError::new(
+                "bad_request",
+                format!("unreadable multipart body: {}", e.body_text()),
+            )
+        }
+    };
+    while let Some(field) = form.next_field().await.map_err(unreadable)? {
+        let name = field.name().unwrap_or_default().to_owned();
+        if name == "module" {
+            bytes = Some(field.bytes().await.map_err(unreadable)?.to_vec());
+            continue;
+        }
+        let value = field.text().await.map_err(unreadable)?;
+        match name.as_str() {
+            "name" => module.name = value,
+            "version" => module.version = Some(value),
+            "title" => module.title = Some(value),
+            "description" => module.description = Some(value),
+            _ => {}
+        }
+    }
+    module.bytes = bytes
+        .ok_or_else(|| ApiError::new("missing_field", "the form field `module` is required"))?;
+    if module.name.is_empty() {
+        return Err(ApiError::new(
+            "missing_field",
+            "the form field `name` is required",
+        ));
+    }
+    Ok(module)
 }
 
 async fn resolve(
