@@ -230,6 +230,20 @@ fn parse_key_value(raw: &str) -> Result<(String, String), String> {
 }
 
 fn main() {
+    // `deadlift module list | head -1` closes stdout early; `println!` then panics. That
+    // is the reader's choice, not an error: leave quietly, as Unix tools do.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default_hook(info);
+    }));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

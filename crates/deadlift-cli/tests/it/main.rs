@@ -112,6 +112,28 @@ fn serve_and_drive_it_with_the_cli() {
     );
     assert!(pushed.contains("sha256:"), "{pushed}");
     let listed = server.ok(Some(&token), &["module", "list"]);
+    // A reader that stops early (`| head -1`) is not an error.
+    let mut piped = Command::new(BIN)
+        .args([
+            "module",
+            "show",
+            "adder",
+            "--server",
+            &server.url,
+            "--token",
+            &token,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(piped.stdout.take());
+    let piped = piped.wait_with_output().unwrap();
+    assert!(
+        piped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
     assert!(
         listed.starts_with("NAME") && listed.contains("adder"),
         "{listed}"
