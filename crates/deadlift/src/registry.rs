@@ -454,6 +454,9 @@ impl Registry {
         self.insert_checked(tenant, module, inspection)
     }
 
+    /// Stores a module [`check`](Self::check) accepted. If a concurrent add won the race
+    /// in between, the answer is what `check` says now: the same module (idempotent) or
+    /// the conflict, never a storage error.
     pub(crate) fn insert_checked(
         &self,
         tenant: &str,
@@ -474,7 +477,19 @@ impl Registry {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
         };
-        self.store.insert(&info, &module.bytes)?;
+        if let Err(error) = self.store.insert(&info, &module.bytes) {
+            let recheck = NewModule {
+                name: info.name.clone(),
+                title: info.title.clone(),
+                version: info.version.clone(),
+                description: info.description.clone(),
+                bytes: module.bytes,
+            };
+            return match self.check(tenant, &recheck)? {
+                (_, Some(existing)) => Ok(existing),
+                (_, None) => Err(error.into()),
+            };
+        }
         Ok(info)
     }
 

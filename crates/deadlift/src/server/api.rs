@@ -80,9 +80,8 @@ async fn blocking<T: Send + 'static>(
 async fn list_modules(
     State(agent): State<AgentState>,
     caller: Caller,
-    headers: HeaderMap,
 ) -> Result<Json<Vec<ModuleInfo>>, ApiError> {
-    let tenant = caller.tenant(&headers)?;
+    let tenant = caller.tenant()?;
     let engine = agent.engine().clone();
     Ok(Json(
         blocking(move || Ok(engine.registry().list(&tenant)?)).await?,
@@ -113,7 +112,7 @@ async fn upload_module(
     query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let tenant = caller.tenant(&headers)?;
+    let tenant = caller.tenant()?;
     let multipart = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -204,10 +203,9 @@ async fn resolve(
 async fn get_module(
     State(agent): State<AgentState>,
     caller: Caller,
-    headers: HeaderMap,
     Path(reference): Path<String>,
 ) -> Result<Json<ModuleInfo>, ApiError> {
-    let tenant = caller.tenant(&headers)?;
+    let tenant = caller.tenant()?;
     Ok(Json(resolve(&agent, tenant, reference).await?))
 }
 
@@ -217,10 +215,9 @@ async fn get_module(
 async fn delete_module(
     State(agent): State<AgentState>,
     caller: Caller,
-    headers: HeaderMap,
     Path(reference): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let tenant = caller.tenant(&headers)?;
+    let tenant = caller.tenant()?;
     let info = resolve(&agent, tenant.clone(), reference).await?;
     let engine = agent.engine().clone();
     blocking(move || Ok(engine.delete_module(&tenant, &info.id)?)).await?;
@@ -262,12 +259,11 @@ struct CallQuery {
 async fn call_module(
     State(agent): State<AgentState>,
     caller: Caller,
-    headers: HeaderMap,
     Path((reference, function)): Path<(String, String)>,
     Query(query): Query<CallQuery>,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let tenant = caller.tenant(&headers)?;
+    let tenant = caller.tenant()?;
     let info = resolve(&agent, tenant.clone(), reference).await?;
     let out = agent
         .engine()
@@ -464,10 +460,9 @@ struct KvQuery {
 async fn list_kv(
     State(agent): State<AgentState>,
     caller: Caller,
-    headers: HeaderMap,
     Query(query): Query<KvQuery>,
 ) -> Result<Response, ApiError> {
-    let tenant = caller.tenant(&headers)?;
+    let tenant = caller.tenant()?;
     let db = agent.db().clone();
     let keys = blocking(move || Ok(db.keys(&tenant, &query.prefix)?)).await?;
     Ok(Json(BTreeMap::from([("keys", keys)])).into_response())
@@ -478,10 +473,9 @@ async fn list_kv(
 async fn get_kv(
     State(agent): State<AgentState>,
     caller: Caller,
-    headers: HeaderMap,
     Path(key): Path<String>,
 ) -> Result<Response, ApiError> {
-    let tenant = caller.tenant(&headers)?;
+    let tenant = caller.tenant()?;
     let db = agent.db().clone();
     let value = blocking(move || Ok(KvStore::get(&db, &tenant, &key)?)).await?;
     match value {
@@ -498,11 +492,10 @@ async fn get_kv(
 async fn put_kv(
     State(agent): State<AgentState>,
     caller: Caller,
-    headers: HeaderMap,
     Path(key): Path<String>,
     RawBody(body): RawBody,
 ) -> Result<StatusCode, ApiError> {
-    let tenant = caller.tenant(&headers)?;
+    let tenant = caller.tenant()?;
     if key.is_empty() || key.len() > crate::host::MAX_KV_KEY_BYTES {
         return Err(ApiError::new(
             "invalid_input",
@@ -525,10 +518,9 @@ async fn put_kv(
 async fn delete_kv(
     State(agent): State<AgentState>,
     caller: Caller,
-    headers: HeaderMap,
     Path(key): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let tenant = caller.tenant(&headers)?;
+    let tenant = caller.tenant()?;
     let db = agent.db().clone();
     if blocking(move || Ok(KvStore::delete(&db, &tenant, &key)?)).await? {
         Ok(StatusCode::NO_CONTENT)

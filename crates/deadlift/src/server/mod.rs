@@ -163,9 +163,13 @@ async fn metrics(State(agent): State<AgentState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
-/// Who is calling, from `Authorization: Bearer <token>`.
+/// Who is calling, from `Authorization: Bearer <token>`, and for which tenant: a tenant
+/// token's own, or, for the admin, an existing tenant named in `X-Deadlift-Tenant`.
 #[derive(Debug, Clone)]
-pub(crate) struct Caller(pub Principal);
+pub(crate) struct Caller {
+    pub principal: Principal,
+    acting_for: Option<String>,
+}
 
 fn bearer(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
@@ -193,11 +197,44 @@ pub(crate) async fn authenticate(
             "this route needs a token: `Authorization: Bearer <token>`",
         ));
     };
+    let acting_for = headers
+        .get("x-deadlift-tenant")
+        .map(|v| {
+            v.to_str()
+                .map(str::to_owned)
+                .map_err(|_| ApiError::new("tenant_invalid", "X-Deadlift-Tenant is not text"))
+        })
+        .transpose()?;
     let db = agent.db().clone();
-    match tokio::task::spawn_blocking(move || db.authenticate(&token)).await?? {
-        Some(principal) => Ok(Caller(principal)),
-        None => Err(ApiError::new("unauthorized", "the token is not valid")),
-    }
+    let (principal, known) = tokio::task::spawn_blocking(move || {
+        let principal = db.authenticate(&token)?;
+        let known = match (&principal, &acting_for) {
+            (Some(Principal::Admin), Some(tenant)) => Some(db.tenant_exists(tenant)?),
+            _ => None,
+        };
+        Ok::<_, crate::store::DbError>((principal, known))
+    })
+    .await??;
+    let Some(principal) = principal else {
+        return Err(ApiError::new("unauthorized", "the token is not valid"));
+    };
+    let acting_for = match (&principal, known) {
+        (Principal::Tenant(tenant), _) => Some(tenant.clone()),
+        (Principal::Admin, Some(false)) => {
+            return Err(ApiError::new(
+                "tenant_not_found",
+                "the tenant named in X-Deadlift-Tenant does not exist",
+            ));
+        }
+        (Principal::Admin, _) => headers
+            .get("x-deadlift-tenant")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    };
+    Ok(Caller {
+        principal,
+        acting_for,
+    })
 }
 
 impl FromRequestParts<AgentState> for Caller {
@@ -212,26 +249,18 @@ impl FromRequestParts<AgentState> for Caller {
 }
 
 impl Caller {
-    /// The tenant this request acts for: a tenant token's own, or, for the admin, the
-    /// tenant named in the `X-Deadlift-Tenant` header.
-    pub(crate) fn tenant(&self, headers: &HeaderMap) -> Result<String, ApiError> {
-        match &self.0 {
-            Principal::Tenant(tenant) => Ok(tenant.clone()),
-            Principal::Admin => headers
-                .get("x-deadlift-tenant")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-                .ok_or_else(|| {
-                    ApiError::new(
-                        "forbidden",
-                        "an admin token acts on a tenant's data only with an X-Deadlift-Tenant header",
-                    )
-                }),
-        }
+    /// The tenant this request acts for.
+    pub(crate) fn tenant(&self) -> Result<String, ApiError> {
+        self.acting_for.clone().ok_or_else(|| {
+            ApiError::new(
+                "forbidden",
+                "an admin token acts on a tenant's data only with an X-Deadlift-Tenant header",
+            )
+        })
     }
 
     pub(crate) fn require_admin(&self) -> Result<(), ApiError> {
-        match self.0 {
+        match self.principal {
             Principal::Admin => Ok(()),
             Principal::Tenant(_) => Err(ApiError::new(
                 "forbidden",

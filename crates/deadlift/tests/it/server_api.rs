@@ -215,6 +215,22 @@ async fn tokens_are_required_and_scoped() {
         agent: &agent,
         token: ADMIN.into(),
     };
+    // The admin acts on an existing tenant's data when it names the tenant.
+    let as_acme = admin
+        .request(reqwest::Method::GET, "/v1/modules")
+        .header("x-deadlift-tenant", "acme")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(as_acme.status().as_u16(), 200);
+    let as_ghost = admin
+        .request(reqwest::Method::PUT, "/v1/kv/k")
+        .header("x-deadlift-tenant", "ghost")
+        .body("v")
+        .send()
+        .await
+        .unwrap();
+    TestAgent::expect_error(as_ghost, 404, "tenant_not_found").await;
     let no_tenant = admin
         .request(reqwest::Method::GET, "/v1/modules")
         .send()
@@ -504,4 +520,46 @@ async fn the_openapi_document_describes_the_routes() {
     }
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
     assert!(doc["components"]["schemas"]["ModuleInfo"].is_object());
+}
+
+/// Concurrent identical uploads all succeed with the same module: the loser of the race
+/// at the database gets the winner's record, not a storage error.
+#[tokio::test]
+async fn concurrent_identical_uploads_are_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let api = Api {
+        token: tenant_token(&agent, "acme").await,
+        agent: &agent,
+    };
+    let uploads = (0..8).map(|_| api.push("adder", "add_ten"));
+    let mut ids = std::collections::BTreeSet::new();
+    for info in futures_join(uploads).await {
+        ids.insert(info["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids.len(), 1);
+}
+
+/// Polls futures concurrently on the current task.
+async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut pending: Vec<_> = futures.map(Box::pin).collect();
+    let mut done: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (future, slot) in pending.iter_mut().zip(done.iter_mut()) {
+            if slot.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => *slot = Some(value),
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    done.into_iter().map(|v| v.unwrap()).collect()
 }
