@@ -117,7 +117,8 @@ impl EngineBuilder {
         self
     }
 
-    /// Warm instances kept per (module, tenant, grant shape).
+    /// Warm instances kept per (module, tenant, grant shape) in each thread's shard
+    /// (there is one shard per worker; other threads share them).
     pub fn max_idle_per_pool(mut self, max: usize) -> Self {
         self.max_idle_per_pool = max;
         self

@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::error::ErrorBody;
-use super::{AgentState, ApiError, Caller, RawBody, json, parse_json};
+use super::{AgentState, ApiError, Caller, RawBody, json, multipart_error, parse_json};
 use crate::agent::new_token;
 use crate::executor::LogLine;
 use crate::host::{CallContext, KvStore};
@@ -152,23 +152,13 @@ async fn upload_module(
 async fn module_from_form(mut form: Multipart) -> Result<NewModule, ApiError> {
     let mut module = NewModule::default();
     let mut bytes = None;
-    let unreadable = |e: axum::extract::multipart::MultipartError| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new("payload_too_large", "the upload is over the size limit")
-        } else {
-            ApiError::new(
-                "bad_request",
-                format!("unreadable multipart body: {}", e.body_text()),
-            )
-        }
-    };
-    while let Some(field) = form.next_field().await.map_err(unreadable)? {
+    while let Some(field) = form.next_field().await.map_err(multipart_error)? {
         let name = field.name().unwrap_or_default().to_owned();
         if name == "module" {
-            bytes = Some(field.bytes().await.map_err(unreadable)?.to_vec());
+            bytes = Some(field.bytes().await.map_err(multipart_error)?.to_vec());
             continue;
         }
-        let value = field.text().await.map_err(unreadable)?;
+        let value = field.text().await.map_err(multipart_error)?;
         match name.as_str() {
             "name" => module.name = value,
             "version" => module.version = Some(value),

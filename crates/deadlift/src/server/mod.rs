@@ -293,6 +293,18 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
     }
 }
 
+/// A multipart body that cannot be read: over the size limit, or malformed.
+pub(crate) fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new("payload_too_large", "the upload is over the size limit")
+    } else {
+        ApiError::new(
+            "bad_request",
+            format!("unreadable multipart body: {}", e.body_text()),
+        )
+    }
+}
+
 /// Parses a JSON body, answering `invalid_json` with the parser's reason.
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes)

@@ -2,7 +2,7 @@
 //! modules work unchanged: `GET /status` and the module routes, acting for the default
 //! tenant, with the contract's "must" error behaviour (JSON errors, 404/409/413/422).
 
-use axum::extract::multipart::{Multipart, MultipartError, MultipartRejection};
+use axum::extract::multipart::{Multipart, MultipartRejection};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -10,7 +10,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
-use super::{AgentState, ApiError, RawBody, authenticate};
+use super::{AgentState, ApiError, RawBody, authenticate, multipart_error};
 use crate::agent::DEFAULT_TENANT;
 use crate::host::CallContext;
 use crate::registry::{self, ModuleError, ModuleId, NewModule};
@@ -35,17 +35,6 @@ async fn check_access(agent: &AgentState, headers: &HeaderMap) -> Result<(), Api
         authenticate(agent, headers).await?;
     }
     Ok(())
-}
-
-fn multipart_error(e: MultipartError) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new("payload_too_large", "the upload is over the size limit")
-    } else {
-        ApiError::new(
-            "bad_request",
-            format!("unreadable multipart body: {}", e.body_text()),
-        )
-    }
 }
 
 async fn upload(
