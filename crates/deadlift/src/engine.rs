@@ -508,10 +508,13 @@ impl Inner {
         grant: &Grant,
         ctx: &CallContext,
     ) -> Result<CallOutput, CallError> {
-        let shard = &self.shards[thread_slot() % self.shards.len()];
         let started = std::time::Instant::now();
-        let result = self.run(shard, module, function, input, grant, ctx);
-        shard.record(started.elapsed());
+        let mut result = self.run(module, function, input, grant, ctx, started);
+        let elapsed = started.elapsed();
+        self.shard().record(elapsed);
+        if let Ok(out) = &mut result {
+            out.duration = elapsed;
+        }
         if let Err(error) = &result {
             self.stats.call_errors.fetch_add(1, Ordering::Relaxed);
             *self
@@ -526,14 +529,19 @@ impl Inner {
         result
     }
 
+    /// This thread's shard.
+    fn shard(&self) -> &Shard {
+        &self.shards[thread_slot() % self.shards.len()]
+    }
+
     fn run(
         &self,
-        shard: &Shard,
         module: &ModuleId,
         function: &str,
         input: &[u8],
         grant: &Grant,
         ctx: &CallContext,
+        started: std::time::Instant,
     ) -> Result<CallOutput, CallError> {
         if grant.memory_bytes > self.max_memory_bytes {
             return Err(CallError::GrantInvalid {
@@ -549,7 +557,7 @@ impl Inner {
                 limit: grant.max_input_bytes,
             });
         }
-        let pool = self.pool(shard, module, grant, ctx)?;
+        let pool = self.pool(self.shard(), module, grant, ctx)?;
         let idle = pool
             .idle
             .lock()
@@ -559,7 +567,7 @@ impl Inner {
             Some(instance) => instance,
             None => self.instantiate(&pool, grant, ctx)?,
         };
-        let result = instance.call(function, input, grant, ctx);
+        let result = instance.call(function, input, grant, ctx, started);
         let keep =
             instance.reusable() && result.as_ref().err().is_none_or(|e| !e.poisons_instance());
         if keep {

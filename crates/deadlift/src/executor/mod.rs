@@ -283,7 +283,6 @@ pub(crate) fn linker(
 }
 
 /// A guest export the host may call: `() -> i32` (a return code) or `() -> ()`.
-#[derive(Clone)]
 enum Export {
     Code(TypedFunc<(), i32>),
     Unit(TypedFunc<(), ()>),
@@ -370,7 +369,7 @@ impl Instance {
             }
             Ok(UpdateDeadline::Continue(1))
         });
-        begin_call(&mut store, grant, ctx)?;
+        begin_call(&mut store, grant, ctx, Instant::now())?;
         let instance = pre
             .instantiate(&mut store)
             .map_err(|e| classify_instantiation(e, grant))?;
@@ -422,9 +421,12 @@ impl Instance {
         Ok(())
     }
 
-    fn export(&mut self, function: &str) -> Result<Export, CallError> {
-        if let Some(export) = self.exports.get(function) {
-            return Ok(export.clone());
+    /// Looks the export up once and caches it. Calls borrow the cached `TypedFunc`:
+    /// cloning one bumps a reference count shared by every store of the engine, which
+    /// made concurrent calls contend.
+    fn resolve_export(&mut self, function: &str) -> Result<(), CallError> {
+        if self.exports.contains_key(function) {
+            return Ok(());
         }
         let func = self
             .instance
@@ -443,8 +445,8 @@ impl Instance {
             function: function.to_owned(),
             signature: ty.to_string(),
         })?;
-        self.exports.insert(function.to_owned(), export.clone());
-        Ok(export)
+        self.exports.insert(function.to_owned(), export);
+        Ok(())
     }
 
     /// Whether this instance may serve another call.
@@ -454,16 +456,19 @@ impl Instance {
 
     /// Runs one call (`EXTISM_ABI.md`, "One call"). After an error for which
     /// [`CallError::poisons_instance`] holds, the instance must be dropped.
+    ///
+    /// `started` is when the call began (its deadline counts from then); the output's
+    /// `duration` is left for the caller to fill in, which reads the clock anyway.
     pub(crate) fn call(
         &mut self,
         function: &str,
         input: &[u8],
         grant: &Grant,
         ctx: &CallContext,
+        started: Instant,
     ) -> Result<CallOutput, CallError> {
-        let started = Instant::now();
-        let export = self.export(function)?;
-        begin_call(&mut self.store, grant, ctx)?;
+        self.resolve_export(function)?;
+        begin_call(&mut self.store, grant, ctx, started)?;
         {
             let data = self.store.data_mut();
             data.memory.reset();
@@ -474,7 +479,7 @@ impl Instance {
             memory.set_input(handle, input.len() as u64);
         }
         let fuel_budget = self.store.get_fuel().unwrap_or(0);
-        let result = match export {
+        let result = match &self.exports[function] {
             Export::Code(f) => f.call(&mut self.store, ()),
             Export::Unit(f) => f.call(&mut self.store, ()).map(|()| 0),
         };
@@ -520,7 +525,7 @@ impl Instance {
                     output: output.to_vec(),
                     logs,
                     fuel_used,
-                    duration: started.elapsed(),
+                    duration: Duration::ZERO,
                 })
             }
         }
@@ -532,6 +537,7 @@ fn begin_call(
     store: &mut Store<StoreData>,
     grant: &Grant,
     ctx: &CallContext,
+    started: Instant,
 ) -> Result<(), CallError> {
     store
         .set_fuel(grant.fuel.unwrap_or(u64::MAX))
@@ -546,7 +552,7 @@ fn begin_call(
     call.ctx.cancel = ctx.cancel.clone();
     call.config.clone_from(&grant.config);
     call.timeout = grant.timeout;
-    call.deadline = Instant::now().checked_add(grant.timeout);
+    call.deadline = started.checked_add(grant.timeout);
     call.logs.clear();
     Ok(())
 }
