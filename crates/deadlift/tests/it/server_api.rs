@@ -19,6 +19,16 @@ impl Api<'_> {
             .bearer_auth(&self.token)
     }
 
+    /// Sends a request with no body.
+    async fn send(&self, method: reqwest::Method, path: &str) -> reqwest::Response {
+        self.request(method, path).send().await.unwrap()
+    }
+
+    /// Sends a request with no body and reads a JSON answer.
+    async fn json(&self, method: reqwest::Method, path: &str) -> Value {
+        self.send(method, path).await.json().await.unwrap()
+    }
+
     async fn push(&self, name: &str, fixture_name: &str) -> Value {
         let response = self
             .request(reqwest::Method::POST, "/v1/modules")
@@ -88,23 +98,9 @@ async fn modules_upload_list_show_call_delete() {
             .any(|e| e["name"] == "_main")
     );
 
-    let list: Value = api
-        .request(reqwest::Method::GET, "/v1/modules")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = api.json(reqwest::Method::GET, "/v1/modules").await;
     assert_eq!(list.as_array().unwrap().len(), 1);
-    let shown: Value = api
-        .request(reqwest::Method::GET, "/v1/modules/adder")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let shown: Value = api.json(reqwest::Method::GET, "/v1/modules/adder").await;
     assert_eq!(shown["id"], info["id"]);
 
     let out: Value = api.call("adder", "_main", "32").await.json().await.unwrap();
@@ -151,11 +147,7 @@ async fn modules_upload_list_show_call_delete() {
         .unwrap();
     TestAgent::expect_error(unnamed, 400, "missing_field").await;
 
-    let deleted = api
-        .request(reqwest::Method::DELETE, "/v1/modules/adder")
-        .send()
-        .await
-        .unwrap();
+    let deleted = api.send(reqwest::Method::DELETE, "/v1/modules/adder").await;
     assert_eq!(deleted.status().as_u16(), 204);
     TestAgent::expect_error(
         api.call("adder", "_main", "1").await,
@@ -198,17 +190,11 @@ async fn tokens_are_required_and_scoped() {
         agent: &agent,
         token,
     };
-    let admin_only = tenant
-        .request(reqwest::Method::GET, "/v1/tenants")
-        .send()
-        .await
-        .unwrap();
+    let admin_only = tenant.send(reqwest::Method::GET, "/v1/tenants").await;
     TestAgent::expect_error(admin_only, 403, "forbidden").await;
     let admin_only = tenant
-        .request(reqwest::Method::POST, "/v1/tenants/acme/tokens")
-        .send()
-        .await
-        .unwrap();
+        .send(reqwest::Method::POST, "/v1/tenants/acme/tokens")
+        .await;
     TestAgent::expect_error(admin_only, 403, "forbidden").await;
 
     let admin = Api {
@@ -231,11 +217,7 @@ async fn tokens_are_required_and_scoped() {
         .await
         .unwrap();
     TestAgent::expect_error(as_ghost, 404, "tenant_not_found").await;
-    let no_tenant = admin
-        .request(reqwest::Method::GET, "/v1/modules")
-        .send()
-        .await
-        .unwrap();
+    let no_tenant = admin.send(reqwest::Method::GET, "/v1/modules").await;
     TestAgent::expect_error(no_tenant, 403, "forbidden").await;
     let dup = admin
         .request(reqwest::Method::POST, "/v1/tenants")
@@ -259,21 +241,12 @@ async fn tokens_are_required_and_scoped() {
         .unwrap();
     TestAgent::expect_error(not_json, 400, "invalid_json").await;
     let unknown = admin
-        .request(reqwest::Method::POST, "/v1/tenants/ghost/tokens")
-        .send()
-        .await
-        .unwrap();
+        .send(reqwest::Method::POST, "/v1/tenants/ghost/tokens")
+        .await;
     TestAgent::expect_error(unknown, 404, "tenant_not_found").await;
 
     // A revoked token stops working.
-    let tokens: Value = admin
-        .request(reqwest::Method::GET, "/v1/tokens")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tokens: Value = admin.json(reqwest::Method::GET, "/v1/tokens").await;
     let id = tokens["tokens"]
         .as_array()
         .unwrap()
@@ -290,11 +263,7 @@ async fn tokens_are_required_and_scoped() {
         .await
         .unwrap();
     assert_eq!(revoked.status().as_u16(), 204);
-    let after = tenant
-        .request(reqwest::Method::GET, "/v1/modules")
-        .send()
-        .await
-        .unwrap();
+    let after = tenant.send(reqwest::Method::GET, "/v1/modules").await;
     TestAgent::expect_error(after, 401, "unauthorized").await;
 }
 
@@ -313,23 +282,12 @@ async fn tenants_cannot_see_call_change_or_delete_each_others_things() {
     let info = a.push("adder", "add_ten").await;
     let id = info["id"].as_str().unwrap();
 
-    let listed: Value = b
-        .request(reqwest::Method::GET, "/v1/modules")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = b.json(reqwest::Method::GET, "/v1/modules").await;
     assert_eq!(listed, json!([]));
     for path in ["/v1/modules/adder".to_owned(), format!("/v1/modules/{id}")] {
-        let shown = b.request(reqwest::Method::GET, &path).send().await.unwrap();
+        let shown = b.send(reqwest::Method::GET, &path).await;
         TestAgent::expect_error(shown, 404, "module_not_found").await;
-        let deleted = b
-            .request(reqwest::Method::DELETE, &path)
-            .send()
-            .await
-            .unwrap();
+        let deleted = b.send(reqwest::Method::DELETE, &path).await;
         TestAgent::expect_error(deleted, 404, "module_not_found").await;
     }
     TestAgent::expect_error(b.call(id, "_main", "1").await, 404, "module_not_found").await;
@@ -342,32 +300,13 @@ async fn tenants_cannot_see_call_change_or_delete_each_others_things() {
         .await
         .unwrap();
     assert_eq!(put.status().as_u16(), 204);
-    let read = b
-        .request(reqwest::Method::GET, "/v1/kv/secret")
-        .send()
-        .await
-        .unwrap();
+    let read = b.send(reqwest::Method::GET, "/v1/kv/secret").await;
     TestAgent::expect_error(read, 404, "key_not_found").await;
-    let delete = b
-        .request(reqwest::Method::DELETE, "/v1/kv/secret")
-        .send()
-        .await
-        .unwrap();
+    let delete = b.send(reqwest::Method::DELETE, "/v1/kv/secret").await;
     TestAgent::expect_error(delete, 404, "key_not_found").await;
-    let keys: Value = b
-        .request(reqwest::Method::GET, "/v1/kv")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let keys: Value = b.json(reqwest::Method::GET, "/v1/kv").await;
     assert_eq!(keys["keys"], json!([]));
-    let own = a
-        .request(reqwest::Method::GET, "/v1/kv/secret")
-        .send()
-        .await
-        .unwrap();
+    let own = a.send(reqwest::Method::GET, "/v1/kv/secret").await;
     assert_eq!(own.text().await.unwrap(), "a's");
 }
 
@@ -391,22 +330,13 @@ async fn kv_written_by_a_module_is_visible_through_the_api() {
         assert_eq!(out["output"], expected);
     }
     let value = api
-        .request(reqwest::Method::GET, "/v1/kv/visits")
-        .send()
+        .send(reqwest::Method::GET, "/v1/kv/visits")
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
     assert_eq!(value, "3");
-    let keys: Value = api
-        .request(reqwest::Method::GET, "/v1/kv?prefix=vis")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let keys: Value = api.json(reqwest::Method::GET, "/v1/kv?prefix=vis").await;
     assert_eq!(keys["keys"], json!(["visits"]));
 }
 
