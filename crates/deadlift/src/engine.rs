@@ -442,13 +442,13 @@ impl Engine {
         let shards = &self.inner.shards;
         let idle = shards
             .iter()
-            .flat_map(|shard| {
+            .map(|shard| {
                 shard
                     .pools()
                     .values()
                     .flatten()
                     .map(|p| p.idle.lock().unwrap_or_else(PoisonError::into_inner).len() as u64)
-                    .collect::<Vec<_>>()
+                    .sum::<u64>()
             })
             .sum();
         let sum = |f: fn(&Shard) -> &AtomicU64| -> u64 {

@@ -197,7 +197,7 @@ pub(crate) async fn authenticate(
             "this route needs a token: `Authorization: Bearer <token>`",
         ));
     };
-    let acting_for = headers
+    let named = headers
         .get("x-deadlift-tenant")
         .map(|v| {
             v.to_str()
@@ -206,35 +206,28 @@ pub(crate) async fn authenticate(
         })
         .transpose()?;
     let db = agent.db().clone();
-    let (principal, known) = tokio::task::spawn_blocking(move || {
-        let principal = db.authenticate(&token)?;
-        let known = match (&principal, &acting_for) {
-            (Some(Principal::Admin), Some(tenant)) => Some(db.tenant_exists(tenant)?),
-            _ => None,
+    tokio::task::spawn_blocking(move || {
+        let principal = db
+            .authenticate(&token)?
+            .ok_or_else(|| ApiError::new("unauthorized", "the token is not valid"))?;
+        let acting_for = match &principal {
+            Principal::Tenant(tenant) => Some(tenant.clone()),
+            Principal::Admin => match named {
+                Some(tenant) if !db.tenant_exists(&tenant)? => {
+                    return Err(ApiError::new(
+                        "tenant_not_found",
+                        "the tenant named in X-Deadlift-Tenant does not exist",
+                    ));
+                }
+                named => named,
+            },
         };
-        Ok::<_, crate::store::DbError>((principal, known))
+        Ok(Caller {
+            principal,
+            acting_for,
+        })
     })
-    .await??;
-    let Some(principal) = principal else {
-        return Err(ApiError::new("unauthorized", "the token is not valid"));
-    };
-    let acting_for = match (&principal, known) {
-        (Principal::Tenant(tenant), _) => Some(tenant.clone()),
-        (Principal::Admin, Some(false)) => {
-            return Err(ApiError::new(
-                "tenant_not_found",
-                "the tenant named in X-Deadlift-Tenant does not exist",
-            ));
-        }
-        (Principal::Admin, _) => headers
-            .get("x-deadlift-tenant")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-    };
-    Ok(Caller {
-        principal,
-        acting_for,
-    })
+    .await?
 }
 
 impl FromRequestParts<AgentState> for Caller {
