@@ -1,5 +1,5 @@
 //! The agent: an [`Engine`] wired to durable storage in a data directory, with tenants,
-//! API tokens and the defaults the server applies. Built by [`AgentBuilder`]; the HTTP
+//! API tokens, the workflow [`Runtime`] and the defaults the server applies. Built by [`AgentBuilder`]; the HTTP
 //! server (`server`) is one way to drive it, an embedding application is another.
 
 use std::path::PathBuf;
@@ -9,6 +9,7 @@ use crate::engine::{Engine, EngineError};
 use crate::grant::Grant;
 use crate::host::HostFunction;
 use crate::store::{Database, DbError, Principal};
+use crate::workflow::{Inbox, InboxSink, Retention, Runtime, RuntimeConfig};
 
 /// The tenant the Deadlift v1 routes act for.
 pub const DEFAULT_TENANT: &str = "default";
@@ -27,6 +28,8 @@ pub enum AgentError {
     Engine(#[from] EngineError),
     #[error("cannot generate a token: {0}")]
     Random(String),
+    #[error("an agent must be built inside a Tokio runtime (its workflow runtime spawns tasks)")]
+    NoRuntime,
 }
 
 /// Builds an [`Agent`].
@@ -39,6 +42,7 @@ pub struct AgentBuilder {
     max_body_bytes: usize,
     workers: Option<usize>,
     host_functions: Vec<HostFunction>,
+    runtime: RuntimeConfig,
 }
 
 impl AgentBuilder {
@@ -51,6 +55,7 @@ impl AgentBuilder {
             max_body_bytes: 16 * 1024 * 1024,
             workers: None,
             host_functions: Vec::new(),
+            runtime: RuntimeConfig::default(),
         }
     }
 
@@ -88,6 +93,25 @@ impl AgentBuilder {
         self
     }
 
+    /// How much run and event history the agent keeps.
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.runtime.retention = retention;
+        self
+    }
+
+    /// How many workflow runs execute at once.
+    pub fn max_concurrent_runs(mut self, runs: usize) -> Self {
+        self.runtime.max_concurrent_runs = runs.max(1);
+        self
+    }
+
+    /// The name events emitted by this agent's runs carry as their source
+    /// (`deadlift://<name>`).
+    pub fn name(mut self, name: &str) -> Self {
+        self.runtime.source = format!("deadlift://{name}");
+        self
+    }
+
     /// Opens the data directory and starts the engine. Returns the agent and, when an
     /// admin token was generated now (first start), that token: it is shown only once.
     pub fn build(self) -> Result<(Agent, Option<String>), AgentError> {
@@ -95,12 +119,20 @@ impl AgentBuilder {
             path: self.data_dir.clone(),
             source,
         })?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(AgentError::NoRuntime);
+        }
         let db = Database::open(&self.data_dir.join("agent.db"))?;
         db.create_tenant(DEFAULT_TENANT)?;
+        let (inbox, inbox_receiver) = Inbox::new();
         let mut engine = Engine::builder()
             .data_dir(&self.data_dir)
             .kv(Arc::new(db.clone()))
-            .modules(Arc::new(db.clone()));
+            .modules(Arc::new(db.clone()))
+            .events(Arc::new(InboxSink::new(
+                inbox.clone(),
+                self.runtime.source.clone(),
+            )));
         if let Some(workers) = self.workers {
             engine = engine.workers(workers);
         }
@@ -122,7 +154,15 @@ impl AgentBuilder {
                 Some(token)
             }
         };
+        let workflows = Runtime::start(
+            db.clone(),
+            engine.clone(),
+            inbox,
+            inbox_receiver,
+            self.runtime,
+        )?;
         let agent = Agent {
+            workflows,
             engine,
             db,
             data_dir: self.data_dir,
@@ -144,6 +184,7 @@ pub fn new_token() -> Result<String, AgentError> {
 /// A running agent's state. Share it behind an `Arc`.
 #[derive(Debug)]
 pub struct Agent {
+    workflows: Runtime,
     engine: Engine,
     db: Database,
     data_dir: PathBuf,
@@ -159,6 +200,17 @@ impl Agent {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// Workflows, events and runs.
+    pub fn workflows(&self) -> &Runtime {
+        &self.workflows
+    }
+
+    /// Stops background work and commits what the journal holds. Runs still executing
+    /// resume at the next start.
+    pub async fn shutdown(&self) {
+        self.workflows.shutdown().await;
     }
 
     pub fn db(&self) -> &Database {

@@ -437,6 +437,11 @@ impl Engine {
             .call_blocking(module, function, input, grant, ctx)
     }
 
+    /// Whether this engine offers the named host function (built-in or the embedder's).
+    pub fn offers_host_function(&self, name: &str) -> bool {
+        self.inner.host_names.contains(name)
+    }
+
     pub fn stats(&self) -> EngineStats {
         let c = &self.inner.stats;
         let shards = &self.inner.shards;

@@ -20,7 +20,14 @@ pub struct CallContext {
     pub run_id: Option<String>,
     /// Cancels the call from outside; a cancelled call fails with `CallError::Cancelled`.
     pub cancel: CancelToken,
+    /// When set, `emit` collects events here instead of publishing them, so that a
+    /// workflow step commits them together with its result (and drops them if the
+    /// attempt fails).
+    pub emitted: Option<EmitBuffer>,
 }
+
+/// Events a call emitted, held until its caller commits them.
+pub type EmitBuffer = Arc<Mutex<Vec<EmittedEvent>>>;
 
 impl CallContext {
     pub fn new(tenant: impl Into<String>) -> Self {
@@ -37,6 +44,11 @@ impl CallContext {
 
     pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
         self.cancel = cancel;
+        self
+    }
+
+    pub fn with_emit_buffer(mut self, buffer: EmitBuffer) -> Self {
+        self.emitted = Some(buffer);
         self
     }
 }
@@ -301,11 +313,17 @@ pub fn builtins(kv: Arc<dyn KvStore>, sink: Arc<dyn EventSink>) -> Vec<HostFunct
                     "event must be JSON {{\"type\": string, \"data\": any}}: {e}"
                 ))
             })?;
-            if event.event_type.is_empty() {
-                return Err(HostError::new("event type must not be empty"));
+            crate::workflow::subject::validate_subject(&event.event_type)
+                .map_err(|e| HostError::new(format!("event type: {e}")))?;
+            match &ctx.emitted {
+                Some(buffer) => buffer
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(event),
+                None => sink
+                    .publish(ctx, event)
+                    .map_err(|e| HostError::new(e.to_string()))?,
             }
-            sink.publish(ctx, event)
-                .map_err(|e| HostError::new(e.to_string()))?;
             Ok(None)
         }),
     ]

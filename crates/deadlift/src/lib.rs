@@ -31,6 +31,7 @@ pub mod host;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod workflow;
 
 pub use agent::{Agent, AgentBuilder, AgentError, DEFAULT_TENANT};
 pub use engine::{Engine, EngineBuilder, EngineError, EngineStats};
@@ -42,3 +43,4 @@ pub use host::{
     MemorySink,
 };
 pub use registry::{ModuleError, ModuleId, ModuleInfo, ModuleStore, NewModule, Registry};
+pub use workflow::{CloudEvent, Runtime, WorkflowError, WorkflowSpec};

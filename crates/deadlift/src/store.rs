@@ -1,5 +1,6 @@
 //! The agent's durable state in one SQLite file: tenants, API tokens (hashed), module
-//! metadata and bytes, and key-value entries. It implements the library's storage
+//! metadata and bytes, and key-value entries (the workflow journal's tables live here
+//! too; their SQL is in `workflow::journal`). It implements the library's storage
 //! traits ([`ModuleStore`], [`KvStore`]) so the engine persists without knowing SQL.
 //!
 //! Migrations are embedded and applied in order at open; every connection runs in WAL
@@ -51,6 +52,77 @@ CREATE TABLE kv (
     value BLOB NOT NULL,
     PRIMARY KEY (tenant, key)
 ) WITHOUT ROWID;
+"#, r#"
+CREATE TABLE workflow_versions (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, name, version)
+) WITHOUT ROWID;
+CREATE TABLE workflows (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    updated_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, name)
+) WITHOUT ROWID;
+CREATE TABLE v1_workflows (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    workflow TEXT NOT NULL
+);
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    received_unix_ms INTEGER NOT NULL,
+    UNIQUE (tenant, id)
+);
+CREATE TABLE runs (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    workflow TEXT NOT NULL,
+    workflow_version INTEGER NOT NULL,
+    trigger TEXT NOT NULL,
+    event_seq INTEGER REFERENCES events(seq),
+    event_id TEXT,
+    status TEXT NOT NULL,
+    input TEXT NOT NULL,
+    output TEXT,
+    error TEXT,
+    traceparent TEXT NOT NULL,
+    trace_id TEXT NOT NULL,
+    depth INTEGER NOT NULL,
+    created_unix_ms INTEGER NOT NULL,
+    started_unix_ms INTEGER,
+    finished_unix_ms INTEGER,
+    UNIQUE (event_seq, workflow)
+);
+CREATE INDEX runs_by_tenant ON runs (tenant, seq);
+CREATE INDEX runs_by_trace ON runs (trace_id);
+CREATE INDEX runs_open ON runs (status) WHERE status IN ('queued', 'running');
+CREATE TABLE run_steps (
+    run_seq INTEGER NOT NULL REFERENCES runs(seq) ON DELETE CASCADE,
+    step TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (run_seq, step)
+) WITHOUT ROWID;
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    run_seq INTEGER NOT NULL UNIQUE REFERENCES runs(seq) ON DELETE CASCADE,
+    error TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL,
+    replayed_unix_ms INTEGER
+);
+CREATE INDEX dead_letters_by_tenant ON dead_letters (tenant, id);
 "#];
 
 /// Errors of the database layer.
@@ -62,6 +134,10 @@ pub enum DbError {
     TooNew { found: i64, known: i64 },
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("the journal could not commit: {0}")]
+    Commit(String),
+    #[error("the agent is shutting down")]
+    Closed,
 }
 
 impl From<DbError> for StoreError {
@@ -144,6 +220,11 @@ impl Database {
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The connection, for the workflow journal's own SQL.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Connection> {
+        self.conn()
     }
 
     pub fn schema_version(&self) -> Result<i64, DbError> {

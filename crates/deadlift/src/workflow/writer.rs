@@ -1,0 +1,661 @@
+//! The journal writer: one thread that owns every write to the workflow tables and
+//! commits them in groups. Whatever is queued while a transaction runs goes into the
+//! next one, so thousands of small writes a second cost a few commits. Each command
+//! runs in its own savepoint, so one bad command cannot spoil its neighbours.
+//!
+//! Nothing is acknowledged before its transaction commits: replies, new runs for the
+//! runner and run updates for watchers are all sent after the commit.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rusqlite::Connection;
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::event::{CloudEvent, MAX_DEPTH, now_ms};
+use super::journal::{self, Failure, NewRun, RunStatus, RunSummary, RunTicket, StepRecord, TriggerKind};
+use super::spec::WorkflowSpec;
+use super::subject::SubjectPattern;
+use crate::store::{Database, DbError};
+
+/// Most commands one transaction takes.
+const MAX_BATCH: usize = 1024;
+
+type Reply<T> = oneshot::Sender<Result<T, DbError>>;
+/// Sends a command's reply once its fate is known.
+type ReplyFn = Box<dyn FnOnce(Result<(), DbError>) + Send>;
+
+/// How a run ends, journaled with its last step.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub status: RunStatus,
+    pub output: Option<Value>,
+    pub error: Option<Failure>,
+    /// Whether a failure goes to the dead letters (not when the caller saw it).
+    pub dead_letter: bool,
+}
+
+/// What ingesting one event did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct Ingested {
+    pub id: String,
+    /// The id was seen before: nothing new happened.
+    pub duplicate: bool,
+    /// Runs this event started.
+    pub runs: Vec<String>,
+}
+
+pub(crate) enum Command {
+    Ingest {
+        tenant: String,
+        events: Vec<CloudEvent>,
+        reply: Reply<Vec<Ingested>>,
+    },
+    Apply {
+        tenant: String,
+        spec: WorkflowSpec,
+        reply: Reply<i64>,
+    },
+    /// Creates a v1 workflow: allocates its integer id, then applies the spec built
+    /// for that id.
+    ApplyV1 {
+        tenant: String,
+        build: Box<dyn FnOnce(i64) -> WorkflowSpec + Send>,
+        reply: Reply<i64>,
+    },
+    Delete {
+        tenant: String,
+        name: String,
+        reply: Reply<bool>,
+    },
+    StartRun {
+        run: NewRun,
+        reply: Reply<RunTicket>,
+    },
+    Running {
+        run_seq: i64,
+    },
+    Step {
+        ticket: Arc<RunTicket>,
+        position: usize,
+        record: StepRecord,
+        emitted: Vec<CloudEvent>,
+        finish: Option<Finish>,
+        reply: Reply<()>,
+    },
+    /// Ends a run without a step (its workflow is gone, or it was resumed after its
+    /// last step was journaled).
+    Finish {
+        run_seq: i64,
+        finish: Finish,
+        reply: Reply<()>,
+    },
+    /// Journals a run that already ran (a v1 execute), in one go.
+    Record {
+        run: NewRun,
+        steps: Vec<StepRecord>,
+        emitted: Vec<CloudEvent>,
+        finish: Finish,
+        reply: Reply<String>,
+    },
+    Requeue {
+        tenant: String,
+        run_id: String,
+        reply: Reply<Option<String>>,
+    },
+    Cancel {
+        tenant: String,
+        run_id: String,
+        reply: Reply<bool>,
+    },
+    Prune {
+        retention: journal::Retention,
+        reply: Reply<(usize, usize)>,
+    },
+    /// Starts the run of one schedule firing, unless that firing already has one.
+    Schedule {
+        tenant: String,
+        workflow: String,
+        version: i64,
+        fire_unix_ms: i64,
+        reply: Reply<()>,
+    },
+    /// Answers once everything queued before it has committed.
+    Flush {
+        reply: Reply<()>,
+    },
+}
+
+/// A change to a run, for watchers (`runs tail`).
+#[derive(Debug, Clone)]
+pub struct RunUpdate {
+    pub tenant: String,
+    pub run: RunSummary,
+}
+
+/// An event trigger: which workflow version runs for which event types.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    pub workflow: String,
+    pub version: i64,
+    pub pattern: SubjectPattern,
+}
+
+/// Routes by tenant, owned by the writer thread, changed only after commits.
+pub(crate) type Routes = HashMap<String, Vec<Route>>;
+
+/// Handles the writer shares with the rest of the workflow runtime.
+#[derive(Debug, Clone)]
+pub(crate) struct Outlets {
+    /// New and requeued runs for the runner.
+    pub runs: mpsc::UnboundedSender<RunTicket>,
+    pub updates: broadcast::Sender<RunUpdate>,
+    /// Runs someone waits for, by run id.
+    pub waiters: Arc<Mutex<HashMap<String, Vec<oneshot::Sender<RunSummary>>>>>,
+    /// Told when the set of workflows changed (the scheduler reloads).
+    pub workflows_changed: Arc<tokio::sync::Notify>,
+}
+
+/// Builds the routing table from the live workflows.
+pub(crate) fn load_routes(conn: &Connection) -> Result<Routes, DbError> {
+    let mut routes = Routes::new();
+    for (tenant, version) in journal::live_workflows(conn, None)? {
+        if let Some(route) = route_of(&version.spec, version.version) {
+            routes.entry(tenant).or_default().push(route);
+        }
+    }
+    Ok(routes)
+}
+
+fn route_of(spec: &WorkflowSpec, version: i64) -> Option<Route> {
+    let pattern = SubjectPattern::parse(spec.trigger.event.as_deref()?).ok()?;
+    Some(Route {
+        workflow: spec.name.clone(),
+        version,
+        pattern,
+    })
+}
+
+/// What to do once the transaction holding a command has committed.
+#[derive(Default)]
+struct Effects {
+    replies: Vec<ReplyFn>,
+    tickets: Vec<RunTicket>,
+    changed_runs: Vec<i64>,
+    route_changes: Vec<(String, String, Option<Route>)>,
+}
+
+impl Effects {
+    fn reply<T: Send + 'static>(&mut self, reply: Reply<T>, value: T) {
+        self.replies.push(Box::new(move |committed| {
+            let _ = reply.send(committed.map(|()| value));
+        }));
+    }
+
+    fn fail<T>(reply: Reply<T>, error: DbError) {
+        let _ = reply.send(Err(error));
+    }
+}
+
+pub(crate) struct Writer {
+    db: Database,
+    routes: Routes,
+    outlets: Outlets,
+}
+
+impl Writer {
+    pub fn new(db: Database, routes: Routes, outlets: Outlets) -> Self {
+        Self { db, routes, outlets }
+    }
+
+    /// Runs until every sender is dropped.
+    pub fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = commands.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match commands.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut batch);
+        }
+    }
+
+    fn commit(&mut self, batch: &mut Vec<Command>) {
+        let db = self.db.clone();
+        let mut conn = db.lock();
+        let mut effects = Effects::default();
+        let outcome = (|| -> Result<(), DbError> {
+            let tx = conn.transaction()?;
+            for command in batch.drain(..) {
+                self.apply(&tx, command, &mut effects);
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => {
+                let summaries = self.summaries(&conn, &effects.changed_runs);
+                drop(conn);
+                self.after_commit(effects, summaries);
+            }
+            Err(error) => {
+                drop(conn);
+                let message = error.to_string();
+                tracing::error!(error = %message, "journal transaction failed");
+                for reply in effects.replies {
+                    reply(Err(DbError::Commit(message.clone())));
+                }
+            }
+        }
+    }
+
+    /// Summaries of changed runs, read only when someone is listening.
+    fn summaries(&self, conn: &Connection, runs: &[i64]) -> Vec<(String, RunSummary)> {
+        let waiting = !self
+            .outlets
+            .waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty();
+        if runs.is_empty() || (self.outlets.updates.receiver_count() == 0 && !waiting) {
+            return Vec::new();
+        }
+        runs.iter()
+            .filter_map(|&seq| journal::run_summary(conn, seq).ok().flatten())
+            .collect()
+    }
+
+    fn after_commit(&mut self, effects: Effects, summaries: Vec<(String, RunSummary)>) {
+        for reply in effects.replies {
+            reply(Ok(()));
+        }
+        for (tenant, name, route) in effects.route_changes {
+            let routes = self.routes.entry(tenant).or_default();
+            routes.retain(|r| r.workflow != name);
+            routes.extend(route);
+        }
+        for ticket in effects.tickets {
+            let _ = self.outlets.runs.send(ticket);
+        }
+        if summaries.is_empty() {
+            return;
+        }
+        let mut waiters = self
+            .outlets
+            .waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (tenant, run) in summaries {
+            if run.status.is_finished() {
+                for waiter in waiters.remove(&run.id).into_iter().flatten() {
+                    let _ = waiter.send(run.clone());
+                }
+            }
+            let _ = self.outlets.updates.send(RunUpdate { tenant, run });
+        }
+    }
+
+    fn apply(&mut self, tx: &Connection, command: Command, effects: &mut Effects) {
+        // Each command in its own savepoint: a failure undoes only that command.
+        let savepoint = |tx: &Connection, sql: &str| tx.execute_batch(sql).map_err(DbError::from);
+        if let Err(error) = savepoint(tx, "SAVEPOINT command") {
+            fail_command(command, error);
+            return;
+        }
+        let mut local = Effects::default();
+        let result = self.apply_inner(tx, command, &mut local);
+        match result {
+            Ok(()) => match savepoint(tx, "RELEASE command") {
+                Ok(()) => {
+                    effects.replies.append(&mut local.replies);
+                    effects.tickets.append(&mut local.tickets);
+                    effects.changed_runs.append(&mut local.changed_runs);
+                    effects.route_changes.append(&mut local.route_changes);
+                }
+                Err(error) => {
+                    tracing::error!(%error, "journal savepoint release failed");
+                    for reply in local.replies {
+                        reply(Err(DbError::Commit(error.to_string())));
+                    }
+                }
+            },
+            Err((error, reply)) => {
+                let _ = savepoint(tx, "ROLLBACK TO command; RELEASE command");
+                for reply in local.replies {
+                    reply(Err(DbError::Commit(error.to_string())));
+                }
+                reply(Err(error));
+            }
+        }
+    }
+
+    fn apply_inner(
+        &mut self,
+        tx: &Connection,
+        command: Command,
+        effects: &mut Effects,
+    ) -> Result<(), (DbError, ReplyFn)> {
+        let now = now_ms();
+        match command {
+            Command::Ingest {
+                tenant,
+                events,
+                reply,
+            } => {
+                let result = events
+                    .into_iter()
+                    .map(|event| self.ingest(tx, &tenant, event, now, effects))
+                    .collect();
+                answer(result, reply, effects)
+            }
+            Command::Apply {
+                tenant,
+                spec,
+                reply,
+            } => {
+                let result = journal::apply_workflow(tx, &tenant, &spec, now);
+                if let Ok(version) = result {
+                    let route = route_of(&spec, version);
+                    effects.route_changes.push((tenant, spec.name, route));
+                }
+                answer(result, reply, effects)
+            }
+            Command::ApplyV1 {
+                tenant,
+                build,
+                reply,
+            } => {
+                let result = (|| {
+                    let id = journal::new_v1_workflow(tx, &tenant)?;
+                    let spec = build(id);
+                    let version = journal::apply_workflow(tx, &tenant, &spec, now)?;
+                    let route = route_of(&spec, version);
+                    effects
+                        .route_changes
+                        .push((tenant.clone(), spec.name, route));
+                    Ok(id)
+                })();
+                answer(result, reply, effects)
+            }
+            Command::Delete {
+                tenant,
+                name,
+                reply,
+            } => {
+                let result = journal::delete_workflow(tx, &tenant, &name);
+                effects.route_changes.push((tenant, name, None));
+                answer(result, reply, effects)
+            }
+            Command::StartRun { run, reply } => {
+                let result = journal::insert_run(tx, &run, now).and_then(|ticket| {
+                    ticket.ok_or_else(|| DbError::Corrupt("the run already exists".into()))
+                });
+                if let Ok(ticket) = &result {
+                    effects.changed_runs.push(ticket.run_seq);
+                    effects.tickets.push(ticket.clone());
+                }
+                answer(result, reply, effects)
+            }
+            Command::Running { run_seq } => {
+                if let Err(error) = journal::mark_running(tx, run_seq, now) {
+                    tracing::warn!(%error, run_seq, "cannot mark run running");
+                }
+                effects.changed_runs.push(run_seq);
+                Ok(())
+            }
+            Command::Step {
+                ticket,
+                position,
+                record,
+                emitted,
+                finish,
+                reply,
+            } => {
+                let result = (|| {
+                    journal::insert_step(tx, ticket.run_seq, position, &record)?;
+                    for event in emitted {
+                        self.ingest(tx, &ticket.tenant, event, now, effects)?;
+                    }
+                    if let Some(end) = &finish {
+                        journal::finish_run(
+                            tx,
+                            ticket.run_seq,
+                            end.status,
+                            end.output.as_ref(),
+                            end.error.as_ref(),
+                            end.dead_letter,
+                            now,
+                        )?;
+                        effects.changed_runs.push(ticket.run_seq);
+                    }
+                    Ok(())
+                })();
+                answer(result, reply, effects)
+            }
+            Command::Finish {
+                run_seq,
+                finish,
+                reply,
+            } => {
+                let result = journal::finish_run(
+                    tx,
+                    run_seq,
+                    finish.status,
+                    finish.output.as_ref(),
+                    finish.error.as_ref(),
+                    finish.dead_letter,
+                    now,
+                );
+                effects.changed_runs.push(run_seq);
+                answer(result.map(|_| ()), reply, effects)
+            }
+            Command::Record {
+                run,
+                steps,
+                emitted,
+                finish,
+                reply,
+            } => {
+                let result = (|| {
+                    let ticket = journal::insert_run(tx, &run, now)?
+                        .ok_or_else(|| DbError::Corrupt("the run already exists".into()))?;
+                    for (position, step) in steps.iter().enumerate() {
+                        journal::insert_step(tx, ticket.run_seq, position, step)?;
+                    }
+                    for event in emitted {
+                        self.ingest(tx, &run.tenant, event, now, effects)?;
+                    }
+                    journal::finish_run(
+                        tx,
+                        ticket.run_seq,
+                        finish.status,
+                        finish.output.as_ref(),
+                        finish.error.as_ref(),
+                        finish.dead_letter,
+                        now,
+                    )?;
+                    effects.changed_runs.push(ticket.run_seq);
+                    Ok(ticket.run_id)
+                })();
+                answer(result, reply, effects)
+            }
+            Command::Requeue {
+                tenant,
+                run_id,
+                reply,
+            } => {
+                let result = journal::requeue_run(tx, &tenant, &run_id, now).map(|ticket| {
+                    ticket.map(|ticket| {
+                        let id = ticket.run_id.clone();
+                        effects.changed_runs.push(ticket.run_seq);
+                        effects.tickets.push(ticket);
+                        id
+                    })
+                });
+                answer(result, reply, effects)
+            }
+            Command::Cancel {
+                tenant,
+                run_id,
+                reply,
+            } => {
+                let result = journal::cancel_run(tx, &tenant, &run_id, now);
+                answer(result, reply, effects)
+            }
+            Command::Prune { retention, reply } => {
+                answer(journal::prune(tx, &retention, now), reply, effects)
+            }
+            Command::Schedule {
+                tenant,
+                workflow,
+                version,
+                fire_unix_ms,
+                reply,
+            } => {
+                let result = (|| {
+                    let mut event = CloudEvent::new(
+                        "deadlift.schedule",
+                        "deadlift://schedule",
+                        serde_json::json!({
+                            "workflow": workflow,
+                            "scheduled_unix_ms": fire_unix_ms,
+                        }),
+                    );
+                    event.id = format!("schedule:{workflow}:{fire_unix_ms}");
+                    event.complete();
+                    let Some(seq) = journal::insert_event(tx, &tenant, &event, now)? else {
+                        return Ok(());
+                    };
+                    let run = NewRun {
+                        tenant: tenant.clone(),
+                        workflow: workflow.clone(),
+                        version,
+                        trigger: TriggerKind::Schedule,
+                        input: event.input(),
+                        trace: event.trace(),
+                        event: Some((seq, event)),
+                    };
+                    if let Some(ticket) = journal::insert_run(tx, &run, now)? {
+                        effects.changed_runs.push(ticket.run_seq);
+                        effects.tickets.push(ticket);
+                    }
+                    Ok(())
+                })();
+                answer(result, reply, effects)
+            }
+            Command::Flush { reply } => answer(Ok(()), reply, effects),
+        }
+    }
+
+    /// Stores one event and queues a run for every matching workflow of the tenant.
+    fn ingest(
+        &self,
+        tx: &Connection,
+        tenant: &str,
+        mut event: CloudEvent,
+        now: i64,
+        effects: &mut Effects,
+    ) -> Result<Ingested, DbError> {
+        event.complete();
+        let id = event.id.clone();
+        let Some(seq) = journal::insert_event(tx, tenant, &event, now)? else {
+            return Ok(Ingested {
+                id,
+                duplicate: true,
+                runs: Vec::new(),
+            });
+        };
+        let mut runs = Vec::new();
+        if event.depth() > MAX_DEPTH {
+            // Stored (so the sender's id is honoured) but not routed: a loop of
+            // workflows triggering each other ends here.
+            tracing::warn!(tenant, event = %id, "event chain too deep; not routed");
+            return Ok(Ingested {
+                id,
+                duplicate: false,
+                runs,
+            });
+        }
+        let trace = event.trace();
+        let matching: Vec<&Route> = self
+            .routes
+            .get(tenant)
+            .into_iter()
+            .flatten()
+            .filter(|route| route.pattern.matches(&event.event_type))
+            .collect();
+        let event_input = if matching.is_empty() { Value::Null } else { event.input() };
+        for route in matching {
+            let run = NewRun {
+                tenant: tenant.to_owned(),
+                workflow: route.workflow.clone(),
+                version: route.version,
+                trigger: TriggerKind::Event,
+                input: event_input.clone(),
+                event: Some((seq, event.clone())),
+                trace: trace.child(),
+            };
+            if let Some(ticket) = journal::insert_run(tx, &run, now)? {
+                runs.push(ticket.run_id.clone());
+                effects.changed_runs.push(ticket.run_seq);
+                effects.tickets.push(ticket);
+            }
+        }
+        Ok(Ingested {
+            id,
+            duplicate: false,
+            runs,
+        })
+    }
+}
+
+/// Queues the reply of a command that worked, or hands back the error and the reply.
+fn answer<T: Send + 'static>(
+    result: Result<T, DbError>,
+    reply: Reply<T>,
+    effects: &mut Effects,
+) -> Result<(), (DbError, ReplyFn)> {
+    match result {
+        Ok(value) => {
+            effects.reply(reply, value);
+            Ok(())
+        }
+        Err(error) => Err((
+            error,
+            Box::new(move |result: Result<(), DbError>| {
+                if let Err(error) = result {
+                    let _ = reply.send(Err(error));
+                }
+            }),
+        )),
+    }
+}
+
+fn fail_command(command: Command, error: DbError) {
+    let message = error.to_string();
+    let error = || DbError::Commit(message.clone());
+    match command {
+        Command::Ingest { reply, .. } => Effects::fail(reply, error()),
+        Command::Apply { reply, .. } | Command::ApplyV1 { reply, .. } => {
+            Effects::fail(reply, error())
+        }
+        Command::Delete { reply, .. } | Command::Cancel { reply, .. } => {
+            Effects::fail(reply, error())
+        }
+        Command::StartRun { reply, .. } => Effects::fail(reply, error()),
+        Command::Running { .. } => {}
+        Command::Step { reply, .. } | Command::Finish { reply, .. } => {
+            Effects::fail(reply, error())
+        }
+        Command::Record { reply, .. } => Effects::fail(reply, error()),
+        Command::Requeue { reply, .. } => Effects::fail(reply, error()),
+        Command::Prune { reply, .. } => Effects::fail(reply, error()),
+        Command::Schedule { reply, .. } | Command::Flush { reply } => {
+            Effects::fail(reply, error())
+        }
+    }
+}
