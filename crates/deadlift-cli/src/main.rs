@@ -302,7 +302,9 @@ async fn serve(config: config::Resolved) -> anyhow::Result<()> {
         "deadlift agent listening on http://{}",
         listener.local_addr()?
     );
-    deadlift::server::serve(std::sync::Arc::new(agent), listener, shutdown_signal()).await?;
+    let agent = std::sync::Arc::new(agent);
+    deadlift::server::serve(agent.clone(), listener, shutdown_signal()).await?;
+    agent.shutdown().await;
     println!("deadlift agent stopped");
     Ok(())
 }

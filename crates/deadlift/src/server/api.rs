@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::error::ErrorBody;
+use super::workflows;
 use super::{AgentState, ApiError, Caller, RawBody, json, multipart_error, parse_json};
 use crate::agent::new_token;
 use crate::executor::LogLine;
@@ -43,7 +44,11 @@ pub(super) fn routes() -> Router<AgentState> {
     paths(
         list_modules, upload_module, get_module, delete_module, call_module,
         create_tenant, list_tenants, create_token, list_tokens, revoke_token,
-        list_kv, get_kv, put_kv, delete_kv
+        list_kv, get_kv, put_kv, delete_kv,
+        workflows::apply_workflow, workflows::list_workflows, workflows::get_workflow,
+        workflows::delete_workflow, workflows::start_run, workflows::publish_events,
+        workflows::list_runs, workflows::get_run, workflows::retry_run, workflows::cancel_run,
+        workflows::live_runs, workflows::list_dead_letters, workflows::replay_dead_letter
     ),
     components(schemas(ErrorBody, ModuleInfo, CallResponse, LogLine, TokenInfo, CreatedToken, NewTenant, NewToken)),
     modifiers(&BearerAuth)
@@ -209,6 +214,12 @@ async fn delete_module(
 ) -> Result<StatusCode, ApiError> {
     let tenant = caller.tenant()?;
     let info = resolve(&agent, tenant.clone(), reference).await?;
+    if let Some(workflow) = agent.workflows().module_in_use(&tenant, &info).await? {
+        return Err(ApiError::new(
+            "module_in_use",
+            format!("workflow `{workflow}` calls this module; change or delete the workflow first"),
+        ));
+    }
     let engine = agent.engine().clone();
     blocking(move || Ok(engine.delete_module(&tenant, &info.id)?)).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -11,12 +11,15 @@ use crate::error::CallError;
 use crate::host::KvError;
 use crate::registry::ModuleError;
 use crate::store::DbError;
+use crate::workflow::WorkflowError;
 
 /// An error answered to an HTTP client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub code: &'static str,
     pub message: String,
+    /// Structured detail, e.g. the fields of a refused workflow document.
+    pub details: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -24,7 +27,13 @@ impl ApiError {
         Self {
             code,
             message: message.into(),
+            details: None,
         }
+    }
+
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
     }
 
     pub fn status(&self) -> StatusCode {
@@ -48,15 +57,17 @@ pub fn status_of(code: &str) -> StatusCode {
         | "grant_invalid"
         | "tenant_invalid"
         | "subject_unknown"
-        | "pipeline_empty" => StatusCode::BAD_REQUEST,
+        | "pipeline_empty"
+        | "workflow_invalid"
+        | "event_invalid" => StatusCode::BAD_REQUEST,
         "unauthorized" => StatusCode::UNAUTHORIZED,
         "forbidden" => StatusCode::FORBIDDEN,
         "not_found" | "route_not_found" | "module_not_found" | "function_not_found"
-        | "tenant_not_found" | "token_not_found" | "key_not_found" | "workflow_not_found" => {
-            StatusCode::NOT_FOUND
-        }
+        | "tenant_not_found" | "token_not_found" | "key_not_found" | "workflow_not_found"
+        | "run_not_found" | "dead_letter_not_found" => StatusCode::NOT_FOUND,
         "method_not_allowed" => StatusCode::METHOD_NOT_ALLOWED,
-        "module_conflict" | "tenant_exists" | "module_in_use" => StatusCode::CONFLICT,
+        "module_conflict" | "tenant_exists" | "module_in_use" | "run_not_retryable"
+        | "run_not_open" => StatusCode::CONFLICT,
         "payload_too_large" | "input_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
         "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "trap"
@@ -73,7 +84,10 @@ pub fn status_of(code: &str) -> StatusCode {
         | "import_denied"
         | "function_signature"
         | "link_failed"
-        | "output_not_json" => StatusCode::UNPROCESSABLE_ENTITY,
+        | "output_not_json"
+        | "expression_failed"
+        | "event_chain_too_deep"
+        | "run_failed" => StatusCode::UNPROCESSABLE_ENTITY,
         "overloaded" | "shutting_down" => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -91,6 +105,10 @@ pub struct ErrorDetail {
     pub code: String,
     /// What went wrong, for people.
     pub message: String,
+    /// Structured detail where there is some (e.g. `errors: [{field, message}]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub details: Option<serde_json::Value>,
 }
 
 impl IntoResponse for ApiError {
@@ -103,6 +121,7 @@ impl IntoResponse for ApiError {
             error: ErrorDetail {
                 code: self.code.to_owned(),
                 message: self.message,
+                details: self.details,
             },
         };
         (status, Json(body)).into_response()
@@ -125,6 +144,54 @@ impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         Self::new("storage", e.to_string())
     }
+}
+
+impl From<WorkflowError> for ApiError {
+    fn from(e: WorkflowError) -> Self {
+        match &e {
+            WorkflowError::Spec(spec) => Self::new(e.code(), e.to_string())
+                .with_details(serde_json::json!({ "errors": spec.field_errors() })),
+            WorkflowError::RunFailed(failure) => {
+                Self::new(run_failure_code(&failure.code), failure.message.clone())
+                    .with_details(serde_json::json!({ "step": failure.step, "kind": failure.kind }))
+            }
+            _ => Self::new(e.code(), e.to_string()),
+        }
+    }
+}
+
+/// The stable code of a failed run, when it is one this table knows; `run_failed` else.
+fn run_failure_code(code: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "module_not_found",
+        "function_not_found",
+        "function_signature",
+        "host_function_denied",
+        "host_function_unknown",
+        "import_denied",
+        "link_failed",
+        "input_too_large",
+        "output_too_large",
+        "timeout",
+        "cancelled",
+        "fuel_exhausted",
+        "memory_limit",
+        "trap",
+        "guest_error",
+        "guest_exit_code",
+        "host_function_failed",
+        "grant_invalid",
+        "overloaded",
+        "output_not_json",
+        "expression_failed",
+        "event_chain_too_deep",
+        "workflow_not_found",
+    ];
+    KNOWN
+        .iter()
+        .find(|known| **known == code)
+        .copied()
+        .unwrap_or("run_failed")
 }
 
 impl From<KvError> for ApiError {

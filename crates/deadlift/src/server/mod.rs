@@ -1,4 +1,5 @@
-//! The HTTP server: the JSON API under `/v1` (`api`), the original Deadlift v1 routes
+//! The HTTP server: the JSON API under `/v1` (`api` for modules, tenants, tokens and
+//! KV; `workflows` for workflows, events and runs), the original Deadlift v1 routes
 //! (`v1`), health, readiness and Prometheus metrics. Only this module knows HTTP.
 //!
 //! [`serve`] takes its listener and shutdown signal from the caller, so tests bind
@@ -7,6 +8,7 @@
 mod api;
 pub mod error;
 mod v1;
+mod workflows;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,6 +37,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/metrics", get(metrics))
         .merge(api::routes())
         .merge(v1::routes())
+        .merge(workflows::routes())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -48,6 +51,12 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let closing = agent.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Live streams never end by themselves; graceful shutdown waits for them.
+        closing.workflows().close_streams();
+    };
     axum::serve(listener, router(agent))
         .with_graceful_shutdown(shutdown)
         .await

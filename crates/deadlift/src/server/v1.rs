@@ -1,6 +1,7 @@
 //! The original Deadlift HTTP API (`DEADLIFT_V1_API.md`), kept so existing clients and
-//! modules work unchanged: `GET /status` and the module routes, acting for the default
-//! tenant, with the contract's "must" error behaviour (JSON errors, 404/409/413/422).
+//! modules work unchanged: `GET /status`, the module routes and the workflow routes
+//! (pipelines of subjects, run by the workflow runtime and recorded as runs), acting for
+//! the default tenant, with the contract's "must" error behaviour (JSON errors, 404/409/413/422).
 
 use axum::extract::multipart::{Multipart, MultipartRejection};
 use axum::extract::{Path, State};
@@ -23,6 +24,73 @@ pub(super) fn routes() -> Router<AgentState> {
         .route("/status", get(status))
         .route("/api/v1/modules", post(upload).get(list))
         .route("/api/v1/modules/{hash}/execute", post(execute))
+        .route("/api/v1/workflows", post(create_workflow))
+        .route("/api/v1/workflows/{id}/execute", post(execute_workflow))
+}
+
+/// A v1 workflow: a pipeline of module subjects.
+#[derive(Debug, serde::Deserialize)]
+struct NewV1Workflow {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    pipeline: Vec<String>,
+}
+
+async fn create_workflow(
+    State(agent): State<AgentState>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    check_access(&agent, &headers).await?;
+    let request: NewV1Workflow = serde_json::from_slice(&body).map_err(|e| {
+        let code = if e.is_data() { "missing_field" } else { "invalid_json" };
+        ApiError::new(code, format!("expected {{\"name\", \"description\"?, \"pipeline\": [subject, ...]}}: {e}"))
+    })?;
+    let id = agent
+        .workflows()
+        .create_v1(
+            DEFAULT_TENANT,
+            &request.name,
+            request.description,
+            request.pipeline,
+            agent.default_grant().clone(),
+        )
+        .await?;
+    Ok((StatusCode::CREATED, id.to_string()).into_response())
+}
+
+async fn execute_workflow(
+    State(agent): State<AgentState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    check_access(&agent, &headers).await?;
+    let not_found = || ApiError::new("workflow_not_found", format!("no workflow with id `{id}`"));
+    let id: i64 = id.parse().map_err(|_| not_found())?;
+    let input = json_body(&body)?;
+    let output = agent
+        .workflows()
+        .execute_v1(DEFAULT_TENANT, id, input)
+        .await
+        .map_err(|e| match e {
+            crate::workflow::WorkflowError::NotFound(_) => not_found(),
+            other => other.into(),
+        })?;
+    Ok(Json(output).into_response())
+}
+
+/// A v1 execute body: any JSON value, not empty.
+fn json_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::new(
+            "invalid_json",
+            "the body must be a JSON value, not empty",
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new("invalid_json", format!("the body is not valid JSON: {e}")))
 }
 
 async fn status() -> StatusCode {

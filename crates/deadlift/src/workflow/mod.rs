@@ -202,6 +202,8 @@ pub struct Runtime {
     engine: Engine,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Flips to true when live streams must end (the server is shutting down).
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 struct Checks<'a> {
@@ -301,6 +303,7 @@ impl Runtime {
             engine,
             tasks: Mutex::new(tasks),
             writer: Mutex::new(Some(writer)),
+            closing: tokio::sync::watch::channel(false).0,
         })
     }
 
@@ -522,9 +525,20 @@ impl Runtime {
         Ok(run_id)
     }
 
-    /// Run updates as they commit, for every tenant (filter by [`RunUpdate::tenant`]).
-    pub fn subscribe(&self) -> broadcast::Receiver<RunUpdate> {
-        self.runner.outlets.updates.subscribe()
+    /// Run updates as they commit, for every tenant (filter by [`RunUpdate::tenant`]),
+    /// and a flag that turns true when live streams should end.
+    pub fn subscribe(
+        &self,
+    ) -> (
+        broadcast::Receiver<RunUpdate>,
+        tokio::sync::watch::Receiver<bool>,
+    ) {
+        (self.runner.outlets.updates.subscribe(), self.closing.subscribe())
+    }
+
+    /// Ends live streams (`runs tail`), so that a server can shut down gracefully.
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
     }
 
     /// Applies the retention policy now. Returns (runs, events) deleted.

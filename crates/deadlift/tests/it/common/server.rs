@@ -62,6 +62,7 @@ impl TestAgent {
         if let Some(task) = self.task.take() {
             task.await.unwrap().unwrap();
         }
+        self.agent.shutdown().await;
     }
 
     pub fn url(&self, path: &str) -> String {
