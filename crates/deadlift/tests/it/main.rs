@@ -14,3 +14,4 @@ mod limits;
 mod registry;
 mod server_api;
 mod server_v1;
+mod workflows;
