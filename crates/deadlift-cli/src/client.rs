@@ -11,10 +11,11 @@ pub struct Client {
     http: reqwest::Client,
     server: String,
     token: Option<String>,
+    tenant: Option<String>,
 }
 
 impl Client {
-    pub fn new(server: &str, token: Option<String>) -> anyhow::Result<Self> {
+    pub fn new(server: &str, token: Option<String>, tenant: Option<String>) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("deadlift-cli/", env!("CARGO_PKG_VERSION")))
             .build()?;
@@ -22,15 +23,19 @@ impl Client {
             http,
             server: server.trim_end_matches('/').to_owned(),
             token,
+            tenant,
         })
     }
 
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        let request = self.http.request(method, format!("{}{path}", self.server));
-        match &self.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
+        let mut request = self.http.request(method, format!("{}{path}", self.server));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
         }
+        if let Some(tenant) = &self.tenant {
+            request = request.header("x-deadlift-tenant", tenant);
+        }
+        request
     }
 
     /// Sends the request; a non-2xx answer becomes an error with the server's message.

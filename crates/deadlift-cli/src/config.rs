@@ -40,6 +40,18 @@ pub struct ServeConfig {
     /// Instruction budget of one call [default: unmetered]
     #[arg(long, env = "DEADLIFT_CALL_FUEL")]
     pub call_fuel: Option<u64>,
+    /// Workflow runs executing at once [default: 256]
+    #[arg(long, env = "DEADLIFT_MAX_CONCURRENT_RUNS")]
+    pub max_concurrent_runs: Option<usize>,
+    /// Finished runs older than this many hours are deleted; 0 keeps them [default: 168]
+    #[arg(long, env = "DEADLIFT_RUN_RETENTION_HOURS")]
+    pub run_retention_hours: Option<u64>,
+    /// At most this many finished runs are kept per tenant; 0 = no limit [default: 100000]
+    #[arg(long, env = "DEADLIFT_RUN_RETENTION_COUNT")]
+    pub run_retention_count: Option<u64>,
+    /// Event ids are remembered for deduplication this many hours [default: 24]
+    #[arg(long, env = "DEADLIFT_DEDUPE_WINDOW_HOURS")]
+    pub dedupe_window_hours: Option<u64>,
 }
 
 /// [`ServeConfig`] with every default applied.
@@ -52,6 +64,8 @@ pub struct Resolved {
     pub max_body_bytes: usize,
     pub workers: Option<usize>,
     pub grant: deadlift::Grant,
+    pub max_concurrent_runs: usize,
+    pub retention: deadlift::workflow::Retention,
 }
 
 impl ServeConfig {
@@ -74,6 +88,10 @@ impl ServeConfig {
             call_timeout_ms: self.call_timeout_ms.or(file.call_timeout_ms),
             call_memory_bytes: self.call_memory_bytes.or(file.call_memory_bytes),
             call_fuel: self.call_fuel.or(file.call_fuel),
+            max_concurrent_runs: self.max_concurrent_runs.or(file.max_concurrent_runs),
+            run_retention_hours: self.run_retention_hours.or(file.run_retention_hours),
+            run_retention_count: self.run_retention_count.or(file.run_retention_count),
+            dedupe_window_hours: self.dedupe_window_hours.or(file.dedupe_window_hours),
         }
     }
 
@@ -86,6 +104,23 @@ impl ServeConfig {
             grant.memory_bytes = bytes;
         }
         grant.fuel = self.call_fuel;
+        let defaults = deadlift::workflow::Retention::default();
+        let hours = |h: u64| i64::try_from(h.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
+        let retention = deadlift::workflow::Retention {
+            max_age_ms: match self.run_retention_hours {
+                Some(0) => None,
+                Some(h) => Some(hours(h)),
+                None => defaults.max_age_ms,
+            },
+            max_runs_per_tenant: match self.run_retention_count {
+                Some(0) => None,
+                Some(n) => Some(n),
+                None => defaults.max_runs_per_tenant,
+            },
+            dedupe_window_ms: self
+                .dedupe_window_hours
+                .map_or(defaults.dedupe_window_ms, hours),
+        };
         Resolved {
             listen: self
                 .listen
@@ -98,6 +133,8 @@ impl ServeConfig {
             max_body_bytes: self.max_body_bytes.unwrap_or(16 * 1024 * 1024),
             workers: self.workers,
             grant,
+            max_concurrent_runs: self.max_concurrent_runs.unwrap_or(256),
+            retention,
         }
     }
 }

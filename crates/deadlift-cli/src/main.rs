@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 mod client;
 mod config;
+mod workflows;
 
 use client::{Client, cell, table};
 
@@ -51,6 +52,18 @@ enum Command {
     /// Manage API tokens (admin)
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Apply, list and run workflows
+    #[command(subcommand)]
+    Workflow(workflows::WorkflowCommand),
+    /// Publish events
+    #[command(subcommand)]
+    Event(workflows::EventCommand),
+    /// Watch, inspect, retry and cancel runs
+    #[command(subcommand)]
+    Runs(workflows::RunsCommand),
+    /// List and replay dead letters
+    #[command(subcommand)]
+    Dlq(workflows::DlqCommand),
     /// Load a plug-in locally (no agent) and call one of its functions
     Run(RunArgs),
     /// Validate a plug-in and list its imports and exports
@@ -72,9 +85,18 @@ struct Remote {
     /// API token
     #[arg(long, env = "DEADLIFT_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Act for this tenant (with the admin token)
+    #[arg(long, env = "DEADLIFT_TENANT")]
+    tenant: Option<String>,
     /// Print JSON instead of tables
     #[arg(long)]
     json: bool,
+}
+
+impl Remote {
+    fn client(&self) -> anyhow::Result<Client> {
+        Client::new(&self.server, self.token.clone(), self.tenant.clone())
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -271,6 +293,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Kv(command) => runtime()?.block_on(kv(command)),
         Command::Tenant(command) => runtime()?.block_on(tenant(command)),
         Command::Token(command) => runtime()?.block_on(token(command)),
+        Command::Workflow(command) => runtime()?.block_on(workflows::workflow(command)),
+        Command::Event(command) => runtime()?.block_on(workflows::event(command)),
+        Command::Runs(command) => runtime()?.block_on(workflows::runs(command)),
+        Command::Dlq(command) => runtime()?.block_on(workflows::dlq(command)),
     }
 }
 
@@ -285,7 +311,9 @@ async fn serve(config: config::Resolved) -> anyhow::Result<()> {
         .admin_token(config.admin_token.clone())
         .v1_requires_token(config.v1_require_token)
         .max_body_bytes(config.max_body_bytes)
-        .default_grant(config.grant.clone());
+        .default_grant(config.grant.clone())
+        .max_concurrent_runs(config.max_concurrent_runs)
+        .retention(config.retention);
     if let Some(workers) = config.workers {
         builder = builder.workers(workers);
     }
@@ -371,7 +399,7 @@ async fn module(command: ModuleCommand) -> anyhow::Result<()> {
             description,
             remote,
         } => {
-            let client = Client::new(&remote.server, remote.token)?;
+            let client = remote.client()?;
             let bytes = read_module(&file)?;
             let mut query = vec![("name", name)];
             query.extend(version.map(|v| ("version", v)));
@@ -390,7 +418,7 @@ async fn module(command: ModuleCommand) -> anyhow::Result<()> {
             println!("pushed {} as {}", cell(&info["id"]), cell(&info["name"]));
         }
         ModuleCommand::List { remote } => {
-            let client = Client::new(&remote.server, remote.token)?;
+            let client = remote.client()?;
             let list = client
                 .json(client.request(Method::GET, "/v1/modules"))
                 .await?;
@@ -404,7 +432,7 @@ async fn module(command: ModuleCommand) -> anyhow::Result<()> {
             );
         }
         ModuleCommand::Show { module, remote } => {
-            let client = Client::new(&remote.server, remote.token)?;
+            let client = remote.client()?;
             let info = client
                 .json(client.request(Method::GET, &format!("/v1/modules/{}", encode(&module))))
                 .await?;
@@ -429,7 +457,7 @@ async fn module(command: ModuleCommand) -> anyhow::Result<()> {
             input,
             remote,
         } => {
-            let client = Client::new(&remote.server, remote.token)?;
+            let client = remote.client()?;
             let path = format!("/v1/modules/{}/call/{}", encode(&module), encode(&function));
             let out = client
                 .json(client.request(Method::POST, &path).body(input))
@@ -459,7 +487,7 @@ async fn module(command: ModuleCommand) -> anyhow::Result<()> {
             );
         }
         ModuleCommand::Delete { module, remote } => {
-            let client = Client::new(&remote.server, remote.token)?;
+            let client = remote.client()?;
             client
                 .send(client.request(Method::DELETE, &format!("/v1/modules/{}", encode(&module))))
                 .await?;
@@ -474,7 +502,7 @@ async fn module(command: ModuleCommand) -> anyhow::Result<()> {
 async fn kv(command: KvCommand) -> anyhow::Result<()> {
     match command {
         KvCommand::List { prefix, remote } => {
-            let client = Client::new(&remote.server, remote.token)?;
+            let client = remote.client()?;
             let keys = client
                 .json(
                     client
@@ -490,7 +518,7 @@ async fn kv(command: KvCommand) -> anyhow::Result<()> {
             }
         }
         KvCommand::Get { key, remote } => {
-            let client = Client::new(&remote.server, remote.token)?;
+            let client = remote.client()?;
             let response = client
                 .send(client.request(Method::GET, &format!("/v1/kv/{}", encode(&key))))
                 .await?;
@@ -504,7 +532,7 @@ async fn kv(command: KvCommand) -> anyhow::Result<()> {
             println!();
         }
         KvCommand::Set { key, value, remote } => {
-            let client = Client::new(&remote.server, remote.token)?;
+            let client = remote.client()?;
             client
                 .send(
                     client
@@ -514,7 +542,7 @@ async fn kv(command: KvCommand) -> anyhow::Result<()> {
                 .await?;
         }
         KvCommand::Delete { key, remote } => {
-            let client = Client::new(&remote.server, remote.token)?;
+            let client = remote.client()?;
             client
                 .send(client.request(Method::DELETE, &format!("/v1/kv/{}", encode(&key))))
                 .await?;
@@ -526,7 +554,7 @@ async fn kv(command: KvCommand) -> anyhow::Result<()> {
 async fn tenant(command: TenantCommand) -> anyhow::Result<()> {
     match command {
         TenantCommand::Create { name, remote } => {
-            let client = Client::new(&remote.server, remote.token)?;
+            let client = remote.client()?;
             let created = client
                 .json(
                     client
@@ -540,7 +568,7 @@ async fn tenant(command: TenantCommand) -> anyhow::Result<()> {
             println!("created tenant {name}");
         }
         TenantCommand::List { remote } => {
-            let client = Client::new(&remote.server, remote.token)?;
+            let client = remote.client()?;
             let list = client
                 .json(client.request(Method::GET, "/v1/tenants"))
                 .await?;
@@ -562,7 +590,7 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
             description,
             remote,
         } => {
-            let client = Client::new(&remote.server, remote.token)?;
+            let client = remote.client()?;
             let body = json!({ "description": description });
             let created = client
                 .json(
@@ -583,7 +611,7 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
             );
         }
         TokenCommand::List { remote } => {
-            let client = Client::new(&remote.server, remote.token)?;
+            let client = remote.client()?;
             let list = client
                 .json(client.request(Method::GET, "/v1/tokens"))
                 .await?;
@@ -607,7 +635,7 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
             table(&["id", "tenant", "admin", "description"], &rows);
         }
         TokenCommand::Revoke { id, remote } => {
-            let client = Client::new(&remote.server, remote.token)?;
+            let client = remote.client()?;
             client
                 .send(client.request(Method::DELETE, &format!("/v1/tokens/{}", encode(&id))))
                 .await?;
