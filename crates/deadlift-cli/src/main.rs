@@ -191,7 +191,9 @@ enum TenantCommand {
 enum TokenCommand {
     /// Create a token for a tenant (printed once)
     Create {
-        tenant: String,
+        /// The tenant the token acts for
+        #[arg(value_name = "TENANT")]
+        owner: String,
         #[arg(long)]
         description: Option<String>,
         #[command(flatten)]
@@ -322,6 +324,10 @@ async fn serve(config: config::Resolved) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     println!("data directory: {}", config.data_dir.display());
+    let resumed = agent.workflows().resumed_runs();
+    if resumed > 0 {
+        println!("resumed {resumed} runs left open by the previous process");
+    }
     if let Some(token) = new_admin_token {
         println!("admin token (shown once, keep it safe): {token}");
     }
@@ -586,7 +592,7 @@ async fn tenant(command: TenantCommand) -> anyhow::Result<()> {
 async fn token(command: TokenCommand) -> anyhow::Result<()> {
     match command {
         TokenCommand::Create {
-            tenant,
+            owner: tenant,
             description,
             remote,
         } => {
@@ -747,4 +753,13 @@ fn call(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -6,6 +6,8 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 
+mod workflows;
+
 const BIN: &str = env!("CARGO_BIN_EXE_deadlift");
 
 fn fixture(name: &str) -> String {
@@ -20,14 +22,21 @@ struct Server {
     child: Child,
     url: String,
     admin_token: Option<String>,
+    /// Runs the server said it resumed at start.
+    resumed: usize,
 }
 
 impl Server {
     fn start(data_dir: &std::path::Path) -> Self {
+        Self::start_with(data_dir, &[])
+    }
+
+    fn start_with(data_dir: &std::path::Path, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .env_remove("DEADLIFT_ADMIN_TOKEN")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -35,8 +44,12 @@ impl Server {
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut url = None;
         let mut admin_token = None;
+        let mut resumed = 0;
         for line in lines.by_ref() {
             let line = line.unwrap();
+            if let Some(rest) = line.strip_prefix("resumed ") {
+                resumed = rest.split(' ').next().unwrap().parse().unwrap();
+            }
             if let Some(token) = line.strip_prefix("admin token (shown once, keep it safe): ") {
                 admin_token = Some(token.to_owned());
             } else if let Some(rest) = line.strip_prefix("deadlift agent listening on ") {
@@ -50,6 +63,7 @@ impl Server {
             child,
             url: url.expect("the server prints where it listens"),
             admin_token,
+            resumed,
         }
     }
 

@@ -204,6 +204,8 @@ pub struct Runtime {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Flips to true when live streams must end (the server is shutting down).
     closing: tokio::sync::watch::Sender<bool>,
+    /// Runs a previous process left open, resumed at start.
+    resumed: usize,
 }
 
 struct Checks<'a> {
@@ -265,8 +267,9 @@ impl Runtime {
                 .collect::<Result<Vec<_>, _>>()?;
             (routes, open)
         };
-        if !open.is_empty() {
-            tracing::info!(runs = open.len(), "resuming runs left open by the previous process");
+        let resumed = open.len();
+        if resumed > 0 {
+            tracing::info!(runs = resumed, "resuming runs left open by the previous process");
         }
         for ticket in open {
             let _ = run_sender.send(ticket);
@@ -304,7 +307,13 @@ impl Runtime {
             tasks: Mutex::new(tasks),
             writer: Mutex::new(Some(writer)),
             closing: tokio::sync::watch::channel(false).0,
+            resumed,
         })
+    }
+
+    /// How many runs a previous process left open; they were resumed at start.
+    pub fn resumed_runs(&self) -> usize {
+        self.resumed
     }
 
     async fn read<T: Send + 'static>(
