@@ -15,7 +15,11 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(server: &str, token: Option<String>, tenant: Option<String>) -> anyhow::Result<Self> {
+    pub fn new(
+        server: &str,
+        token: Option<String>,
+        tenant: Option<String>,
+    ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("deadlift-cli/", env!("CARGO_PKG_VERSION")))
             .build()?;

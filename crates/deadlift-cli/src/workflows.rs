@@ -148,14 +148,18 @@ pub enum DlqCommand {
 }
 
 fn parse_json(text: &str, what: &str) -> anyhow::Result<Value> {
-    serde_json::from_str(text).with_context(|| format!("{what} must be JSON (quote strings: '\"text\"')"))
+    serde_json::from_str(text)
+        .with_context(|| format!("{what} must be JSON (quote strings: '\"text\"')"))
 }
 
 /// Unix milliseconds as an RFC 3339 time.
 fn time(ms: &Value) -> String {
     ms.as_i64()
         .and_then(chrono::DateTime::from_timestamp_millis)
-        .map_or_else(|| "-".into(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .map_or_else(
+            || "-".into(),
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        )
 }
 
 fn rfc3339_ms(text: &str) -> anyhow::Result<i64> {
@@ -165,7 +169,10 @@ fn rfc3339_ms(text: &str) -> anyhow::Result<i64> {
 }
 
 fn duration(run: &Value) -> String {
-    match (run["started_unix_ms"].as_i64(), run["finished_unix_ms"].as_i64()) {
+    match (
+        run["started_unix_ms"].as_i64(),
+        run["finished_unix_ms"].as_i64(),
+    ) {
         (Some(start), Some(end)) => format!("{} ms", end - start),
         _ => "-".into(),
     }
@@ -179,18 +186,27 @@ pub async fn workflow(command: WorkflowCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let is_json = file.extension().is_some_and(|e| e == "json");
             let named: Option<String> = if is_json {
-                parse_json(&text, "the workflow file")?["name"].as_str().map(str::to_owned)
+                parse_json(&text, "the workflow file")?["name"]
+                    .as_str()
+                    .map(str::to_owned)
             } else {
                 let document: toml::Table = text
                     .parse()
                     .with_context(|| format!("{} is not valid TOML", file.display()))?;
-                document.get("name").and_then(|n| n.as_str()).map(str::to_owned)
+                document
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .map(str::to_owned)
             };
             let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned());
             let Some(name) = named.or(name).or(stem) else {
                 bail!("the workflow has no name: give `name = ...` in the file or --name");
             };
-            let content_type = if is_json { "application/json" } else { "application/toml" };
+            let content_type = if is_json {
+                "application/json"
+            } else {
+                "application/toml"
+            };
             let applied = client
                 .json(
                     client
@@ -202,11 +218,17 @@ pub async fn workflow(command: WorkflowCommand) -> anyhow::Result<()> {
             if remote.json {
                 return print_json(&applied);
             }
-            println!("applied {} version {}", cell(&applied["name"]), cell(&applied["version"]));
+            println!(
+                "applied {} version {}",
+                cell(&applied["name"]),
+                cell(&applied["version"])
+            );
         }
         WorkflowCommand::List { remote } => {
             let client = remote.client()?;
-            let list = client.json(client.request(Method::GET, "/v1/workflows")).await?;
+            let list = client
+                .json(client.request(Method::GET, "/v1/workflows"))
+                .await?;
             if remote.json {
                 return print_json(&list);
             }
@@ -226,7 +248,10 @@ pub async fn workflow(command: WorkflowCommand) -> anyhow::Result<()> {
                         cell(&w["name"]),
                         cell(&w["version"]),
                         trigger,
-                        w["spec"]["steps"].as_array().map_or(0, Vec::len).to_string(),
+                        w["spec"]["steps"]
+                            .as_array()
+                            .map_or(0, Vec::len)
+                            .to_string(),
                         time(&w["created_unix_ms"]),
                     ]
                 })
@@ -241,8 +266,16 @@ pub async fn workflow(command: WorkflowCommand) -> anyhow::Result<()> {
             if remote.json {
                 return print_json(&found);
             }
-            println!("# {} version {}, applied {}", cell(&found["name"]), cell(&found["version"]), time(&found["created_unix_ms"]));
-            print!("{}", toml::to_string(&found["spec"]).context("cannot show the workflow as TOML")?);
+            println!(
+                "# {} version {}, applied {}",
+                cell(&found["name"]),
+                cell(&found["version"]),
+                time(&found["created_unix_ms"])
+            );
+            print!(
+                "{}",
+                toml::to_string(&found["spec"]).context("cannot show the workflow as TOML")?
+            );
         }
         WorkflowCommand::Delete { name, remote } => {
             let client = remote.client()?;
@@ -251,11 +284,19 @@ pub async fn workflow(command: WorkflowCommand) -> anyhow::Result<()> {
                 .await?;
             println!("deleted {name}");
         }
-        WorkflowCommand::Run { name, input, wait, remote } => {
+        WorkflowCommand::Run {
+            name,
+            input,
+            wait,
+            remote,
+        } => {
             let client = remote.client()?;
             let input = parse_json(&input, "--input")?;
             let mut request = client
-                .request(Method::POST, &format!("/v1/workflows/{}/runs", encode(&name)))
+                .request(
+                    Method::POST,
+                    &format!("/v1/workflows/{}/runs", encode(&name)),
+                )
                 .json(&input);
             if wait {
                 request = request.query(&[("wait", "true")]);
@@ -304,7 +345,10 @@ pub async fn event(command: EventCommand) -> anyhow::Result<()> {
     }
     for published in answer["events"].as_array().cloned().unwrap_or_default() {
         if published["duplicate"] == true {
-            println!("event {} was already received; nothing new happened", cell(&published["id"]));
+            println!(
+                "event {} was already received; nothing new happened",
+                cell(&published["id"])
+            );
             continue;
         }
         let runs: Vec<String> = published["runs"]
@@ -316,7 +360,11 @@ pub async fn event(command: EventCommand) -> anyhow::Result<()> {
             .collect();
         match runs.as_slice() {
             [] => println!("published {} (no workflow matched)", cell(&published["id"])),
-            runs => println!("published {}; runs {}", cell(&published["id"]), runs.join(", ")),
+            runs => println!(
+                "published {}; runs {}",
+                cell(&published["id"]),
+                runs.join(", ")
+            ),
         }
     }
     Ok(())
@@ -338,11 +386,17 @@ fn run_rows(runs: &[Value]) -> Vec<Vec<String>> {
         .collect()
 }
 
-const RUN_COLUMNS: [&str; 7] = ["id", "workflow", "status", "trigger", "created", "took", "error"];
+const RUN_COLUMNS: [&str; 7] = [
+    "id", "workflow", "status", "trigger", "created", "took", "error",
+];
 
 fn print_run(run: &Value) {
     println!("run        {}", cell(&run["id"]));
-    println!("workflow   {} version {}", cell(&run["workflow"]), cell(&run["workflow_version"]));
+    println!(
+        "workflow   {} version {}",
+        cell(&run["workflow"]),
+        cell(&run["workflow_version"])
+    );
     println!("status     {}", cell(&run["status"]));
     println!("trigger    {}", cell(&run["trigger"]));
     if let Some(event) = run["event"].as_object() {
@@ -356,7 +410,11 @@ fn print_run(run: &Value) {
     println!("trace id   {}", cell(&run["trace_id"]));
     println!("created    {}", time(&run["created_unix_ms"]));
     println!("started    {}", time(&run["started_unix_ms"]));
-    println!("finished   {} ({})", time(&run["finished_unix_ms"]), duration(run));
+    println!(
+        "finished   {} ({})",
+        time(&run["finished_unix_ms"]),
+        duration(run)
+    );
     println!("input      {}", run["input"]);
     if !run["output"].is_null() || run["status"] == "succeeded" {
         println!("output     {}", run["output"]);
@@ -372,25 +430,45 @@ fn print_run(run: &Value) {
     let steps = run["steps"].as_array().cloned().unwrap_or_default();
     println!("steps      {}", steps.len());
     for step in steps {
-        let took = step["finished_unix_ms"].as_i64().unwrap_or(0) - step["started_unix_ms"].as_i64().unwrap_or(0);
+        let took = step["finished_unix_ms"].as_i64().unwrap_or(0)
+            - step["started_unix_ms"].as_i64().unwrap_or(0);
         println!(
             "  - {} {} (attempts {}, {} ms){}",
             cell(&step["id"]),
             cell(&step["status"]),
             cell(&step["attempts"]),
             took,
-            step["module"].as_str().map(|m| format!(" module {m}")).unwrap_or_default()
+            step["module"]
+                .as_str()
+                .map(|m| format!(" module {m}"))
+                .unwrap_or_default()
         );
         println!("      input  {}", step["input"]);
         println!("      output {}", step["output"]);
-        for failed in step["attempt_errors"].as_array().cloned().unwrap_or_default() {
-            println!("      retried after {}: {}", cell(&failed["code"]), cell(&failed["message"]));
+        for failed in step["attempt_errors"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            println!(
+                "      retried after {}: {}",
+                cell(&failed["code"]),
+                cell(&failed["message"])
+            );
         }
         if step["error"].is_object() {
-            println!("      error  {}: {}", cell(&step["error"]["code"]), cell(&step["error"]["message"]));
+            println!(
+                "      error  {}: {}",
+                cell(&step["error"]["code"]),
+                cell(&step["error"]["message"])
+            );
         }
         for line in step["logs"].as_array().cloned().unwrap_or_default() {
-            println!("      log {} {}", cell(&line["level"]), cell(&line["message"]));
+            println!(
+                "      log {} {}",
+                cell(&line["level"]),
+                cell(&line["message"])
+            );
         }
         for emitted in step["emitted"].as_array().cloned().unwrap_or_default() {
             println!("      emitted event {}", cell(&emitted));
@@ -483,7 +561,11 @@ async fn tail(remote: Remote, workflow: Option<String>) -> anyhow::Result<()> {
             let mut data = String::new();
             for line in message.lines() {
                 if let Some(value) = line.strip_prefix("event:") {
-                    kind = if value.trim() == "lagged" { "lagged" } else { "run" };
+                    kind = if value.trim() == "lagged" {
+                        "lagged"
+                    } else {
+                        "run"
+                    };
                 } else if let Some(value) = line.strip_prefix("data:") {
                     data.push_str(value.trim_start());
                 }
@@ -495,7 +577,10 @@ async fn tail(remote: Remote, workflow: Option<String>) -> anyhow::Result<()> {
             let Ok(run) = serde_json::from_str::<Value>(&data) else {
                 continue;
             };
-            if workflow.as_ref().is_some_and(|w| run["workflow"] != w.as_str()) {
+            if workflow
+                .as_ref()
+                .is_some_and(|w| run["workflow"] != w.as_str())
+            {
                 continue;
             }
             if remote.json {
@@ -503,12 +588,19 @@ async fn tail(remote: Remote, workflow: Option<String>) -> anyhow::Result<()> {
             } else {
                 println!(
                     "{}  {:<9}  {}@{}  {}{}",
-                    time(&run["finished_unix_ms"].as_i64().map_or(run["created_unix_ms"].clone(), Value::from)),
+                    time(
+                        &run["finished_unix_ms"]
+                            .as_i64()
+                            .map_or(run["created_unix_ms"].clone(), Value::from)
+                    ),
                     cell(&run["status"]),
                     cell(&run["workflow"]),
                     cell(&run["workflow_version"]),
                     cell(&run["id"]),
-                    run["error"]["message"].as_str().map(|m| format!("  error: {m}")).unwrap_or_default()
+                    run["error"]["message"]
+                        .as_str()
+                        .map(|m| format!("  error: {m}"))
+                        .unwrap_or_default()
                 );
             }
         }
@@ -545,7 +637,12 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                     ]
                 })
                 .collect();
-            table(&["id", "run", "workflow", "event", "error", "failed", "replayed"], &rows);
+            table(
+                &[
+                    "id", "run", "workflow", "event", "error", "failed", "replayed",
+                ],
+                &rows,
+            );
         }
         DlqCommand::Replay { id, remote } => {
             let client = remote.client()?;
@@ -555,7 +652,10 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             if remote.json {
                 return print_json(&answer);
             }
-            println!("dead letter {id} replayed: run {} queued again", cell(&answer["run_id"]));
+            println!(
+                "dead letter {id} replayed: run {} queued again",
+                cell(&answer["run_id"])
+            );
         }
     }
     Ok(())

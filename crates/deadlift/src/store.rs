@@ -18,7 +18,8 @@ use crate::host::{KvError, KvStore};
 use crate::registry::{ModuleId, ModuleInfo, ModuleStore, StoreError};
 
 /// Schema versions, applied in order; the index + 1 is the `user_version` they lead to.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tenants (
     name TEXT PRIMARY KEY,
     created_unix_ms INTEGER NOT NULL
@@ -52,7 +53,8 @@ CREATE TABLE kv (
     value BLOB NOT NULL,
     PRIMARY KEY (tenant, key)
 ) WITHOUT ROWID;
-"#, r#"
+"#,
+    r#"
 CREATE TABLE workflow_versions (
     tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
     name TEXT NOT NULL,
@@ -104,7 +106,6 @@ CREATE TABLE runs (
     UNIQUE (event_seq, workflow)
 );
 CREATE INDEX runs_by_tenant ON runs (tenant, seq);
-CREATE INDEX runs_by_trace ON runs (trace_id);
 CREATE INDEX runs_open ON runs (status) WHERE status IN ('queued', 'running');
 CREATE TABLE run_steps (
     run_seq INTEGER NOT NULL REFERENCES runs(seq) ON DELETE CASCADE,
@@ -123,7 +124,8 @@ CREATE TABLE dead_letters (
     replayed_unix_ms INTEGER
 );
 CREATE INDEX dead_letters_by_tenant ON dead_letters (tenant, id);
-"#];
+"#,
+];
 
 /// Errors of the database layer.
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +200,9 @@ impl Database {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Journal reads and writes touch the same hot pages over and over; keep more of
+        // them in memory than SQLite's default 2 MiB.
+        conn.pragma_update(None, "cache_size", -32 * 1024)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
         let known = MIGRATIONS.len() as i64;

@@ -38,7 +38,13 @@ fn setup(server: &Server, admin: &str, dir: &std::path::Path) {
     std::fs::write(&file, PIPELINE).unwrap();
     let applied = server.ok(
         Some(admin),
-        &["workflow", "apply", file.to_str().unwrap(), "--tenant", "default"],
+        &[
+            "workflow",
+            "apply",
+            file.to_str().unwrap(),
+            "--tenant",
+            "default",
+        ],
     );
     assert!(applied.contains("applied load version 1"), "{applied}");
 }
@@ -51,7 +57,10 @@ fn a_user_drives_workflows_events_runs_and_dead_letters_from_the_cli() {
     setup(&server, &admin, dir.path());
     let t = ["--tenant", "default"];
     let with = |args: &[&str]| -> Vec<String> {
-        args.iter().chain(t.iter()).map(|s| (*s).to_owned()).collect()
+        args.iter()
+            .chain(t.iter())
+            .map(|s| (*s).to_owned())
+            .collect()
     };
     let ok = |args: &[&str]| {
         let args = with(args);
@@ -60,9 +69,15 @@ fn a_user_drives_workflows_events_runs_and_dead_letters_from_the_cli() {
     };
 
     let listed = ok(&["workflow", "list"]);
-    assert!(listed.contains("load") && listed.contains("event load.>"), "{listed}");
+    assert!(
+        listed.contains("load") && listed.contains("event load.>"),
+        "{listed}"
+    );
     let shown = ok(&["workflow", "show", "load"]);
-    assert!(shown.contains("[[steps]]") && shown.contains("times-five"), "{shown}");
+    assert!(
+        shown.contains("[[steps]]") && shown.contains("times-five"),
+        "{shown}"
+    );
 
     // Follow runs live while an event arrives.
     let mut tail = Command::new(BIN)
@@ -83,9 +98,16 @@ fn a_user_drives_workflows_events_runs_and_dead_letters_from_the_cli() {
     });
     std::thread::sleep(Duration::from_millis(300));
 
-    let published = ok(&["event", "publish", "load.cli", "--data", "1", "--id", "cli-1"]);
-    assert!(published.contains("published cli-1; runs run_"), "{published}");
-    let again = ok(&["event", "publish", "load.cli", "--data", "1", "--id", "cli-1"]);
+    let published = ok(&[
+        "event", "publish", "load.cli", "--data", "1", "--id", "cli-1",
+    ]);
+    assert!(
+        published.contains("published cli-1; runs run_"),
+        "{published}"
+    );
+    let again = ok(&[
+        "event", "publish", "load.cli", "--data", "1", "--id", "cli-1",
+    ]);
     assert!(again.contains("already received"), "{again}");
 
     let mut runs = String::new();
@@ -96,13 +118,32 @@ fn a_user_drives_workflows_events_runs_and_dead_letters_from_the_cli() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let run_id = runs.lines().nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let run_id = runs
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
     let shown = ok(&["runs", "show", &run_id]);
-    for expected in ["status     succeeded", "output     55", "- add succeeded", "- times succeeded", "trace id", "event      cli-1"] {
+    for expected in [
+        "status     succeeded",
+        "output     55",
+        "- add succeeded",
+        "- times succeeded",
+        "trace id",
+        "event      cli-1",
+    ] {
         assert!(shown.contains(expected), "{expected} not in\n{shown}");
     }
     for _ in 0..100 {
-        if tail_lines.lock().unwrap().iter().any(|l| l.contains(&run_id) && l.contains("succeeded")) {
+        if tail_lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(&run_id) && l.contains("succeeded"))
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -110,13 +151,20 @@ fn a_user_drives_workflows_events_runs_and_dead_letters_from_the_cli() {
     let _ = tail.kill();
     let _ = tail.wait();
     assert!(
-        tail_lines.lock().unwrap().iter().any(|l| l.contains(&run_id) && l.contains("succeeded")),
+        tail_lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(&run_id) && l.contains("succeeded")),
         "runs tail showed the run finishing"
     );
 
     // A run with a bad input fails, is dead-lettered, and replays after a fix.
     let waited = ok(&["workflow", "run", "load", "--input", "\"x\"", "--wait"]);
-    assert!(waited.contains("status     failed") && waited.contains("guest_error"), "{waited}");
+    assert!(
+        waited.contains("status     failed") && waited.contains("guest_error"),
+        "{waited}"
+    );
     let letters: Value = serde_json::from_str(&ok(&["dlq", "list", "--json"])).unwrap();
     let letter = letters[0]["id"].to_string();
     let failed_run = letters[0]["run_id"].as_str().unwrap().to_owned();
@@ -140,12 +188,21 @@ fn a_user_drives_workflows_events_runs_and_dead_letters_from_the_cli() {
     });
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains("steps[0].call") && stderr.contains("(workflow_invalid)"), "{stderr}");
+    assert!(
+        stderr.contains("steps[0].call") && stderr.contains("(workflow_invalid)"),
+        "{stderr}"
+    );
 }
 
 /// Sends events one request each from `clients` threads until the agent stops
 /// answering; returns the ids that were acknowledged with 202.
-async fn feed(url: String, token: String, accepted: Arc<Mutex<BTreeSet<u64>>>, first: u64, step: u64) {
+async fn feed(
+    url: String,
+    token: String,
+    accepted: Arc<Mutex<BTreeSet<u64>>>,
+    first: u64,
+    step: u64,
+) {
     let http = reqwest::Client::new();
     let mut n = first;
     loop {
@@ -190,7 +247,15 @@ fn a_killed_agent_loses_no_accepted_event_and_runs_each_exactly_once() {
     let accepted = Arc::new(Mutex::new(BTreeSet::new()));
     const CLIENTS: u64 = 8;
     let feeders: Vec<_> = (0..CLIENTS)
-        .map(|i| runtime.spawn(feed(server.url.clone(), admin.clone(), accepted.clone(), i, CLIENTS)))
+        .map(|i| {
+            runtime.spawn(feed(
+                server.url.clone(),
+                admin.clone(),
+                accepted.clone(),
+                i,
+                CLIENTS,
+            ))
+        })
         .collect();
     // Let the stream run, then kill the agent in the middle of it.
     while accepted.lock().unwrap().len() < 600 {
@@ -208,8 +273,15 @@ fn a_killed_agent_loses_no_accepted_event_and_runs_each_exactly_once() {
     drop(server);
 
     let again = Server::start(dir.path());
-    assert!(again.resumed > 0, "the kill left runs open, and the restart resumed them");
-    eprintln!("{} events accepted, {} runs resumed", accepted.len(), again.resumed);
+    assert!(
+        again.resumed > 0,
+        "the kill left runs open, and the restart resumed them"
+    );
+    eprintln!(
+        "{} events accepted, {} runs resumed",
+        accepted.len(),
+        again.resumed
+    );
     let http = reqwest::Client::new();
     runtime.block_on(async {
         // Every accepted event ends with exactly one succeeded run of `load`.
@@ -244,7 +316,10 @@ fn a_killed_agent_loses_no_accepted_event_and_runs_each_exactly_once() {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(pending.is_empty(), "accepted events without a succeeded run: {pending:?}");
+        assert!(
+            pending.is_empty(),
+            "accepted events without a succeeded run: {pending:?}"
+        );
         // And each run computed the right thing: (n + 10) * 5.
         for &n in accepted.iter().step_by(37) {
             let page: Value = http

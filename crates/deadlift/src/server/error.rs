@@ -62,9 +62,16 @@ pub fn status_of(code: &str) -> StatusCode {
         | "event_invalid" => StatusCode::BAD_REQUEST,
         "unauthorized" => StatusCode::UNAUTHORIZED,
         "forbidden" => StatusCode::FORBIDDEN,
-        "not_found" | "route_not_found" | "module_not_found" | "function_not_found"
-        | "tenant_not_found" | "token_not_found" | "key_not_found" | "workflow_not_found"
-        | "run_not_found" | "dead_letter_not_found" => StatusCode::NOT_FOUND,
+        "not_found"
+        | "route_not_found"
+        | "module_not_found"
+        | "function_not_found"
+        | "tenant_not_found"
+        | "token_not_found"
+        | "key_not_found"
+        | "workflow_not_found"
+        | "run_not_found"
+        | "dead_letter_not_found" => StatusCode::NOT_FOUND,
         "method_not_allowed" => StatusCode::METHOD_NOT_ALLOWED,
         "module_conflict" | "tenant_exists" | "module_in_use" | "run_not_retryable"
         | "run_not_open" => StatusCode::CONFLICT,

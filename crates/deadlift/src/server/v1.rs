@@ -44,8 +44,15 @@ async fn create_workflow(
 ) -> Result<Response, ApiError> {
     check_access(&agent, &headers).await?;
     let request: NewV1Workflow = serde_json::from_slice(&body).map_err(|e| {
-        let code = if e.is_data() { "missing_field" } else { "invalid_json" };
-        ApiError::new(code, format!("expected {{\"name\", \"description\"?, \"pipeline\": [subject, ...]}}: {e}"))
+        let code = if e.is_data() {
+            "missing_field"
+        } else {
+            "invalid_json"
+        };
+        ApiError::new(
+            code,
+            format!("expected {{\"name\", \"description\"?, \"pipeline\": [subject, ...]}}: {e}"),
+        )
     })?;
     let id = agent
         .workflows()

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::Response;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
@@ -29,7 +29,9 @@ pub(super) fn routes() -> Router<AgentState> {
         .route("/v1/workflows", get(list_workflows))
         .route(
             "/v1/workflows/{name}",
-            get(get_workflow).put(apply_workflow).delete(delete_workflow),
+            get(get_workflow)
+                .put(apply_workflow)
+                .delete(delete_workflow),
         )
         .route("/v1/workflows/{name}/runs", post(start_run))
         .route("/v1/events", post(publish_events))
@@ -67,10 +69,7 @@ pub(super) async fn apply_workflow(
         WorkflowSpec::from_json(&body)
     }
     .map_err(crate::workflow::WorkflowError::from)?;
-    let version = agent
-        .workflows()
-        .apply(&tenant, spec, Some(&name))
-        .await?;
+    let version = agent.workflows().apply(&tenant, spec, Some(&name)).await?;
     Ok(Json(version))
 }
 
@@ -213,17 +212,21 @@ pub(super) async fn list_runs(
 ) -> Result<Json<RunPage>, ApiError> {
     let tenant = caller.tenant()?;
     let Query(filter) = query.map_err(|e| ApiError::new("bad_request", e.body_text()))?;
-    if let Some(status) = &filter.status {
-        if crate::workflow::RunStatus::parse(status).is_none() {
-            return Err(ApiError::new(
-                "bad_request",
-                format!("unknown status `{status}`: use queued, running, succeeded, failed or cancelled"),
-            ));
-        }
+    if let Some(status) = &filter.status
+        && crate::workflow::RunStatus::parse(status).is_none()
+    {
+        return Err(ApiError::new(
+            "bad_request",
+            format!(
+                "unknown status `{status}`: use queued, running, succeeded, failed or cancelled"
+            ),
+        ));
     }
     let limit = filter.limit.unwrap_or(50).clamp(1, 500) as usize;
     let runs = agent.workflows().runs(&tenant, filter).await?;
-    let next = (runs.len() == limit).then(|| runs.last().map(|r| r.seq)).flatten();
+    let next = (runs.len() == limit)
+        .then(|| runs.last().map(|r| r.seq))
+        .flatten();
     Ok(Json(RunPage { runs, next }))
 }
 
@@ -307,9 +310,7 @@ fn async_stream(
                 }
                 Ok(_) => {}
                 Err(RecvError::Lagged(missed)) => {
-                    let event = SseEvent::default()
-                        .event("lagged")
-                        .data(missed.to_string());
+                    let event = SseEvent::default().event("lagged").data(missed.to_string());
                     return Some((Ok(event), (updates, closing, tenant)));
                 }
                 Err(RecvError::Closed) => return None,

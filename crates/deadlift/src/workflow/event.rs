@@ -56,7 +56,9 @@ pub enum EventError {
     Invalid { index: usize, message: String },
     #[error("a batch must hold 1 to {MAX_BATCH} events")]
     BatchSize,
-    #[error("content type `{0}` is not accepted; send application/cloudevents+json, application/json or application/cloudevents-batch+json")]
+    #[error(
+        "content type `{0}` is not accepted; send application/cloudevents+json, application/json or application/cloudevents-batch+json"
+    )]
     ContentType(String),
 }
 
@@ -317,9 +319,13 @@ mod tests {
     #[test]
     fn structured_and_batch_events_parse_and_validate() {
         let one = json!({"specversion":"1.0","id":"e1","source":"/t","type":"a.b","data":{"x":1},"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"});
-        let events = parse_events("application/cloudevents+json", one.to_string().as_bytes()).unwrap();
+        let events =
+            parse_events("application/cloudevents+json", one.to_string().as_bytes()).unwrap();
         assert_eq!(events[0].input(), json!({"x": 1}));
-        assert_eq!(events[0].trace().trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            events[0].trace().trace_id_hex(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
         let batch = json!([one, {"specversion":"1.0","id":"e2","source":"/t","type":"a.c"}]);
         let events = parse_events(BATCH_CONTENT_TYPE, batch.to_string().as_bytes()).unwrap();
         assert_eq!(events.len(), 2);
@@ -329,16 +335,37 @@ mod tests {
     #[test]
     fn invalid_events_name_the_problem() {
         let cases = [
-            (json!({"specversion":"0.3","id":"e","source":"s","type":"a"}), "specversion"),
-            (json!({"specversion":"1.0","id":"","source":"s","type":"a"}), "id"),
-            (json!({"specversion":"1.0","id":"e","source":"s","type":"a.*"}), "type"),
-            (json!({"specversion":"1.0","id":"e","source":"s","type":"a","time":"yesterday"}), "time"),
-            (json!({"specversion":"1.0","id":"e","source":"s","type":"a","Bad_Ext":"1"}), "Bad_Ext"),
-            (json!({"specversion":"1.0","id":"e","source":"s","type":"a","traceparent":"00-00-00-00"}), "traceparent"),
+            (
+                json!({"specversion":"0.3","id":"e","source":"s","type":"a"}),
+                "specversion",
+            ),
+            (
+                json!({"specversion":"1.0","id":"","source":"s","type":"a"}),
+                "id",
+            ),
+            (
+                json!({"specversion":"1.0","id":"e","source":"s","type":"a.*"}),
+                "type",
+            ),
+            (
+                json!({"specversion":"1.0","id":"e","source":"s","type":"a","time":"yesterday"}),
+                "time",
+            ),
+            (
+                json!({"specversion":"1.0","id":"e","source":"s","type":"a","Bad_Ext":"1"}),
+                "Bad_Ext",
+            ),
+            (
+                json!({"specversion":"1.0","id":"e","source":"s","type":"a","traceparent":"00-00-00-00"}),
+                "traceparent",
+            ),
         ];
         for (event, word) in cases {
             let error = parse_events("application/json", event.to_string().as_bytes()).unwrap_err();
-            assert!(error.to_string().contains(word), "{error} should mention {word}");
+            assert!(
+                error.to_string().contains(word),
+                "{error} should mention {word}"
+            );
         }
         assert_eq!(
             parse_events(BATCH_CONTENT_TYPE, b"[]").unwrap_err(),

@@ -3,6 +3,7 @@
 //! (the run's input) and `steps` (`steps.<id>.output` for every finished step).
 
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 
@@ -52,7 +53,7 @@ impl Expression {
 
     /// Evaluates to JSON.
     pub fn evaluate(&self, scope: Scope<'_>) -> Result<Value, String> {
-        let mut context = cel::Context::default();
+        let mut context = cel::Context::with_env(standard_env());
         for (name, value) in [
             ("event", scope.event),
             ("input", scope.input),
@@ -79,6 +80,13 @@ impl Expression {
             )),
         }
     }
+}
+
+/// CEL's standard environment, built once: building it costs more than most
+/// evaluations.
+fn standard_env() -> Arc<cel::Env> {
+    static ENV: OnceLock<Arc<cel::Env>> = OnceLock::new();
+    ENV.get_or_init(|| Arc::new(cel::Env::stdlib())).clone()
 }
 
 /// JSON to CEL. Integers become CEL `int` whenever they fit, so that `input.n * 2`
@@ -120,22 +128,38 @@ mod tests {
 
     #[test]
     fn expressions_see_event_input_and_step_outputs() {
-        assert_eq!(eval("steps.aggregate.output.total >= 3", json!(null)), Ok(json!(true)));
-        assert_eq!(eval("input.amount * 2", json!({"amount": 21})), Ok(json!(42)));
+        assert_eq!(
+            eval("steps.aggregate.output.total >= 3", json!(null)),
+            Ok(json!(true))
+        );
+        assert_eq!(
+            eval("input.amount * 2", json!({"amount": 21})),
+            Ok(json!(42))
+        );
         assert_eq!(eval("event.type", json!(null)), Ok(json!("a.b")));
         assert_eq!(
-            eval("{'total': steps.aggregate.output.total, 'tag': input}", json!("t")),
+            eval(
+                "{'total': steps.aggregate.output.total, 'tag': input}",
+                json!("t")
+            ),
             Ok(json!({"total": 3, "tag": "t"}))
         );
         assert_eq!(eval("input == null", json!(null)), Ok(json!(true)));
-        assert_eq!(eval("input.map(x, x * 2)", json!([1, 2])), Ok(json!([2, 4])));
+        assert_eq!(
+            eval("input.map(x, x * 2)", json!([1, 2])),
+            Ok(json!([2, 4]))
+        );
     }
 
     #[test]
     fn bad_expressions_fail_with_a_message() {
         assert!(Expression::compile("1 +").unwrap_err().contains("CEL"));
         // Names are checked when evaluated: macros (`map(x, ...)`) bind their own.
-        assert!(eval("secrets.x", json!(null)).unwrap_err().contains("secrets"));
+        assert!(
+            eval("secrets.x", json!(null))
+                .unwrap_err()
+                .contains("secrets")
+        );
         assert!(eval("steps.missing.output", json!(null)).is_err());
         let not_bool = Expression::compile("1").unwrap();
         let null = json!(null);
@@ -144,6 +168,11 @@ mod tests {
             input: &null,
             steps: &null,
         };
-        assert!(not_bool.condition(scope).unwrap_err().contains("not a boolean"));
+        assert!(
+            not_bool
+                .condition(scope)
+                .unwrap_err()
+                .contains("not a boolean")
+        );
     }
 }

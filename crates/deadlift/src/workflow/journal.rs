@@ -441,6 +441,37 @@ pub fn insert_run(conn: &Connection, run: &NewRun, now: i64) -> Result<Option<Ru
     }))
 }
 
+/// Stores a run that already ran to its end (never queued, never dead-lettered: its
+/// caller saw the outcome). Returns its id and `seq`.
+pub fn insert_finished_run(
+    conn: &Connection,
+    run: &NewRun,
+    finish: &super::writer::Finish,
+    now: i64,
+) -> Result<(String, i64), DbError> {
+    let id = new_id("run_");
+    conn.prepare_cached(
+        "INSERT INTO runs (id, tenant, workflow, workflow_version, trigger, status, input, output, error,
+            traceparent, trace_id, depth, created_unix_ms, started_unix_ms, finished_unix_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 0, ?12, ?12, ?12)",
+    )?
+    .execute(params![
+        id,
+        run.tenant,
+        run.workflow,
+        run.version,
+        run.trigger.as_str(),
+        finish.status.as_str(),
+        json_text(&run.input)?,
+        finish.output.as_ref().map(json_text).transpose()?,
+        finish.error.as_ref().map(json_text).transpose()?,
+        run.trace.to_string(),
+        run.trace.trace_id_hex(),
+        now,
+    ])?;
+    Ok((id, conn.last_insert_rowid()))
+}
+
 pub fn mark_running(conn: &Connection, run_seq: i64, now: i64) -> Result<(), DbError> {
     conn.prepare_cached(
         "UPDATE runs SET status = 'running', started_unix_ms = COALESCE(started_unix_ms, ?2)
@@ -531,7 +562,12 @@ pub fn requeue_run(
 }
 
 /// Cancels a queued or running run. Returns whether it was open.
-pub fn cancel_run(conn: &Connection, tenant: &str, run_id: &str, now: i64) -> Result<bool, DbError> {
+pub fn cancel_run(
+    conn: &Connection,
+    tenant: &str,
+    run_id: &str,
+    now: i64,
+) -> Result<bool, DbError> {
     let failure = Failure {
         step: None,
         code: "cancelled".into(),
@@ -593,20 +629,22 @@ pub fn open_ticket(conn: &Connection, run_id: &str) -> Result<Option<RunTicket>,
 
 /// Ids of every open run, oldest first: what a starting agent resumes.
 pub fn open_runs(conn: &Connection) -> Result<Vec<String>, DbError> {
-    let mut statement = conn
-        .prepare("SELECT id FROM runs WHERE status IN ('queued', 'running') ORDER BY seq")?;
+    let mut statement =
+        conn.prepare("SELECT id FROM runs WHERE status IN ('queued', 'running') ORDER BY seq")?;
     let rows = statement.query_map([], |row| row.get(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
 fn steps(conn: &Connection, run_seq: i64) -> Result<Vec<StepRecord>, DbError> {
-    let mut statement = conn
-        .prepare_cached("SELECT record FROM run_steps WHERE run_seq = ?1 ORDER BY position, step")?;
+    let mut statement = conn.prepare_cached(
+        "SELECT record FROM run_steps WHERE run_seq = ?1 ORDER BY position, step",
+    )?;
     let rows = statement.query_map(params![run_seq], |row| row.get::<_, String>(0))?;
     rows.map(|row| from_json(&row?)).collect()
 }
 
-const SUMMARY_COLUMNS: &str = "r.id, r.workflow, r.workflow_version, r.status, r.trigger, r.event_id, r.trace_id,
+const SUMMARY_COLUMNS: &str =
+    "r.id, r.workflow, r.workflow_version, r.status, r.trigger, r.event_id, r.trace_id,
     r.created_unix_ms, r.started_unix_ms, r.finished_unix_ms, r.error, r.seq";
 
 fn summary_row(row: &Row<'_>) -> rusqlite::Result<(RunSummary, Option<String>)> {
@@ -710,7 +748,10 @@ pub fn get_run(conn: &Connection, tenant: &str, run_id: &str) -> Result<Option<R
 }
 
 /// The summary of one run, by `seq`.
-pub fn run_summary(conn: &Connection, run_seq: i64) -> Result<Option<(String, RunSummary)>, DbError> {
+pub fn run_summary(
+    conn: &Connection,
+    run_seq: i64,
+) -> Result<Option<(String, RunSummary)>, DbError> {
     let sql = format!("SELECT {SUMMARY_COLUMNS}, r.tenant FROM runs r WHERE r.seq = ?1");
     let row = conn
         .prepare_cached(&sql)?
@@ -735,17 +776,20 @@ pub fn dead_letters(
          WHERE d.tenant = ?1 AND (?2 OR d.replayed_unix_ms IS NULL)
          ORDER BY d.id DESC LIMIT ?3",
     )?;
-    let rows = statement.query_map(params![tenant, include_replayed, limit.clamp(1, 500)], |row| {
-        Ok((
-            row.get::<_, i64>(0)?,
-            row.get::<_, String>(1)?,
-            row.get::<_, String>(2)?,
-            row.get::<_, Option<String>>(3)?,
-            row.get::<_, String>(4)?,
-            row.get::<_, i64>(5)?,
-            row.get::<_, Option<i64>>(6)?,
-        ))
-    })?;
+    let rows = statement.query_map(
+        params![tenant, include_replayed, limit.clamp(1, 500)],
+        |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, Option<String>>(3)?,
+                row.get::<_, String>(4)?,
+                row.get::<_, i64>(5)?,
+                row.get::<_, Option<i64>>(6)?,
+            ))
+        },
+    )?;
     rows.map(|row| {
         let (id, run_id, workflow, event_id, error, created, replayed) = row?;
         Ok(DeadLetter {
@@ -762,7 +806,11 @@ pub fn dead_letters(
 }
 
 /// The run behind a tenant's dead letter.
-pub fn dead_letter_run(conn: &Connection, tenant: &str, id: i64) -> Result<Option<String>, DbError> {
+pub fn dead_letter_run(
+    conn: &Connection,
+    tenant: &str,
+    id: i64,
+) -> Result<Option<String>, DbError> {
     Ok(conn
         .query_row(
             "SELECT r.id FROM dead_letters d JOIN runs r ON r.seq = d.run_seq WHERE d.id = ?1 AND d.tenant = ?2",
@@ -794,7 +842,11 @@ impl Default for Retention {
 }
 
 /// Deletes what the retention policy no longer keeps. Returns (runs, events) deleted.
-pub fn prune(conn: &Connection, retention: &Retention, now: i64) -> Result<(usize, usize), DbError> {
+pub fn prune(
+    conn: &Connection,
+    retention: &Retention,
+    now: i64,
+) -> Result<(usize, usize), DbError> {
     let mut runs = 0;
     if let Some(max_age) = retention.max_age_ms {
         runs += conn.execute(

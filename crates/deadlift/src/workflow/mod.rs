@@ -16,6 +16,7 @@ pub mod spec;
 pub mod subject;
 mod writer;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -206,6 +207,9 @@ pub struct Runtime {
     closing: tokio::sync::watch::Sender<bool>,
     /// Runs a previous process left open, resumed at start.
     resumed: usize,
+    /// The current version of each workflow asked for, so that starting a run needs no
+    /// database read; kept in step by apply and delete.
+    heads: Mutex<HashMap<(String, String), i64>>,
 }
 
 struct Checks<'a> {
@@ -269,7 +273,10 @@ impl Runtime {
         };
         let resumed = open.len();
         if resumed > 0 {
-            tracing::info!(runs = resumed, "resuming runs left open by the previous process");
+            tracing::info!(
+                runs = resumed,
+                "resuming runs left open by the previous process"
+            );
         }
         for ticket in open {
             let _ = run_sender.send(ticket);
@@ -287,7 +294,11 @@ impl Runtime {
             config.source.clone(),
         ));
         let tasks = vec![
-            tokio::spawn(runner.clone().dispatch(run_receiver, config.max_concurrent_runs)),
+            tokio::spawn(
+                runner
+                    .clone()
+                    .dispatch(run_receiver, config.max_concurrent_runs),
+            ),
             tokio::spawn(schedule::run(
                 db.clone(),
                 inbox.commands.clone(),
@@ -308,6 +319,7 @@ impl Runtime {
             writer: Mutex::new(Some(writer)),
             closing: tokio::sync::watch::channel(false).0,
             resumed,
+            heads: Mutex::new(HashMap::new()),
         })
     }
 
@@ -366,6 +378,8 @@ impl Runtime {
             })
             .await?;
         self.runner.outlets.workflows_changed.notify_one();
+        self.heads()
+            .insert((tenant.to_owned(), name.clone()), version);
         let tenant = tenant.to_owned();
         self.read(move |conn| journal::workflow_version(conn, &tenant, &name, version))
             .await?
@@ -382,6 +396,7 @@ impl Runtime {
             })
             .await?;
         self.runner.outlets.workflows_changed.notify_one();
+        self.heads().remove(&(tenant.to_owned(), name.to_owned()));
         deleted
             .then_some(())
             .ok_or_else(|| WorkflowError::NotFound(name.to_owned()))
@@ -395,7 +410,26 @@ impl Runtime {
         Ok(all.into_iter().map(|(_, version)| version).collect())
     }
 
-    pub async fn workflow(&self, tenant: &str, name: &str) -> Result<WorkflowVersion, WorkflowError> {
+    fn heads(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), i64>> {
+        self.heads.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The current version number of a workflow.
+    async fn current_version(&self, tenant: &str, name: &str) -> Result<i64, WorkflowError> {
+        let key = (tenant.to_owned(), name.to_owned());
+        if let Some(version) = self.heads().get(&key) {
+            return Ok(*version);
+        }
+        let version = self.workflow(tenant, name).await?.version;
+        self.heads().insert(key, version);
+        Ok(version)
+    }
+
+    pub async fn workflow(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<WorkflowVersion, WorkflowError> {
         let (tenant, owned) = (tenant.to_owned(), name.to_owned());
         self.read(move |conn| journal::current_workflow(conn, &tenant, &owned))
             .await?
@@ -441,11 +475,11 @@ impl Runtime {
         input: Value,
         trace: Option<TraceParent>,
     ) -> Result<String, WorkflowError> {
-        let workflow = self.workflow(tenant, name).await?;
+        let version = self.current_version(tenant, name).await?;
         let run = journal::NewRun {
             tenant: tenant.to_owned(),
-            workflow: workflow.name,
-            version: workflow.version,
+            workflow: name.to_owned(),
+            version,
             trigger: TriggerKind::Http,
             input,
             event: None,
@@ -463,7 +497,11 @@ impl Runtime {
         self.runner.wait(run_id, timeout).await
     }
 
-    pub async fn runs(&self, tenant: &str, filter: RunFilter) -> Result<Vec<RunSummary>, WorkflowError> {
+    pub async fn runs(
+        &self,
+        tenant: &str,
+        filter: RunFilter,
+    ) -> Result<Vec<RunSummary>, WorkflowError> {
         let tenant = tenant.to_owned();
         self.read(move |conn| journal::list_runs(conn, &tenant, &filter))
             .await
@@ -542,7 +580,10 @@ impl Runtime {
         broadcast::Receiver<RunUpdate>,
         tokio::sync::watch::Receiver<bool>,
     ) {
-        (self.runner.outlets.updates.subscribe(), self.closing.subscribe())
+        (
+            self.runner.outlets.updates.subscribe(),
+            self.closing.subscribe(),
+        )
     }
 
     /// Ends live streams (`runs tail`), so that a server can shut down gracefully.
@@ -610,24 +651,29 @@ impl Runtime {
     }
 
     /// Runs a v1 workflow with `input` and answers its output; journaled as a run.
-    pub async fn execute_v1(&self, tenant: &str, id: i64, input: Value) -> Result<Value, WorkflowError> {
+    pub async fn execute_v1(
+        &self,
+        tenant: &str,
+        id: i64,
+        input: Value,
+    ) -> Result<Value, WorkflowError> {
         let name = journal::v1_workflow_name(id);
-        let current = self.workflow(tenant, &name).await?;
+        let version = self.current_version(tenant, &name).await?;
         let workflow = self
             .runner
-            .workflow(tenant, &name, current.version)
+            .workflow(tenant, &name, version)
             .await
             .map_err(WorkflowError::RunFailed)?;
         let run = journal::NewRun {
             tenant: tenant.to_owned(),
             workflow: name,
-            version: current.version,
+            version,
             trigger: TriggerKind::V1,
             input,
             event: None,
             trace: TraceParent::new_root(),
         };
-        let (_, result) = self.runner.execute_now(run, &workflow).await?;
+        let result = self.runner.execute_now(run, &workflow).await?;
         result.map_err(WorkflowError::RunFailed)
     }
 
@@ -642,7 +688,11 @@ impl Runtime {
         // The writer ends when its last sender is dropped; senders live in this runtime,
         // in engine sinks and in in-flight requests, so wait for a quiet queue instead.
         let _ = self.inbox.request(|reply| Command::Flush { reply }).await;
-        let _ = self.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let _ = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 }
 

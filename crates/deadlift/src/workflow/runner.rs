@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::event::{CloudEvent, DEPTH_EXTENSION, MAX_DEPTH, now_ms, random_fraction};
 use super::expr::Scope;
@@ -23,6 +23,8 @@ use crate::store::{Database, DbError};
 
 /// How long a resolved module name is trusted before it is looked up again.
 const RESOLVE_TTL: Duration = Duration::from_secs(1);
+/// Most finished runs waiting to be recorded (see `execute_now`).
+const MAX_UNRECORDED: usize = 4096;
 /// Most compiled workflow versions kept in memory.
 const MAX_CACHED_WORKFLOWS: usize = 1024;
 
@@ -39,6 +41,8 @@ pub(crate) struct Runner {
     modules: Mutex<HashMap<(String, String), (ModuleId, Instant)>>,
     /// Cancel tokens of the runs executing now.
     running: Mutex<HashMap<String, CancelToken>>,
+    /// Bounds the finished runs handed to the writer but not yet committed.
+    unrecorded: Arc<Semaphore>,
 }
 
 /// The failure of a step, before it is journaled.
@@ -72,6 +76,7 @@ impl Runner {
             workflows: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
+            unrecorded: Arc::new(Semaphore::new(MAX_UNRECORDED)),
         }
     }
 
@@ -141,7 +146,9 @@ impl Runner {
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String, i64), Arc<Workflow>>> {
-        self.workflows.lock().unwrap_or_else(PoisonError::into_inner)
+        self.workflows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     async fn resolve(&self, tenant: &str, reference: &str) -> Result<ModuleId, CallError> {
@@ -155,10 +162,10 @@ impl Runner {
         let key = (tenant.to_owned(), reference.to_owned());
         {
             let modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some((id, at)) = modules.get(&key) {
-                if at.elapsed() < RESOLVE_TTL {
-                    return Ok(*id);
-                }
+            if let Some((id, at)) = modules.get(&key)
+                && at.elapsed() < RESOLVE_TTL
+            {
+                return Ok(*id);
             }
         }
         let registry = self.engine.registry().clone();
@@ -238,11 +245,15 @@ impl Runner {
                 input: &ticket.input,
                 steps: &outputs,
             };
-            match self.run_step(ticket, step, current.clone(), scope, cancel).await {
+            match self
+                .run_step(ticket, step, current.clone(), scope, cancel)
+                .await
+            {
                 Ok(done) => {
                     current = done.record.output.clone();
                     let last = position + 1 == workflow.steps.len();
-                    let ends = last || (current.is_null() && done.record.status == StepStatus::Succeeded);
+                    let ends =
+                        last || (current.is_null() && done.record.status == StepStatus::Succeeded);
                     add_output(&mut outputs, &done.record);
                     let finish = ends.then(|| succeeded(current.clone()));
                     self.journal(ticket, position, done, finish).await?;
@@ -312,7 +323,16 @@ impl Runner {
                 };
                 if skip_for_need {
                     let record = skipped(step, Value::Null);
-                    running.spawn(async move { (index, Ok(StepDone { record, emitted: Vec::new() }), Value::Null) });
+                    running.spawn(async move {
+                        (
+                            index,
+                            Ok(StepDone {
+                                record,
+                                emitted: Vec::new(),
+                            }),
+                            Value::Null,
+                        )
+                    });
                     continue;
                 }
                 let (runner, ticket, workflow, cancel, outputs) = (
@@ -330,7 +350,9 @@ impl Runner {
                         input: &ticket.input,
                         steps: &outputs,
                     };
-                    let result = runner.run_step(&ticket, step, input.clone(), scope, &cancel).await;
+                    let result = runner
+                        .run_step(&ticket, step, input.clone(), scope, &cancel)
+                        .await;
                     (index, result, input)
                 });
             }
@@ -344,7 +366,13 @@ impl Runner {
                     Ok(done) => (done, None),
                     Err(f) => {
                         let (record, run_failure) = failure_record(step, input, f);
-                        (StepDone { record, emitted: Vec::new() }, Some(run_failure))
+                        (
+                            StepDone {
+                                record,
+                                emitted: Vec::new(),
+                            },
+                            Some(run_failure),
+                        )
                     }
                 };
                 status[index] = Some(done.record.status);
@@ -396,13 +424,13 @@ impl Runner {
             attempt_errors: Vec::new(),
             module: None,
         };
-        if let Some(condition) = &step.condition {
-            if !condition.condition(scope).map_err(config_failure)? {
-                return Ok(StepDone {
-                    record: skipped(step, flow_input),
-                    emitted: Vec::new(),
-                });
-            }
+        if let Some(condition) = &step.condition
+            && !condition.condition(scope).map_err(config_failure)?
+        {
+            return Ok(StepDone {
+                record: skipped(step, flow_input),
+                emitted: Vec::new(),
+            });
         }
         let input = match &step.input {
             Some(mapping) => mapping.evaluate(scope).map_err(config_failure)?,
@@ -415,10 +443,13 @@ impl Runner {
                     None => input.clone(),
                 };
                 let event = self
-                    .new_event(ticket, EmittedEvent {
-                        event_type: event_type.clone(),
-                        data,
-                    })
+                    .new_event(
+                        ticket,
+                        EmittedEvent {
+                            event_type: event_type.clone(),
+                            data,
+                        },
+                    )
                     .map_err(|failure| StepFailure {
                         failure: Failure {
                             step: Some(step.id.clone()),
@@ -514,7 +545,12 @@ impl Runner {
         input: &[u8],
         cancel: &CancelToken,
     ) -> Result<
-        (String, Value, Vec<crate::executor::LogLine>, Vec<CloudEvent>),
+        (
+            String,
+            Value,
+            Vec<crate::executor::LogLine>,
+            Vec<CloudEvent>,
+        ),
         (Option<String>, Failure),
     > {
         let call_failure = |error: &CallError| Failure {
@@ -583,9 +619,10 @@ impl Runner {
             format!("{}/workflows/{}", self.source, ticket.workflow),
             emitted.data,
         );
-        event
-            .extensions
-            .insert("traceparent".into(), Value::String(ticket.trace.child().to_string()));
+        event.extensions.insert(
+            "traceparent".into(),
+            Value::String(ticket.trace.child().to_string()),
+        );
         event
             .extensions
             .insert(DEPTH_EXTENSION.into(), json!(depth));
@@ -626,12 +663,14 @@ impl Runner {
     }
 
     /// Runs a pipeline workflow now, in memory, and journals the whole run once it is
-    /// over: the Deadlift v1 execute route, where the caller waits for the answer.
+    /// over: the Deadlift v1 execute route, where the caller waits for the answer. The
+    /// record is committed just after the answer (a crash in between loses the record
+    /// of that call; the caller has its answer and sent nothing for durable processing).
     pub async fn execute_now(
         &self,
         run: journal::NewRun,
         workflow: &Workflow,
-    ) -> Result<(String, Result<Value, Failure>), DbError> {
+    ) -> Result<Result<Value, Failure>, DbError> {
         let ticket = RunTicket {
             run_id: String::new(),
             run_seq: 0,
@@ -657,7 +696,10 @@ impl Runner {
                 input: &ticket.input,
                 steps: &outputs,
             };
-            match self.run_step(&ticket, step, current.clone(), scope, &cancel).await {
+            match self
+                .run_step(&ticket, step, current.clone(), scope, &cancel)
+                .await
+            {
                 Ok(done) => {
                     current = done.record.output.clone();
                     add_output(&mut outputs, &done.record);
@@ -681,7 +723,18 @@ impl Runner {
             Ok(output) => succeeded(output.clone()),
             Err(failure) => failed(failure.clone(), false),
         };
+        // The caller waits for the output, not for the record: the record commits in the
+        // writer's next group, after the answer. A bounded number of records may be in
+        // flight, so a writer that falls behind slows callers down instead of queueing
+        // without limit.
+        let permit = self
+            .unrecorded
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| DbError::Closed)?;
         let (reply, answer) = oneshot::channel();
+        let workflow = run.workflow.clone();
         self.commands
             .send(Command::Record {
                 run,
@@ -691,8 +744,13 @@ impl Runner {
                 reply,
             })
             .map_err(|_| DbError::Closed)?;
-        let run_id = answer.await.map_err(|_| DbError::Closed)??;
-        Ok((run_id, result))
+        tokio::spawn(async move {
+            if let Ok(Err(error)) = answer.await {
+                tracing::error!(%workflow, %error, "a finished run could not be recorded");
+            }
+            drop(permit);
+        });
+        Ok(result)
     }
 
     /// Waits until a run finishes (or `timeout` passes); `None` on timeout.
@@ -710,18 +768,27 @@ impl Runner {
         let id = run_id.to_owned();
         let already = tokio::task::spawn_blocking(move || {
             let conn = db.lock();
-            conn.query_row("SELECT seq FROM runs WHERE id = ?1", [&id], |row| row.get::<_, i64>(0))
-                .ok()
-                .and_then(|seq| journal::run_summary(&conn, seq).ok().flatten())
+            conn.query_row("SELECT seq FROM runs WHERE id = ?1", [&id], |row| {
+                row.get::<_, i64>(0)
+            })
+            .ok()
+            .and_then(|seq| journal::run_summary(&conn, seq).ok().flatten())
         })
         .await
         .ok()
         .flatten();
         let result = match already {
             Some((_, summary)) if summary.status.is_finished() => Some(summary),
-            _ => tokio::time::timeout(timeout, rx).await.ok().and_then(Result::ok),
+            _ => tokio::time::timeout(timeout, rx)
+                .await
+                .ok()
+                .and_then(Result::ok),
         };
-        let mut waiters = self.outlets.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut waiters = self
+            .outlets
+            .waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(list) = waiters.get_mut(run_id) {
             list.retain(|w| !w.is_closed());
             if list.is_empty() {

@@ -86,7 +86,9 @@ pub(crate) async fn run(
             }
             match answer.await {
                 Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::warn!(workflow = %entry.workflow, %error, "scheduled run not started"),
+                Ok(Err(error)) => {
+                    tracing::warn!(workflow = %entry.workflow, %error, "scheduled run not started")
+                }
                 Err(_) => return,
             }
         }

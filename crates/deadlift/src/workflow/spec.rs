@@ -170,7 +170,17 @@ pub enum Backoff {
 
 /// Kinds of step failure, for retry policies.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum ErrorKind {
@@ -350,7 +360,10 @@ pub fn parse_schedule(text: &str) -> Result<croner::Cron, String> {
 impl Workflow {
     /// Validates `spec` and compiles its expressions. Module references are checked
     /// against `checks` when given (at apply); a stored version is compiled without them.
-    pub fn compile(spec: WorkflowSpec, checks: Option<&dyn ApplyChecks>) -> Result<Self, SpecError> {
+    pub fn compile(
+        spec: WorkflowSpec,
+        checks: Option<&dyn ApplyChecks>,
+    ) -> Result<Self, SpecError> {
         let mut errors = Vec::new();
         let mut fail = |field: String, message: String| errors.push(FieldError { field, message });
 
@@ -368,7 +381,12 @@ impl Workflow {
         };
         let schedule = match &spec.trigger.schedule {
             Some(text) => parse_schedule(text)
-                .map_err(|e| fail("trigger.schedule".into(), format!("not a cron expression: {e}")))
+                .map_err(|e| {
+                    fail(
+                        "trigger.schedule".into(),
+                        format!("not a cron expression: {e}"),
+                    )
+                })
                 .ok(),
             None => None,
         };
@@ -497,7 +515,9 @@ impl Workflow {
                                 if !facts.exports.contains(&function) {
                                     fail(
                                         at("function"),
-                                        format!("module `{module}` exports no function `{function}`"),
+                                        format!(
+                                            "module `{module}` exports no function `{function}`"
+                                        ),
                                     );
                                 }
                                 let missing: Vec<&str> = facts
@@ -536,13 +556,14 @@ impl Workflow {
         }
 
         let graph = spec.steps.iter().any(|s| !s.needs.is_empty());
-        if graph && errors.is_empty() {
-            if let Some(cycle_at) = find_cycle(&steps) {
-                errors.push(FieldError {
-                    field: format!("steps[{cycle_at}].needs"),
-                    message: "the steps' `needs` form a cycle".into(),
-                });
-            }
+        if graph
+            && errors.is_empty()
+            && let Some(cycle_at) = find_cycle(&steps)
+        {
+            errors.push(FieldError {
+                field: format!("steps[{cycle_at}].needs"),
+                message: "the steps' `needs` form a cycle".into(),
+            });
         }
 
         if !errors.is_empty() {
@@ -568,7 +589,9 @@ impl Workflow {
     /// Steps no other step needs: their outputs make the run's output in graph mode.
     pub fn sinks(&self) -> Vec<usize> {
         let needed: BTreeSet<usize> = self.steps.iter().flat_map(|s| s.needs.clone()).collect();
-        (0..self.steps.len()).filter(|i| !needed.contains(i)).collect()
+        (0..self.steps.len())
+            .filter(|i| !needed.contains(i))
+            .collect()
     }
 }
 
@@ -629,7 +652,12 @@ mod tests {
         )
         .unwrap();
         assert!(!workflow.graph);
-        assert!(workflow.event_pattern.unwrap().matches("payments.discount.sent"));
+        assert!(
+            workflow
+                .event_pattern
+                .unwrap()
+                .matches("payments.discount.sent")
+        );
         let Action::Call { grant, retry, .. } = &workflow.steps[0].action else {
             panic!("first step is a call");
         };
@@ -669,7 +697,10 @@ mod tests {
             "steps[2].id",
             "steps[2]",
         ] {
-            assert!(fields.contains(&expected.to_string()), "{expected} missing from {fields:?}");
+            assert!(
+                fields.contains(&expected.to_string()),
+                "{expected} missing from {fields:?}"
+            );
         }
     }
 
@@ -690,8 +721,9 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.to_string().contains("cycle"), "{error}");
-        let error = compile("name = \"g\"\n[[steps]]\nid = \"a\"\ncall = \"m\"\nneeds = [\"zz\"]\n")
-            .unwrap_err();
+        let error =
+            compile("name = \"g\"\n[[steps]]\nid = \"a\"\ncall = \"m\"\nneeds = [\"zz\"]\n")
+                .unwrap_err();
         assert_eq!(fields(error), ["steps[0].needs"]);
     }
 

@@ -126,7 +126,10 @@ mod tests {
     #[test]
     fn malformed_subjects_and_patterns_are_refused_with_a_reason() {
         for bad in ["", "a..b", ".a", "a.", "a b", "a.>.b", "a*.b", "a.b>"] {
-            assert!(SubjectPattern::parse(bad).is_err(), "{bad:?} should be refused");
+            assert!(
+                SubjectPattern::parse(bad).is_err(),
+                "{bad:?} should be refused"
+            );
         }
         assert!(validate_subject("a.*").is_err());
         assert!(validate_subject("a.>").is_err());

@@ -14,7 +14,9 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::event::{CloudEvent, MAX_DEPTH, now_ms};
-use super::journal::{self, Failure, NewRun, RunStatus, RunSummary, RunTicket, StepRecord, TriggerKind};
+use super::journal::{
+    self, Failure, NewRun, RunStatus, RunSummary, RunTicket, StepRecord, TriggerKind,
+};
 use super::spec::WorkflowSpec;
 use super::subject::SubjectPattern;
 use crate::store::{Database, DbError};
@@ -206,7 +208,11 @@ pub(crate) struct Writer {
 
 impl Writer {
     pub fn new(db: Database, routes: Routes, outlets: Outlets) -> Self {
-        Self { db, routes, outlets }
+        Self {
+            db,
+            routes,
+            outlets,
+        }
     }
 
     /// Runs until every sender is dropped.
@@ -301,7 +307,12 @@ impl Writer {
 
     fn apply(&mut self, tx: &Connection, command: Command, effects: &mut Effects) {
         // Each command in its own savepoint: a failure undoes only that command.
-        let savepoint = |tx: &Connection, sql: &str| tx.execute_batch(sql).map_err(DbError::from);
+        let savepoint = |tx: &Connection, sql: &str| -> Result<(), DbError> {
+            for statement in sql.split("; ") {
+                tx.prepare_cached(statement)?.execute([])?;
+            }
+            Ok(())
+        };
         if let Err(error) = savepoint(tx, "SAVEPOINT command") {
             fail_command(command, error);
             return;
@@ -461,25 +472,15 @@ impl Writer {
                 reply,
             } => {
                 let result = (|| {
-                    let ticket = journal::insert_run(tx, &run, now)?
-                        .ok_or_else(|| DbError::Corrupt("the run already exists".into()))?;
+                    let (run_id, run_seq) = journal::insert_finished_run(tx, &run, &finish, now)?;
                     for (position, step) in steps.iter().enumerate() {
-                        journal::insert_step(tx, ticket.run_seq, position, step)?;
+                        journal::insert_step(tx, run_seq, position, step)?;
                     }
                     for event in emitted {
                         self.ingest(tx, &run.tenant, event, now, effects)?;
                     }
-                    journal::finish_run(
-                        tx,
-                        ticket.run_seq,
-                        finish.status,
-                        finish.output.as_ref(),
-                        finish.error.as_ref(),
-                        finish.dead_letter,
-                        now,
-                    )?;
-                    effects.changed_runs.push(ticket.run_seq);
-                    Ok(ticket.run_id)
+                    effects.changed_runs.push(run_seq);
+                    Ok(run_id)
                 })();
                 answer(result, reply, effects)
             }
@@ -588,7 +589,11 @@ impl Writer {
             .flatten()
             .filter(|route| route.pattern.matches(&event.event_type))
             .collect();
-        let event_input = if matching.is_empty() { Value::Null } else { event.input() };
+        let event_input = if matching.is_empty() {
+            Value::Null
+        } else {
+            event.input()
+        };
         for route in matching {
             let run = NewRun {
                 tenant: tenant.to_owned(),
@@ -654,8 +659,6 @@ fn fail_command(command: Command, error: DbError) {
         Command::Record { reply, .. } => Effects::fail(reply, error()),
         Command::Requeue { reply, .. } => Effects::fail(reply, error()),
         Command::Prune { reply, .. } => Effects::fail(reply, error()),
-        Command::Schedule { reply, .. } | Command::Flush { reply } => {
-            Effects::fail(reply, error())
-        }
+        Command::Schedule { reply, .. } | Command::Flush { reply } => Effects::fail(reply, error()),
     }
 }

@@ -312,10 +312,11 @@ async fn a_run_that_exhausts_its_retries_is_dead_lettered_and_replays() {
             json!({"key": "order-1", "fail_times": 4}),
         ))
         .await;
-    let run_id = published["events"][0]["runs"][0].as_str().unwrap().to_owned();
-    let runs = client
-        .runs_until("event_id=order-1", finished)
-        .await;
+    let run_id = published["events"][0]["runs"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let runs = client.runs_until("event_id=order-1", finished).await;
     assert_eq!(runs[0]["status"], "failed");
 
     let letters = client.get("/v1/dead-letters").await;
@@ -342,7 +343,14 @@ async fn a_run_that_exhausts_its_retries_is_dead_lettered_and_replays() {
     assert_eq!(runs.len(), 1, "a replay reruns the same run");
     let run = client.run_by_id(&run_id).await;
     assert_eq!(run["output"]["attempts"], 5);
-    assert!(client.get("/v1/dead-letters").await.as_array().unwrap().is_empty());
+    assert!(
+        client
+            .get("/v1/dead-letters")
+            .await
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 
     // A succeeded run cannot be retried.
     let again = client
@@ -366,24 +374,36 @@ async fn the_same_event_id_never_starts_a_second_run() {
             "trigger = { event = \"numbers.>\" }\n[[steps]]\nid = \"add\"\ncall = \"add-ten\"\n",
         )
         .await;
-    let first = client.publish(event("n-1", "numbers.in.new", json!(1))).await;
+    let first = client
+        .publish(event("n-1", "numbers.in.new", json!(1)))
+        .await;
     assert_eq!(first["events"][0]["duplicate"], false);
     assert_eq!(first["events"][0]["runs"].as_array().unwrap().len(), 1);
-    let second = client.publish(event("n-1", "numbers.in.new", json!(1))).await;
+    let second = client
+        .publish(event("n-1", "numbers.in.new", json!(1)))
+        .await;
     assert_eq!(second["ids"], json!(["n-1"]));
     assert_eq!(second["events"][0]["duplicate"], true);
     // In a batch too.
     let batch = client
         .request(Method::POST, "/v1/events")
         .header("content-type", "application/cloudevents-batch+json")
-        .body(json!([event("n-1", "numbers.x", json!(1)), event("n-2", "numbers.x", json!(2))]).to_string())
+        .body(
+            json!([
+                event("n-1", "numbers.x", json!(1)),
+                event("n-2", "numbers.x", json!(2))
+            ])
+            .to_string(),
+        )
         .send()
         .await
         .unwrap();
     let batch: Value = batch.json().await.unwrap();
     assert_eq!(batch["events"][0]["duplicate"], true);
     assert_eq!(batch["events"][1]["duplicate"], false);
-    let runs = client.runs_until("workflow=adder", |r| r.len() >= 2 && finished(r)).await;
+    let runs = client
+        .runs_until("workflow=adder", |r| r.len() >= 2 && finished(r))
+        .await;
     assert_eq!(runs.len(), 2);
     // Not matching: no run.
     let other = client.publish(event("o-1", "letters.new", json!(1))).await;
@@ -508,7 +528,10 @@ async fn bad_documents_are_refused_with_every_field_named() {
     let response = client.apply("bad", "steps = 3").await;
     TestAgent::expect_error(response, 400, "workflow_invalid").await;
     let response = client
-        .apply("one", "name = \"two\"\n[[steps]]\nid = \"a\"\ncall = \"add-ten\"\n")
+        .apply(
+            "one",
+            "name = \"two\"\n[[steps]]\nid = \"a\"\ncall = \"add-ten\"\n",
+        )
         .await;
     TestAgent::expect_error(response, 400, "workflow_invalid").await;
     let missing = client
@@ -541,8 +564,14 @@ async fn applying_again_makes_a_new_version_and_runs_record_theirs() {
     let second_doc = doc.replace("add-ten", "times-five");
     assert_eq!(client.applied("w", &second_doc).await["version"], 2);
     let second = client.run("w", json!(1)).await;
-    assert_eq!((first["workflow_version"].clone(), first["output"].clone()), (json!(1), json!(11)));
-    assert_eq!((second["workflow_version"].clone(), second["output"].clone()), (json!(2), json!(5)));
+    assert_eq!(
+        (first["workflow_version"].clone(), first["output"].clone()),
+        (json!(1), json!(11))
+    );
+    assert_eq!(
+        (second["workflow_version"].clone(), second["output"].clone()),
+        (json!(2), json!(5))
+    );
     // A module a workflow calls cannot be deleted.
     let refused = client
         .request(Method::DELETE, "/v1/modules/times-five")
@@ -670,16 +699,20 @@ async fn v1_workflows_execute_as_pipelines_and_are_recorded_as_runs() {
         assert_eq!(executed.json::<Value>().await.unwrap(), json!(75));
     }
     let client = Client::new(&agent);
-    let runs = client.get("/v1/runs?workflow=v1-workflow-1").await;
-    let runs = runs["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 2);
+    // Recorded just after the answer.
+    let runs = client
+        .runs_until("workflow=v1-workflow-1", |r| r.len() == 2)
+        .await;
     assert_eq!(runs[0]["trigger"], "v1");
     let run = client.run_by_id(runs[0]["id"].as_str().unwrap()).await;
     assert_eq!(run["steps"].as_array().unwrap().len(), 2);
 
     // The event trigger: an event of the first module's subject runs from the second.
     let published = client.publish(event("v1-e", ADD_TEN, json!(15))).await;
-    let run_id = published["events"][0]["runs"][0].as_str().unwrap().to_owned();
+    let run_id = published["events"][0]["runs"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
     client.runs_until("event_id=v1-e", finished).await;
     let run = client.run_by_id(&run_id).await;
     assert_eq!(run["output"], 75);
@@ -693,7 +726,9 @@ async fn v1_workflows_execute_as_pipelines_and_are_recorded_as_runs() {
             .json(&body)
             .send()
     };
-    let unknown = post(json!({"name": "x", "pipeline": ["no.such.subject"]})).await.unwrap();
+    let unknown = post(json!({"name": "x", "pipeline": ["no.such.subject"]}))
+        .await
+        .unwrap();
     let message = TestAgent::expect_error(unknown, 400, "subject_unknown").await;
     assert!(message.contains("no.such.subject"));
     let empty = post(json!({"name": "x", "pipeline": []})).await.unwrap();
