@@ -52,6 +52,18 @@ pub struct ServeConfig {
     /// Event ids are remembered for deduplication this many hours [default: 24]
     #[arg(long, env = "DEADLIFT_DEDUPE_WINDOW_HOURS")]
     pub dedupe_window_hours: Option<u64>,
+    /// What a commit survives: `power-loss` (fsync every commit) or `process-crash`
+    /// [default: power-loss]
+    #[arg(long, env = "DEADLIFT_DURABILITY", value_parser = parse_durability)]
+    pub durability: Option<deadlift::store::Durability>,
+}
+
+fn parse_durability(text: &str) -> Result<deadlift::store::Durability, String> {
+    match text {
+        "power-loss" => Ok(deadlift::store::Durability::PowerLoss),
+        "process-crash" => Ok(deadlift::store::Durability::ProcessCrash),
+        other => Err(format!("`{other}`: use power-loss or process-crash")),
+    }
 }
 
 /// [`ServeConfig`] with every default applied.
@@ -66,6 +78,7 @@ pub struct Resolved {
     pub grant: deadlift::Grant,
     pub max_concurrent_runs: usize,
     pub retention: deadlift::workflow::Retention,
+    pub durability: deadlift::store::Durability,
 }
 
 impl ServeConfig {
@@ -92,6 +105,7 @@ impl ServeConfig {
             run_retention_hours: self.run_retention_hours.or(file.run_retention_hours),
             run_retention_count: self.run_retention_count.or(file.run_retention_count),
             dedupe_window_hours: self.dedupe_window_hours.or(file.dedupe_window_hours),
+            durability: self.durability.or(file.durability),
         }
     }
 
@@ -135,6 +149,7 @@ impl ServeConfig {
             grant,
             max_concurrent_runs: self.max_concurrent_runs.unwrap_or(256),
             retention,
+            durability: self.durability.unwrap_or_default(),
         }
     }
 }

@@ -315,7 +315,8 @@ async fn serve(config: config::Resolved) -> anyhow::Result<()> {
         .max_body_bytes(config.max_body_bytes)
         .default_grant(config.grant.clone())
         .max_concurrent_runs(config.max_concurrent_runs)
-        .retention(config.retention);
+        .retention(config.retention)
+        .durability(config.durability);
     if let Some(workers) = config.workers {
         builder = builder.workers(workers);
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::engine::{Engine, EngineError};
 use crate::grant::Grant;
 use crate::host::HostFunction;
-use crate::store::{Database, DbError, Principal};
+use crate::store::{Database, DbError, Durability, Principal};
 use crate::workflow::{Inbox, InboxSink, Retention, Runtime, RuntimeConfig};
 
 /// The tenant the Deadlift v1 routes act for.
@@ -43,6 +43,7 @@ pub struct AgentBuilder {
     workers: Option<usize>,
     host_functions: Vec<HostFunction>,
     runtime: RuntimeConfig,
+    durability: Durability,
 }
 
 impl AgentBuilder {
@@ -56,6 +57,7 @@ impl AgentBuilder {
             workers: None,
             host_functions: Vec::new(),
             runtime: RuntimeConfig::default(),
+            durability: Durability::default(),
         }
     }
 
@@ -99,6 +101,13 @@ impl AgentBuilder {
         self
     }
 
+    /// What a committed write (an accepted event, a journaled step) survives; by
+    /// default a power loss.
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
     /// How many workflow runs execute at once.
     pub fn max_concurrent_runs(mut self, runs: usize) -> Self {
         self.runtime.max_concurrent_runs = runs.max(1);
@@ -122,7 +131,7 @@ impl AgentBuilder {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(AgentError::NoRuntime);
         }
-        let db = Database::open(&self.data_dir.join("agent.db"))?;
+        let db = Database::open_with(&self.data_dir.join("agent.db"), self.durability)?;
         db.create_tenant(DEFAULT_TENANT)?;
         let (inbox, inbox_receiver) = Inbox::new();
         let mut engine = Engine::builder()

@@ -160,6 +160,19 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// What a committed write survives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Every commit is flushed to disk (`fsync`) before it is acknowledged: it survives
+    /// a power loss. The journal's group commit keeps this affordable.
+    #[default]
+    PowerLoss,
+    /// Commits reach the operating system but are flushed only at checkpoints: they
+    /// survive the agent's process being killed, not the machine losing power.
+    ProcessCrash,
+}
+
 /// Who a token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
@@ -187,19 +200,28 @@ pub struct Database {
 impl Database {
     /// Opens (creating if needed) the database file and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Self, DbError> {
+        Self::open_with(path, Durability::PowerLoss)
+    }
+
+    /// Opens the database with the given durability of commits.
+    pub fn open_with(path: &Path, durability: Durability) -> Result<Self, DbError> {
         let conn = Connection::open(path)?;
-        Self::prepare(conn)
+        Self::prepare(conn, durability)
     }
 
     /// A private in-memory database, for tests.
     pub fn in_memory() -> Result<Self, DbError> {
-        Self::prepare(Connection::open_in_memory()?)
+        Self::prepare(Connection::open_in_memory()?, Durability::ProcessCrash)
     }
 
-    fn prepare(mut conn: Connection) -> Result<Self, DbError> {
+    fn prepare(mut conn: Connection, durability: Durability) -> Result<Self, DbError> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let synchronous = match durability {
+            Durability::PowerLoss => "FULL",
+            Durability::ProcessCrash => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", synchronous)?;
         // Journal reads and writes touch the same hot pages over and over; keep more of
         // them in memory than SQLite's default 2 MiB.
         conn.pragma_update(None, "cache_size", -32 * 1024)?;
