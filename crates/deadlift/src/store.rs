@@ -195,6 +195,15 @@ pub struct TokenInfo {
 #[derive(Debug, Clone)]
 pub struct Database {
     conn: Arc<Mutex<Connection>>,
+    /// Tokens and tenants known to exist, so that authenticating a request needs no
+    /// query. Tokens leave it when revoked; tenants are never deleted.
+    known: Arc<Mutex<Known>>,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    tokens: std::collections::HashMap<Vec<u8>, Principal>,
+    tenants: std::collections::HashSet<String>,
 }
 
 impl Database {
@@ -242,6 +251,7 @@ impl Database {
         }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            known: Arc::default(),
         })
     }
 
@@ -270,11 +280,34 @@ impl Database {
     }
 
     pub fn tenant_exists(&self, name: &str) -> Result<bool, DbError> {
-        Ok(self
+        if self.known().tenants.contains(name) {
+            return Ok(true);
+        }
+        let exists = self
             .conn()
             .query_row("SELECT 1 FROM tenants WHERE name = ?1", [name], |_| Ok(()))
             .optional()?
-            .is_some())
+            .is_some();
+        if exists {
+            self.known().tenants.insert(name.to_owned());
+        }
+        Ok(exists)
+    }
+
+    fn known(&self) -> MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Who the secret belongs to, when that is already known without a query; `None`
+    /// means "ask [`authenticate`](Self::authenticate)", not "unknown token".
+    pub fn cached_principal(&self, secret: &str) -> Option<Principal> {
+        let hash = Sha256::digest(secret.as_bytes()).to_vec();
+        self.known().tokens.get(&hash).cloned()
+    }
+
+    /// Whether the tenant is known to exist without a query.
+    pub fn cached_tenant(&self, name: &str) -> bool {
+        self.known().tenants.contains(name)
     }
 
     pub fn tenants(&self) -> Result<Vec<String>, DbError> {
@@ -317,18 +350,25 @@ impl Database {
     /// Who the secret belongs to, if it is a known token.
     pub fn authenticate(&self, secret: &str) -> Result<Option<Principal>, DbError> {
         let hash = Sha256::digest(secret.as_bytes()).to_vec();
+        if let Some(principal) = self.known().tokens.get(&hash) {
+            return Ok(Some(principal.clone()));
+        }
         let row: Option<(Option<String>, bool)> = self
             .conn()
             .query_row(
                 "SELECT tenant, admin FROM tokens WHERE hash = ?1",
-                [hash],
+                [&hash],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
             .optional()?;
-        Ok(row.map(|(tenant, admin)| match (admin, tenant) {
+        let principal = row.map(|(tenant, admin)| match (admin, tenant) {
             (true, _) | (false, None) => Principal::Admin,
             (false, Some(tenant)) => Principal::Tenant(tenant),
-        }))
+        });
+        if let Some(principal) = &principal {
+            self.known().tokens.insert(hash, principal.clone());
+        }
+        Ok(principal)
     }
 
     pub fn has_admin_token(&self) -> Result<bool, DbError> {
@@ -362,10 +402,17 @@ impl Database {
     }
 
     pub fn revoke_token(&self, id: &str) -> Result<bool, DbError> {
-        Ok(self
-            .conn()
-            .execute("DELETE FROM tokens WHERE id = ?1", [id])?
-            == 1)
+        let conn = self.conn();
+        let hash: Option<Vec<u8>> = conn
+            .query_row("SELECT hash FROM tokens WHERE id = ?1", [id], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        let revoked = conn.execute("DELETE FROM tokens WHERE id = ?1", [id])? == 1;
+        if let Some(hash) = hash {
+            self.known().tokens.remove(&hash);
+        }
+        Ok(revoked)
     }
 
     fn decode_info(text: &str) -> Result<ModuleInfo, DbError> {

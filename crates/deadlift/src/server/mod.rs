@@ -215,6 +215,23 @@ pub(crate) async fn authenticate(
         })
         .transpose()?;
     let db = agent.db().clone();
+    // Known tokens and tenants are answered from memory, without a blocking query.
+    if let Some(principal) = db.cached_principal(&token) {
+        let acting_for = match &principal {
+            Principal::Tenant(tenant) => Some(Some(tenant.clone())),
+            Principal::Admin => match &named {
+                Some(tenant) if db.cached_tenant(tenant) => Some(named.clone()),
+                Some(_) => None,
+                None => Some(None),
+            },
+        };
+        if let Some(acting_for) = acting_for {
+            return Ok(Caller {
+                principal,
+                acting_for,
+            });
+        }
+    }
     tokio::task::spawn_blocking(move || {
         let principal = db
             .authenticate(&token)?
