@@ -763,6 +763,21 @@ pub fn run_summary(
         .transpose()
 }
 
+/// The summary of one run, by id.
+pub fn run_summary_by_id(
+    conn: &Connection,
+    run_id: &str,
+) -> Result<Option<(String, RunSummary)>, DbError> {
+    let seq: Option<i64> = conn
+        .prepare_cached("SELECT seq FROM runs WHERE id = ?1")?
+        .query_row(params![run_id], |row| row.get(0))
+        .optional()?;
+    match seq {
+        Some(seq) => run_summary(conn, seq),
+        None => Ok(None),
+    }
+}
+
 /// Dead letters of a tenant, newest first; replayed ones only when asked.
 pub fn dead_letters(
     conn: &Connection,

@@ -767,12 +767,7 @@ impl Runner {
         let db = self.db.clone();
         let id = run_id.to_owned();
         let already = tokio::task::spawn_blocking(move || {
-            let conn = db.lock();
-            conn.query_row("SELECT seq FROM runs WHERE id = ?1", [&id], |row| {
-                row.get::<_, i64>(0)
-            })
-            .ok()
-            .and_then(|seq| journal::run_summary(&conn, seq).ok().flatten())
+            journal::run_summary_by_id(&db.lock(), &id).ok().flatten()
         })
         .await
         .ok()
