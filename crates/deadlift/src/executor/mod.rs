@@ -550,6 +550,7 @@ fn begin_call(
     call.ctx.tenant.clone_from(&ctx.tenant);
     call.ctx.run_id.clone_from(&ctx.run_id);
     call.ctx.cancel = ctx.cancel.clone();
+    call.ctx.emitted.clone_from(&ctx.emitted);
     call.config.clone_from(&grant.config);
     call.timeout = grant.timeout;
     call.deadline = started.checked_add(grant.timeout);

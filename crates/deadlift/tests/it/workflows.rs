@@ -174,11 +174,91 @@ async fn a_pipeline_calls_modules_checks_conditions_and_emits_events_that_start_
     assert_eq!(listener["input"], json!({"result": 5, "original": 15}));
     assert_eq!(listener["output"], 15);
     assert_eq!(listener["trace_id"], run["trace_id"]);
+    let trace = run["trace_id"].as_str().unwrap();
+    let same_trace = client.get(&format!("/v1/runs?trace_id={trace}")).await;
+    assert_eq!(
+        same_trace["runs"].as_array().unwrap().len(),
+        2,
+        "{same_trace}"
+    );
 
     // A false condition skips the step and passes its input through.
     let run = client.run("calc", json!(1)).await;
     assert_eq!(run["steps"][1]["status"], "skipped");
     assert_eq!(run["output"], 11);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn events_a_module_emits_commit_with_its_step_and_start_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let client = Client::new(&agent);
+    client.push("emitter", "emitter").await;
+    client.push("add-ten", "add_ten").await;
+    client
+        .applied(
+            "announcer",
+            r#"
+            [[steps]]
+            id = "say"
+            call = "emitter"
+            function = "emit_event"
+            input = "{'type': 'chain.next', 'data': input}"
+            grant = { host_functions = ["emit"] }
+            "#,
+        )
+        .await;
+    client
+        .applied(
+            "chained",
+            "trigger = { event = \"chain.next\" }\n[[steps]]\nid = \"add\"\ncall = \"add-ten\"\n",
+        )
+        .await;
+    let run = client.run("announcer", json!(32)).await;
+    assert_eq!(run["output"], json!({"emitted": "chain.next"}));
+    let emitted = run["steps"][0]["emitted"][0].as_str().unwrap().to_owned();
+    let chained = client
+        .runs_until(&format!("event_id={emitted}"), finished)
+        .await;
+    let chained = client.run_by_id(chained[0]["id"].as_str().unwrap()).await;
+    assert_eq!(chained["output"], 42);
+    assert_eq!(chained["trace_id"], run["trace_id"]);
+    assert_eq!(chained["event"]["deadliftdepth"], 1);
+
+    // Outside a run (an embedder's own call), `emit` goes through the same durable inbox.
+    let engine = agent.agent.engine();
+    let emitter = engine.registry().resolve("default", "emitter").unwrap().id;
+    engine
+        .call(
+            &emitter,
+            "emit_event",
+            br#"{"type": "chain.next", "data": 1}"#,
+            &deadlift::Grant::default().allow(["emit"]),
+            &deadlift::CallContext::new("default"),
+        )
+        .await
+        .unwrap();
+    let chained = client
+        .runs_until("workflow=chained", |r| r.len() == 2 && finished(r))
+        .await;
+    assert_eq!(
+        client.run_by_id(chained[0]["id"].as_str().unwrap()).await["output"],
+        11
+    );
+
+    // A step whose grant lacks `emit` is refused when applied, naming the import.
+    let refused = client
+        .apply(
+            "ungranted",
+            "[[steps]]\nid = \"say\"\ncall = \"emitter\"\nfunction = \"emit_event\"\n",
+        )
+        .await;
+    let message = TestAgent::expect_error(refused, 400, "workflow_invalid").await;
+    assert!(
+        message.contains("steps[0].grant.host_functions") && message.contains("emit"),
+        "{message}"
+    );
     agent.stop().await;
 }
 
@@ -405,6 +485,14 @@ async fn the_same_event_id_never_starts_a_second_run() {
         .runs_until("workflow=adder", |r| r.len() >= 2 && finished(r))
         .await;
     assert_eq!(runs.len(), 2);
+    // Paging: one at a time, newest first.
+    let first = client.get("/v1/runs?workflow=adder&limit=1").await;
+    let next = first["next"].as_i64().unwrap();
+    let second = client
+        .get(&format!("/v1/runs?workflow=adder&limit=1&before={next}"))
+        .await;
+    assert_eq!(second["runs"][0]["id"], runs[1]["id"]);
+    assert_ne!(first["runs"][0]["id"], second["runs"][0]["id"]);
     // Not matching: no run.
     let other = client.publish(event("o-1", "letters.new", json!(1))).await;
     assert!(other["events"][0]["runs"].as_array().unwrap().is_empty());
