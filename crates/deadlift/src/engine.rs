@@ -194,6 +194,7 @@ impl EngineBuilder {
             wasmtime,
             linker,
             host_names,
+            http: Arc::default(),
             registry: Registry::new(modules),
             compiled: RwLock::new(HashMap::new()),
             shards: (0..self.workers).map(|_| Shard::default()).collect(),
@@ -334,6 +335,8 @@ struct Inner {
     wasmtime: wasmtime::Engine,
     linker: Linker<StoreData>,
     host_names: HashSet<String>,
+    /// Outbound HTTP for `http_request`, shared by every instance.
+    http: Arc<executor::http::Outbound>,
     registry: Registry,
     compiled: RwLock<HashMap<ModuleId, Arc<Compiled>>>,
     shards: Box<[Shard]>,
@@ -594,11 +597,12 @@ impl Inner {
         grant: &Grant,
         ctx: &CallContext,
     ) -> Result<Instance, CallError> {
-        let created = match Instance::new(&pool.pre, grant, self.log_level, ctx) {
+        let created = match Instance::new(&pool.pre, grant, self.log_level, ctx, self.http.clone())
+        {
             Err(CallError::Overloaded { .. }) => {
                 // Every slot is taken: give up warm instances everywhere and try once more.
                 self.evict_idle();
-                Instance::new(&pool.pre, grant, self.log_level, ctx)
+                Instance::new(&pool.pre, grant, self.log_level, ctx, self.http.clone())
             }
             other => other,
         }?;

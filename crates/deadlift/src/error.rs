@@ -47,6 +47,8 @@ pub enum CallError {
     ExitCode { code: i32 },
     #[error("host function `{name}` failed: {message}")]
     HostFunction { name: String, message: String },
+    #[error("{reason}")]
+    HttpDenied { url: String, reason: String },
     #[error("the grant is invalid: {reason}")]
     GrantInvalid { reason: String },
     #[error("the engine is at capacity: {reason}")]
@@ -76,6 +78,7 @@ impl CallError {
             Self::Guest { .. } => "guest_error",
             Self::ExitCode { .. } => "guest_exit_code",
             Self::HostFunction { .. } => "host_function_failed",
+            Self::HttpDenied { .. } => "http_denied",
             Self::GrantInvalid { .. } => "grant_invalid",
             Self::Overloaded { .. } => "overloaded",
             Self::Internal { .. } => "internal",

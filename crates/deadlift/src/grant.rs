@@ -17,6 +17,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_IO_BYTES: u64 = 4 * 1024 * 1024;
 /// The default cap on an instance's Extism vars, as the SDK's.
 pub const DEFAULT_MAX_VAR_BYTES: u64 = 1024 * 1024;
+/// Default cap on an HTTP response body.
+pub const DEFAULT_MAX_HTTP_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// What a module may do when it runs. `Grant::default()` allows no host function and
 /// modest limits; everything else must be granted explicitly.
@@ -38,6 +40,12 @@ pub struct Grant {
     pub max_var_bytes: u64,
     /// Config values the module reads with `config_get`.
     pub config: BTreeMap<String, String>,
+    /// Hosts `http_request` may reach: globs over the URL's host name
+    /// (`api.example.com`, `*.example.com`). An IP address must be listed exactly.
+    /// Empty: no outbound HTTP.
+    pub allowed_hosts: Vec<String>,
+    /// Largest HTTP response body `http_request` accepts.
+    pub max_http_response_bytes: u64,
 }
 
 impl Default for Grant {
@@ -51,6 +59,8 @@ impl Default for Grant {
             max_output_bytes: DEFAULT_MAX_IO_BYTES,
             max_var_bytes: DEFAULT_MAX_VAR_BYTES,
             config: BTreeMap::new(),
+            allowed_hosts: Vec::new(),
+            max_http_response_bytes: DEFAULT_MAX_HTTP_RESPONSE_BYTES,
         }
     }
 }
@@ -94,6 +104,12 @@ impl Grant {
 
     pub fn with_max_var_bytes(mut self, bytes: u64) -> Self {
         self.max_var_bytes = bytes;
+        self
+    }
+
+    /// Lets `http_request` reach hosts matching `pattern` (see `allowed_hosts`).
+    pub fn allow_host(mut self, pattern: impl Into<String>) -> Self {
+        self.allowed_hosts.push(pattern.into());
         self
     }
 

@@ -93,6 +93,68 @@ fn take_str(data: &mut StoreData, handle: u64, what: &str, function: &str) -> Re
     Ok(text)
 }
 
+/// `http_request(request, body) -> response body`: the request is JSON (url, method,
+/// headers); both handles are the host's to free. Performed only for allowed hosts.
+fn http_request(mut c: Ctx<'_>, request: i64, body: i64) -> Res<i64> {
+    const NAME: &str = "http_request";
+    let data = c.data_mut();
+    data.call.http_status = 0;
+    data.call.http_headers.clear();
+    let Some(bytes) = data.memory.block(h(request)) else {
+        return Err(env_failure(
+            NAME,
+            format!("invalid handle offset for http request: {request}"),
+        ));
+    };
+    let parsed: Result<super::http::GuestRequest, _> = serde_json::from_slice(bytes);
+    data.memory.free(h(request));
+    let parsed = parsed.map_err(|e| {
+        env_failure(
+            NAME,
+            format!("the request is not JSON {{\"url\", \"method\", \"headers\"}}: {e}"),
+        )
+    })?;
+    let body_bytes = match h(body) {
+        0 => None,
+        handle => {
+            let bytes = data
+                .memory
+                .block(handle)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| {
+                    env_failure(
+                        NAME,
+                        format!("invalid handle offset for http request body: {body}"),
+                    )
+                })?;
+            data.memory.free(handle);
+            Some(bytes)
+        }
+    };
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return Err(env_failure(
+            NAME,
+            "outbound HTTP cannot run on an async thread; call through Engine::call",
+        ));
+    }
+    let call = &data.call;
+    let response = data
+        .http
+        .clone()
+        .send(
+            parsed,
+            body_bytes,
+            &call.allowed_hosts,
+            call.max_http_response_bytes,
+            call.remaining(),
+            call.timeout(),
+        )
+        .map_err(abort)?;
+    data.call.http_status = response.status;
+    data.call.http_headers = response.headers;
+    put(data, &response.body)
+}
+
 /// Copies `bytes` into a new block; empty is handle 0 (as the SDK's `memory_new`).
 fn put(data: &mut StoreData, bytes: &[u8]) -> Res<i64> {
     let StoreData { memory, budget, .. } = data;
@@ -198,27 +260,18 @@ pub(crate) fn define_env(linker: &mut Linker<StoreData>) -> Res<()> {
     })?;
     linker.func_wrap(ENV, "var_set", var_set)?;
 
-    linker.func_wrap(
-        ENV,
-        "http_request",
-        |mut c: Ctx<'_>, request: i64, body: i64| -> Res<i64> {
-            let data = c.data_mut();
-            let url = data
-                .memory
-                .block(h(request))
-                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(bytes).ok())
-                .and_then(|v| v.get("url").and_then(|u| u.as_str()).map(str::to_owned))
-                .unwrap_or_default();
-            data.memory.free(h(request));
-            data.memory.free(h(body));
-            tracing::debug!(url, "http_request denied: outbound HTTP is not available");
-            Err(abort(CallError::HostFunctionDenied {
-                name: "http_request".to_owned(),
-            }))
-        },
-    )?;
-    linker.func_wrap(ENV, "http_status_code", |_: Ctx<'_>| -> i32 { 0 })?;
-    linker.func_wrap(ENV, "http_headers", |_: Ctx<'_>| -> i64 { 0 })?;
+    linker.func_wrap(ENV, "http_request", http_request)?;
+    linker.func_wrap(ENV, "http_status_code", |c: Ctx<'_>| -> i32 {
+        i32::from(c.data().call.http_status)
+    })?;
+    linker.func_wrap(ENV, "http_headers", |mut c: Ctx<'_>| -> Res<i64> {
+        let data = c.data_mut();
+        if data.call.http_headers.is_empty() {
+            return Ok(0);
+        }
+        let json = serde_json::to_vec(&data.call.http_headers).unwrap_or_default();
+        put(data, &json)
+    })?;
 
     for level in LogLevel::ALL {
         linker.func_wrap(ENV, level.import_name(), move |mut c: Ctx<'_>, msg: i64| {

@@ -11,6 +11,7 @@
 //! guest linear memory and Extism memory alike.
 
 pub(crate) mod abi;
+pub(crate) mod http;
 pub mod memory;
 
 use std::collections::{BTreeMap, HashMap};
@@ -160,9 +161,27 @@ impl GrowthBudget for MemoryBudget {
 pub(crate) struct CallState {
     pub ctx: CallContext,
     pub config: BTreeMap<String, String>,
+    pub allowed_hosts: Vec<String>,
+    pub max_http_response_bytes: u64,
+    /// Status and headers of the call's last `http_request`.
+    pub http_status: u16,
+    pub http_headers: BTreeMap<String, String>,
     deadline: Option<Instant>,
     timeout: Duration,
     logs: Vec<LogLine>,
+}
+
+impl CallState {
+    /// Time left before the call's deadline.
+    pub(crate) fn remaining(&self) -> Duration {
+        self.deadline.map_or(self.timeout, |d| {
+            d.saturating_duration_since(Instant::now())
+        })
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
 }
 
 /// Everything a store holds besides wasm state.
@@ -175,6 +194,8 @@ pub(crate) struct StoreData {
     pub max_var_bytes: u64,
     pub log_level: LogLevel,
     pub call: CallState,
+    /// The engine's outbound HTTP client (made on first use).
+    pub http: Arc<http::Outbound>,
 }
 
 impl StoreData {
@@ -340,8 +361,10 @@ impl Instance {
         grant: &Grant,
         log_level: LogLevel,
         ctx: &CallContext,
+        http: Arc<http::Outbound>,
     ) -> Result<Self, CallError> {
         let data = StoreData {
+            http,
             memory: ExtismMemory::new(),
             budget: MemoryBudget {
                 limit: grant.memory_bytes,
@@ -552,6 +575,10 @@ fn begin_call(
     call.ctx.cancel = ctx.cancel.clone();
     call.ctx.emitted.clone_from(&ctx.emitted);
     call.config.clone_from(&grant.config);
+    call.allowed_hosts.clone_from(&grant.allowed_hosts);
+    call.max_http_response_bytes = grant.max_http_response_bytes;
+    call.http_status = 0;
+    call.http_headers.clear();
     call.timeout = grant.timeout;
     call.deadline = started.checked_add(grant.timeout);
     call.logs.clear();

@@ -92,6 +92,7 @@ pub fn status_of(code: &str) -> StatusCode {
         | "function_signature"
         | "link_failed"
         | "output_not_json"
+        | "http_denied"
         | "expression_failed"
         | "event_chain_too_deep"
         | "run_failed" => StatusCode::UNPROCESSABLE_ENTITY,
@@ -187,6 +188,7 @@ fn run_failure_code(code: &str) -> &'static str {
         "guest_error",
         "guest_exit_code",
         "host_function_failed",
+        "http_denied",
         "grant_invalid",
         "overloaded",
         "output_not_json",

@@ -219,7 +219,8 @@ impl ErrorKind {
             | CallError::Link { .. }
             | CallError::InputTooLarge { .. }
             | CallError::OutputTooLarge { .. }
-            | CallError::GrantInvalid { .. } => Self::Config,
+            | CallError::GrantInvalid { .. }
+            | CallError::HttpDenied { .. } => Self::Config,
         }
     }
 }

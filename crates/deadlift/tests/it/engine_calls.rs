@@ -233,27 +233,6 @@ fn a_host_function_the_agent_does_not_offer_is_named() {
 }
 
 #[test]
-fn http_request_is_denied_until_granted_http_exists() {
-    let engine = common::engine();
-    let module = add_bytes(
-        &engine,
-        TENANT,
-        "http",
-        wat(r#"(module
-            (import "extism:host/env" "http_request" (func $http (param i64 i64) (result i64)))
-            (func (export "fetch") (result i32)
-                (drop (call $http (i64.const 0) (i64.const 0)))
-                (i32.const 0)))"#),
-    );
-    assert_eq!(
-        call(&engine, &module, "fetch", b"", &Grant::default()).unwrap_err(),
-        CallError::HostFunctionDenied {
-            name: "http_request".into()
-        }
-    );
-}
-
-#[test]
 fn wasi_imports_are_denied_with_a_clear_error() {
     let engine = common::engine();
     let module = add_bytes(

@@ -11,6 +11,7 @@ mod differential;
 mod engine_calls;
 mod isolation;
 mod limits;
+mod outbound;
 mod registry;
 mod server_api;
 mod server_v1;
