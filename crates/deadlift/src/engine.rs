@@ -679,11 +679,13 @@ impl Inner {
                 return Err(CallError::HostFunctionDenied { name: name.clone() });
             }
         }
-        if let Some(name) = compiled.wasi_imports.first() {
+        if let Some(name) = compiled.wasi_imports.first()
+            && !grant.wasi
+        {
             return Err(CallError::ImportDenied {
                 module: WASI_P1.to_owned(),
                 name: name.clone(),
-                reason: "WASI is not available to plug-ins on this agent yet".to_owned(),
+                reason: "the grant does not allow WASI".to_owned(),
             });
         }
         let pre = self

@@ -46,6 +46,12 @@ pub struct Grant {
     pub allowed_hosts: Vec<String>,
     /// Largest HTTP response body `http_request` accepts.
     pub max_http_response_bytes: u64,
+    /// Whether the module may import WASI preview 1 (no environment, no arguments;
+    /// stdout and stderr go to the call's logs; clocks and random).
+    pub wasi: bool,
+    /// Directories WASI opens for the module: host directory (prefixed `ro:` for
+    /// read-only) → the path the guest sees. Nothing else of the file system is visible.
+    pub allowed_paths: BTreeMap<String, String>,
 }
 
 impl Default for Grant {
@@ -61,6 +67,8 @@ impl Default for Grant {
             config: BTreeMap::new(),
             allowed_hosts: Vec::new(),
             max_http_response_bytes: DEFAULT_MAX_HTTP_RESPONSE_BYTES,
+            wasi: false,
+            allowed_paths: BTreeMap::new(),
         }
     }
 }
@@ -113,6 +121,29 @@ impl Grant {
         self
     }
 
+    /// Allows WASI preview 1.
+    pub fn with_wasi(mut self) -> Self {
+        self.wasi = true;
+        self
+    }
+
+    /// Maps a host directory into the guest's WASI file system (read-only or not).
+    pub fn with_dir(
+        mut self,
+        host: impl Into<String>,
+        guest: impl Into<String>,
+        read_only: bool,
+    ) -> Self {
+        let host = host.into();
+        let key = if read_only {
+            format!("ro:{host}")
+        } else {
+            host
+        };
+        self.allowed_paths.insert(key, guest.into());
+        self
+    }
+
     pub fn with_config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.config.insert(key.into(), value.into());
         self
@@ -125,6 +156,8 @@ impl Grant {
             host_functions: self.host_functions.clone(),
             memory_bytes: self.memory_bytes,
             max_var_bytes: self.max_var_bytes,
+            wasi: self.wasi,
+            allowed_paths: self.allowed_paths.clone(),
         }
     }
 }
@@ -135,6 +168,8 @@ pub(crate) struct InstanceShape {
     pub host_functions: BTreeSet<String>,
     pub memory_bytes: u64,
     pub max_var_bytes: u64,
+    pub wasi: bool,
+    pub allowed_paths: BTreeMap<String, String>,
 }
 
 impl InstanceShape {
@@ -144,6 +179,8 @@ impl InstanceShape {
         self.memory_bytes == grant.memory_bytes
             && self.max_var_bytes == grant.max_var_bytes
             && self.host_functions == grant.host_functions
+            && self.wasi == grant.wasi
+            && self.allowed_paths == grant.allowed_paths
     }
 }
 

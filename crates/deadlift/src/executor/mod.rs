@@ -13,6 +13,7 @@
 pub(crate) mod abi;
 pub(crate) mod http;
 pub mod memory;
+pub(crate) mod wasi;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -196,9 +197,48 @@ pub(crate) struct StoreData {
     pub call: CallState,
     /// The engine's outbound HTTP client (made on first use).
     pub http: Arc<http::Outbound>,
+    /// WASI, when the grant allows it.
+    pub wasi: Option<wasi::WasiState>,
 }
 
 impl StoreData {
+    /// The WASI context for WASI imports. Modules import WASI only under a grant that
+    /// allows it (the engine refuses them otherwise), so the empty context, which can
+    /// reach nothing, is never really used.
+    fn wasi_ctx(&mut self) -> &mut wasi_common::WasiCtx {
+        &mut self
+            .wasi
+            .get_or_insert_with(|| wasi::WasiState {
+                ctx: wasi_common::sync::WasiCtxBuilder::new().build(),
+                stdout: wasi::Captured::default(),
+                stderr: wasi::Captured::default(),
+            })
+            .ctx
+    }
+
+    /// Moves what the guest wrote to stdout (as info) and stderr (as warnings) into
+    /// the call's logs, a line each.
+    fn collect_wasi_output(&mut self) {
+        let Some(state) = &self.wasi else {
+            return;
+        };
+        let streams = [
+            (LogLevel::Info, state.stdout.take()),
+            (LogLevel::Warn, state.stderr.take()),
+        ];
+        for (level, (bytes, truncated)) in streams {
+            for line in String::from_utf8_lossy(&bytes).lines() {
+                self.push_log(level, line.to_owned());
+            }
+            if truncated {
+                self.push_log(
+                    LogLevel::Warn,
+                    format!("(output over {} bytes dropped)", wasi::MAX_CAPTURED_BYTES),
+                );
+            }
+        }
+    }
+
     pub(crate) fn push_log(&mut self, level: LogLevel, message: String) {
         let time_unix_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -297,6 +337,7 @@ pub(crate) fn linker(
 ) -> wasmtime::Result<Linker<StoreData>> {
     let mut linker = Linker::new(engine);
     abi::define_env(&mut linker)?;
+    wasi_common::sync::add_to_linker(&mut linker, StoreData::wasi_ctx)?;
     for function in host_functions {
         abi::define_user(&mut linker, function)?;
     }
@@ -363,8 +404,14 @@ impl Instance {
         ctx: &CallContext,
         http: Arc<http::Outbound>,
     ) -> Result<Self, CallError> {
+        let wasi = if grant.wasi {
+            Some(wasi::context(grant)?)
+        } else {
+            None
+        };
         let data = StoreData {
             http,
+            wasi,
             memory: ExtismMemory::new(),
             budget: MemoryBudget {
                 limit: grant.memory_bytes,
@@ -509,8 +556,21 @@ impl Instance {
         if function == "_start" {
             self.spent = true;
         }
+        // A WASI `proc_exit(0)` is a success, as in the SDK; another code is the exit code.
+        let result = match result {
+            Err(e) => match e.downcast_ref::<wasi_common::I32Exit>() {
+                Some(wasi_common::I32Exit(0)) => Ok(0),
+                Some(wasi_common::I32Exit(code)) => {
+                    self.spent = true;
+                    Ok(*code)
+                }
+                None => Err(e),
+            },
+            ok => ok,
+        };
         let fuel_used = fuel_budget.saturating_sub(self.store.get_fuel().unwrap_or(0));
         let data = self.store.data_mut();
+        data.collect_wasi_output();
         let logs = std::mem::take(&mut data.call.logs);
         data.call.deadline = None;
         let guest_error = data

@@ -488,6 +488,14 @@ impl Workflow {
                         }
                         grant.timeout = Duration::from_millis(ms);
                     }
+                    if !grant.allowed_paths.is_empty() {
+                        // A workflow is a tenant's document; the host's file system is
+                        // the operator's to share, not the tenant's.
+                        fail(
+                            at("grant.allowed_paths"),
+                            "directories of the agent's host cannot be mapped by a workflow".into(),
+                        );
+                    }
                     let retry = step.retry.clone().unwrap_or_default();
                     if retry.attempts == 0 || retry.attempts > MAX_ATTEMPTS {
                         fail(
@@ -683,6 +691,10 @@ mod tests {
             function = "f"
             [[steps]]
             id = "3rd"
+            [[steps]]
+            id = "files"
+            call = "m"
+            grant = { wasi = true, allowed_paths = { "/" = "/host" } }
             "#,
         )
         .unwrap_err();
@@ -697,6 +709,7 @@ mod tests {
             "steps[1].function",
             "steps[2].id",
             "steps[2]",
+            "steps[3].grant.allowed_paths",
         ] {
             assert!(
                 fields.contains(&expected.to_string()),

@@ -77,6 +77,9 @@ struct Setup {
     timeout: Duration,
     fuel: Option<u64>,
     max_var_bytes: u64,
+    wasi: bool,
+    /// Host directory (`ro:` prefix for read-only) → guest path, as in an SDK manifest.
+    allowed_paths: Vec<(String, String)>,
 }
 
 impl Default for Setup {
@@ -87,6 +90,8 @@ impl Default for Setup {
             timeout: Duration::from_secs(5),
             fuel: None,
             max_var_bytes: 1024 * 1024,
+            wasi: false,
+            allowed_paths: Vec::new(),
         }
     }
 }
@@ -104,6 +109,8 @@ impl Setup {
             .with_max_input_bytes(64 << 20)
             .with_max_output_bytes(64 << 20);
         grant.fuel = self.fuel;
+        grant.wasi = self.wasi;
+        grant.allowed_paths = self.allowed_paths.iter().cloned().collect();
         for (k, v) in &self.config {
             grant = grant.with_config(*k, *v);
         }
@@ -118,8 +125,11 @@ impl Setup {
         for (k, v) in &self.config {
             manifest = manifest.with_config_key(*k, *v);
         }
+        for (host, guest) in &self.allowed_paths {
+            manifest = manifest.with_allowed_path(host.clone(), guest);
+        }
         let mut builder = PluginBuilder::new(manifest)
-            .with_wasi(false)
+            .with_wasi(self.wasi)
             .with_cache_disabled()
             .with_functions(sdk_host_functions());
         if let Some(fuel) = self.fuel {
@@ -407,4 +417,57 @@ fn limits_match() {
             ("alloc_mib", b"1".to_vec()),
         ],
     );
+}
+
+/// The common exports of the C and Zig guests (`guests/c`, `guests/zig`).
+fn other_language_calls() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("greet", b"Ada".to_vec()),
+        ("greet", Vec::new()),
+        ("count", Vec::new()),
+        ("count", Vec::new()),
+        ("count", b"ignored".to_vec()),
+        ("call_reflect", b"xyz".to_vec()),
+        ("call_reflect", Vec::new()),
+        ("call_reflect", vec![0xff, 0x00, 0x80]),
+        ("missing_export", Vec::new()),
+    ]
+}
+
+#[test]
+fn guests_in_c_and_zig_match() {
+    let greeting = Setup {
+        config: vec![("greeting", "Hi")],
+        ..Setup::default()
+    };
+    compare("c_guest", &Setup::default(), &other_language_calls());
+    compare("c_guest", &greeting, &other_language_calls());
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hello.txt"), "hello from the host\n").unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("sub/bin.dat"), vec![7u8; 10_000]).unwrap();
+    std::fs::write(dir.path().join("empty.txt"), "").unwrap();
+    let host = dir.path().to_str().unwrap().to_owned();
+    let mut calls = other_language_calls();
+    for path in [
+        "/data/hello.txt",
+        "/data/sub/bin.dat",
+        "/data/empty.txt",
+        "/data/missing.txt",
+        "/data/sub",
+        "/etc/passwd",
+        "/data/../../etc/passwd",
+        "",
+    ] {
+        calls.push(("read_file", path.as_bytes().to_vec()));
+    }
+    for mapping in [host.clone(), format!("ro:{host}")] {
+        let wasi = Setup {
+            wasi: true,
+            allowed_paths: vec![(mapping, "/data".into())],
+            ..greeting.clone()
+        };
+        compare("zig_guest", &wasi, &calls);
+    }
 }

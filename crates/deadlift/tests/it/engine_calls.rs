@@ -233,7 +233,7 @@ fn a_host_function_the_agent_does_not_offer_is_named() {
 }
 
 #[test]
-fn wasi_imports_are_denied_with_a_clear_error() {
+fn wasi_imports_are_denied_without_the_wasi_grant() {
     let engine = common::engine();
     let module = add_bytes(
         &engine,

@@ -15,4 +15,5 @@ mod outbound;
 mod registry;
 mod server_api;
 mod server_v1;
+mod wasi;
 mod workflows;
