@@ -178,6 +178,75 @@ fn new_instance(c: &mut Criterion) {
     group.finish();
 }
 
+/// The WASI guest (`guests/zig`, wasm32-wasi) with WASI granted and one directory
+/// mapped, on both sides: a new instance with its first call, and a warm call.
+fn wasi_guest(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join("deadlift-bench-wasi");
+    std::fs::create_dir_all(&dir).expect("bench directory");
+    std::fs::write(dir.join("hello.txt"), "hello\n").expect("bench file");
+    let host = dir.to_str().expect("UTF-8 path").to_owned();
+    let ctx = CallContext::new(TENANT);
+    let mut grant = grant().with_wasi().with_dir(&host, "/data", true);
+    grant.max_var_bytes = 1 << 20;
+    let manifest = Manifest::new([Wasm::data(fixture("zig_guest"))])
+        .with_timeout(Duration::from_secs(30))
+        .with_allowed_path(format!("ro:{host}"), "/data");
+    let compiled = PluginBuilder::new(manifest)
+        .with_wasi(true)
+        .with_cache_disabled()
+        .with_functions(sdk_functions())
+        .compile()
+        .expect("sdk compile");
+
+    let mut group = c.benchmark_group("wasi_guest");
+    for (case, function, input) in [
+        ("greet", "greet", b"Ada".as_slice()),
+        ("read_file", "read_file", b"/data/hello.txt".as_slice()),
+    ] {
+        let cold = engine(0);
+        let module = register(&cold, "zig_guest");
+        group.bench_function(BenchmarkId::new("deadlift_new_instance", case), |b| {
+            b.iter(|| {
+                black_box(
+                    cold.call_blocking(&module, function, input, &grant, &ctx)
+                        .expect("call"),
+                )
+            })
+        });
+        group.bench_function(BenchmarkId::new("extism_new_instance", case), |b| {
+            b.iter(|| {
+                let mut plugin = Plugin::new_from_compiled(&compiled).expect("plugin");
+                black_box(
+                    plugin
+                        .call::<&[u8], Vec<u8>>(function, input)
+                        .expect("call"),
+                )
+            })
+        });
+        let warm = engine(8);
+        let module = register(&warm, "zig_guest");
+        group.bench_function(BenchmarkId::new("deadlift_warm", case), |b| {
+            b.iter(|| {
+                black_box(
+                    warm.call_blocking(&module, function, input, &grant, &ctx)
+                        .expect("call"),
+                )
+            })
+        });
+        let mut plugin = Plugin::new_from_compiled(&compiled).expect("plugin");
+        group.bench_function(BenchmarkId::new("extism_warm", case), |b| {
+            b.iter(|| {
+                black_box(
+                    plugin
+                        .call::<&[u8], Vec<u8>>(function, input)
+                        .expect("call"),
+                )
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Aggregate warm `add_ten` calls spread over `threads` threads; returns the elapsed time
 /// for `iters` calls in all.
 fn spread<S: Send + 'static>(
@@ -293,6 +362,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = warm_calls, new_instance, throughput
+    targets = warm_calls, new_instance, throughput, wasi_guest
 }
 criterion_main!(benches);
