@@ -245,6 +245,27 @@ struct RunArgs {
     /// Tenant the call runs for (scopes the built-in key-value store)
     #[arg(long, default_value = "default")]
     tenant: String,
+    /// Let the plug-in reach hosts matching this glob with http_request (repeatable;
+    /// an IP address must be given exactly)
+    #[arg(long = "allow-host", value_name = "PATTERN")]
+    allow_host: Vec<String>,
+    /// Allow WASI preview 1 (stdout and stderr are printed as log lines)
+    #[arg(long)]
+    wasi: bool,
+    /// Map a directory for WASI, HOST:GUEST or HOST:GUEST:ro (repeatable; implies --wasi)
+    #[arg(long = "dir", value_name = "HOST:GUEST[:ro]", value_parser = parse_dir)]
+    dirs: Vec<(String, String, bool)>,
+}
+
+fn parse_dir(raw: &str) -> Result<(String, String, bool), String> {
+    let (rest, read_only) = match raw.strip_suffix(":ro") {
+        Some(rest) => (rest, true),
+        None => (raw, false),
+    };
+    rest.split_once(':')
+        .filter(|(host, guest)| !host.is_empty() && !guest.is_empty())
+        .map(|(host, guest)| (host.to_owned(), guest.to_owned(), read_only))
+        .ok_or_else(|| format!("expected HOST:GUEST or HOST:GUEST:ro, got `{raw}`"))
 }
 
 fn parse_key_value(raw: &str) -> Result<(String, String), String> {
@@ -735,6 +756,11 @@ fn call(args: RunArgs) -> anyhow::Result<()> {
         .with_timeout(Duration::from_millis(args.timeout_ms))
         .with_memory_bytes(args.memory_bytes);
     grant.fuel = args.fuel;
+    grant.allowed_hosts = args.allow_host;
+    grant.wasi = args.wasi || !args.dirs.is_empty();
+    for (host, guest, read_only) in args.dirs {
+        grant = grant.with_dir(host, guest, read_only);
+    }
     grant.config.extend(args.config);
     let ctx = CallContext::new(args.tenant);
     let mut stdout = std::io::stdout().lock();
