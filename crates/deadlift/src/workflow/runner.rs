@@ -99,10 +99,12 @@ impl Runner {
         }
     }
 
-    /// Cancels a run executing now; false when it is not running here.
-    pub fn cancel(&self, run_id: &str) -> bool {
-        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        running.get(run_id).map(CancelToken::cancel).is_some()
+    /// Cancels a run: stops it if it is executing, and makes it stop before its first
+    /// step if it is still waiting in the queue. (Call after the journal has marked the
+    /// run cancelled.)
+    pub fn cancel(&self, run_id: &str) {
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        running.entry(run_id.to_owned()).or_default().cancel();
     }
 
     /// The compiled workflow version, from memory or the database.
@@ -189,11 +191,21 @@ impl Runner {
     /// Runs (or resumes) one durable run to its end, journaling as it goes.
     pub async fn execute(self: &Arc<Self>, ticket: RunTicket) {
         let ticket = Arc::new(ticket);
-        let cancel = CancelToken::new();
-        self.running
+        // A run cancelled while it was queued finds its token already cancelled.
+        let cancel = self
+            .running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(ticket.run_id.clone(), cancel.clone());
+            .entry(ticket.run_id.clone())
+            .or_default()
+            .clone();
+        if cancel.is_cancelled() {
+            self.running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&ticket.run_id);
+            return;
+        }
         if !ticket.started {
             let _ = self.commands.send(Command::Running {
                 run_seq: ticket.run_seq,

@@ -528,39 +528,69 @@ async fn a_schedule_starts_runs() {
 }
 
 #[tokio::test]
-async fn a_running_run_can_be_cancelled() {
+async fn running_and_queued_runs_can_be_cancelled() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = TestAgent::start(dir.path()).await;
+    // One run at a time, so the second run waits in the queue.
+    let agent = TestAgent::start_with(dir.path(), |b| b.max_concurrent_runs(1)).await;
     let client = Client::new(&agent);
     client.push("looper", "looper").await;
+    client.push("echo", "echo").await;
     client
         .applied(
             "forever",
-            "[[steps]]\nid = \"spin\"\ncall = \"looper\"\nfunction = \"loop_forever\"\ntimeout_ms = 60000\n",
+            r#"
+            [[steps]]
+            id = "spin"
+            if = "input == 'spin'"
+            call = "looper"
+            function = "loop_forever"
+            timeout_ms = 60000
+            [[steps]]
+            id = "done"
+            call = "echo"
+            function = "echo"
+            "#,
         )
         .await;
-    let started: Value = client
-        .request(Method::POST, "/v1/workflows/forever/runs")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = started["run_id"].as_str().unwrap().to_owned();
+    let api = &client;
+    let start = |input: &'static str| async move {
+        let started: Value = api
+            .request(Method::POST, "/v1/workflows/forever/runs")
+            .json(&input)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        started["run_id"].as_str().unwrap().to_owned()
+    };
+    let first = start("spin").await;
     client
         .runs_until("workflow=forever&status=running", |r| !r.is_empty())
         .await;
-    let cancelled = client
-        .request(Method::POST, &format!("/v1/runs/{id}/cancel"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(cancelled.status().as_u16(), 202);
-    let run = client.run_by_id(&id).await;
-    assert_eq!(run["status"], "cancelled");
+    // Quick if it ever ran: its steps would be journaled at once.
+    let second = start("quick").await;
+    for id in [&second, &first] {
+        let cancelled = client
+            .request(Method::POST, &format!("/v1/runs/{id}/cancel"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(cancelled.status().as_u16(), 202);
+    }
+    for id in [&first, &second] {
+        assert_eq!(client.run_by_id(id).await["status"], "cancelled");
+    }
+    // The queued run never started its step, even once the slot was free.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second_run = client.run_by_id(&second).await;
+    assert!(
+        second_run["steps"].as_array().unwrap().is_empty(),
+        "{second_run}"
+    );
     let again = client
-        .request(Method::POST, &format!("/v1/runs/{id}/cancel"))
+        .request(Method::POST, &format!("/v1/runs/{first}/cancel"))
         .send()
         .await
         .unwrap();
