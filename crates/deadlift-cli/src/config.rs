@@ -13,6 +13,9 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
+    /// This agent's name, as its peers know it [default: deadlift]
+    #[arg(long, env = "DEADLIFT_NAME")]
+    pub name: Option<String>,
     /// Address to listen on [default: 127.0.0.1:8080]
     #[arg(long, env = "DEADLIFT_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -69,6 +72,7 @@ fn parse_durability(text: &str) -> Result<deadlift::store::Durability, String> {
 /// [`ServeConfig`] with every default applied.
 #[derive(Debug, Clone)]
 pub struct Resolved {
+    pub name: String,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub admin_token: Option<String>,
@@ -92,6 +96,7 @@ impl ServeConfig {
     /// `self` (environment and flags) over `file`.
     pub fn over(self, file: Self) -> Self {
         Self {
+            name: self.name.or(file.name),
             listen: self.listen.or(file.listen),
             data_dir: self.data_dir.or(file.data_dir),
             admin_token: self.admin_token.or(file.admin_token),
@@ -136,6 +141,7 @@ impl ServeConfig {
                 .map_or(defaults.dedupe_window_ms, hours),
         };
         Resolved {
+            name: self.name.unwrap_or_else(|| "deadlift".to_owned()),
             listen: self
                 .listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 mod client;
 mod config;
+mod peers;
 mod workflows;
 
 use client::{Client, cell, table};
@@ -64,6 +65,14 @@ enum Command {
     /// List and replay dead letters
     #[command(subcommand)]
     Dlq(workflows::DlqCommand),
+    /// Print an agent's name and public key
+    Identity {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Manage peer agents and deliveries to them (admin)
+    #[command(subcommand)]
+    Peer(peers::PeerCommand),
     /// Load a plug-in locally (no agent) and call one of its functions
     Run(RunArgs),
     /// Validate a plug-in and list its imports and exports
@@ -320,6 +329,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Event(command) => runtime()?.block_on(workflows::event(command)),
         Command::Runs(command) => runtime()?.block_on(workflows::runs(command)),
         Command::Dlq(command) => runtime()?.block_on(workflows::dlq(command)),
+        Command::Identity { remote } => runtime()?.block_on(peers::identity(remote)),
+        Command::Peer(command) => runtime()?.block_on(peers::peer(command)),
     }
 }
 
@@ -337,7 +348,8 @@ async fn serve(config: config::Resolved) -> anyhow::Result<()> {
         .default_grant(config.grant.clone())
         .max_concurrent_runs(config.max_concurrent_runs)
         .retention(config.retention)
-        .durability(config.durability);
+        .durability(config.durability)
+        .name(&config.name);
     if let Some(workers) = config.workers {
         builder = builder.workers(workers);
     }

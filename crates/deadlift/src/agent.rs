@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::engine::{Engine, EngineError};
+use crate::federation::Identity;
 use crate::grant::Grant;
 use crate::host::HostFunction;
 use crate::store::{Database, DbError, Durability, Principal};
@@ -30,6 +31,8 @@ pub enum AgentError {
     Random(String),
     #[error("an agent must be built inside a Tokio runtime (its workflow runtime spawns tasks)")]
     NoRuntime,
+    #[error(transparent)]
+    Identity(#[from] crate::federation::IdentityError),
 }
 
 /// Builds an [`Agent`].
@@ -44,6 +47,7 @@ pub struct AgentBuilder {
     host_functions: Vec<HostFunction>,
     runtime: RuntimeConfig,
     durability: Durability,
+    name: String,
 }
 
 impl AgentBuilder {
@@ -58,6 +62,7 @@ impl AgentBuilder {
             host_functions: Vec::new(),
             runtime: RuntimeConfig::default(),
             durability: Durability::default(),
+            name: "deadlift".into(),
         }
     }
 
@@ -118,6 +123,13 @@ impl AgentBuilder {
     /// (`deadlift://<name>`).
     pub fn name(mut self, name: &str) -> Self {
         self.runtime.source = format!("deadlift://{name}");
+        self.name = name.to_owned();
+        self
+    }
+
+    /// How deliveries to peers are retried.
+    pub fn delivery(mut self, delivery: crate::federation::deliver::DeliveryConfig) -> Self {
+        self.runtime.delivery = delivery;
         self
     }
 
@@ -163,12 +175,14 @@ impl AgentBuilder {
                 Some(token)
             }
         };
+        let identity = Identity::load_or_create(&self.data_dir, &self.name)?;
         let workflows = Runtime::start(
             db.clone(),
             engine.clone(),
             inbox,
             inbox_receiver,
             self.runtime,
+            identity,
         )?;
         let agent = Agent {
             workflows,

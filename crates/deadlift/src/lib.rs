@@ -26,6 +26,7 @@ pub mod agent;
 pub mod engine;
 pub mod error;
 pub(crate) mod executor;
+pub mod federation;
 pub mod grant;
 pub mod host;
 pub mod registry;

@@ -125,6 +125,31 @@ CREATE TABLE dead_letters (
 );
 CREATE INDEX dead_letters_by_tenant ON dead_letters (tenant, id);
 "#,
+    r#"
+CREATE TABLE peers (
+    name TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    send TEXT NOT NULL,
+    accept TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL
+);
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY,
+    peer TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_unix_ms INTEGER NOT NULL,
+    last_error TEXT,
+    created_unix_ms INTEGER NOT NULL,
+    delivered_unix_ms INTEGER,
+    UNIQUE (peer, event_id)
+);
+CREATE INDEX outbox_due ON outbox (next_attempt_unix_ms) WHERE status = 'pending';
+"#,
 ];
 
 /// Errors of the database layer.

@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 
+mod federation;
 mod workflows;
 
 const BIN: &str = env!("CARGO_BIN_EXE_deadlift");
@@ -32,8 +33,12 @@ impl Server {
     }
 
     fn start_with(data_dir: &std::path::Path, env: &[(&str, &str)]) -> Self {
+        Self::start_on(data_dir, "127.0.0.1:0", env)
+    }
+
+    fn start_on(data_dir: &std::path::Path, listen: &str, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .env_remove("DEADLIFT_ADMIN_TOKEN")
             .envs(env.iter().copied())

@@ -12,8 +12,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::error::ErrorBody;
-use super::workflows;
 use super::{AgentState, ApiError, Caller, RawBody, json, multipart_error, parse_json};
+use super::{peers, workflows};
 use crate::agent::new_token;
 use crate::executor::LogLine;
 use crate::host::{CallContext, KvStore};
@@ -48,7 +48,9 @@ pub(super) fn routes() -> Router<AgentState> {
         workflows::apply_workflow, workflows::list_workflows, workflows::get_workflow,
         workflows::delete_workflow, workflows::start_run, workflows::publish_events,
         workflows::list_runs, workflows::get_run, workflows::retry_run, workflows::cancel_run,
-        workflows::live_runs, workflows::list_dead_letters, workflows::replay_dead_letter
+        workflows::live_runs, workflows::list_dead_letters, workflows::replay_dead_letter,
+        peers::identity, peers::list_peers, peers::add_peer, peers::remove_peer,
+        peers::outbox, peers::replay, peers::receive
     ),
     components(schemas(ErrorBody, ModuleInfo, CallResponse, LogLine, TokenInfo, CreatedToken, NewTenant, NewToken)),
     modifiers(&BearerAuth)

@@ -59,9 +59,12 @@ pub fn status_of(code: &str) -> StatusCode {
         | "subject_unknown"
         | "pipeline_empty"
         | "workflow_invalid"
-        | "event_invalid" => StatusCode::BAD_REQUEST,
-        "unauthorized" => StatusCode::UNAUTHORIZED,
-        "forbidden" => StatusCode::FORBIDDEN,
+        | "event_invalid"
+        | "peer_invalid" => StatusCode::BAD_REQUEST,
+        "unauthorized" | "peer_unknown" | "signature_invalid" | "signature_expired" => {
+            StatusCode::UNAUTHORIZED
+        }
+        "forbidden" | "event_not_accepted" => StatusCode::FORBIDDEN,
         "not_found"
         | "route_not_found"
         | "module_not_found"
@@ -71,10 +74,11 @@ pub fn status_of(code: &str) -> StatusCode {
         | "key_not_found"
         | "workflow_not_found"
         | "run_not_found"
+        | "peer_not_found"
         | "dead_letter_not_found" => StatusCode::NOT_FOUND,
         "method_not_allowed" => StatusCode::METHOD_NOT_ALLOWED,
         "module_conflict" | "tenant_exists" | "module_in_use" | "run_not_retryable"
-        | "run_not_open" => StatusCode::CONFLICT,
+        | "run_not_open" | "delivery_not_dead" => StatusCode::CONFLICT,
         "payload_too_large" | "input_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
         "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "trap"

@@ -7,6 +7,7 @@
 
 mod api;
 pub mod error;
+mod peers;
 mod v1;
 mod workflows;
 
@@ -38,6 +39,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .merge(api::routes())
         .merge(v1::routes())
         .merge(workflows::routes())
+        .merge(peers::routes())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -32,6 +32,8 @@ pub use spec::{FieldError, SpecError, Workflow, WorkflowSpec};
 pub use writer::{Ingested, RunUpdate};
 
 use crate::engine::Engine;
+use crate::federation::Identity;
+use crate::federation::peers::Peer;
 use crate::host::{CallContext, EmittedEvent, EventSink, SinkError};
 use crate::store::{Database, DbError};
 use runner::Runner;
@@ -63,6 +65,12 @@ pub enum WorkflowError {
     PipelineEmpty,
     #[error("{}", .0.message)]
     RunFailed(Failure),
+    #[error("the peer is invalid: {0}")]
+    PeerInvalid(String),
+    #[error("no peer named `{0}`")]
+    PeerNotFound(String),
+    #[error("delivery {0} is not dead, so it cannot be replayed")]
+    DeliveryNotDead(i64),
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -81,6 +89,9 @@ impl WorkflowError {
             Self::SubjectUnknown(_) => "subject_unknown",
             Self::PipelineEmpty => "pipeline_empty",
             Self::RunFailed(_) => "run_failed",
+            Self::PeerInvalid(_) => "peer_invalid",
+            Self::PeerNotFound(_) => "peer_not_found",
+            Self::DeliveryNotDead(_) => "delivery_not_dead",
             Self::Db(DbError::Closed) => "shutting_down",
             Self::Db(_) => "internal",
         }
@@ -97,6 +108,8 @@ pub struct RuntimeConfig {
     pub prune_every: Duration,
     /// The source URI of events this agent's runs emit (`deadlift://<agent>`).
     pub source: String,
+    /// Retries of deliveries to peers.
+    pub delivery: crate::federation::deliver::DeliveryConfig,
 }
 
 impl Default for RuntimeConfig {
@@ -106,6 +119,7 @@ impl Default for RuntimeConfig {
             retention: Retention::default(),
             prune_every: Duration::from_secs(60),
             source: "deadlift://agent".into(),
+            delivery: Default::default(),
         }
     }
 }
@@ -138,6 +152,7 @@ impl Inbox {
             .send(Command::Ingest {
                 tenant: tenant.to_owned(),
                 events,
+                from_peer: None,
                 reply,
             })
             .map_err(|_| DbError::Closed)?;
@@ -182,6 +197,7 @@ impl EventSink for InboxSink {
             .send(Command::Ingest {
                 tenant: ctx.tenant.clone(),
                 events: vec![event],
+                from_peer: None,
                 reply,
             })
             .map_err(|_| SinkError::Rejected("the agent is shutting down".into()))?;
@@ -207,6 +223,7 @@ pub struct Runtime {
     closing: tokio::sync::watch::Sender<bool>,
     /// Runs a previous process left open, resumed at start.
     resumed: usize,
+    identity: Identity,
     /// The current version of each workflow asked for, so that starting a run needs no
     /// database read; kept in step by apply and delete.
     heads: Mutex<HashMap<(String, String), i64>>,
@@ -254,6 +271,7 @@ impl Runtime {
         inbox: Inbox,
         receiver: InboxReceiver,
         config: RuntimeConfig,
+        identity: Identity,
     ) -> Result<Self, DbError> {
         let (run_sender, run_receiver) = mpsc::unbounded_channel();
         let outlets = writer::Outlets {
@@ -261,15 +279,17 @@ impl Runtime {
             updates: broadcast::channel(1024).0,
             waiters: Arc::default(),
             workflows_changed: Arc::default(),
+            outbox: Arc::default(),
         };
-        let (routes, open) = {
+        let (routes, peers, open) = {
             let conn = db.lock();
             let routes = writer::load_routes(&conn)?;
+            let peers = crate::federation::peers::list_peers(&conn)?;
             let open = journal::open_runs(&conn)?
                 .into_iter()
                 .filter_map(|id| journal::open_ticket(&conn, &id).transpose())
                 .collect::<Result<Vec<_>, _>>()?;
-            (routes, open)
+            (routes, peers, open)
         };
         let resumed = open.len();
         if resumed > 0 {
@@ -281,7 +301,7 @@ impl Runtime {
         for ticket in open {
             let _ = run_sender.send(ticket);
         }
-        let writer = writer::Writer::new(db.clone(), routes, outlets.clone());
+        let writer = writer::Writer::new(db.clone(), routes, peers, outlets.clone());
         let writer = std::thread::Builder::new()
             .name("deadlift-journal".into())
             .spawn(move || writer.run(receiver.0))
@@ -309,6 +329,13 @@ impl Runtime {
                 config.retention,
                 config.prune_every,
             )),
+            tokio::spawn(crate::federation::deliver::run(
+                db.clone(),
+                identity.clone(),
+                recorder(inbox.clone()),
+                outlets.outbox.clone(),
+                config.delivery.clone(),
+            )),
         ];
         Ok(Self {
             inbox,
@@ -316,11 +343,99 @@ impl Runtime {
             db,
             engine,
             tasks: Mutex::new(tasks),
+            identity,
             writer: Mutex::new(Some(writer)),
             closing: tokio::sync::watch::channel(false).0,
             resumed,
             heads: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// This agent's identity (name and signing key).
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Registers (or replaces) a peer.
+    pub async fn add_peer(&self, peer: Peer) -> Result<(), WorkflowError> {
+        peer.validate().map_err(WorkflowError::PeerInvalid)?;
+        let db = self.db.clone();
+        let tenant = peer.tenant.clone();
+        if !tokio::task::spawn_blocking(move || db.tenant_exists(&tenant))
+            .await
+            .map_err(|e| DbError::Commit(e.to_string()))??
+        {
+            return Err(WorkflowError::PeerInvalid(format!(
+                "tenant: no tenant named `{}`",
+                peer.tenant
+            )));
+        }
+        Ok(self
+            .inbox
+            .request(|reply| Command::PeerUpsert { peer, reply })
+            .await?)
+    }
+
+    pub async fn remove_peer(&self, name: &str) -> Result<(), WorkflowError> {
+        let removed = self
+            .inbox
+            .request(|reply| Command::PeerRemove {
+                name: name.to_owned(),
+                reply,
+            })
+            .await?;
+        removed
+            .then_some(())
+            .ok_or_else(|| WorkflowError::PeerNotFound(name.to_owned()))
+    }
+
+    pub async fn peers(&self) -> Result<Vec<Peer>, WorkflowError> {
+        self.read(crate::federation::peers::list_peers).await
+    }
+
+    pub async fn peer(&self, name: &str) -> Result<Option<Peer>, WorkflowError> {
+        let name = name.to_owned();
+        self.read(move |conn| crate::federation::peers::get_peer(conn, &name))
+            .await
+    }
+
+    /// Events a peer delivered: stored in the peer's tenant (deduplicated) and routed like
+    /// local events, never sent back to that peer.
+    pub async fn receive(
+        &self,
+        peer: &Peer,
+        events: Vec<CloudEvent>,
+    ) -> Result<Vec<Ingested>, WorkflowError> {
+        Ok(self
+            .inbox
+            .request(|reply| Command::Ingest {
+                tenant: peer.tenant.clone(),
+                events,
+                from_peer: Some(peer.name.clone()),
+                reply,
+            })
+            .await?)
+    }
+
+    /// The outbox, newest first; `status` is pending, delivered or dead.
+    pub async fn outbox(
+        &self,
+        status: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<crate::federation::peers::OutboxEntry>, WorkflowError> {
+        self.read(move |conn| crate::federation::peers::list(conn, status.as_deref(), limit))
+            .await
+    }
+
+    /// Sends a dead delivery again.
+    pub async fn replay_delivery(&self, id: i64) -> Result<(), WorkflowError> {
+        let replayed = self
+            .inbox
+            .request(|reply| Command::OutboxReplay { id, reply })
+            .await?;
+        replayed
+            .then_some(())
+            .ok_or(WorkflowError::DeliveryNotDead(id))
     }
 
     /// How many runs a previous process left open; they were resumed at start.
@@ -731,6 +846,21 @@ fn v1_spec(
         },
         steps,
     }
+}
+
+/// How the deliverer records attempts: through the journal writer.
+fn recorder(inbox: Inbox) -> crate::federation::deliver::Recorder {
+    Arc::new(move |id, attempt| {
+        let inbox = inbox.clone();
+        Box::pin(async move {
+            let result = inbox
+                .request(|reply| Command::OutboxAttempt { id, attempt, reply })
+                .await;
+            if let Err(error) = result {
+                tracing::warn!(%error, "cannot record a delivery attempt");
+            }
+        })
+    })
 }
 
 async fn prune_periodically(inbox: Inbox, retention: Retention, every: Duration) {

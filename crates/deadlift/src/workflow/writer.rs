@@ -19,6 +19,7 @@ use super::journal::{
 };
 use super::spec::WorkflowSpec;
 use super::subject::SubjectPattern;
+use crate::federation::peers::{self, Peer};
 use crate::store::{Database, DbError};
 
 /// Most commands one transaction takes.
@@ -52,7 +53,26 @@ pub(crate) enum Command {
     Ingest {
         tenant: String,
         events: Vec<CloudEvent>,
+        /// The peer the events came from (never sent back to it).
+        from_peer: Option<String>,
         reply: Reply<Vec<Ingested>>,
+    },
+    PeerUpsert {
+        peer: Peer,
+        reply: Reply<()>,
+    },
+    PeerRemove {
+        name: String,
+        reply: Reply<bool>,
+    },
+    OutboxAttempt {
+        id: i64,
+        attempt: peers::Attempt,
+        reply: Reply<()>,
+    },
+    OutboxReplay {
+        id: i64,
+        reply: Reply<bool>,
     },
     Apply {
         tenant: String,
@@ -157,6 +177,8 @@ pub(crate) struct Outlets {
     pub waiters: Arc<Mutex<HashMap<String, Vec<oneshot::Sender<RunSummary>>>>>,
     /// Told when the set of workflows changed (the scheduler reloads).
     pub workflows_changed: Arc<tokio::sync::Notify>,
+    /// Told when the outbox has new work (the deliverer wakes).
+    pub outbox: Arc<tokio::sync::Notify>,
 }
 
 /// Builds the routing table from the live workflows.
@@ -186,6 +208,9 @@ struct Effects {
     tickets: Vec<RunTicket>,
     changed_runs: Vec<i64>,
     route_changes: Vec<(String, String, Option<Route>)>,
+    /// Peers added or changed (`Some`) or removed (`None`), by name.
+    peer_changes: Vec<(String, Option<Peer>)>,
+    outbox_changed: bool,
 }
 
 impl Effects {
@@ -203,14 +228,16 @@ impl Effects {
 pub(crate) struct Writer {
     db: Database,
     routes: Routes,
+    peers: Vec<Peer>,
     outlets: Outlets,
 }
 
 impl Writer {
-    pub fn new(db: Database, routes: Routes, outlets: Outlets) -> Self {
+    pub fn new(db: Database, routes: Routes, peers: Vec<Peer>, outlets: Outlets) -> Self {
         Self {
             db,
             routes,
+            peers,
             outlets,
         }
     }
@@ -284,6 +311,13 @@ impl Writer {
             routes.retain(|r| r.workflow != name);
             routes.extend(route);
         }
+        for (name, peer) in effects.peer_changes {
+            self.peers.retain(|p| p.name != name);
+            self.peers.extend(peer);
+        }
+        if effects.outbox_changed {
+            self.outlets.outbox.notify_one();
+        }
         for ticket in effects.tickets {
             let _ = self.outlets.runs.send(ticket);
         }
@@ -326,6 +360,8 @@ impl Writer {
                     effects.tickets.append(&mut local.tickets);
                     effects.changed_runs.append(&mut local.changed_runs);
                     effects.route_changes.append(&mut local.route_changes);
+                    effects.peer_changes.append(&mut local.peer_changes);
+                    effects.outbox_changed |= local.outbox_changed;
                 }
                 Err(error) => {
                     tracing::error!(%error, "journal savepoint release failed");
@@ -355,12 +391,35 @@ impl Writer {
             Command::Ingest {
                 tenant,
                 events,
+                from_peer,
                 reply,
             } => {
                 let result = events
                     .into_iter()
-                    .map(|event| self.ingest(tx, &tenant, event, now, effects))
+                    .map(|event| {
+                        self.ingest_from(tx, &tenant, event, from_peer.as_deref(), now, effects)
+                    })
                     .collect();
+                answer(result, reply, effects)
+            }
+            Command::PeerUpsert { peer, reply } => {
+                let result = peers::upsert_peer(tx, &peer, now);
+                if result.is_ok() {
+                    effects.peer_changes.push((peer.name.clone(), Some(peer)));
+                }
+                answer(result, reply, effects)
+            }
+            Command::PeerRemove { name, reply } => {
+                let result = peers::remove_peer(tx, &name);
+                effects.peer_changes.push((name, None));
+                answer(result, reply, effects)
+            }
+            Command::OutboxAttempt { id, attempt, reply } => {
+                answer(peers::record_attempt(tx, id, &attempt, now), reply, effects)
+            }
+            Command::OutboxReplay { id, reply } => {
+                let result = peers::replay(tx, id, now);
+                effects.outbox_changed |= matches!(result, Ok(true));
                 answer(result, reply, effects)
             }
             Command::Apply {
@@ -557,7 +616,21 @@ impl Writer {
         &self,
         tx: &Connection,
         tenant: &str,
+        event: CloudEvent,
+        now: i64,
+        effects: &mut Effects,
+    ) -> Result<Ingested, DbError> {
+        self.ingest_from(tx, tenant, event, None, now, effects)
+    }
+
+    /// [`ingest`](Self::ingest), for events that may have come from a peer: the event also
+    /// goes to the outbox of every other peer of the tenant that it is sent to.
+    fn ingest_from(
+        &self,
+        tx: &Connection,
+        tenant: &str,
         mut event: CloudEvent,
+        from_peer: Option<&str>,
         now: i64,
         effects: &mut Effects,
     ) -> Result<Ingested, DbError> {
@@ -570,6 +643,15 @@ impl Writer {
                 runs: Vec::new(),
             });
         };
+        for peer in &self.peers {
+            if peer.tenant == tenant
+                && Some(peer.name.as_str()) != from_peer
+                && peer.sends(&event.event_type)
+            {
+                peers::enqueue(tx, &peer.name, &event, now)?;
+                effects.outbox_changed = true;
+            }
+        }
         let mut runs = Vec::new();
         if event.depth() > MAX_DEPTH {
             // Stored (so the sender's id is honoured) but not routed: a loop of
@@ -645,6 +727,12 @@ fn fail_command(command: Command, error: DbError) {
     let error = || DbError::Commit(message.clone());
     match command {
         Command::Ingest { reply, .. } => Effects::fail(reply, error()),
+        Command::PeerUpsert { reply, .. } | Command::OutboxAttempt { reply, .. } => {
+            Effects::fail(reply, error())
+        }
+        Command::PeerRemove { reply, .. } | Command::OutboxReplay { reply, .. } => {
+            Effects::fail(reply, error())
+        }
         Command::Apply { reply, .. } | Command::ApplyV1 { reply, .. } => {
             Effects::fail(reply, error())
         }

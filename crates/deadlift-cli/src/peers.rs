@@ -1,0 +1,177 @@
+//! The CLI's federation commands: `identity` and `peer` (add, list, remove, outbox,
+//! replay), thin clients of the agent's `/v1/identity`, `/v1/peers` and `/v1/outbox`.
+
+use clap::Subcommand;
+use reqwest::Method;
+use serde_json::json;
+
+use crate::client::{cell, table};
+use crate::{Remote, encode, print_json};
+
+#[derive(Debug, Subcommand)]
+pub enum PeerCommand {
+    /// Register (or replace) a peer agent (admin)
+    Add {
+        name: String,
+        /// The peer's base URL, e.g. http://127.0.0.1:8081
+        url: String,
+        /// The peer's public key (`deadlift identity` on the peer prints it)
+        #[arg(long)]
+        public_key: String,
+        /// Subject patterns of events sent to the peer (repeatable or comma-separated)
+        #[arg(long, value_delimiter = ',')]
+        send: Vec<String>,
+        /// Subject patterns of events accepted from the peer (repeatable or comma-separated)
+        #[arg(long, value_delimiter = ',')]
+        accept: Vec<String>,
+        /// The tenant here whose events go to the peer and into which its events arrive
+        #[arg(long, default_value = "default")]
+        local_tenant: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List peers (admin)
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove a peer (admin)
+    Remove {
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Deliveries to peers: pending, delivered or dead (admin)
+    Outbox {
+        #[arg(long)]
+        status: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Send a dead delivery again (admin)
+    Replay {
+        id: i64,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+pub async fn identity(remote: Remote) -> anyhow::Result<()> {
+    let client = remote.client()?;
+    let identity = client
+        .json(client.request(Method::GET, "/v1/identity"))
+        .await?;
+    if remote.json {
+        return print_json(&identity);
+    }
+    println!("name        {}", cell(&identity["name"]));
+    println!("public key  {}", cell(&identity["public_key"]));
+    Ok(())
+}
+
+pub async fn peer(command: PeerCommand) -> anyhow::Result<()> {
+    match command {
+        PeerCommand::Add {
+            name,
+            url,
+            public_key,
+            send,
+            accept,
+            local_tenant,
+            remote,
+        } => {
+            let client = remote.client()?;
+            let body = json!({
+                "name": name, "url": url, "public_key": public_key,
+                "tenant": local_tenant, "send": send, "accept": accept,
+            });
+            let added = client
+                .json(client.request(Method::POST, "/v1/peers").json(&body))
+                .await?;
+            if remote.json {
+                return print_json(&added);
+            }
+            println!("peer {name} added");
+        }
+        PeerCommand::List { remote } => {
+            let client = remote.client()?;
+            let peers = client
+                .json(client.request(Method::GET, "/v1/peers"))
+                .await?;
+            if remote.json {
+                return print_json(&peers);
+            }
+            let rows: Vec<Vec<String>> = peers
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|p| {
+                    let list = |v: &serde_json::Value| {
+                        v.as_array()
+                            .map(|a| a.iter().map(cell).collect::<Vec<_>>().join(","))
+                            .unwrap_or_default()
+                    };
+                    vec![
+                        cell(&p["name"]),
+                        cell(&p["url"]),
+                        cell(&p["tenant"]),
+                        list(&p["send"]),
+                        list(&p["accept"]),
+                        cell(&p["public_key"]),
+                    ]
+                })
+                .collect();
+            table(
+                &["name", "url", "tenant", "send", "accept", "public key"],
+                &rows,
+            );
+        }
+        PeerCommand::Remove { name, remote } => {
+            let client = remote.client()?;
+            client
+                .send(client.request(Method::DELETE, &format!("/v1/peers/{}", encode(&name))))
+                .await?;
+            println!("peer {name} removed");
+        }
+        PeerCommand::Outbox { status, remote } => {
+            let client = remote.client()?;
+            let mut request = client.request(Method::GET, "/v1/outbox");
+            if let Some(status) = status {
+                request = request.query(&[("status", status)]);
+            }
+            let entries = client.json(request).await?;
+            if remote.json {
+                return print_json(&entries);
+            }
+            let rows: Vec<Vec<String>> = entries
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|e| {
+                    vec![
+                        cell(&e["id"]),
+                        cell(&e["peer"]),
+                        cell(&e["event_id"]),
+                        cell(&e["status"]),
+                        cell(&e["attempts"]),
+                        cell(&e["last_error"]),
+                    ]
+                })
+                .collect();
+            table(
+                &["id", "peer", "event", "status", "attempts", "last error"],
+                &rows,
+            );
+        }
+        PeerCommand::Replay { id, remote } => {
+            let client = remote.client()?;
+            client
+                .send(client.request(Method::POST, &format!("/v1/outbox/{id}/replay")))
+                .await?;
+            println!("delivery {id} queued again");
+        }
+    }
+    Ok(())
+}

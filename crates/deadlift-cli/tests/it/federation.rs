@@ -1,0 +1,329 @@
+//! Two real agents on loopback: signed delivery of events from one to the other, and
+//! every way a delivery can be refused or go wrong (tampering, replays, a wrong key, an
+//! unaccepted type, a stale timestamp, a peer that is down).
+
+use std::time::Duration;
+
+use deadlift::federation::Identity;
+use serde_json::{Value, json};
+
+use crate::{Server, fixture};
+
+/// A loopback address with a port free right now.
+fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+fn json_out(server: &Server, token: &str, args: &[&str]) -> Value {
+    let mut all: Vec<&str> = args.to_vec();
+    all.push("--json");
+    serde_json::from_str(&server.ok(Some(token), &all)).unwrap()
+}
+
+/// POSTs `body` with `headers`; the status and the JSON answer.
+fn post(url: &str, headers: &[(&str, String)], body: String) -> (u16, Value) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut request = reqwest::Client::new().post(url).body(body);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    })
+}
+
+fn wait_for(mut done: impl FnMut() -> bool, what: &str) {
+    for _ in 0..300 {
+        if done() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn agents_deliver_signed_events_and_refuse_bad_deliveries() {
+    let (payments_dir, acme_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let acme_address = free_address();
+    let payments = Server::start_with(payments_dir.path(), &[("DEADLIFT_NAME", "payments")]);
+    let mut acme = Server::start_on(acme_dir.path(), &acme_address, &[("DEADLIFT_NAME", "acme")]);
+    let payments_admin = payments.admin_token.clone().unwrap();
+    let acme_admin = acme.admin_token.clone().unwrap();
+
+    let payments_id = json_out(&payments, &payments_admin, &["identity"]);
+    let acme_id = json_out(&acme, &acme_admin, &["identity"]);
+    assert_eq!(payments_id["name"], "payments");
+    payments.ok(
+        Some(&payments_admin),
+        &[
+            "peer",
+            "add",
+            "acme",
+            &acme.url,
+            "--public-key",
+            acme_id["public_key"].as_str().unwrap(),
+            "--send",
+            "discount.>",
+        ],
+    );
+    acme.ok(
+        Some(&acme_admin),
+        &[
+            "peer",
+            "add",
+            "payments",
+            &payments.url,
+            "--public-key",
+            payments_id["public_key"].as_str().unwrap(),
+            "--accept",
+            "discount.>",
+        ],
+    );
+    let listed = acme.ok(Some(&acme_admin), &["peer", "list"]);
+    assert!(
+        listed.contains("payments") && listed.contains("discount.>"),
+        "{listed}"
+    );
+
+    // Acme runs a workflow for each discount it hears about.
+    let add_ten = fixture("add_ten");
+    acme.ok(
+        Some(&acme_admin),
+        &[
+            "module", "push", &add_ten, "--name", "adder", "--tenant", "default",
+        ],
+    );
+    let file = acme_dir.path().join("discounts.toml");
+    std::fs::write(
+        &file,
+        "trigger = { event = \"discount.sent\" }\n[[steps]]\nid = \"add\"\ncall = \"adder\"\n",
+    )
+    .unwrap();
+    acme.ok(
+        Some(&acme_admin),
+        &[
+            "workflow",
+            "apply",
+            file.to_str().unwrap(),
+            "--tenant",
+            "default",
+        ],
+    );
+
+    let runs_of = |server: &Server, token: &str, event: &str| -> Vec<Value> {
+        json_out(
+            server,
+            token,
+            &["runs", "list", "--event", event, "--tenant", "default"],
+        )["runs"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    payments.ok(
+        Some(&payments_admin),
+        &[
+            "event",
+            "publish",
+            "discount.sent",
+            "--data",
+            "5",
+            "--id",
+            "d-1",
+            "--tenant",
+            "default",
+        ],
+    );
+    wait_for(
+        || {
+            runs_of(&acme, &acme_admin, "d-1")
+                .iter()
+                .any(|r| r["status"] == "succeeded")
+        },
+        "the delivered event's run on acme",
+    );
+    let run_id = runs_of(&acme, &acme_admin, "d-1")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let run = json_out(
+        &acme,
+        &acme_admin,
+        &["runs", "show", &run_id, "--tenant", "default"],
+    );
+    assert_eq!(run["output"], 15);
+    // The run on acme belongs to the trace the event started on payments.
+    let trace = run["event"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .split('-')
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    assert_eq!(run["trace_id"], trace.as_str());
+    let delivered = json_out(&payments, &payments_admin, &["peer", "outbox"]);
+    assert_eq!(delivered[0]["status"], "delivered", "{delivered}");
+
+    // Hand-made deliveries, signed with payments' own key (read from its data dir).
+    let signer = Identity::load_or_create(payments_dir.path(), "payments").unwrap();
+    let stranger =
+        Identity::load_or_create(tempfile::tempdir().unwrap().path(), "payments").unwrap();
+    let deliver = |identity: &Identity,
+                   sender: &str,
+                   id: &str,
+                   event_type: &str,
+                   tamper: bool,
+                   skew: i64| {
+        let body = json!({"specversion": "1.0", "id": id, "source": "/payments", "type": event_type, "data": 1}).to_string();
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            + skew;
+        let signature = identity.sign(id, timestamp, body.as_bytes());
+        let sent = if tamper {
+            body.replace("\"data\":1", "\"data\":2")
+        } else {
+            body
+        };
+        post(
+            &format!("{}/v1/peer/events", acme.url),
+            &[
+                ("content-type", "application/cloudevents+json".to_owned()),
+                ("webhook-id", id.to_owned()),
+                ("webhook-timestamp", timestamp.to_string()),
+                ("webhook-signature", signature),
+                ("deadlift-peer", sender.to_owned()),
+            ],
+            sent,
+        )
+    };
+    let code = |answer: (u16, Value)| {
+        (
+            answer.0,
+            answer.1["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+    };
+    assert_eq!(
+        code(deliver(
+            &signer,
+            "payments",
+            "h-1",
+            "discount.sent",
+            true,
+            0
+        )),
+        (401, "signature_invalid".into())
+    );
+    assert_eq!(
+        code(deliver(
+            &stranger,
+            "payments",
+            "h-1",
+            "discount.sent",
+            false,
+            0
+        )),
+        (401, "signature_invalid".into())
+    );
+    assert_eq!(
+        code(deliver(&signer, "nobody", "h-1", "discount.sent", false, 0)),
+        (401, "peer_unknown".into())
+    );
+    assert_eq!(
+        code(deliver(
+            &signer,
+            "payments",
+            "h-1",
+            "discount.sent",
+            false,
+            -3600
+        )),
+        (401, "signature_expired".into())
+    );
+    assert_eq!(
+        code(deliver(
+            &signer,
+            "payments",
+            "h-1",
+            "orders.created",
+            false,
+            0
+        )),
+        (403, "event_not_accepted".into())
+    );
+    // A replayed delivery is answered again but has one effect.
+    for _ in 0..2 {
+        assert_eq!(
+            deliver(&signer, "payments", "h-2", "discount.sent", false, 0).0,
+            200
+        );
+    }
+    wait_for(
+        || !runs_of(&acme, &acme_admin, "h-2").is_empty(),
+        "the hand-made delivery's run",
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(runs_of(&acme, &acme_admin, "h-2").len(), 1);
+    assert!(
+        runs_of(&acme, &acme_admin, "h-1").is_empty(),
+        "refused deliveries start nothing"
+    );
+
+    // A peer that is down gets everything once it is back.
+    acme.child.kill().unwrap();
+    acme.child.wait().unwrap();
+    for id in ["d-2", "d-3"] {
+        payments.ok(
+            Some(&payments_admin),
+            &[
+                "event",
+                "publish",
+                "discount.sent",
+                "--data",
+                "1",
+                "--id",
+                id,
+                "--tenant",
+                "default",
+            ],
+        );
+    }
+    wait_for(
+        || {
+            json_out(
+                &payments,
+                &payments_admin,
+                &["peer", "outbox", "--status", "pending"],
+            )
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["attempts"].as_i64().unwrap_or(0) >= 1)
+        },
+        "a failed delivery attempt while acme is down",
+    );
+    drop(acme);
+    let acme = Server::start_on(acme_dir.path(), &acme_address, &[("DEADLIFT_NAME", "acme")]);
+    for id in ["d-2", "d-3"] {
+        wait_for(
+            || {
+                runs_of(&acme, &acme_admin, id)
+                    .iter()
+                    .any(|r| r["status"] == "succeeded")
+            },
+            "delivery after the peer came back",
+        );
+        assert_eq!(runs_of(&acme, &acme_admin, id).len(), 1);
+    }
+}
