@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 mod client;
 mod config;
 mod peers;
+mod showcase;
 mod workflows;
 
 use client::{Client, cell, table};
@@ -33,6 +34,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Watch the payments ↔ merchant story: two agents, a hook, a signed event, one trace
+    Showcase {
+        /// Keep the two agents' data here (default: a temporary directory, removed after)
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Run an agent: the HTTP API on embedded storage in a data directory
     Serve {
         /// TOML file with settings (flags and environment override it)
@@ -73,6 +83,9 @@ enum Command {
     /// Manage peer agents and deliveries to them (admin)
     #[command(subcommand)]
     Peer(peers::PeerCommand),
+    /// Bind your modules to the extension points an agent offers
+    #[command(subcommand)]
+    Hook(peers::HookCommand),
     /// Load a plug-in locally (no agent) and call one of its functions
     Run(RunArgs),
     /// Validate a plug-in and list its imports and exports
@@ -330,8 +343,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Runs(command) => runtime()?.block_on(workflows::runs(command)),
         Command::Dlq(command) => runtime()?.block_on(workflows::dlq(command)),
         Command::Identity { remote } => runtime()?.block_on(peers::identity(remote)),
+        Command::Showcase { data_dir, json } => {
+            runtime()?.block_on(showcase_command(data_dir, json))
+        }
         Command::Peer(command) => runtime()?.block_on(peers::peer(command)),
+        Command::Hook(command) => runtime()?.block_on(peers::hook(command)),
     }
+}
+
+async fn showcase_command(data_dir: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let (dir, temporary) = match data_dir {
+        Some(dir) => (dir, false),
+        None => {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let dir = std::env::temp_dir()
+                .join(format!("deadlift-showcase-{}-{stamp}", std::process::id()));
+            (dir, true)
+        }
+    };
+    let report = showcase::run(dir.clone()).await;
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let report = report?;
+    if json {
+        return print_json(&serde_json::to_value(&report)?);
+    }
+    showcase::print(&report);
+    Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -8,8 +8,11 @@ use std::sync::Arc;
 use crate::engine::{Engine, EngineError};
 use crate::federation::Identity;
 use crate::grant::Grant;
+use crate::hooks::{self, Binding, HookDecl, HookError, HookInfo, HookOutput};
+use crate::host::CallContext;
 use crate::host::HostFunction;
 use crate::store::{Database, DbError, Durability, Principal};
+use crate::workflow::TraceParent;
 use crate::workflow::{Inbox, InboxSink, Retention, Runtime, RuntimeConfig};
 
 /// The tenant the Deadlift v1 routes act for.
@@ -48,6 +51,7 @@ pub struct AgentBuilder {
     runtime: RuntimeConfig,
     durability: Durability,
     name: String,
+    hooks: Vec<HookDecl>,
 }
 
 impl AgentBuilder {
@@ -63,6 +67,7 @@ impl AgentBuilder {
             runtime: RuntimeConfig::default(),
             durability: Durability::default(),
             name: "deadlift".into(),
+            hooks: Vec::new(),
         }
     }
 
@@ -127,6 +132,12 @@ impl AgentBuilder {
         self
     }
 
+    /// Declares an extension point tenants can bind a module function to.
+    pub fn hook(mut self, hook: HookDecl) -> Self {
+        self.hooks.push(hook);
+        self
+    }
+
     /// How deliveries to peers are retried.
     pub fn delivery(mut self, delivery: crate::federation::deliver::DeliveryConfig) -> Self {
         self.runtime.delivery = delivery;
@@ -185,6 +196,11 @@ impl AgentBuilder {
             identity,
         )?;
         let agent = Agent {
+            hooks: self
+                .hooks
+                .into_iter()
+                .map(|hook| (hook.name.clone(), hook))
+                .collect(),
             workflows,
             engine,
             db,
@@ -207,6 +223,7 @@ pub fn new_token() -> Result<String, AgentError> {
 /// A running agent's state. Share it behind an `Arc`.
 #[derive(Debug)]
 pub struct Agent {
+    hooks: std::collections::BTreeMap<String, HookDecl>,
     workflows: Runtime,
     engine: Engine,
     db: Database,
@@ -228,6 +245,90 @@ impl Agent {
     /// Workflows, events and runs.
     pub fn workflows(&self) -> &Runtime {
         &self.workflows
+    }
+
+    /// A declared extension point, to call.
+    pub fn hook<'a>(&'a self, name: &'a str) -> Hook<'a> {
+        Hook { agent: self, name }
+    }
+
+    /// The declared hooks, with `tenant`'s bindings.
+    pub async fn hooks(&self, tenant: &str) -> Result<Vec<HookInfo>, HookError> {
+        let mut listed = Vec::new();
+        for hook in self.hooks.values() {
+            listed.push(HookInfo {
+                name: hook.name.clone(),
+                description: hook.description.clone(),
+                host_functions: hook.grant.host_functions.clone(),
+                timeout_ms: u64::try_from(hook.grant.timeout.as_millis()).unwrap_or(u64::MAX),
+                binding: self.binding(tenant, &hook.name).await?,
+            });
+        }
+        Ok(listed)
+    }
+
+    async fn binding(&self, tenant: &str, hook: &str) -> Result<Option<Binding>, HookError> {
+        let (db, tenant, hook) = (self.db.clone(), tenant.to_owned(), hook.to_owned());
+        tokio::task::spawn_blocking(move || hooks::get(&db.lock(), &tenant, &hook))
+            .await
+            .map_err(|e| DbError::Commit(e.to_string()))?
+            .map_err(HookError::from)
+    }
+
+    /// Binds a tenant's module function to a declared hook, after checking that the
+    /// module exports it and imports only host functions the hook offers.
+    pub async fn bind_hook(&self, tenant: &str, binding: Binding) -> Result<(), HookError> {
+        let declared = self
+            .hooks
+            .get(&binding.hook)
+            .ok_or_else(|| HookError::Unknown(binding.hook.clone()))?;
+        let offered = declared.grant.host_functions.clone();
+        let (engine, db, tenant) = (self.engine.clone(), self.db.clone(), tenant.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let module = engine
+                .registry()
+                .resolve(&tenant, &binding.module)
+                .map_err(|e| HookError::Invalid(format!("module `{}`: {e}", binding.module)))?;
+            if !module
+                .exports
+                .iter()
+                .any(|e| e.kind == "function" && e.name == binding.function)
+            {
+                return Err(HookError::Invalid(format!(
+                    "module `{}` exports no function `{}`",
+                    binding.module, binding.function
+                )));
+            }
+            if let Some(import) = module
+                .imports
+                .iter()
+                .find(|i| i.module == "extism:host/user" && !offered.contains(&i.name))
+            {
+                return Err(HookError::Invalid(format!(
+                    "module `{}` imports host function `{}`, which hook `{}` does not offer",
+                    binding.module, import.name, binding.hook
+                )));
+            }
+            let now = crate::workflow::event::now_ms();
+            Ok(hooks::upsert(&db.lock(), &tenant, &binding, now)?)
+        })
+        .await
+        .map_err(|e| DbError::Commit(e.to_string()))?
+    }
+
+    pub async fn unbind_hook(&self, tenant: &str, hook: &str) -> Result<(), HookError> {
+        let (db, owner, name) = (self.db.clone(), tenant.to_owned(), hook.to_owned());
+        let removed = tokio::task::spawn_blocking(move || hooks::remove(&db.lock(), &owner, &name))
+            .await
+            .map_err(|e| DbError::Commit(e.to_string()))??;
+        if removed {
+            Ok(())
+        } else {
+            Err(HookError::NotBound {
+                tenant: tenant.to_owned(),
+                hook: hook.to_owned(),
+            })
+        }
     }
 
     /// Stops background work and commits what the journal holds. Runs still executing
@@ -254,5 +355,139 @@ impl Agent {
 
     pub fn max_body_bytes(&self) -> usize {
         self.max_body_bytes
+    }
+}
+
+/// A declared extension point of an [`Agent`], ready to call.
+#[derive(Debug)]
+pub struct Hook<'a> {
+    agent: &'a Agent,
+    name: &'a str,
+}
+
+impl Hook<'_> {
+    /// Calls the module function `tenant` bound here with `input`, under the hook's
+    /// grant, and records the call as a run.
+    pub async fn call(
+        &self,
+        tenant: &str,
+        input: serde_json::Value,
+    ) -> Result<HookOutput, HookError> {
+        self.call_in_trace(tenant, input, None).await
+    }
+
+    /// [`call`](Self::call) within an existing trace.
+    pub async fn call_in_trace(
+        &self,
+        tenant: &str,
+        input: serde_json::Value,
+        trace: Option<TraceParent>,
+    ) -> Result<HookOutput, HookError> {
+        use crate::workflow::{Failure, NewRun, StepRecord, StepStatus, TriggerKind};
+        let agent = self.agent;
+        let declared = agent
+            .hooks
+            .get(self.name)
+            .ok_or_else(|| HookError::Unknown(self.name.to_owned()))?;
+        let binding =
+            agent
+                .binding(tenant, self.name)
+                .await?
+                .ok_or_else(|| HookError::NotBound {
+                    tenant: tenant.to_owned(),
+                    hook: self.name.to_owned(),
+                })?;
+        let trace = trace.map_or_else(TraceParent::new_root, |t| t.child());
+        let started = crate::workflow::event::now_ms();
+        let (engine, owner, reference) = (
+            agent.engine.clone(),
+            tenant.to_owned(),
+            binding.module.clone(),
+        );
+        let module =
+            tokio::task::spawn_blocking(move || engine.registry().resolve(&owner, &reference))
+                .await
+                .map_err(|e| DbError::Commit(e.to_string()))?
+                .map_err(|e| HookError::Invalid(e.to_string()))?;
+        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let run_id_hint = format!("hook:{}", self.name);
+        let ctx = CallContext::new(tenant)
+            .with_run_id(run_id_hint)
+            .with_emit_buffer(buffer.clone());
+        let bytes = serde_json::to_vec(&input).unwrap_or_default();
+        let called = agent
+            .engine
+            .call(&module.id, &binding.function, &bytes, &declared.grant, &ctx)
+            .await;
+        let outcome: Result<(serde_json::Value, Vec<crate::LogLine>), HookError> = match called {
+            Ok(out) if out.output.is_empty() => Ok((serde_json::Value::Null, out.logs)),
+            Ok(out) => serde_json::from_slice(&out.output)
+                .map(|v| (v, out.logs))
+                .map_err(|e| HookError::OutputNotJson(e.to_string())),
+            Err(error) => Err(HookError::Call(error)),
+        };
+        let emitted: Vec<crate::workflow::CloudEvent> = std::mem::take(
+            &mut *buffer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_iter()
+        .map(|e| {
+            agent
+                .workflows
+                .event_in_trace(&e.event_type, e.data, &trace)
+        })
+        .collect();
+        let failure = outcome.as_ref().err().map(|error| Failure {
+            step: Some("call".into()),
+            code: error.code().into(),
+            kind: match error {
+                HookError::Call(call) => Some(crate::workflow::spec::ErrorKind::of(call)),
+                _ => None,
+            },
+            message: error.to_string(),
+        });
+        let (output, logs) = match &outcome {
+            Ok((output, logs)) => (Some(output.clone()), logs.clone()),
+            Err(_) => (None, Vec::new()),
+        };
+        let step = StepRecord {
+            id: "call".into(),
+            status: if failure.is_some() {
+                StepStatus::Failed
+            } else {
+                StepStatus::Succeeded
+            },
+            module: Some(module.id.to_string()),
+            input: input.clone(),
+            output: output.clone().unwrap_or(serde_json::Value::Null),
+            logs,
+            attempts: 1,
+            attempt_errors: Vec::new(),
+            started_unix_ms: started,
+            finished_unix_ms: crate::workflow::event::now_ms(),
+            error: failure.clone(),
+            emitted: emitted.iter().map(|e| e.id.clone()).collect(),
+        };
+        let run = NewRun {
+            tenant: tenant.to_owned(),
+            workflow: format!("hook:{}", self.name),
+            version: 0,
+            trigger: TriggerKind::Hook,
+            input,
+            event: None,
+            trace,
+        };
+        let run_id = agent
+            .workflows
+            .record(run, vec![step], emitted, failure, output)
+            .await
+            .map_err(|e| HookError::Db(DbError::Commit(e.to_string())))?;
+        let (output, _) = outcome?;
+        Ok(HookOutput {
+            output,
+            run_id,
+            trace,
+        })
     }
 }

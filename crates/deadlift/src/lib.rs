@@ -28,6 +28,7 @@ pub mod error;
 pub(crate) mod executor;
 pub mod federation;
 pub mod grant;
+pub mod hooks;
 pub mod host;
 pub mod registry;
 pub mod server;

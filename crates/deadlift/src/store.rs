@@ -149,6 +149,14 @@ CREATE TABLE outbox (
     UNIQUE (peer, event_id)
 );
 CREATE INDEX outbox_due ON outbox (next_attempt_unix_ms) WHERE status = 'pending';
+CREATE TABLE hook_bindings (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    hook TEXT NOT NULL,
+    module TEXT NOT NULL,
+    function TEXT NOT NULL,
+    updated_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, hook)
+) WITHOUT ROWID;
 "#,
 ];
 

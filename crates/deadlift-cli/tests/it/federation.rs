@@ -327,3 +327,47 @@ fn agents_deliver_signed_events_and_refuse_bad_deliveries() {
         assert_eq!(runs_of(&acme, &acme_admin, id).len(), 1);
     }
 }
+
+#[test]
+fn the_showcase_tells_the_whole_story() {
+    let out = std::process::Command::new(crate::BIN)
+        .args(["showcase", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The charge goes through, and Acme's plug-in found the loyal customer.
+    assert_eq!(report["hook_output"]["approve"], true);
+    assert_eq!(report["hook_output"]["discount_sent"], true);
+    assert!(report["hook_output"]["similar_purchases"].as_u64().unwrap() >= 10);
+    // The platform sent the email on Acme's behalf.
+    let email = &report["emails"][0];
+    assert_eq!(email["from_tenant"], "acme");
+    assert_eq!(email["to"], "cus_ada");
+    assert!(email["body"].as_str().unwrap().contains("10% off"));
+    // Both runs, with their steps and logs, share one trace id.
+    let trace = report["trace_id"].as_str().unwrap();
+    for side in ["payments_run", "acme_run"] {
+        assert_eq!(report[side]["status"], "succeeded", "{side}");
+        assert_eq!(report[side]["trace_id"], trace, "{side}");
+        assert_eq!(report[side]["steps"].as_array().unwrap().len(), 1, "{side}");
+    }
+    assert_eq!(report["payments_run"]["workflow"], "hook:before_charge");
+    assert!(
+        report["payments_run"]["steps"][0]["logs"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("discount email sent")
+    );
+    assert_eq!(report["acme_run"]["workflow"], "satisfaction");
+    assert_eq!(report["acme_run"]["event"]["type"], "discount.sent");
+    // Acme's counters.
+    assert_eq!(
+        report["acme_counters"],
+        json!({"discounts": 1, "discounts:cus_ada": 1})
+    );
+}

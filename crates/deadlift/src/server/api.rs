@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ErrorBody;
 use super::{AgentState, ApiError, Caller, RawBody, json, multipart_error, parse_json};
-use super::{peers, workflows};
+use super::{hooks, peers, workflows};
 use crate::agent::new_token;
 use crate::executor::LogLine;
 use crate::host::{CallContext, KvStore};
@@ -50,7 +50,8 @@ pub(super) fn routes() -> Router<AgentState> {
         workflows::list_runs, workflows::get_run, workflows::retry_run, workflows::cancel_run,
         workflows::live_runs, workflows::list_dead_letters, workflows::replay_dead_letter,
         peers::identity, peers::list_peers, peers::add_peer, peers::remove_peer,
-        peers::outbox, peers::replay, peers::receive
+        peers::outbox, peers::replay, peers::receive,
+        hooks::list, hooks::bind, hooks::unbind
     ),
     components(schemas(ErrorBody, ModuleInfo, CallResponse, LogLine, TokenInfo, CreatedToken, NewTenant, NewToken)),
     modifiers(&BearerAuth)

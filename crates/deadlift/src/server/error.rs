@@ -60,7 +60,8 @@ pub fn status_of(code: &str) -> StatusCode {
         | "pipeline_empty"
         | "workflow_invalid"
         | "event_invalid"
-        | "peer_invalid" => StatusCode::BAD_REQUEST,
+        | "peer_invalid"
+        | "binding_invalid" => StatusCode::BAD_REQUEST,
         "unauthorized" | "peer_unknown" | "signature_invalid" | "signature_expired" => {
             StatusCode::UNAUTHORIZED
         }
@@ -75,6 +76,8 @@ pub fn status_of(code: &str) -> StatusCode {
         | "workflow_not_found"
         | "run_not_found"
         | "peer_not_found"
+        | "hook_not_found"
+        | "hook_not_bound"
         | "dead_letter_not_found" => StatusCode::NOT_FOUND,
         "method_not_allowed" => StatusCode::METHOD_NOT_ALLOWED,
         "module_conflict" | "tenant_exists" | "module_in_use" | "run_not_retryable"

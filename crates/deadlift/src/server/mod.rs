@@ -7,6 +7,7 @@
 
 mod api;
 pub mod error;
+mod hooks;
 mod peers;
 mod v1;
 mod workflows;
@@ -40,6 +41,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .merge(v1::routes())
         .merge(workflows::routes())
         .merge(peers::routes())
+        .merge(hooks::routes())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -59,6 +59,8 @@ pub enum TriggerKind {
     Schedule,
     /// A Deadlift v1 `workflows/{id}/execute` call.
     V1,
+    /// A call of an extension point by the embedding application.
+    Hook,
 }
 
 impl TriggerKind {
@@ -68,6 +70,7 @@ impl TriggerKind {
             Self::Http => "http",
             Self::Schedule => "schedule",
             Self::V1 => "v1",
+            Self::Hook => "hook",
         }
     }
 
@@ -76,6 +79,7 @@ impl TriggerKind {
             "http" => Self::Http,
             "schedule" => Self::Schedule,
             "v1" => Self::V1,
+            "hook" => Self::Hook,
             _ => Self::Event,
         }
     }

@@ -24,6 +24,7 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 pub use event::{CloudEvent, EventError, TraceParent};
+pub use journal::NewRun;
 pub use journal::{
     DeadLetter, Failure, Retention, Run, RunFilter, RunStatus, RunSummary, StepRecord, StepStatus,
     TriggerKind, WorkflowVersion,
@@ -763,6 +764,49 @@ impl Runtime {
             })
             .await?;
         Ok(id)
+    }
+
+    /// Journals a run that already happened outside the runner (a hook call), with its
+    /// steps and the events it emitted; answers after the commit with the run's id.
+    pub async fn record(
+        &self,
+        run: journal::NewRun,
+        steps: Vec<StepRecord>,
+        emitted: Vec<CloudEvent>,
+        failure: Option<Failure>,
+        output: Option<Value>,
+    ) -> Result<String, WorkflowError> {
+        let finish = writer::Finish {
+            status: if failure.is_some() {
+                RunStatus::Failed
+            } else {
+                RunStatus::Succeeded
+            },
+            output,
+            error: failure,
+            dead_letter: false,
+        };
+        Ok(self
+            .inbox
+            .request(|reply| Command::Record {
+                run,
+                steps,
+                emitted,
+                finish,
+                reply,
+            })
+            .await?)
+    }
+
+    /// An event emitted by the application itself (or a plug-in) in the given trace, one
+    /// level below it: what hooks' callers publish after a call.
+    pub fn event_in_trace(&self, event_type: &str, data: Value, trace: &TraceParent) -> CloudEvent {
+        let mut event = CloudEvent::new(event_type, self.runner.source.clone(), data);
+        event.extensions.insert(
+            "traceparent".into(),
+            Value::String(trace.child().to_string()),
+        );
+        event
     }
 
     /// Runs a v1 workflow with `input` and answers its output; journaled as a run.

@@ -1,0 +1,385 @@
+//! `deadlift showcase`: the payments ↔ merchant story of SPEC.md §8, with two real agents
+//! talking HTTP on loopback in this process.
+//!
+//! The payments platform embeds the library. It offers the host functions
+//! `lookup_purchases` (its own purchase table) and `send_email` (an outbox it prints), and
+//! declares the hook `before_charge`. Acme, a merchant, pushes its plug-in to the payments
+//! agent over HTTP and binds it there. A charge calls the hook. The plug-in finds ten or
+//! more similar purchases and sends a discount email. The payments side then emits
+//! `discount.sent`, which is signed and delivered to Acme's own agent. There a workflow
+//! counts it in KV. The report shows what each side sees, joined by one trace id.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use deadlift::federation::peers::Peer;
+use deadlift::hooks::HookDecl;
+use deadlift::store::Principal;
+use deadlift::workflow::{Run, RunFilter};
+use deadlift::{Agent, Grant, HostError, HostFunction};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+const ACME_LOYALTY: &[u8] = include_bytes!("../../../guests/wasm/acme_loyalty.wasm");
+const ACME_SATISFACTION: &[u8] = include_bytes!("../../../guests/wasm/acme_satisfaction.wasm");
+
+const SATISFACTION_WORKFLOW: &str = r#"
+name = "satisfaction"
+description = "Aggregate discounts sent by the payments platform"
+trigger = { event = "discount.sent" }
+
+[[steps]]
+id = "aggregate"
+call = "acme-satisfaction"
+function = "record_discount"
+grant = { host_functions = ["kv_get", "kv_set"], timeout_ms = 500, fuel = 50_000_000 }
+retry = { attempts = 3, initial_ms = 50 }
+"#;
+
+/// One purchase in the payments platform's own table.
+#[derive(Debug, Clone, Serialize)]
+struct Purchase {
+    customer: &'static str,
+    merchant: &'static str,
+    category: &'static str,
+    amount_cents: u64,
+    days_ago: u64,
+}
+
+/// An email the payments platform was asked to send.
+#[derive(Debug, Clone, Serialize)]
+pub struct Email {
+    pub from_tenant: String,
+    pub to: String,
+    pub subject: String,
+    pub body: String,
+}
+
+/// What each side sees at the end.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub charge: Value,
+    pub hook_output: Value,
+    pub emails: Vec<Email>,
+    pub trace_id: String,
+    pub payments_run: Run,
+    pub acme_run: Run,
+    pub acme_counters: Value,
+}
+
+fn purchases() -> Vec<Purchase> {
+    let mut table: Vec<Purchase> = (0..12)
+        .map(|i| Purchase {
+            customer: "cus_ada",
+            merchant: "acme",
+            category: "coffee",
+            amount_cents: 350 + i * 10,
+            days_ago: 1 + i * 2,
+        })
+        .collect();
+    table.push(Purchase {
+        customer: "cus_ada",
+        merchant: "acme",
+        category: "coffee",
+        amount_cents: 400,
+        days_ago: 45,
+    });
+    table.push(Purchase {
+        customer: "cus_ada",
+        merchant: "globex",
+        category: "coffee",
+        amount_cents: 500,
+        days_ago: 3,
+    });
+    table
+}
+
+struct Running {
+    agent: Arc<Agent>,
+    url: String,
+    admin: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+async fn start(builder: deadlift::AgentBuilder) -> anyhow::Result<Running> {
+    let admin = deadlift::agent::new_token()?;
+    let (agent, _) = builder.admin_token(Some(admin.clone())).build()?;
+    let agent = Arc::new(agent);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(deadlift::server::serve(agent.clone(), listener, async {
+        let _ = stopped.await;
+    }));
+    Ok(Running {
+        agent,
+        url,
+        admin,
+        stop,
+        task,
+    })
+}
+
+async fn stop(running: Running) {
+    let _ = running.stop.send(());
+    let _ = running.task.await;
+    running.agent.shutdown().await;
+}
+
+/// Sends a request and returns its JSON answer, failing on a non-2xx status.
+async fn call(request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    let response = request.send().await?;
+    let status = response.status();
+    let body = response.text().await?;
+    if !status.is_success() {
+        bail!("{status}: {body}");
+    }
+    Ok(serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// Runs the story in `dir` (fresh agent data directories under it).
+pub async fn run(dir: PathBuf) -> anyhow::Result<Report> {
+    let emails = Arc::new(Mutex::new(Vec::<Email>::new()));
+    let table = Arc::new(purchases());
+
+    // The payments platform: its data, its host functions, its extension point.
+    let lookup = {
+        let table = table.clone();
+        HostFunction::json("lookup_purchases", move |ctx, request| {
+            let customer = request["customer"].as_str().unwrap_or_default();
+            let days = request["days"].as_u64().unwrap_or(30);
+            // A merchant's plug-in sees that merchant's purchases only.
+            let found: Vec<&Purchase> = table
+                .iter()
+                .filter(|p| {
+                    p.customer == customer && p.merchant == ctx.tenant && p.days_ago <= days
+                })
+                .collect();
+            Ok(json!({ "purchases": found }))
+        })
+    };
+    let send_email = {
+        let emails = emails.clone();
+        HostFunction::json("send_email", move |ctx, request| {
+            let field = |name: &str| {
+                request[name]
+                    .as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| HostError::new(format!("send_email needs a string `{name}`")))
+            };
+            let mut outbox = emails.lock().unwrap_or_else(PoisonError::into_inner);
+            outbox.push(Email {
+                from_tenant: ctx.tenant.clone(),
+                to: field("to")?,
+                subject: field("subject")?,
+                body: field("body")?,
+            });
+            Ok(json!({ "queued": true, "id": format!("email_{}", outbox.len()) }))
+        })
+    };
+    let hook_grant = Grant::default()
+        .allow(["lookup_purchases", "send_email"])
+        .with_timeout(Duration::from_millis(500))
+        .with_fuel(50_000_000);
+    let payments = start(
+        Agent::builder(dir.join("payments"))
+            .name("payments")
+            .host_function(lookup)
+            .host_function(send_email)
+            .hook(
+                HookDecl::new("before_charge", hook_grant)
+                    .describe("runs before a card is charged"),
+            ),
+    )
+    .await
+    .context("starting the payments agent")?;
+    let acme = start(Agent::builder(dir.join("acme")).name("acme"))
+        .await
+        .context("starting Acme's agent")?;
+
+    // The platform makes Acme a tenant and gives it a token.
+    let db = payments.agent.db().clone();
+    db.create_tenant("acme")?;
+    let acme_token = deadlift::agent::new_token()?;
+    db.add_token(&acme_token, &Principal::Tenant("acme".into()), Some("Acme"))?;
+
+    // The two agents know each other's keys; discounts flow from payments to Acme.
+    let payments_identity = payments.agent.workflows().identity().clone();
+    let acme_identity = acme.agent.workflows().identity().clone();
+    payments
+        .agent
+        .workflows()
+        .add_peer(Peer {
+            name: acme_identity.name.clone(),
+            url: acme.url.clone(),
+            public_key: acme_identity.public_key(),
+            tenant: "acme".into(),
+            send: vec!["discount.>".into()],
+            accept: Vec::new(),
+            created_unix_ms: 0,
+        })
+        .await?;
+    acme.agent
+        .workflows()
+        .add_peer(Peer {
+            name: payments_identity.name.clone(),
+            url: payments.url.clone(),
+            public_key: payments_identity.public_key(),
+            tenant: "default".into(),
+            send: Vec::new(),
+            accept: vec!["discount.>".into()],
+            created_unix_ms: 0,
+        })
+        .await?;
+
+    // Acme, over HTTP: its plug-in goes to the platform, bound at `before_charge`...
+    let http = reqwest::Client::new();
+    call(
+        http.post(format!("{}/v1/modules", payments.url))
+            .bearer_auth(&acme_token)
+            .query(&[("name", "acme-loyalty")])
+            .body(ACME_LOYALTY.to_vec()),
+    )
+    .await
+    .context("Acme pushing its plug-in to the platform")?;
+    call(
+        http.put(format!("{}/v1/hooks/before_charge/binding", payments.url))
+            .bearer_auth(&acme_token)
+            .json(&json!({"module": "acme-loyalty", "function": "before_charge"})),
+    )
+    .await
+    .context("Acme binding its plug-in")?;
+    // ...and its own workflow on its own agent.
+    let own = |request: reqwest::RequestBuilder| {
+        request
+            .bearer_auth(&acme.admin)
+            .header("x-deadlift-tenant", "default")
+    };
+    call(
+        own(http.post(format!("{}/v1/modules", acme.url)))
+            .query(&[("name", "acme-satisfaction")])
+            .body(ACME_SATISFACTION.to_vec()),
+    )
+    .await?;
+    call(
+        own(http.put(format!("{}/v1/workflows/satisfaction", acme.url)))
+            .header("content-type", "application/toml")
+            .body(SATISFACTION_WORKFLOW),
+    )
+    .await?;
+
+    // A charge comes in.
+    let charge = json!({
+        "charge_id": "ch_1001", "customer": "cus_ada", "merchant": "acme",
+        "amount_cents": 450, "category": "coffee",
+    });
+    let hooked = payments
+        .agent
+        .hook("before_charge")
+        .call("acme", charge.clone())
+        .await
+        .context("calling Acme's plug-in at before_charge")?;
+    if hooked.output["discount_sent"] == true {
+        let event = payments.agent.workflows().event_in_trace(
+            "discount.sent",
+            json!({
+                "customer": charge["customer"], "merchant": "acme",
+                "discount_percent": hooked.output["discount_percent"], "charge_id": charge["charge_id"],
+            }),
+            &hooked.trace,
+        );
+        payments
+            .agent
+            .workflows()
+            .publish("acme", vec![event])
+            .await?;
+    }
+
+    // Acme's agent runs its workflow for the delivered event.
+    let mut acme_run = None;
+    for _ in 0..200 {
+        let runs = acme
+            .agent
+            .workflows()
+            .runs(
+                "default",
+                RunFilter {
+                    workflow: Some("satisfaction".into()),
+                    ..RunFilter::default()
+                },
+            )
+            .await?;
+        if let Some(run) = runs.iter().find(|r| r.status.is_finished()) {
+            acme_run = Some(acme.agent.workflows().run("default", &run.id).await?);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let acme_run = acme_run.context("Acme's agent ran nothing within 10 s")?;
+    let payments_run = payments
+        .agent
+        .workflows()
+        .run("acme", &hooked.run_id)
+        .await?;
+    let mut acme_counters = serde_json::Map::new();
+    for key in ["discounts:cus_ada", "discounts"] {
+        // Counters are stored as decimal text, which reads as a JSON number.
+        let value = call(own(http.get(format!("{}/v1/kv/{key}", acme.url)))).await?;
+        acme_counters.insert(key.into(), value);
+    }
+    let report = Report {
+        charge,
+        hook_output: hooked.output,
+        emails: emails
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone(),
+        trace_id: hooked.trace.trace_id_hex(),
+        payments_run,
+        acme_run,
+        acme_counters: Value::Object(acme_counters),
+    };
+    stop(payments).await;
+    stop(acme).await;
+    Ok(report)
+}
+
+fn print_run(side: &str, run: &Run) {
+    println!(
+        "  {side}: run {} of {} ({:?}), trace {}",
+        run.summary.id, run.summary.workflow, run.summary.status, run.summary.trace_id
+    );
+    for step in &run.steps {
+        let took = step.finished_unix_ms - step.started_unix_ms;
+        println!(
+            "    step {} {:?} in {took} ms: {} -> {}",
+            step.id, step.status, step.input, step.output
+        );
+        for line in &step.logs {
+            println!("      log {:?}: {}", line.level, line.message);
+        }
+    }
+}
+
+/// Prints the story as each side sees it.
+pub fn print(report: &Report) {
+    println!("== A charge at the payments platform");
+    println!("  {}", report.charge);
+    println!("== Acme's plug-in at before_charge (run on the platform's agent, next to its data)");
+    println!("  {}", report.hook_output);
+    println!("== Emails the platform sent for Acme");
+    for email in &report.emails {
+        println!("  to {}: {}\n    {}", email.to, email.subject, email.body);
+    }
+    println!(
+        "== The runs, one trace across both agents ({})",
+        report.trace_id
+    );
+    print_run("payments", &report.payments_run);
+    print_run("acme    ", &report.acme_run);
+    println!("== Acme's satisfaction counters (its own KV)");
+    println!("  {}", report.acme_counters);
+}
