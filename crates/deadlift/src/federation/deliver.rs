@@ -38,7 +38,7 @@ impl Default for DeliveryConfig {
 
 /// Records an attempt's outcome; implemented by the journal writer's handle.
 pub(crate) type Recorder =
-    Arc<dyn Fn(i64, Attempt) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
+    Arc<dyn Fn(Vec<i64>, Attempt) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
 
 /// Runs until the task is aborted.
 pub(crate) async fn run(
@@ -90,11 +90,11 @@ pub(crate) async fn run(
             continue;
         }
         let mut sending = tokio::task::JoinSet::new();
-        for entry in due {
+        for batch in batches(due) {
             while sending.len() >= config.concurrency.max(1) {
                 sending.join_next().await;
             }
-            let peer = known.iter().find(|p| p.name == entry.peer).cloned();
+            let peer = known.iter().find(|p| p.name == batch[0].peer).cloned();
             let (http, identity, record, config) = (
                 http.clone(),
                 identity.clone(),
@@ -102,43 +102,98 @@ pub(crate) async fn run(
                 config.clone(),
             );
             sending.spawn(async move {
-                let outcome = attempt(&http, &identity, peer.as_ref(), &entry, &config).await;
+                let outcome = attempt(&http, &identity, peer.as_ref(), &batch, &config).await;
                 if let Attempt::Dead { error } = &outcome {
-                    tracing::warn!(peer = %entry.peer, event = %entry.event_id, %error, "delivery dead-lettered");
+                    tracing::warn!(peer = %batch[0].peer, events = batch.len(), %error, "delivery dead-lettered");
                 }
-                record(entry.id, outcome).await;
+                record(batch.iter().map(|e| e.id).collect(), outcome).await;
             });
         }
         while sending.join_next().await.is_some() {}
     }
 }
 
-/// One delivery attempt.
+/// Most events one delivery carries.
+const MAX_BATCH_EVENTS: usize = 100;
+/// Most bytes of events one delivery carries (a single larger event goes alone).
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// Due entries grouped by peer, in order, into batches.
+fn batches(due: Vec<OutboxEntry>) -> Vec<Vec<OutboxEntry>> {
+    let mut by_peer: Vec<Vec<Vec<OutboxEntry>>> = Vec::new();
+    let mut peers: Vec<String> = Vec::new();
+    for entry in due {
+        let index = match peers.iter().position(|p| *p == entry.peer) {
+            Some(index) => index,
+            None => {
+                peers.push(entry.peer.clone());
+                by_peer.push(vec![Vec::new()]);
+                peers.len() - 1
+            }
+        };
+        let batches = &mut by_peer[index];
+        let last = batches.last_mut().filter(|b| {
+            b.len() < MAX_BATCH_EVENTS
+                && b.iter().map(|e| e.body.len()).sum::<usize>() + entry.body.len()
+                    <= MAX_BATCH_BYTES
+        });
+        match last {
+            Some(batch) => batch.push(entry),
+            None => batches.push(vec![entry]),
+        }
+    }
+    by_peer
+        .into_iter()
+        .flatten()
+        .filter(|b| !b.is_empty())
+        .collect()
+}
+
+/// One delivery attempt of a batch (one event is sent as a structured CloudEvent, more
+/// as a CloudEvents batch).
 async fn attempt(
     http: &reqwest::Client,
     identity: &Identity,
     peer: Option<&Peer>,
-    entry: &OutboxEntry,
+    batch: &[OutboxEntry],
     config: &DeliveryConfig,
 ) -> Attempt {
+    let Some(entry) = batch.first() else {
+        return Attempt::Delivered;
+    };
     let Some(peer) = peer else {
         return Attempt::Dead {
             error: format!("no peer named `{}`", entry.peer),
         };
     };
+    let (id, body, content_type) = match batch {
+        [one] => (
+            one.event_id.clone(),
+            one.body.clone(),
+            "application/cloudevents+json",
+        ),
+        many => {
+            let bodies: Vec<&str> = many.iter().map(|e| e.body.as_str()).collect();
+            (
+                format!("batch_{}_{}", entry.event_id, many.len()),
+                format!("[{}]", bodies.join(",")),
+                crate::workflow::event::BATCH_CONTENT_TYPE,
+            )
+        }
+    };
     let timestamp = now_ms() / 1000;
     let url = format!("{}/v1/peer/events", peer.url.trim_end_matches('/'));
     let sent = http
         .post(&url)
-        .header("content-type", "application/cloudevents+json")
-        .header("webhook-id", &entry.event_id)
+        .header("content-type", content_type)
+        .header("webhook-id", &id)
         .header("webhook-timestamp", timestamp.to_string())
         .header(
             "webhook-signature",
-            identity.sign(&entry.event_id, timestamp, entry.body.as_bytes()),
+            identity.sign(&id, timestamp, body.as_bytes()),
         )
         .header(PEER_HEADER, &identity.name)
-        .body(entry.body.clone())
+        .body(body)
         .send()
         .await;
     let error = match sent {
@@ -157,13 +212,19 @@ async fn attempt(
         }
         Err(e) => format!("{url}: {e}"),
     };
-    let age = Duration::from_millis(u64::try_from(now_ms() - entry.created_unix_ms).unwrap_or(0));
+    let oldest = batch
+        .iter()
+        .map(|e| e.created_unix_ms)
+        .min()
+        .unwrap_or(entry.created_unix_ms);
+    let attempts = batch.iter().map(|e| e.attempts).max().unwrap_or(0);
+    let age = Duration::from_millis(u64::try_from(now_ms() - oldest).unwrap_or(0));
     if age >= config.horizon {
         return Attempt::Dead {
-            error: format!("gave up after {} attempts: {error}", entry.attempts + 1),
+            error: format!("gave up after {} attempts: {error}", attempts + 1),
         };
     }
-    let doublings = u32::try_from(entry.attempts).unwrap_or(u32::MAX).min(20);
+    let doublings = u32::try_from(attempts).unwrap_or(u32::MAX).min(20);
     let backoff = config
         .initial_backoff
         .saturating_mul(1 << doublings)

@@ -232,18 +232,18 @@ pub fn record_attempt(
     now: i64,
 ) -> Result<(), DbError> {
     match outcome {
-        Attempt::Delivered => conn.execute(
+        Attempt::Delivered => conn.prepare_cached(
             "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_unix_ms = ?2, last_error = NULL WHERE id = ?1",
-            params![id, now],
-        )?,
-        Attempt::Retry { error, next_unix_ms } => conn.execute(
+        )?
+        .execute(params![id, now])?,
+        Attempt::Retry { error, next_unix_ms } => conn.prepare_cached(
             "UPDATE outbox SET attempts = attempts + 1, last_error = ?2, next_attempt_unix_ms = ?3 WHERE id = ?1",
-            params![id, error, next_unix_ms],
-        )?,
-        Attempt::Dead { error } => conn.execute(
+        )?
+        .execute(params![id, error, next_unix_ms])?,
+        Attempt::Dead { error } => conn.prepare_cached(
             "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
-            params![id, error],
-        )?,
+        )?
+        .execute(params![id, error])?,
     };
     Ok(())
 }

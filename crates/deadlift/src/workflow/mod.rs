@@ -894,11 +894,15 @@ fn v1_spec(
 
 /// How the deliverer records attempts: through the journal writer.
 fn recorder(inbox: Inbox) -> crate::federation::deliver::Recorder {
-    Arc::new(move |id, attempt| {
+    Arc::new(move |ids, attempt| {
         let inbox = inbox.clone();
         Box::pin(async move {
             let result = inbox
-                .request(|reply| Command::OutboxAttempt { id, attempt, reply })
+                .request(|reply| Command::OutboxAttempt {
+                    ids,
+                    attempt,
+                    reply,
+                })
                 .await;
             if let Err(error) = result {
                 tracing::warn!(%error, "cannot record a delivery attempt");

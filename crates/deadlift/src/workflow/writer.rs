@@ -66,7 +66,7 @@ pub(crate) enum Command {
         reply: Reply<bool>,
     },
     OutboxAttempt {
-        id: i64,
+        ids: Vec<i64>,
         attempt: peers::Attempt,
         reply: Reply<()>,
     },
@@ -414,8 +414,15 @@ impl Writer {
                 effects.peer_changes.push((name, None));
                 answer(result, reply, effects)
             }
-            Command::OutboxAttempt { id, attempt, reply } => {
-                answer(peers::record_attempt(tx, id, &attempt, now), reply, effects)
+            Command::OutboxAttempt {
+                ids,
+                attempt,
+                reply,
+            } => {
+                let result = ids
+                    .into_iter()
+                    .try_for_each(|id| peers::record_attempt(tx, id, &attempt, now));
+                answer(result, reply, effects)
             }
             Command::OutboxReplay { id, reply } => {
                 let result = peers::replay(tx, id, now);
