@@ -171,6 +171,73 @@ fn agents_deliver_signed_events_and_refuse_bad_deliveries() {
     let delivered = json_out(&payments, &payments_admin, &["peer", "outbox"]);
     assert_eq!(delivered[0]["status"], "delivered", "{delivered}");
 
+    // An `emit` step addressed to the peer: delivered there, not routed here.
+    let notify = payments_dir.path().join("notify.toml");
+    std::fs::write(
+        &notify,
+        "[[steps]]\nid = \"tell\"\nemit = { type = \"discount.sent\", data = \"input\", to = \"acme\" }\n",
+    )
+    .unwrap();
+    let local = payments_dir.path().join("local.toml");
+    std::fs::write(&local, "trigger = { event = \"discount.sent\" }\n[[steps]]\nid = \"never\"\nemit = { type = \"x.y\" }\n").unwrap();
+    for file in [&notify, &local] {
+        payments.ok(
+            Some(&payments_admin),
+            &[
+                "workflow",
+                "apply",
+                file.to_str().unwrap(),
+                "--tenant",
+                "default",
+            ],
+        );
+    }
+    let told = json_out(
+        &payments,
+        &payments_admin,
+        &[
+            "workflow", "run", "notify", "--input", "7", "--wait", "--tenant", "default",
+        ],
+    );
+    assert_eq!(told["status"], "succeeded", "{told}");
+    let addressed = told["steps"][0]["emitted"][0].as_str().unwrap().to_owned();
+    wait_for(
+        || {
+            runs_of(&acme, &acme_admin, &addressed)
+                .iter()
+                .any(|r| r["status"] == "succeeded")
+        },
+        "the addressed event's run on acme",
+    );
+    assert!(
+        runs_of(&payments, &payments_admin, &addressed).is_empty(),
+        "not routed locally"
+    );
+    let nowhere = payments_dir.path().join("nowhere.toml");
+    std::fs::write(
+        &nowhere,
+        "[[steps]]\nid = \"tell\"\nemit = { type = \"discount.sent\", to = \"nobody\" }\n",
+    )
+    .unwrap();
+    payments.ok(
+        Some(&payments_admin),
+        &[
+            "workflow",
+            "apply",
+            nowhere.to_str().unwrap(),
+            "--tenant",
+            "default",
+        ],
+    );
+    let failed = json_out(
+        &payments,
+        &payments_admin,
+        &[
+            "workflow", "run", "nowhere", "--wait", "--tenant", "default",
+        ],
+    );
+    assert_eq!(failed["error"]["code"], "peer_not_found", "{failed}");
+
     // Hand-made deliveries, signed with payments' own key (read from its data dir).
     let signer = Identity::load_or_create(payments_dir.path(), "payments").unwrap();
     let stranger =

@@ -16,6 +16,9 @@ pub const MAX_BATCH: usize = 1000;
 /// The extension attribute counting how many runs led to an event, so that a workflow
 /// that triggers itself stops instead of looping forever.
 pub const DEPTH_EXTENSION: &str = "deadliftdepth";
+/// The extension attribute addressing an event to one peer (an `emit` step's `to`): such
+/// an event goes to that peer's outbox only, without the attribute.
+pub const TO_EXTENSION: &str = "deadliftto";
 /// How deep a chain of events emitted by runs may go.
 pub const MAX_DEPTH: u64 = 32;
 

@@ -449,12 +449,31 @@ impl Runner {
             None => flow_input.clone(),
         };
         match &step.action {
-            Action::Emit { event_type, data } => {
+            Action::Emit {
+                event_type,
+                data,
+                to,
+            } => {
                 let data = match data {
                     Some(expression) => expression.evaluate(scope).map_err(config_failure)?,
                     None => input.clone(),
                 };
-                let event = self
+                if let Some(peer) = to {
+                    self.check_peer(&ticket.tenant, peer)
+                        .await
+                        .map_err(|message| StepFailure {
+                            failure: Failure {
+                                step: Some(step.id.clone()),
+                                code: "peer_not_found".into(),
+                                kind: Some(ErrorKind::Config),
+                                message,
+                            },
+                            attempts: 1,
+                            attempt_errors: Vec::new(),
+                            module: None,
+                        })?;
+                }
+                let mut event = self
                     .new_event(
                         ticket,
                         EmittedEvent {
@@ -471,6 +490,12 @@ impl Runner {
                         attempt_errors: Vec::new(),
                         module: None,
                     })?;
+                if let Some(peer) = to {
+                    event.extensions.insert(
+                        super::event::TO_EXTENSION.into(),
+                        Value::String(peer.clone()),
+                    );
+                }
                 Ok(StepDone {
                     record: StepRecord {
                         id: step.id.clone(),
@@ -542,6 +567,22 @@ impl Runner {
                     tokio::time::sleep(delay).await;
                 }
             }
+        }
+    }
+
+    /// Whether `peer` exists and serves `tenant` (an `emit` step's `to`).
+    async fn check_peer(&self, tenant: &str, peer: &str) -> Result<(), String> {
+        let (db, name) = (self.db.clone(), peer.to_owned());
+        let found = tokio::task::spawn_blocking(move || {
+            crate::federation::peers::get_peer(&db.lock(), &name)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        match found {
+            Some(p) if p.tenant == tenant => Ok(()),
+            Some(_) => Err(format!("peer `{peer}` does not serve tenant `{tenant}`")),
+            None => Err(format!("no peer named `{peer}`")),
         }
     }
 

@@ -98,6 +98,9 @@ pub struct EmitSpec {
     /// CEL expression giving the event's data; the step's input when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<String>,
+    /// Send the event to this peer only (through the outbox), instead of routing it here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
 }
 
 /// How a failing step is retried.
@@ -308,6 +311,8 @@ pub enum Action {
     Emit {
         event_type: String,
         data: Option<Expression>,
+        /// A peer to send the event to, instead of routing it locally.
+        to: Option<String>,
     },
 }
 
@@ -471,9 +476,15 @@ impl Workflow {
                             fail(at(field), "only `call` steps take this field".into());
                         }
                     }
+                    if let Some(peer) = &emit.to
+                        && let Err(e) = validate_name(peer)
+                    {
+                        fail(at("emit.to"), format!("not a peer name: {e}"));
+                    }
                     Action::Emit {
                         event_type: emit.event_type.clone(),
                         data: emit_data,
+                        to: emit.to.clone(),
                     }
                 }
                 (Some(module), None) => {

@@ -650,6 +650,28 @@ impl Writer {
                 runs: Vec::new(),
             });
         };
+        // Addressed to one peer: to its outbox only, not routed here.
+        if let Some(to) = event.extensions.get(super::event::TO_EXTENSION).cloned() {
+            let mut outgoing = event.clone();
+            outgoing.extensions.remove(super::event::TO_EXTENSION);
+            let to = to.as_str().unwrap_or_default();
+            if from_peer.is_none()
+                && self
+                    .peers
+                    .iter()
+                    .any(|p| p.name == to && p.tenant == tenant)
+            {
+                peers::enqueue(tx, to, &outgoing, now)?;
+                effects.outbox_changed = true;
+            } else {
+                tracing::warn!(tenant, event = %id, peer = to, "event addressed to an unknown peer; not sent");
+            }
+            return Ok(Ingested {
+                id,
+                duplicate: false,
+                runs: Vec::new(),
+            });
+        }
         for peer in &self.peers {
             if peer.tenant == tenant
                 && Some(peer.name.as_str()) != from_peer
