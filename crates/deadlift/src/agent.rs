@@ -269,7 +269,7 @@ impl Agent {
 
     async fn binding(&self, tenant: &str, hook: &str) -> Result<Option<Binding>, HookError> {
         let (db, tenant, hook) = (self.db.clone(), tenant.to_owned(), hook.to_owned());
-        tokio::task::spawn_blocking(move || hooks::get(&db.lock(), &tenant, &hook))
+        tokio::task::spawn_blocking(move || hooks::get(&db.read(), &tenant, &hook))
             .await
             .map_err(|e| DbError::Commit(e.to_string()))?
             .map_err(HookError::from)

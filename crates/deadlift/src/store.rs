@@ -228,6 +228,9 @@ pub struct TokenInfo {
 #[derive(Debug, Clone)]
 pub struct Database {
     conn: Arc<Mutex<Connection>>,
+    /// Reads of committed state (the workflow journal's queries); the same connection as
+    /// `conn` for an in-memory database.
+    reader: Arc<Mutex<Connection>>,
     /// Tokens and tenants known to exist, so that authenticating a request needs no
     /// query. Tokens leave it when revoked; tenants are never deleted.
     known: Arc<Mutex<Known>>,
@@ -248,7 +251,17 @@ impl Database {
     /// Opens the database with the given durability of commits.
     pub fn open_with(path: &Path, durability: Durability) -> Result<Self, DbError> {
         let conn = Connection::open(path)?;
-        Self::prepare(conn, durability)
+        let mut db = Self::prepare(conn, durability)?;
+        // A second connection for reads: in WAL mode it reads the last commit without
+        // waiting for a writer that is committing (and fsyncing).
+        let reader = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
+        reader.pragma_update(None, "cache_size", -16 * 1024)?;
+        db.reader = Arc::new(Mutex::new(reader));
+        Ok(db)
     }
 
     /// A private in-memory database, for tests.
@@ -282,8 +295,10 @@ impl Database {
             tx.pragma_update(None, "user_version", index as i64 + 1)?;
             tx.commit()?;
         }
+        let conn = Arc::new(Mutex::new(conn));
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            reader: conn.clone(),
+            conn,
             known: Arc::default(),
         })
     }
@@ -295,6 +310,12 @@ impl Database {
     /// The connection, for the workflow journal's own SQL.
     pub(crate) fn lock(&self) -> MutexGuard<'_, Connection> {
         self.conn()
+    }
+
+    /// A read-only connection to committed state, which a commit in progress does not
+    /// block.
+    pub(crate) fn read(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn schema_version(&self) -> Result<i64, DbError> {

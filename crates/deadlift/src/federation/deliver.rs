@@ -63,7 +63,7 @@ pub(crate) async fn run(
         let reader = db.clone();
         let now = now_ms();
         let loaded = tokio::task::spawn_blocking(move || {
-            let conn = reader.lock();
+            let conn = reader.read();
             Ok::<_, crate::store::DbError>((
                 peers::due(&conn, now, 256)?,
                 peers::list_peers(&conn)?,

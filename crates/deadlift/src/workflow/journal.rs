@@ -210,6 +210,8 @@ pub struct RunTicket {
     pub done: Vec<StepRecord>,
     /// Whether the run was already marked running.
     pub started: bool,
+    /// Set once a step of this execution was handed to the journal.
+    pub journaled: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A run to create.
@@ -442,6 +444,7 @@ pub fn insert_run(conn: &Connection, run: &NewRun, now: i64) -> Result<Option<Ru
         depth,
         done: Vec::new(),
         started: false,
+        journaled: Default::default(),
     }))
 }
 
@@ -628,6 +631,7 @@ pub fn open_ticket(conn: &Connection, run_id: &str) -> Result<Option<RunTicket>,
         depth: depth as u64,
         done,
         started: status == "running",
+        journaled: Default::default(),
     }))
 }
 

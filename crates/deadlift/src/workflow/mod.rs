@@ -449,7 +449,7 @@ impl Runtime {
         query: impl FnOnce(&rusqlite::Connection) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, WorkflowError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || query(&db.lock()))
+        tokio::task::spawn_blocking(move || query(&db.read()))
             .await
             .map_err(|e| DbError::Commit(e.to_string()))?
             .map_err(WorkflowError::from)

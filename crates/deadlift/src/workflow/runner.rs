@@ -25,6 +25,8 @@ use crate::store::{Database, DbError};
 const RESOLVE_TTL: Duration = Duration::from_secs(1);
 /// Most finished runs waiting to be recorded (see `execute_now`).
 const MAX_UNRECORDED: usize = 4096;
+/// How long a run's first step may take before the run is marked running on its own.
+const MARK_RUNNING_AFTER: Duration = Duration::from_millis(10);
 /// Most compiled workflow versions kept in memory.
 const MAX_CACHED_WORKFLOWS: usize = 1024;
 
@@ -121,7 +123,7 @@ impl Runner {
         let db = self.db.clone();
         let (owner, wanted) = (key.0.clone(), key.1.clone());
         let stored = tokio::task::spawn_blocking(move || {
-            journal::workflow_version(&db.lock(), &owner, &wanted, version)
+            journal::workflow_version(&db.read(), &owner, &wanted, version)
         })
         .await
         .map_err(|e| internal(e.to_string()))?
@@ -207,8 +209,16 @@ impl Runner {
             return;
         }
         if !ticket.started {
-            let _ = self.commands.send(Command::Running {
-                run_seq: ticket.run_seq,
+            // A run whose first step is quick is marked running together with that
+            // step's record (one commit, one fsync, fewer); a slower one is marked
+            // running on its own after a moment, so that watchers see it.
+            let (commands, run_seq) = (self.commands.clone(), ticket.run_seq);
+            let journaled = ticket.journaled.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(MARK_RUNNING_AFTER).await;
+                if !journaled.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = commands.send(Command::Running { run_seq });
+                }
             });
         }
         let result = match self
@@ -574,7 +584,7 @@ impl Runner {
     async fn check_peer(&self, tenant: &str, peer: &str) -> Result<(), String> {
         let (db, name) = (self.db.clone(), peer.to_owned());
         let found = tokio::task::spawn_blocking(move || {
-            crate::federation::peers::get_peer(&db.lock(), &name)
+            crate::federation::peers::get_peer(&db.read(), &name)
         })
         .await
         .map_err(|e| e.to_string())?
@@ -689,6 +699,9 @@ impl Runner {
         done: StepDone,
         finish: Option<Finish>,
     ) -> Result<(), DbError> {
+        ticket
+            .journaled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Step {
@@ -736,6 +749,7 @@ impl Runner {
             depth: 0,
             done: Vec::new(),
             started: true,
+            journaled: Arc::default(),
         };
         let cancel = CancelToken::new();
         let mut outputs = Value::Object(Default::default());
@@ -820,7 +834,7 @@ impl Runner {
         let db = self.db.clone();
         let id = run_id.to_owned();
         let already = tokio::task::spawn_blocking(move || {
-            journal::run_summary_by_id(&db.lock(), &id).ok().flatten()
+            journal::run_summary_by_id(&db.read(), &id).ok().flatten()
         })
         .await
         .ok()

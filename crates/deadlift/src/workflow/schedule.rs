@@ -21,7 +21,7 @@ struct Entry {
 }
 
 fn load(db: &Database) -> Vec<Entry> {
-    let live = match journal::live_workflows(&db.lock(), None) {
+    let live = match journal::live_workflows(&db.read(), None) {
         Ok(live) => live,
         Err(error) => {
             tracing::warn!(%error, "scheduler cannot read workflows");

@@ -493,6 +493,8 @@ impl Writer {
                 reply,
             } => {
                 let result = (|| {
+                    // A run's first record also marks it running (if nothing did yet).
+                    journal::mark_running(tx, ticket.run_seq, now)?;
                     journal::insert_step(tx, ticket.run_seq, position, &record)?;
                     for event in emitted {
                         self.ingest(tx, &ticket.tenant, event, now, effects)?;
