@@ -98,6 +98,20 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// A table's rows from a JSON array (no rows when it is not one).
+pub fn rows(list: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    list.as_array()
+        .map(|items| items.iter().map(row).collect())
+        .unwrap_or_default()
+}
+
+/// A JSON array of strings as `a,b,c`.
+pub fn joined(list: &Value) -> String {
+    list.as_array()
+        .map(|items| items.iter().map(cell).collect::<Vec<_>>().join(","))
+        .unwrap_or_default()
+}
+
 /// A JSON field as display text (`-` when absent).
 pub fn cell(value: &Value) -> String {
     match value {

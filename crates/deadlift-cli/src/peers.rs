@@ -6,7 +6,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::client::{cell, table};
+use crate::client::{cell, joined, rows, table};
 use crate::{Remote, encode, print_json};
 
 #[derive(Debug, Subcommand)]
@@ -102,27 +102,16 @@ pub async fn peer(command: PeerCommand) -> anyhow::Result<()> {
             if remote.json {
                 return print_json(&peers);
             }
-            let rows: Vec<Vec<String>> = peers
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(|p| {
-                    let list = |v: &serde_json::Value| {
-                        v.as_array()
-                            .map(|a| a.iter().map(cell).collect::<Vec<_>>().join(","))
-                            .unwrap_or_default()
-                    };
-                    vec![
-                        cell(&p["name"]),
-                        cell(&p["url"]),
-                        cell(&p["tenant"]),
-                        list(&p["send"]),
-                        list(&p["accept"]),
-                        cell(&p["public_key"]),
-                    ]
-                })
-                .collect();
+            let rows = rows(&peers, |p| {
+                vec![
+                    cell(&p["name"]),
+                    cell(&p["url"]),
+                    cell(&p["tenant"]),
+                    joined(&p["send"]),
+                    joined(&p["accept"]),
+                    cell(&p["public_key"]),
+                ]
+            });
             table(
                 &["name", "url", "tenant", "send", "accept", "public key"],
                 &rows,
@@ -145,22 +134,16 @@ pub async fn peer(command: PeerCommand) -> anyhow::Result<()> {
             if remote.json {
                 return print_json(&entries);
             }
-            let rows: Vec<Vec<String>> = entries
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(|e| {
-                    vec![
-                        cell(&e["id"]),
-                        cell(&e["peer"]),
-                        cell(&e["event_id"]),
-                        cell(&e["status"]),
-                        cell(&e["attempts"]),
-                        cell(&e["last_error"]),
-                    ]
-                })
-                .collect();
+            let rows = rows(&entries, |e| {
+                vec![
+                    cell(&e["id"]),
+                    cell(&e["peer"]),
+                    cell(&e["event_id"]),
+                    cell(&e["status"]),
+                    cell(&e["attempts"]),
+                    cell(&e["last_error"]),
+                ]
+            });
             table(
                 &["id", "peer", "event", "status", "attempts", "last error"],
                 &rows,
@@ -212,23 +195,14 @@ pub async fn hook(command: HookCommand) -> anyhow::Result<()> {
             if remote.json {
                 return print_json(&hooks);
             }
-            let rows: Vec<Vec<String>> = hooks
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(|h| {
-                    let offered = h["host_functions"]
-                        .as_array()
-                        .map(|a| a.iter().map(cell).collect::<Vec<_>>().join(","))
-                        .unwrap_or_default();
-                    let bound = match h["binding"].as_object() {
-                        Some(b) => format!("{} {}", cell(&b["module"]), cell(&b["function"])),
-                        None => "-".into(),
-                    };
-                    vec![cell(&h["name"]), offered, cell(&h["timeout_ms"]), bound]
-                })
-                .collect();
+            let rows = rows(&hooks, |h| {
+                let offered = joined(&h["host_functions"]);
+                let bound = match h["binding"].as_object() {
+                    Some(b) => format!("{} {}", cell(&b["module"]), cell(&b["function"])),
+                    None => "-".into(),
+                };
+                vec![cell(&h["name"]), offered, cell(&h["timeout_ms"]), bound]
+            });
             table(&["hook", "host functions", "timeout ms", "bound to"], &rows);
         }
         HookCommand::Bind {

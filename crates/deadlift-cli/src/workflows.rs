@@ -8,7 +8,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::client::{cell, table};
+use crate::client::{cell, rows, table};
 use crate::{Remote, encode, print_json};
 
 #[derive(Debug, Subcommand)]
@@ -232,30 +232,24 @@ pub async fn workflow(command: WorkflowCommand) -> anyhow::Result<()> {
             if remote.json {
                 return print_json(&list);
             }
-            let rows: Vec<Vec<String>> = list
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(|w| {
-                    let trigger = &w["spec"]["trigger"];
-                    let trigger = match (trigger["event"].as_str(), trigger["schedule"].as_str()) {
-                        (Some(event), _) => format!("event {event}"),
-                        (_, Some(schedule)) => format!("schedule {schedule}"),
-                        _ => "http".into(),
-                    };
-                    vec![
-                        cell(&w["name"]),
-                        cell(&w["version"]),
-                        trigger,
-                        w["spec"]["steps"]
-                            .as_array()
-                            .map_or(0, Vec::len)
-                            .to_string(),
-                        time(&w["created_unix_ms"]),
-                    ]
-                })
-                .collect();
+            let rows = rows(&list, |w| {
+                let trigger = &w["spec"]["trigger"];
+                let trigger = match (trigger["event"].as_str(), trigger["schedule"].as_str()) {
+                    (Some(event), _) => format!("event {event}"),
+                    (_, Some(schedule)) => format!("schedule {schedule}"),
+                    _ => "http".into(),
+                };
+                vec![
+                    cell(&w["name"]),
+                    cell(&w["version"]),
+                    trigger,
+                    w["spec"]["steps"]
+                        .as_array()
+                        .map_or(0, Vec::len)
+                        .to_string(),
+                    time(&w["created_unix_ms"]),
+                ]
+            });
             table(&["name", "version", "trigger", "steps", "applied"], &rows);
         }
         WorkflowCommand::Show { name, remote } => {
@@ -620,23 +614,17 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             if remote.json {
                 return print_json(&letters);
             }
-            let rows: Vec<Vec<String>> = letters
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(|d| {
-                    vec![
-                        cell(&d["id"]),
-                        cell(&d["run_id"]),
-                        cell(&d["workflow"]),
-                        cell(&d["event_id"]),
-                        cell(&d["error"]["code"]),
-                        time(&d["created_unix_ms"]),
-                        time(&d["replayed_unix_ms"]),
-                    ]
-                })
-                .collect();
+            let rows = rows(&letters, |d| {
+                vec![
+                    cell(&d["id"]),
+                    cell(&d["run_id"]),
+                    cell(&d["workflow"]),
+                    cell(&d["event_id"]),
+                    cell(&d["error"]["code"]),
+                    time(&d["created_unix_ms"]),
+                    time(&d["replayed_unix_ms"]),
+                ]
+            });
             table(
                 &[
                     "id", "run", "workflow", "event", "error", "failed", "replayed",

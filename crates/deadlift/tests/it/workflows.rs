@@ -69,6 +69,11 @@ impl<'a> Client<'a> {
         response.json().await.unwrap()
     }
 
+    /// POSTs with no body.
+    async fn post(&self, path: &str) -> reqwest::Response {
+        self.request(Method::POST, path).send().await.unwrap()
+    }
+
     async fn get(&self, path: &str) -> Value {
         let response = self.request(Method::GET, path).send().await.unwrap();
         assert_eq!(response.status().as_u16(), 200, "{path}");
@@ -433,11 +438,7 @@ async fn a_run_that_exhausts_its_retries_is_dead_lettered_and_replays() {
     );
 
     // A succeeded run cannot be retried.
-    let again = client
-        .request(Method::POST, &format!("/v1/runs/{run_id}/retry"))
-        .send()
-        .await
-        .unwrap();
+    let again = client.post(&format!("/v1/runs/{run_id}/retry")).await;
     TestAgent::expect_error(again, 409, "run_not_retryable").await;
     agent.stop().await;
 }
@@ -572,11 +573,7 @@ async fn running_and_queued_runs_can_be_cancelled() {
     // Quick if it ever ran: its steps would be journaled at once.
     let second = start("quick").await;
     for id in [&second, &first] {
-        let cancelled = client
-            .request(Method::POST, &format!("/v1/runs/{id}/cancel"))
-            .send()
-            .await
-            .unwrap();
+        let cancelled = client.post(&format!("/v1/runs/{id}/cancel")).await;
         assert_eq!(cancelled.status().as_u16(), 202);
     }
     for id in [&first, &second] {
@@ -589,11 +586,7 @@ async fn running_and_queued_runs_can_be_cancelled() {
         second_run["steps"].as_array().unwrap().is_empty(),
         "{second_run}"
     );
-    let again = client
-        .request(Method::POST, &format!("/v1/runs/{first}/cancel"))
-        .send()
-        .await
-        .unwrap();
+    let again = client.post(&format!("/v1/runs/{first}/cancel")).await;
     TestAgent::expect_error(again, 409, "run_not_open").await;
     agent.stop().await;
 }
