@@ -892,6 +892,11 @@ pub fn prune(
             )?;
         }
     }
+    // Delivered outbox entries are kept as long as event ids are (for the record).
+    conn.execute(
+        "DELETE FROM outbox WHERE status = 'delivered' AND delivered_unix_ms < ?1",
+        params![now - retention.dedupe_window_ms],
+    )?;
     let events = conn.execute(
         "DELETE FROM events WHERE received_unix_ms < ?1
            AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.event_seq = events.seq)",
