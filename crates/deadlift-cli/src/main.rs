@@ -399,6 +399,12 @@ async fn serve(config: config::Resolved) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     println!("data directory: {}", config.data_dir.display());
+    let identity = agent.workflows().identity();
+    println!(
+        "agent {} (public key {}; peers register it with `deadlift peer add`)",
+        identity.name,
+        identity.public_key()
+    );
     let resumed = agent.workflows().resumed_runs();
     if resumed > 0 {
         println!("resumed {resumed} runs left open by the previous process");
