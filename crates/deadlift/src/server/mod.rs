@@ -134,6 +134,9 @@ async fn metrics(State(agent): State<AgentState>) -> Response {
         "counter",
         stats.instances_discarded,
     );
+    for (name, help, value) in agent.workflows().stats().counters() {
+        counter(name, help, "counter", value);
+    }
     counter(
         "deadlift_idle_instances",
         "Warm instances in pools.",

@@ -30,7 +30,7 @@ pub use journal::{
     TriggerKind, WorkflowVersion,
 };
 pub use spec::{FieldError, SpecError, Workflow, WorkflowSpec};
-pub use writer::{Ingested, RunUpdate};
+pub use writer::{Ingested, JournalStats, RunUpdate};
 
 use crate::engine::Engine;
 use crate::federation::Identity;
@@ -281,6 +281,7 @@ impl Runtime {
             waiters: Arc::default(),
             workflows_changed: Arc::default(),
             outbox: Arc::default(),
+            stats: Arc::default(),
         };
         let (routes, peers, open) = {
             let conn = db.lock();
@@ -350,6 +351,11 @@ impl Runtime {
             resumed,
             heads: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// What the journal has committed since start (events, runs, deliveries).
+    pub fn stats(&self) -> &writer::JournalStats {
+        &self.runner.outlets.stats
     }
 
     /// This agent's identity (name and signing key).

@@ -7,6 +7,7 @@
 //! runner and run updates for watchers are all sent after the commit.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use rusqlite::Connection;
@@ -179,6 +180,76 @@ pub(crate) struct Outlets {
     pub workflows_changed: Arc<tokio::sync::Notify>,
     /// Told when the outbox has new work (the deliverer wakes).
     pub outbox: Arc<tokio::sync::Notify>,
+    /// Counters of what the writer committed, for metrics.
+    pub stats: Arc<JournalStats>,
+}
+
+/// What the journal has committed since the agent started.
+#[derive(Debug, Default)]
+pub struct JournalStats {
+    pub events_stored: AtomicU64,
+    pub events_duplicate: AtomicU64,
+    pub runs_started: AtomicU64,
+    pub runs_succeeded: AtomicU64,
+    pub runs_failed: AtomicU64,
+    pub deliveries_queued: AtomicU64,
+    pub deliveries_done: AtomicU64,
+    pub deliveries_retried: AtomicU64,
+    pub deliveries_dead: AtomicU64,
+}
+
+impl JournalStats {
+    /// (name, help, value) of every counter, for a metrics page.
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            (
+                "deadlift_events_stored_total",
+                "Events committed to the inbox.",
+                load(&self.events_stored),
+            ),
+            (
+                "deadlift_events_duplicate_total",
+                "Events dropped as repeats of a known id.",
+                load(&self.events_duplicate),
+            ),
+            (
+                "deadlift_runs_started_total",
+                "Runs created (queued or recorded).",
+                load(&self.runs_started),
+            ),
+            (
+                "deadlift_runs_succeeded_total",
+                "Runs that ended successfully.",
+                load(&self.runs_succeeded),
+            ),
+            (
+                "deadlift_runs_failed_total",
+                "Runs that failed.",
+                load(&self.runs_failed),
+            ),
+            (
+                "deadlift_deliveries_queued_total",
+                "Events put in a peer's outbox.",
+                load(&self.deliveries_queued),
+            ),
+            (
+                "deadlift_deliveries_done_total",
+                "Outbox entries delivered.",
+                load(&self.deliveries_done),
+            ),
+            (
+                "deadlift_deliveries_retried_total",
+                "Delivery attempts that will be retried.",
+                load(&self.deliveries_retried),
+            ),
+            (
+                "deadlift_deliveries_dead_total",
+                "Outbox entries given up on.",
+                load(&self.deliveries_dead),
+            ),
+        ]
+    }
 }
 
 /// Builds the routing table from the live workflows.
@@ -201,6 +272,17 @@ fn route_of(spec: &WorkflowSpec, version: i64) -> Option<Route> {
     })
 }
 
+// Indexes of `Effects::counts`, in the order of `JournalStats::counters`.
+const EVENTS_STORED: usize = 0;
+const EVENTS_DUPLICATE: usize = 1;
+const RUNS_STARTED: usize = 2;
+const RUNS_SUCCEEDED: usize = 3;
+const RUNS_FAILED: usize = 4;
+const DELIVERIES_QUEUED: usize = 5;
+const DELIVERIES_DONE: usize = 6;
+const DELIVERIES_RETRIED: usize = 7;
+const DELIVERIES_DEAD: usize = 8;
+
 /// What to do once the transaction holding a command has committed.
 #[derive(Default)]
 struct Effects {
@@ -211,9 +293,23 @@ struct Effects {
     /// Peers added or changed (`Some`) or removed (`None`), by name.
     peer_changes: Vec<(String, Option<Peer>)>,
     outbox_changed: bool,
+    /// Counter increments, applied after the commit: indexes into `JournalStats::counters`.
+    counts: [u64; 9],
 }
 
 impl Effects {
+    fn count(&mut self, counter: usize) {
+        self.counts[counter] += 1;
+    }
+
+    fn count_finish(&mut self, status: RunStatus) {
+        match status {
+            RunStatus::Succeeded => self.count(RUNS_SUCCEEDED),
+            RunStatus::Failed => self.count(RUNS_FAILED),
+            _ => {}
+        }
+    }
+
     fn reply<T: Send + 'static>(&mut self, reply: Reply<T>, value: T) {
         self.replies.push(Box::new(move |committed| {
             let _ = reply.send(committed.map(|()| value));
@@ -318,6 +414,23 @@ impl Writer {
         if effects.outbox_changed {
             self.outlets.outbox.notify_one();
         }
+        let stats = &self.outlets.stats;
+        let counters = [
+            &stats.events_stored,
+            &stats.events_duplicate,
+            &stats.runs_started,
+            &stats.runs_succeeded,
+            &stats.runs_failed,
+            &stats.deliveries_queued,
+            &stats.deliveries_done,
+            &stats.deliveries_retried,
+            &stats.deliveries_dead,
+        ];
+        for (counter, n) in counters.into_iter().zip(effects.counts) {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
         for ticket in effects.tickets {
             let _ = self.outlets.runs.send(ticket);
         }
@@ -362,6 +475,9 @@ impl Writer {
                     effects.route_changes.append(&mut local.route_changes);
                     effects.peer_changes.append(&mut local.peer_changes);
                     effects.outbox_changed |= local.outbox_changed;
+                    for (total, n) in effects.counts.iter_mut().zip(local.counts) {
+                        *total += n;
+                    }
                 }
                 Err(error) => {
                     tracing::error!(%error, "journal savepoint release failed");
@@ -419,9 +535,15 @@ impl Writer {
                 attempt,
                 reply,
             } => {
-                let result = ids
-                    .into_iter()
-                    .try_for_each(|id| peers::record_attempt(tx, id, &attempt, now));
+                let counter = match attempt {
+                    peers::Attempt::Delivered => DELIVERIES_DONE,
+                    peers::Attempt::Retry { .. } => DELIVERIES_RETRIED,
+                    peers::Attempt::Dead { .. } => DELIVERIES_DEAD,
+                };
+                let result = ids.into_iter().try_for_each(|id| {
+                    effects.count(counter);
+                    peers::record_attempt(tx, id, &attempt, now)
+                });
                 answer(result, reply, effects)
             }
             Command::OutboxReplay { id, reply } => {
@@ -472,6 +594,7 @@ impl Writer {
                     ticket.ok_or_else(|| DbError::Corrupt("the run already exists".into()))
                 });
                 if let Ok(ticket) = &result {
+                    effects.count(RUNS_STARTED);
                     effects.changed_runs.push(ticket.run_seq);
                     effects.tickets.push(ticket.clone());
                 }
@@ -500,7 +623,7 @@ impl Writer {
                         self.ingest(tx, &ticket.tenant, event, now, effects)?;
                     }
                     if let Some(end) = &finish {
-                        journal::finish_run(
+                        let ended = journal::finish_run(
                             tx,
                             ticket.run_seq,
                             end.status,
@@ -509,6 +632,9 @@ impl Writer {
                             end.dead_letter,
                             now,
                         )?;
+                        if ended {
+                            effects.count_finish(end.status);
+                        }
                         effects.changed_runs.push(ticket.run_seq);
                     }
                     Ok(())
@@ -529,6 +655,9 @@ impl Writer {
                     finish.dead_letter,
                     now,
                 );
+                if let Ok(true) = result {
+                    effects.count_finish(finish.status);
+                }
                 effects.changed_runs.push(run_seq);
                 answer(result.map(|_| ()), reply, effects)
             }
@@ -541,6 +670,8 @@ impl Writer {
             } => {
                 let result = (|| {
                     let (run_id, run_seq) = journal::insert_finished_run(tx, &run, &finish, now)?;
+                    effects.count(RUNS_STARTED);
+                    effects.count_finish(finish.status);
                     for (position, step) in steps.iter().enumerate() {
                         journal::insert_step(tx, run_seq, position, step)?;
                     }
@@ -609,6 +740,7 @@ impl Writer {
                         event: Some((seq, event)),
                     };
                     if let Some(ticket) = journal::insert_run(tx, &run, now)? {
+                        effects.count(RUNS_STARTED);
                         effects.changed_runs.push(ticket.run_seq);
                         effects.tickets.push(ticket);
                     }
@@ -646,12 +778,14 @@ impl Writer {
         event.complete();
         let id = event.id.clone();
         let Some(seq) = journal::insert_event(tx, tenant, &event, now)? else {
+            effects.count(EVENTS_DUPLICATE);
             return Ok(Ingested {
                 id,
                 duplicate: true,
                 runs: Vec::new(),
             });
         };
+        effects.count(EVENTS_STORED);
         // Addressed to one peer: to its outbox only, not routed here.
         if let Some(to) = event.extensions.get(super::event::TO_EXTENSION).cloned() {
             let mut outgoing = event.clone();
@@ -665,6 +799,7 @@ impl Writer {
             {
                 peers::enqueue(tx, to, &outgoing, now)?;
                 effects.outbox_changed = true;
+                effects.count(DELIVERIES_QUEUED);
             } else {
                 tracing::warn!(tenant, event = %id, peer = to, "event addressed to an unknown peer; not sent");
             }
@@ -681,6 +816,7 @@ impl Writer {
             {
                 peers::enqueue(tx, &peer.name, &event, now)?;
                 effects.outbox_changed = true;
+                effects.count(DELIVERIES_QUEUED);
             }
         }
         let mut runs = Vec::new();
@@ -718,6 +854,7 @@ impl Writer {
                 trace: trace.child(),
             };
             if let Some(ticket) = journal::insert_run(tx, &run, now)? {
+                effects.count(RUNS_STARTED);
                 runs.push(ticket.run_id.clone());
                 effects.changed_runs.push(ticket.run_seq);
                 effects.tickets.push(ticket);
