@@ -399,21 +399,7 @@ impl Writer {
     }
 
     fn after_commit(&mut self, effects: Effects, summaries: Vec<(String, RunSummary)>) {
-        for reply in effects.replies {
-            reply(Ok(()));
-        }
-        for (tenant, name, route) in effects.route_changes {
-            let routes = self.routes.entry(tenant).or_default();
-            routes.retain(|r| r.workflow != name);
-            routes.extend(route);
-        }
-        for (name, peer) in effects.peer_changes {
-            self.peers.retain(|p| p.name != name);
-            self.peers.extend(peer);
-        }
-        if effects.outbox_changed {
-            self.outlets.outbox.notify_one();
-        }
+        // Counters first, so that whoever gets a reply sees them already counted.
         let stats = &self.outlets.stats;
         let counters = [
             &stats.events_stored,
@@ -430,6 +416,21 @@ impl Writer {
             if n > 0 {
                 counter.fetch_add(n, Ordering::Relaxed);
             }
+        }
+        for reply in effects.replies {
+            reply(Ok(()));
+        }
+        for (tenant, name, route) in effects.route_changes {
+            let routes = self.routes.entry(tenant).or_default();
+            routes.retain(|r| r.workflow != name);
+            routes.extend(route);
+        }
+        for (name, peer) in effects.peer_changes {
+            self.peers.retain(|p| p.name != name);
+            self.peers.extend(peer);
+        }
+        if effects.outbox_changed {
+            self.outlets.outbox.notify_one();
         }
         for ticket in effects.tickets {
             let _ = self.outlets.runs.send(ticket);

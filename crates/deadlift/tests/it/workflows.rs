@@ -497,27 +497,34 @@ async fn the_same_event_id_never_starts_a_second_run() {
     // Not matching: no run.
     let other = client.publish(event("o-1", "letters.new", json!(1))).await;
     assert!(other["events"][0]["runs"].as_array().unwrap().is_empty());
-    // The journal's counters are on /metrics.
-    let metrics = agent
-        .http
-        .get(agent.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |name: &str| -> u64 {
+    // The journal's counters are on /metrics (counted just after each commit).
+    let value = |metrics: &str, name: &str| -> u64 {
         metrics
             .lines()
             .find_map(|l| l.strip_prefix(&format!("{name} ")))
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("{name} missing from\n{metrics}"))
     };
-    assert_eq!(value("deadlift_events_duplicate_total"), 2);
-    assert_eq!(value("deadlift_events_stored_total"), 3);
-    assert_eq!(value("deadlift_runs_started_total"), 2);
-    assert_eq!(value("deadlift_runs_succeeded_total"), 2);
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = agent
+            .http
+            .get(agent.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if value(&metrics, "deadlift_runs_succeeded_total") == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(value(&metrics, "deadlift_events_duplicate_total"), 2);
+    assert_eq!(value(&metrics, "deadlift_events_stored_total"), 3);
+    assert_eq!(value(&metrics, "deadlift_runs_started_total"), 2);
+    assert_eq!(value(&metrics, "deadlift_runs_succeeded_total"), 2);
     agent.stop().await;
 }
 
