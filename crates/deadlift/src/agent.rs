@@ -410,10 +410,9 @@ impl Hook<'_> {
                 .map_err(|e| DbError::Commit(e.to_string()))?
                 .map_err(|e| HookError::Invalid(e.to_string()))?;
         let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let run_id_hint = format!("hook:{}", self.name);
-        let ctx = CallContext::new(tenant)
-            .with_run_id(run_id_hint)
-            .with_emit_buffer(buffer.clone());
+        // The run is recorded after the call, so the call carries no run id (rather
+        // than one that names no run).
+        let ctx = CallContext::new(tenant).with_emit_buffer(buffer.clone());
         let bytes = serde_json::to_vec(&input).unwrap_or_default();
         let called = agent
             .engine
