@@ -2,7 +2,7 @@
  * extism.h - Deadlift's own declarations of the Extism host ABI for guests
  * written in C (no official Extism PDK is used). It declares the kernel
  * functions a guest imports from the wasm module `extism:host/env`, as
- * described in shared/EXTISM_ABI.md, plus two macros: one to import a host
+ * described in docs/extism-abi.md, plus two macros: one to import a host
  * function from `extism:host/user` and one to export a plug-in function.
  *
  * Conventions (all from the ABI): every offset, length and memory handle is

@@ -1,7 +1,7 @@
 //! extism.zig - Deadlift's own declarations of the Extism host ABI for guests
 //! written in Zig (no official Extism PDK is used): the kernel functions a
 //! guest imports from the wasm module `extism:host/env`, as described in
-//! shared/EXTISM_ABI.md, plus small helpers that copy bytes between the
+//! docs/extism-abi.md, plus small helpers that copy bytes between the
 //! guest's linear memory and Extism memory.
 //!
 //! Conventions (from the ABI): every offset, length and memory handle is a

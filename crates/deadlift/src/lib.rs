@@ -1,9 +1,13 @@
 //! Deadlift: run other organisations' Extism plug-ins in process, fast and safely.
 //!
-//! The [`Engine`] is the entry point: it registers modules (validated by the
-//! [`registry`]), compiles them once, and calls their functions under a [`Grant`] on
-//! its own implementation of the Extism host ABI (the `executor`), with the
-//! [`host`] functions the embedding application offers.
+//! This is the one crate an embedder reaches for. It re-exports the three layers,
+//! each its own crate so that the boundaries hold:
+//!
+//! - [`deadlift_engine`]: the Wasm engine (registry, executor, grants, host functions);
+//!   no storage, no HTTP serving, no workflows.
+//! - [`deadlift_agent`]: the agent around it: storage, workflows and runs, federation,
+//!   hooks.
+//! - [`server`] (`deadlift_server`): the HTTP API over an agent.
 //!
 //! ```no_run
 //! # async fn example(bytes: Vec<u8>) -> Result<(), Box<dyn std::error::Error>> {
@@ -22,27 +26,21 @@
 //! # Ok(()) }
 //! ```
 
-pub mod agent;
-pub mod engine;
-pub mod error;
-pub(crate) mod executor;
-pub mod federation;
-pub mod grant;
-pub mod hooks;
-pub mod host;
-pub mod registry;
-pub mod server;
-pub mod store;
-pub mod workflow;
+#![forbid(unsafe_code)]
 
-pub use agent::{Agent, AgentBuilder, AgentError, DEFAULT_TENANT};
-pub use engine::{Engine, EngineBuilder, EngineError, EngineStats};
-pub use error::CallError;
-pub use executor::{CallOutput, LogLevel, LogLine};
-pub use grant::Grant;
-pub use host::{
-    CallContext, CancelToken, EmittedEvent, EventSink, HostError, HostFunction, KvStore, MemoryKv,
-    MemorySink,
+pub use deadlift_engine::{
+    CallContext, CallError, CallOutput, CancelToken, EmittedEvent, Engine, EngineBuilder,
+    EngineError, EngineStats, EventSink, Grant, HostError, HostFunction, KvStore, LogLevel,
+    LogLine, MemoryKv, MemorySink, ModuleError, ModuleId, ModuleInfo, ModuleStore, NewModule,
+    Registry,
 };
-pub use registry::{ModuleError, ModuleId, ModuleInfo, ModuleStore, NewModule, Registry};
-pub use workflow::{CloudEvent, Runtime, WorkflowError, WorkflowSpec};
+pub use deadlift_engine::{engine, error, grant, host, registry, subject};
+
+pub use deadlift_agent::{
+    Agent, AgentBuilder, AgentError, CloudEvent, DEFAULT_TENANT, Runtime, WorkflowError,
+    WorkflowSpec,
+};
+pub use deadlift_agent::{agent, federation, hooks, store, workflow};
+
+/// The HTTP server over an [`Agent`].
+pub use deadlift_server as server;

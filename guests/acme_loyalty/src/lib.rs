@@ -1,4 +1,4 @@
-//! Fixture `acme_loyalty`: the showcase's merchant plug-in (SPEC.md section 8).
+//! Fixture `acme_loyalty`: the showcase's merchant plug-in (`docs/overview.md`, "The showcase story").
 //! Acme hands it to the payments platform, which runs it at its
 //! `before_charge` extension point: it looks up the customer's recent
 //! purchases through a host function and, for a loyal customer, asks the host

@@ -1,5 +1,5 @@
 //! Fixture `acme_satisfaction`: the showcase's plug-in on Acme's own agent
-//! (SPEC.md section 8). A workflow runs it for each `discount.sent` event from
+//! (`docs/overview.md`, "The showcase story"). A workflow runs it for each `discount.sent` event from
 //! the payments agent; it aggregates the discounts into customer-satisfaction
 //! counters in the host's key-value store, which Acme can query.
 //!

@@ -1,0 +1,14 @@
+//! Deadlift's agent: an engine wired to durable state. It holds tenants and tokens,
+//! workflows, events and durable runs, federation with other agents, and the hooks an
+//! embedding application declares. The [`Agent`] façade is what the server and
+//! embedders drive; it knows no HTTP serving.
+
+pub mod agent;
+pub mod clock;
+pub mod federation;
+pub mod hooks;
+pub mod store;
+pub mod workflow;
+
+pub use agent::{Agent, AgentBuilder, AgentError, DEFAULT_TENANT};
+pub use workflow::{CloudEvent, Runtime, WorkflowError, WorkflowSpec};

@@ -1,0 +1,717 @@
+//! The agent's durable state in one SQLite file: tenants, API tokens (hashed), module
+//! metadata and bytes, and key-value entries (the workflow journal's tables live here
+//! too; their SQL is in `workflow::journal`). It implements the library's storage
+//! traits ([`ModuleStore`], [`KvStore`]) so the engine persists without knowing SQL.
+//!
+//! Migrations are embedded and applied in order at open; every connection runs in WAL
+//! mode with foreign keys on. All calls block: async code reaches them through
+//! `spawn_blocking` (the server does), engine workers call them directly.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
+
+use crate::clock::now_ms;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+use deadlift_engine::host::{KvError, KvStore};
+use deadlift_engine::registry::{ModuleId, ModuleInfo, ModuleStore, StoreError};
+
+/// Schema versions, applied in order; the index + 1 is the `user_version` they lead to.
+const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE tenants (
+    name TEXT PRIMARY KEY,
+    created_unix_ms INTEGER NOT NULL
+);
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY,
+    hash BLOB NOT NULL UNIQUE,
+    tenant TEXT REFERENCES tenants(name) ON DELETE CASCADE,
+    admin INTEGER NOT NULL,
+    description TEXT,
+    created_unix_ms INTEGER NOT NULL,
+    CHECK (admin = 1 OR tenant IS NOT NULL)
+);
+CREATE TABLE module_blobs (
+    id TEXT PRIMARY KEY,
+    bytes BLOB NOT NULL
+);
+CREATE TABLE modules (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    id TEXT NOT NULL REFERENCES module_blobs(id),
+    info TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, id),
+    UNIQUE (tenant, name, version)
+);
+CREATE TABLE kv (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (tenant, key)
+) WITHOUT ROWID;
+"#,
+    r#"
+CREATE TABLE workflow_versions (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, name, version)
+) WITHOUT ROWID;
+CREATE TABLE workflows (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    updated_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, name)
+) WITHOUT ROWID;
+CREATE TABLE v1_workflows (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    workflow TEXT NOT NULL
+);
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    received_unix_ms INTEGER NOT NULL,
+    UNIQUE (tenant, id)
+);
+CREATE TABLE runs (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    workflow TEXT NOT NULL,
+    workflow_version INTEGER NOT NULL,
+    trigger TEXT NOT NULL,
+    event_seq INTEGER REFERENCES events(seq),
+    event_id TEXT,
+    status TEXT NOT NULL,
+    input TEXT NOT NULL,
+    output TEXT,
+    error TEXT,
+    traceparent TEXT NOT NULL,
+    trace_id TEXT NOT NULL,
+    depth INTEGER NOT NULL,
+    created_unix_ms INTEGER NOT NULL,
+    started_unix_ms INTEGER,
+    finished_unix_ms INTEGER,
+    UNIQUE (event_seq, workflow)
+);
+CREATE INDEX runs_by_tenant ON runs (tenant, seq);
+CREATE INDEX runs_open ON runs (status) WHERE status IN ('queued', 'running');
+CREATE TABLE run_steps (
+    run_seq INTEGER NOT NULL REFERENCES runs(seq) ON DELETE CASCADE,
+    step TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (run_seq, step)
+) WITHOUT ROWID;
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    run_seq INTEGER NOT NULL UNIQUE REFERENCES runs(seq) ON DELETE CASCADE,
+    error TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL,
+    replayed_unix_ms INTEGER
+);
+CREATE INDEX dead_letters_by_tenant ON dead_letters (tenant, id);
+"#,
+    r#"
+CREATE TABLE peers (
+    name TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    send TEXT NOT NULL,
+    accept TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL
+);
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY,
+    peer TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_unix_ms INTEGER NOT NULL,
+    last_error TEXT,
+    created_unix_ms INTEGER NOT NULL,
+    delivered_unix_ms INTEGER,
+    UNIQUE (peer, event_id)
+);
+CREATE INDEX outbox_due ON outbox (next_attempt_unix_ms) WHERE status = 'pending';
+CREATE TABLE hook_bindings (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    hook TEXT NOT NULL,
+    module TEXT NOT NULL,
+    function TEXT NOT NULL,
+    updated_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, hook)
+) WITHOUT ROWID;
+"#,
+];
+
+/// Errors of the database layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database holds schema version {found}, newer than this agent understands ({known})")]
+    TooNew { found: i64, known: i64 },
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the journal could not commit: {0}")]
+    Commit(String),
+    #[error("the agent is shutting down")]
+    Closed,
+}
+
+impl From<DbError> for StoreError {
+    fn from(e: DbError) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+impl From<DbError> for KvError {
+    fn from(e: DbError) -> Self {
+        KvError::Storage(e.to_string())
+    }
+}
+
+/// What a committed write survives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Every commit is flushed to disk (`fsync`) before it is acknowledged: it survives
+    /// a power loss. The journal's group commit keeps this affordable.
+    #[default]
+    PowerLoss,
+    /// Commits reach the operating system but are flushed only at checkpoints: they
+    /// survive the agent's process being killed, not the machine losing power.
+    ProcessCrash,
+}
+
+/// Who a token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Admin,
+    Tenant(String),
+}
+
+/// A token as listed (never the secret itself).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct TokenInfo {
+    pub id: String,
+    pub tenant: Option<String>,
+    pub admin: bool,
+    pub description: Option<String>,
+    pub created_unix_ms: i64,
+}
+
+/// The agent's database. Cheap to clone; one connection serialised behind a mutex,
+/// which SQLite in WAL mode serves well for an agent's write rate.
+#[derive(Debug, Clone)]
+pub struct Database {
+    conn: Arc<Mutex<Connection>>,
+    /// Reads of committed state (the workflow journal's queries); the same connection as
+    /// `conn` for an in-memory database.
+    reader: Arc<Mutex<Connection>>,
+    /// Tokens and tenants known to exist, so that authenticating a request needs no
+    /// query. Tokens leave it when revoked; tenants are never deleted.
+    known: Arc<Mutex<Known>>,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    tokens: std::collections::HashMap<Vec<u8>, Principal>,
+    tenants: std::collections::HashSet<String>,
+}
+
+impl Database {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        Self::open_with(path, Durability::PowerLoss)
+    }
+
+    /// Opens the database with the given durability of commits.
+    pub fn open_with(path: &Path, durability: Durability) -> Result<Self, DbError> {
+        let conn = Connection::open(path)?;
+        let mut db = Self::prepare(conn, durability)?;
+        // A second connection for reads: in WAL mode it reads the last commit without
+        // waiting for a writer that is committing (and fsyncing).
+        let reader = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
+        reader.pragma_update(None, "cache_size", -16 * 1024)?;
+        db.reader = Arc::new(Mutex::new(reader));
+        Ok(db)
+    }
+
+    /// A private in-memory database, for tests.
+    pub fn in_memory() -> Result<Self, DbError> {
+        Self::prepare(Connection::open_in_memory()?, Durability::ProcessCrash)
+    }
+
+    fn prepare(mut conn: Connection, durability: Durability) -> Result<Self, DbError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let synchronous = match durability {
+            Durability::PowerLoss => "FULL",
+            Durability::ProcessCrash => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", synchronous)?;
+        // Journal reads and writes touch the same hot pages over and over; keep more of
+        // them in memory than SQLite's default 2 MiB.
+        conn.pragma_update(None, "cache_size", -32 * 1024)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(DbError::TooNew {
+                found: version,
+                known,
+            });
+        }
+        for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(migration)?;
+            tx.pragma_update(None, "user_version", index as i64 + 1)?;
+            tx.commit()?;
+        }
+        let conn = Arc::new(Mutex::new(conn));
+        Ok(Self {
+            reader: conn.clone(),
+            conn,
+            known: Arc::default(),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock()
+    }
+
+    /// The connection, for the workflow journal's own SQL.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Connection> {
+        self.conn()
+    }
+
+    /// A read-only connection to committed state, which a commit in progress does not
+    /// block.
+    pub(crate) fn read(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock()
+    }
+
+    pub fn schema_version(&self) -> Result<i64, DbError> {
+        Ok(self
+            .conn()
+            .pragma_query_value(None, "user_version", |row| row.get(0))?)
+    }
+
+    /// Creates a tenant; `false` if it already existed.
+    pub fn create_tenant(&self, name: &str) -> Result<bool, DbError> {
+        let changed = self.conn().execute(
+            "INSERT OR IGNORE INTO tenants (name, created_unix_ms) VALUES (?1, ?2)",
+            params![name, now_ms()],
+        )?;
+        Ok(changed == 1)
+    }
+
+    pub fn tenant_exists(&self, name: &str) -> Result<bool, DbError> {
+        if self.known().tenants.contains(name) {
+            return Ok(true);
+        }
+        let exists = self
+            .conn()
+            .query_row("SELECT 1 FROM tenants WHERE name = ?1", [name], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if exists {
+            self.known().tenants.insert(name.to_owned());
+        }
+        Ok(exists)
+    }
+
+    fn known(&self) -> MutexGuard<'_, Known> {
+        self.known.lock()
+    }
+
+    /// Who the secret belongs to, when that is already known without a query; `None`
+    /// means "ask [`authenticate`](Self::authenticate)", not "unknown token".
+    pub fn cached_principal(&self, secret: &str) -> Option<Principal> {
+        let hash = Sha256::digest(secret.as_bytes()).to_vec();
+        self.known().tokens.get(&hash).cloned()
+    }
+
+    /// Whether the tenant is known to exist without a query.
+    pub fn cached_tenant(&self, name: &str) -> bool {
+        self.known().tenants.contains(name)
+    }
+
+    pub fn tenants(&self) -> Result<Vec<String>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name FROM tenants ORDER BY name")?;
+        let names = stmt
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(names)
+    }
+
+    /// Stores a token by the SHA-256 of its secret.
+    pub fn add_token(
+        &self,
+        secret: &str,
+        principal: &Principal,
+        description: Option<&str>,
+    ) -> Result<TokenInfo, DbError> {
+        let hash = Sha256::digest(secret.as_bytes()).to_vec();
+        let id = hex::encode(&hash[..6]);
+        let (tenant, admin) = match principal {
+            Principal::Admin => (None, true),
+            Principal::Tenant(t) => (Some(t.clone()), false),
+        };
+        let created = now_ms();
+        self.conn().execute(
+            "INSERT INTO tokens (id, hash, tenant, admin, description, created_unix_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id, hash, tenant, admin, description, created],
+        )?;
+        Ok(TokenInfo {
+            id,
+            tenant,
+            admin,
+            description: description.map(str::to_owned),
+            created_unix_ms: created,
+        })
+    }
+
+    /// Who the secret belongs to, if it is a known token.
+    pub fn authenticate(&self, secret: &str) -> Result<Option<Principal>, DbError> {
+        let hash = Sha256::digest(secret.as_bytes()).to_vec();
+        if let Some(principal) = self.known().tokens.get(&hash) {
+            return Ok(Some(principal.clone()));
+        }
+        let row: Option<(Option<String>, bool)> = self
+            .conn()
+            .query_row(
+                "SELECT tenant, admin FROM tokens WHERE hash = ?1",
+                [&hash],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        let principal = row.map(|(tenant, admin)| match (admin, tenant) {
+            (true, _) | (false, None) => Principal::Admin,
+            (false, Some(tenant)) => Principal::Tenant(tenant),
+        });
+        if let Some(principal) = &principal {
+            self.known().tokens.insert(hash, principal.clone());
+        }
+        Ok(principal)
+    }
+
+    pub fn has_admin_token(&self) -> Result<bool, DbError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT 1 FROM tokens WHERE admin = 1 LIMIT 1", [], |_| {
+                Ok(())
+            })
+            .optional()?
+            .is_some())
+    }
+
+    pub fn tokens(&self, tenant: Option<&str>) -> Result<Vec<TokenInfo>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, tenant, admin, description, created_unix_ms FROM tokens
+             WHERE ?1 IS NULL OR tenant = ?1 ORDER BY created_unix_ms, id",
+        )?;
+        let tokens = stmt
+            .query_map([tenant], |row| {
+                Ok(TokenInfo {
+                    id: row.get(0)?,
+                    tenant: row.get(1)?,
+                    admin: row.get(2)?,
+                    description: row.get(3)?,
+                    created_unix_ms: row.get(4)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(tokens)
+    }
+
+    pub fn revoke_token(&self, id: &str) -> Result<bool, DbError> {
+        let conn = self.conn();
+        let hash: Option<Vec<u8>> = conn
+            .query_row("SELECT hash FROM tokens WHERE id = ?1", [id], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        let revoked = conn.execute("DELETE FROM tokens WHERE id = ?1", [id])? == 1;
+        if let Some(hash) = hash {
+            self.known().tokens.remove(&hash);
+        }
+        Ok(revoked)
+    }
+
+    fn decode_info(text: &str) -> Result<ModuleInfo, DbError> {
+        serde_json::from_str(text).map_err(|e| DbError::Corrupt(format!("module record: {e}")))
+    }
+}
+
+impl ModuleStore for Database {
+    fn insert(&self, info: &ModuleInfo, bytes: &[u8]) -> Result<(), StoreError> {
+        let record = serde_json::to_string(info).map_err(|e| StoreError(e.to_string()))?;
+        let id = info.id.to_string();
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(DbError::from)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO tenants (name, created_unix_ms) VALUES (?1, ?2)",
+            params![info.tenant, now_ms()],
+        )
+        .map_err(DbError::from)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO module_blobs (id, bytes) VALUES (?1, ?2)",
+            params![id, bytes],
+        )
+        .map_err(DbError::from)?;
+        tx.execute(
+            "INSERT INTO modules (tenant, id, info, name, version, created_unix_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                info.tenant,
+                id,
+                record,
+                info.name,
+                info.version.as_deref().unwrap_or(""),
+                info.created_unix_ms as i64
+            ],
+        )
+        .map_err(DbError::from)?;
+        tx.commit().map_err(DbError::from)?;
+        Ok(())
+    }
+
+    fn get(&self, tenant: &str, id: &ModuleId) -> Result<Option<ModuleInfo>, StoreError> {
+        let text: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT info FROM modules WHERE tenant = ?1 AND id = ?2",
+                params![tenant, id.to_string()],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(DbError::from)?;
+        Ok(text.map(|t| Self::decode_info(&t)).transpose()?)
+    }
+
+    fn list(&self, tenant: &str) -> Result<Vec<ModuleInfo>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT info FROM modules WHERE tenant = ?1 ORDER BY name, version")
+            .map_err(DbError::from)?;
+        let texts: Vec<String> = stmt
+            .query_map([tenant], |row| row.get(0))
+            .map_err(DbError::from)?
+            .collect::<Result<_, _>>()
+            .map_err(DbError::from)?;
+        Ok(texts
+            .iter()
+            .map(|t| Self::decode_info(t))
+            .collect::<Result<_, _>>()?)
+    }
+
+    fn bytes(&self, id: &ModuleId) -> Result<Option<Arc<[u8]>>, StoreError> {
+        let bytes: Option<Vec<u8>> = self
+            .conn()
+            .query_row(
+                "SELECT bytes FROM module_blobs WHERE id = ?1",
+                [id.to_string()],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(DbError::from)?;
+        Ok(bytes.map(Arc::from))
+    }
+
+    fn delete(&self, tenant: &str, id: &ModuleId) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(DbError::from)?;
+        let removed = tx
+            .execute(
+                "DELETE FROM modules WHERE tenant = ?1 AND id = ?2",
+                params![tenant, id],
+            )
+            .map_err(DbError::from)?;
+        tx.execute(
+            "DELETE FROM module_blobs WHERE id = ?1
+             AND NOT EXISTS (SELECT 1 FROM modules WHERE id = ?1)",
+            [&id],
+        )
+        .map_err(DbError::from)?;
+        tx.commit().map_err(DbError::from)?;
+        Ok(removed == 1)
+    }
+}
+
+impl KvStore for Database {
+    fn get(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT value FROM kv WHERE tenant = ?1 AND key = ?2",
+                params![tenant, key],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(DbError::from)?)
+    }
+
+    fn set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(DbError::from)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO tenants (name, created_unix_ms) VALUES (?1, ?2)",
+            params![tenant, now_ms()],
+        )
+        .map_err(DbError::from)?;
+        tx.execute(
+            "INSERT INTO kv (tenant, key, value) VALUES (?1, ?2, ?3)
+             ON CONFLICT (tenant, key) DO UPDATE SET value = excluded.value",
+            params![tenant, key, value],
+        )
+        .map_err(DbError::from)?;
+        tx.commit().map_err(DbError::from)?;
+        Ok(())
+    }
+
+    fn delete(&self, tenant: &str, key: &str) -> Result<bool, KvError> {
+        Ok(self
+            .conn()
+            .execute(
+                "DELETE FROM kv WHERE tenant = ?1 AND key = ?2",
+                params![tenant, key],
+            )
+            .map_err(DbError::from)?
+            == 1)
+    }
+
+    fn keys(&self, tenant: &str, prefix: &str) -> Result<Vec<String>, KvError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT key FROM kv WHERE tenant = ?1 AND substr(key, 1, length(?2)) = ?2
+                 ORDER BY key",
+            )
+            .map_err(DbError::from)?;
+        let keys = stmt
+            .query_map(params![tenant, prefix], |row| row.get(0))
+            .map_err(DbError::from)?
+            .collect::<Result<_, _>>()
+            .map_err(DbError::from)?;
+        Ok(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deadlift_engine::registry;
+
+    fn module_info(tenant: &str, name: &str, bytes: &[u8]) -> ModuleInfo {
+        ModuleInfo {
+            id: ModuleId::of(bytes),
+            tenant: tenant.into(),
+            name: name.into(),
+            title: None,
+            version: None,
+            description: None,
+            size_bytes: bytes.len() as u64,
+            exports: Vec::new(),
+            imports: Vec::new(),
+            created_unix_ms: 1,
+        }
+    }
+
+    #[test]
+    fn migrations_apply_once_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let db = Database::open(&path).unwrap();
+        assert_eq!(db.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        db.create_tenant("acme").unwrap();
+        drop(db);
+        let db = Database::open(&path).unwrap();
+        assert_eq!(db.tenants().unwrap(), vec!["acme".to_owned()]);
+    }
+
+    #[test]
+    fn tokens_are_stored_hashed_and_authenticate() {
+        let db = Database::in_memory().unwrap();
+        db.create_tenant("acme").unwrap();
+        let info = db
+            .add_token("secret-1", &Principal::Tenant("acme".into()), Some("ci"))
+            .unwrap();
+        assert_eq!(
+            db.authenticate("secret-1").unwrap(),
+            Some(Principal::Tenant("acme".into()))
+        );
+        assert_eq!(db.authenticate("secret-2").unwrap(), None);
+        let stored: Vec<u8> = db
+            .conn()
+            .query_row("SELECT hash FROM tokens", [], |r| r.get(0))
+            .unwrap();
+        assert_ne!(stored, b"secret-1");
+        assert!(db.revoke_token(&info.id).unwrap());
+        assert_eq!(db.authenticate("secret-1").unwrap(), None);
+    }
+
+    #[test]
+    fn module_bytes_are_shared_and_removed_with_the_last_record() {
+        let db = Database::in_memory().unwrap();
+        let bytes = b"\0asm\x01\0\0\0";
+        let a = module_info("a", "m", bytes);
+        let b = module_info("b", "m", bytes);
+        ModuleStore::insert(&db, &a, bytes).unwrap();
+        ModuleStore::insert(&db, &b, bytes).unwrap();
+        assert_eq!(ModuleStore::list(&db, "a").unwrap(), vec![a.clone()]);
+        assert!(ModuleStore::delete(&db, "a", &a.id).unwrap());
+        assert!(ModuleStore::bytes(&db, &a.id).unwrap().is_some());
+        assert!(ModuleStore::delete(&db, "b", &b.id).unwrap());
+        assert!(ModuleStore::bytes(&db, &a.id).unwrap().is_none());
+        assert!(registry::inspect(bytes).is_ok());
+    }
+
+    #[test]
+    fn kv_is_scoped_by_tenant_and_lists_by_prefix() {
+        let db = Database::in_memory().unwrap();
+        KvStore::set(&db, "a", "user:1", b"x").unwrap();
+        KvStore::set(&db, "a", "user:2", b"y").unwrap();
+        KvStore::set(&db, "a", "other", b"z").unwrap();
+        KvStore::set(&db, "a", "user:1", b"x2").unwrap();
+        assert_eq!(
+            KvStore::get(&db, "a", "user:1").unwrap(),
+            Some(b"x2".to_vec())
+        );
+        assert_eq!(KvStore::get(&db, "b", "user:1").unwrap(), None);
+        assert_eq!(
+            KvStore::keys(&db, "a", "user:").unwrap(),
+            vec!["user:1", "user:2"]
+        );
+        assert!(KvStore::delete(&db, "a", "other").unwrap());
+        assert!(!KvStore::delete(&db, "b", "user:1").unwrap());
+    }
+}

@@ -1,0 +1,395 @@
+//! CloudEvents 1.0 in JSON (structured mode, single and batch), as the agent accepts and
+//! stores them; W3C trace context carried in the `traceparent` extension; and the ids
+//! the agent mints for events and runs.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::clock::{now_ms, now_rfc3339};
+use deadlift_engine::subject::validate_subject;
+
+/// The content type of a batch of events.
+pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
+/// Most events one request may carry.
+pub const MAX_BATCH: usize = 1000;
+/// The extension attribute counting how many runs led to an event, so that a workflow
+/// that triggers itself stops instead of looping forever.
+pub const DEPTH_EXTENSION: &str = "deadliftdepth";
+/// The extension attribute addressing an event to one peer (an `emit` step's `to`): such
+/// an event goes to that peer's outbox only, without the attribute.
+pub const TO_EXTENSION: &str = "deadliftto";
+/// How deep a chain of events emitted by runs may go.
+pub const MAX_DEPTH: u64 = 32;
+
+/// A CloudEvent as carried in JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CloudEvent {
+    pub specversion: String,
+    pub id: String,
+    pub source: String,
+    /// The routing subject.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datacontenttype: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataschema: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub data: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
+    /// Extension attributes, `traceparent` among them.
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub extensions: BTreeMap<String, Value>,
+}
+
+/// Why events were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("the body is not a CloudEvent in JSON: {0}")]
+    Syntax(String),
+    #[error("event {index}: {message}")]
+    Invalid { index: usize, message: String },
+    #[error("a batch must hold 1 to {MAX_BATCH} events")]
+    BatchSize,
+    #[error(
+        "content type `{0}` is not accepted; send application/cloudevents+json, application/json or application/cloudevents-batch+json"
+    )]
+    ContentType(String),
+}
+
+impl CloudEvent {
+    /// A new event minted by this agent.
+    pub fn new(event_type: impl Into<String>, source: impl Into<String>, data: Value) -> Self {
+        Self {
+            specversion: "1.0".into(),
+            id: new_id("evt_"),
+            source: source.into(),
+            event_type: event_type.into(),
+            time: Some(now_rfc3339()),
+            subject: None,
+            datacontenttype: Some("application/json".into()),
+            dataschema: None,
+            data: Some(data),
+            data_base64: None,
+            extensions: BTreeMap::new(),
+        }
+    }
+
+    /// Checks the event against CloudEvents 1.0 and Deadlift's rules.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.specversion != "1.0" {
+            return Err(format!(
+                "specversion is `{}`; only 1.0 is supported",
+                self.specversion
+            ));
+        }
+        if self.id.is_empty() || self.id.len() > 256 {
+            return Err("id must be 1 to 256 bytes long".into());
+        }
+        if self.source.is_empty() || self.source.len() > 1024 {
+            return Err("source must be 1 to 1024 bytes long".into());
+        }
+        validate_subject(&self.event_type).map_err(|e| format!("type: {e}"))?;
+        if let Some(time) = &self.time {
+            chrono::DateTime::parse_from_rfc3339(time)
+                .map_err(|e| format!("time `{time}` is not an RFC 3339 timestamp: {e}"))?;
+        }
+        if self.data.is_some() && self.data_base64.is_some() {
+            return Err("give at most one of data and data_base64".into());
+        }
+        for (name, value) in &self.extensions {
+            let valid_name = !name.is_empty()
+                && name.len() <= 20
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+            if !valid_name {
+                return Err(format!(
+                    "`{name}` is not a known attribute nor a valid extension name (1 to 20 lowercase letters or digits)"
+                ));
+            }
+            if !(value.is_string() || value.is_number() || value.is_boolean()) {
+                return Err(format!(
+                    "extension `{name}` must be a string, number or boolean"
+                ));
+            }
+        }
+        if let Some(traceparent) = self.extensions.get("traceparent") {
+            let text = traceparent.as_str().unwrap_or_default();
+            TraceParent::parse(text)
+                .ok_or_else(|| format!("traceparent `{traceparent}` is not W3C trace context"))?;
+        }
+        Ok(())
+    }
+
+    /// Fills what the agent adds on receipt: a time and a trace context when absent.
+    pub fn complete(&mut self) {
+        if self.time.is_none() {
+            self.time = Some(now_rfc3339());
+        }
+        if !self.extensions.contains_key("traceparent") {
+            self.extensions.insert(
+                "traceparent".into(),
+                Value::String(TraceParent::new_root().to_string()),
+            );
+        }
+    }
+
+    /// The trace this event belongs to.
+    pub fn trace(&self) -> TraceParent {
+        self.extensions
+            .get("traceparent")
+            .and_then(Value::as_str)
+            .and_then(TraceParent::parse)
+            .unwrap_or_else(TraceParent::new_root)
+    }
+
+    /// How many runs led to this event.
+    pub fn depth(&self) -> u64 {
+        self.extensions
+            .get(DEPTH_EXTENSION)
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    }
+
+    /// The input a run of this event gets: its data (`data_base64` as a string).
+    pub fn input(&self) -> Value {
+        match (&self.data, &self.data_base64) {
+            (Some(data), _) => data.clone(),
+            (None, Some(base64)) => Value::String(base64.clone()),
+            (None, None) => Value::Null,
+        }
+    }
+}
+
+/// Parses a request body as one event or a batch, by content type, and validates it.
+pub fn parse_events(content_type: &str, body: &[u8]) -> Result<Vec<CloudEvent>, EventError> {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let events: Vec<CloudEvent> = match essence.as_str() {
+        BATCH_CONTENT_TYPE => {
+            serde_json::from_slice(body).map_err(|e| EventError::Syntax(e.to_string()))?
+        }
+        "application/cloudevents+json" | "application/json" | "" => {
+            vec![serde_json::from_slice(body).map_err(|e| EventError::Syntax(e.to_string()))?]
+        }
+        _ => return Err(EventError::ContentType(essence)),
+    };
+    if events.is_empty() || events.len() > MAX_BATCH {
+        return Err(EventError::BatchSize);
+    }
+    for (index, event) in events.iter().enumerate() {
+        event
+            .validate()
+            .map_err(|message| EventError::Invalid { index, message })?;
+    }
+    Ok(events)
+}
+
+/// W3C trace context: `00-<trace id>-<parent span id>-<flags>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub flags: u8,
+}
+
+impl TraceParent {
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split('-');
+        let (version, trace, span, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || version != "00" {
+            return None;
+        }
+        let mut trace_id = [0u8; 16];
+        let mut span_id = [0u8; 8];
+        let mut flag = [0u8; 1];
+        hex::decode_to_slice(trace, &mut trace_id).ok()?;
+        hex::decode_to_slice(span, &mut span_id).ok()?;
+        hex::decode_to_slice(flags, &mut flag).ok()?;
+        let lowercase = |s: &str| !s.chars().any(|c| c.is_ascii_uppercase());
+        if trace_id == [0; 16] || span_id == [0; 8] || !lowercase(trace) || !lowercase(span) {
+            return None;
+        }
+        Some(Self {
+            trace_id,
+            span_id,
+            flags: flag[0],
+        })
+    }
+
+    /// A new trace, sampled.
+    pub fn new_root() -> Self {
+        let mut trace_id = random::<16>();
+        trace_id[0] |= 1;
+        Self {
+            trace_id,
+            span_id: Self::new_span_id(),
+            flags: 1,
+        }
+    }
+
+    /// The same trace with a new span, for something this agent does within it.
+    pub fn child(&self) -> Self {
+        Self {
+            span_id: Self::new_span_id(),
+            ..*self
+        }
+    }
+
+    fn new_span_id() -> [u8; 8] {
+        let mut span = random::<8>();
+        span[0] |= 1;
+        span
+    }
+
+    pub fn trace_id_hex(&self) -> String {
+        hex::encode(self.trace_id)
+    }
+}
+
+impl std::fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "00-{}-{}-{:02x}",
+            hex::encode(self.trace_id),
+            hex::encode(self.span_id),
+            self.flags
+        )
+    }
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    // The OS random source failing is not recoverable; fall back to time-derived bytes
+    // rather than refuse service, since these values need uniqueness, not secrecy.
+    if getrandom::fill(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = (nanos >> ((i % 16) * 8)) as u8 ^ i as u8;
+        }
+    }
+    bytes
+}
+
+/// A new id: `prefix`, 12 hex digits of milliseconds since the epoch (so ids sort by
+/// creation time), then 20 random hex digits.
+pub fn new_id(prefix: &str) -> String {
+    format!(
+        "{prefix}{:012x}{}",
+        now_ms() as u64 & 0xffff_ffff_ffff,
+        hex::encode(random::<10>())
+    )
+}
+
+/// A random fraction in [0, 1), for jitter.
+pub fn random_fraction() -> f64 {
+    (u64::from_le_bytes(random::<8>()) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn structured_and_batch_events_parse_and_validate() {
+        let one = json!({"specversion":"1.0","id":"e1","source":"/t","type":"a.b","data":{"x":1},"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"});
+        let events =
+            parse_events("application/cloudevents+json", one.to_string().as_bytes()).unwrap();
+        assert_eq!(events[0].input(), json!({"x": 1}));
+        assert_eq!(
+            events[0].trace().trace_id_hex(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        let batch = json!([one, {"specversion":"1.0","id":"e2","source":"/t","type":"a.c"}]);
+        let events = parse_events(BATCH_CONTENT_TYPE, batch.to_string().as_bytes()).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].input(), Value::Null);
+    }
+
+    #[test]
+    fn invalid_events_name_the_problem() {
+        let cases = [
+            (
+                json!({"specversion":"0.3","id":"e","source":"s","type":"a"}),
+                "specversion",
+            ),
+            (
+                json!({"specversion":"1.0","id":"","source":"s","type":"a"}),
+                "id",
+            ),
+            (
+                json!({"specversion":"1.0","id":"e","source":"s","type":"a.*"}),
+                "type",
+            ),
+            (
+                json!({"specversion":"1.0","id":"e","source":"s","type":"a","time":"yesterday"}),
+                "time",
+            ),
+            (
+                json!({"specversion":"1.0","id":"e","source":"s","type":"a","Bad_Ext":"1"}),
+                "Bad_Ext",
+            ),
+            (
+                json!({"specversion":"1.0","id":"e","source":"s","type":"a","traceparent":"00-00-00-00"}),
+                "traceparent",
+            ),
+        ];
+        for (event, word) in cases {
+            let error = parse_events("application/json", event.to_string().as_bytes()).unwrap_err();
+            assert!(
+                error.to_string().contains(word),
+                "{error} should mention {word}"
+            );
+        }
+        assert_eq!(
+            parse_events(BATCH_CONTENT_TYPE, b"[]").unwrap_err(),
+            EventError::BatchSize
+        );
+        assert!(matches!(
+            parse_events("text/plain", b"{}").unwrap_err(),
+            EventError::ContentType(_)
+        ));
+        assert!(matches!(
+            parse_events("application/json", b"{not json").unwrap_err(),
+            EventError::Syntax(_)
+        ));
+    }
+
+    #[test]
+    fn trace_context_round_trips_and_children_keep_the_trace() {
+        let root = TraceParent::new_root();
+        let parsed = TraceParent::parse(&root.to_string()).unwrap();
+        assert_eq!(parsed, root);
+        let child = root.child();
+        assert_eq!(child.trace_id, root.trace_id);
+        assert_ne!(child.span_id, root.span_id);
+    }
+
+    #[test]
+    fn ids_sort_by_creation_time() {
+        let a = new_id("run_");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = new_id("run_");
+        assert!(a < b && a.len() == 36);
+    }
+}

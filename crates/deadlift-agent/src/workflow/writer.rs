@@ -1,0 +1,915 @@
+//! The journal writer: one thread that owns every write to the workflow tables and
+//! commits them in groups. Whatever is queued while a transaction runs goes into the
+//! next one, so thousands of small writes a second cost a few commits. Each command
+//! runs in its own savepoint, so one bad command cannot spoil its neighbours.
+//!
+//! Nothing is acknowledged before its transaction commits: replies, new runs for the
+//! runner and run updates for watchers are all sent after the commit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use rusqlite::Connection;
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::event::{CloudEvent, MAX_DEPTH};
+use super::journal::{
+    self, Failure, NewRun, RunStatus, RunSummary, RunTicket, StepRecord, TriggerKind,
+};
+use super::spec::WorkflowSpec;
+use crate::clock::now_ms;
+use crate::federation::peers::{self, Peer};
+use crate::store::{Database, DbError};
+use deadlift_engine::subject::SubjectPattern;
+
+/// Most commands one transaction takes.
+const MAX_BATCH: usize = 1024;
+
+type Reply<T> = oneshot::Sender<Result<T, DbError>>;
+/// Sends a command's reply once its fate is known.
+type ReplyFn = Box<dyn FnOnce(Result<(), DbError>) + Send>;
+
+/// How a run ends, journaled with its last step.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub status: RunStatus,
+    pub output: Option<Value>,
+    pub error: Option<Failure>,
+    /// Whether a failure goes to the dead letters (not when the caller saw it).
+    pub dead_letter: bool,
+}
+
+/// What ingesting one event did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct Ingested {
+    pub id: String,
+    /// The id was seen before: nothing new happened.
+    pub duplicate: bool,
+    /// Runs this event started.
+    pub runs: Vec<String>,
+}
+
+pub(crate) enum Command {
+    Ingest {
+        tenant: String,
+        events: Vec<CloudEvent>,
+        /// The peer the events came from (never sent back to it).
+        from_peer: Option<String>,
+        reply: Reply<Vec<Ingested>>,
+    },
+    PeerUpsert {
+        peer: Peer,
+        reply: Reply<()>,
+    },
+    PeerRemove {
+        name: String,
+        reply: Reply<bool>,
+    },
+    OutboxAttempt {
+        ids: Vec<i64>,
+        attempt: peers::Attempt,
+        reply: Reply<()>,
+    },
+    OutboxReplay {
+        id: i64,
+        reply: Reply<bool>,
+    },
+    Apply {
+        tenant: String,
+        spec: WorkflowSpec,
+        reply: Reply<i64>,
+    },
+    /// Creates a v1 workflow: allocates its integer id, then applies the spec built
+    /// for that id.
+    ApplyV1 {
+        tenant: String,
+        build: Box<dyn FnOnce(i64) -> WorkflowSpec + Send>,
+        reply: Reply<i64>,
+    },
+    Delete {
+        tenant: String,
+        name: String,
+        reply: Reply<bool>,
+    },
+    StartRun {
+        run: NewRun,
+        reply: Reply<RunTicket>,
+    },
+    Running {
+        run_seq: i64,
+    },
+    Step {
+        ticket: Arc<RunTicket>,
+        position: usize,
+        record: StepRecord,
+        emitted: Vec<CloudEvent>,
+        finish: Option<Finish>,
+        reply: Reply<()>,
+    },
+    /// Ends a run without a step (its workflow is gone, or it was resumed after its
+    /// last step was journaled).
+    Finish {
+        run_seq: i64,
+        finish: Finish,
+        reply: Reply<()>,
+    },
+    /// Journals a run that already ran (a v1 execute), in one go.
+    Record {
+        run: NewRun,
+        steps: Vec<StepRecord>,
+        emitted: Vec<CloudEvent>,
+        finish: Finish,
+        reply: Reply<String>,
+    },
+    Requeue {
+        tenant: String,
+        run_id: String,
+        reply: Reply<Option<String>>,
+    },
+    Cancel {
+        tenant: String,
+        run_id: String,
+        reply: Reply<bool>,
+    },
+    Prune {
+        retention: journal::Retention,
+        reply: Reply<(usize, usize)>,
+    },
+    /// Starts the run of one schedule firing, unless that firing already has one.
+    Schedule {
+        tenant: String,
+        workflow: String,
+        version: i64,
+        fire_unix_ms: i64,
+        reply: Reply<()>,
+    },
+    /// Answers once everything queued before it has committed.
+    Flush {
+        reply: Reply<()>,
+    },
+}
+
+/// A change to a run, for watchers (`runs tail`).
+#[derive(Debug, Clone)]
+pub struct RunUpdate {
+    pub tenant: String,
+    pub run: RunSummary,
+}
+
+/// An event trigger: which workflow version runs for which event types.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    pub workflow: String,
+    pub version: i64,
+    pub pattern: SubjectPattern,
+}
+
+/// Routes by tenant, owned by the writer thread, changed only after commits.
+pub(crate) type Routes = HashMap<String, Vec<Route>>;
+
+/// Handles the writer shares with the rest of the workflow runtime.
+#[derive(Debug, Clone)]
+pub(crate) struct Outlets {
+    /// New and requeued runs for the runner.
+    pub runs: mpsc::UnboundedSender<RunTicket>,
+    pub updates: broadcast::Sender<RunUpdate>,
+    /// Runs someone waits for, by run id.
+    pub waiters: Arc<Mutex<HashMap<String, Vec<oneshot::Sender<RunSummary>>>>>,
+    /// Told when the set of workflows changed (the scheduler reloads).
+    pub workflows_changed: Arc<tokio::sync::Notify>,
+    /// Told when the outbox has new work (the deliverer wakes).
+    pub outbox: Arc<tokio::sync::Notify>,
+    /// Counters of what the writer committed, for metrics.
+    pub stats: Arc<JournalStats>,
+}
+
+/// What the journal has committed since the agent started.
+#[derive(Debug, Default)]
+pub struct JournalStats {
+    pub events_stored: AtomicU64,
+    pub events_duplicate: AtomicU64,
+    pub runs_started: AtomicU64,
+    pub runs_succeeded: AtomicU64,
+    pub runs_failed: AtomicU64,
+    pub deliveries_queued: AtomicU64,
+    pub deliveries_done: AtomicU64,
+    pub deliveries_retried: AtomicU64,
+    pub deliveries_dead: AtomicU64,
+}
+
+impl JournalStats {
+    /// (name, help, value) of every counter, for a metrics page.
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            (
+                "deadlift_events_stored_total",
+                "Events committed to the inbox.",
+                load(&self.events_stored),
+            ),
+            (
+                "deadlift_events_duplicate_total",
+                "Events dropped as repeats of a known id.",
+                load(&self.events_duplicate),
+            ),
+            (
+                "deadlift_runs_started_total",
+                "Runs created (queued or recorded).",
+                load(&self.runs_started),
+            ),
+            (
+                "deadlift_runs_succeeded_total",
+                "Runs that ended successfully.",
+                load(&self.runs_succeeded),
+            ),
+            (
+                "deadlift_runs_failed_total",
+                "Runs that failed.",
+                load(&self.runs_failed),
+            ),
+            (
+                "deadlift_deliveries_queued_total",
+                "Events put in a peer's outbox.",
+                load(&self.deliveries_queued),
+            ),
+            (
+                "deadlift_deliveries_done_total",
+                "Outbox entries delivered.",
+                load(&self.deliveries_done),
+            ),
+            (
+                "deadlift_deliveries_retried_total",
+                "Delivery attempts that will be retried.",
+                load(&self.deliveries_retried),
+            ),
+            (
+                "deadlift_deliveries_dead_total",
+                "Outbox entries given up on.",
+                load(&self.deliveries_dead),
+            ),
+        ]
+    }
+}
+
+/// Builds the routing table from the live workflows.
+pub(crate) fn load_routes(conn: &Connection) -> Result<Routes, DbError> {
+    let mut routes = Routes::new();
+    for (tenant, version) in journal::live_workflows(conn, None)? {
+        if let Some(route) = route_of(&version.spec, version.version) {
+            routes.entry(tenant).or_default().push(route);
+        }
+    }
+    Ok(routes)
+}
+
+fn route_of(spec: &WorkflowSpec, version: i64) -> Option<Route> {
+    let pattern = SubjectPattern::parse(spec.trigger.event.as_deref()?).ok()?;
+    Some(Route {
+        workflow: spec.name.clone(),
+        version,
+        pattern,
+    })
+}
+
+// Indexes of `Effects::counts`, in the order of `JournalStats::counters`.
+const EVENTS_STORED: usize = 0;
+const EVENTS_DUPLICATE: usize = 1;
+const RUNS_STARTED: usize = 2;
+const RUNS_SUCCEEDED: usize = 3;
+const RUNS_FAILED: usize = 4;
+const DELIVERIES_QUEUED: usize = 5;
+const DELIVERIES_DONE: usize = 6;
+const DELIVERIES_RETRIED: usize = 7;
+const DELIVERIES_DEAD: usize = 8;
+
+/// What to do once the transaction holding a command has committed.
+#[derive(Default)]
+struct Effects {
+    replies: Vec<ReplyFn>,
+    tickets: Vec<RunTicket>,
+    changed_runs: Vec<i64>,
+    route_changes: Vec<(String, String, Option<Route>)>,
+    /// Peers added or changed (`Some`) or removed (`None`), by name.
+    peer_changes: Vec<(String, Option<Peer>)>,
+    outbox_changed: bool,
+    /// Counter increments, applied after the commit: indexes into `JournalStats::counters`.
+    counts: [u64; 9],
+}
+
+impl Effects {
+    fn count(&mut self, counter: usize) {
+        self.counts[counter] += 1;
+    }
+
+    fn count_finish(&mut self, status: RunStatus) {
+        match status {
+            RunStatus::Succeeded => self.count(RUNS_SUCCEEDED),
+            RunStatus::Failed => self.count(RUNS_FAILED),
+            _ => {}
+        }
+    }
+
+    fn reply<T: Send + 'static>(&mut self, reply: Reply<T>, value: T) {
+        self.replies.push(Box::new(move |committed| {
+            let _ = reply.send(committed.map(|()| value));
+        }));
+    }
+
+    fn fail<T>(reply: Reply<T>, error: DbError) {
+        let _ = reply.send(Err(error));
+    }
+}
+
+pub(crate) struct Writer {
+    db: Database,
+    routes: Routes,
+    peers: Vec<Peer>,
+    outlets: Outlets,
+}
+
+impl Writer {
+    pub fn new(db: Database, routes: Routes, peers: Vec<Peer>, outlets: Outlets) -> Self {
+        Self {
+            db,
+            routes,
+            peers,
+            outlets,
+        }
+    }
+
+    /// Runs until every sender is dropped.
+    pub fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = commands.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match commands.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut batch);
+        }
+    }
+
+    fn commit(&mut self, batch: &mut Vec<Command>) {
+        let db = self.db.clone();
+        let mut conn = db.lock();
+        let mut effects = Effects::default();
+        let outcome = (|| -> Result<(), DbError> {
+            let tx = conn.transaction()?;
+            for command in batch.drain(..) {
+                self.apply(&tx, command, &mut effects);
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => {
+                let summaries = self.summaries(&conn, &effects.changed_runs);
+                drop(conn);
+                self.after_commit(effects, summaries);
+            }
+            Err(error) => {
+                drop(conn);
+                let message = error.to_string();
+                tracing::error!(error = %message, "journal transaction failed");
+                for reply in effects.replies {
+                    reply(Err(DbError::Commit(message.clone())));
+                }
+            }
+        }
+    }
+
+    /// Summaries of changed runs, read only when someone is listening.
+    fn summaries(&self, conn: &Connection, runs: &[i64]) -> Vec<(String, RunSummary)> {
+        let waiting = !self.outlets.waiters.lock().is_empty();
+        if runs.is_empty() || (self.outlets.updates.receiver_count() == 0 && !waiting) {
+            return Vec::new();
+        }
+        runs.iter()
+            .filter_map(|&seq| journal::run_summary(conn, seq).ok().flatten())
+            .collect()
+    }
+
+    fn after_commit(&mut self, effects: Effects, summaries: Vec<(String, RunSummary)>) {
+        // Counters first, so that whoever gets a reply sees them already counted.
+        let stats = &self.outlets.stats;
+        let counters = [
+            &stats.events_stored,
+            &stats.events_duplicate,
+            &stats.runs_started,
+            &stats.runs_succeeded,
+            &stats.runs_failed,
+            &stats.deliveries_queued,
+            &stats.deliveries_done,
+            &stats.deliveries_retried,
+            &stats.deliveries_dead,
+        ];
+        for (counter, n) in counters.into_iter().zip(effects.counts) {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        for reply in effects.replies {
+            reply(Ok(()));
+        }
+        for (tenant, name, route) in effects.route_changes {
+            let routes = self.routes.entry(tenant).or_default();
+            routes.retain(|r| r.workflow != name);
+            routes.extend(route);
+        }
+        for (name, peer) in effects.peer_changes {
+            self.peers.retain(|p| p.name != name);
+            self.peers.extend(peer);
+        }
+        if effects.outbox_changed {
+            self.outlets.outbox.notify_one();
+        }
+        for ticket in effects.tickets {
+            let _ = self.outlets.runs.send(ticket);
+        }
+        if summaries.is_empty() {
+            return;
+        }
+        let mut waiters = self.outlets.waiters.lock();
+        for (tenant, run) in summaries {
+            if run.status.is_finished() {
+                for waiter in waiters.remove(&run.id).into_iter().flatten() {
+                    let _ = waiter.send(run.clone());
+                }
+            }
+            let _ = self.outlets.updates.send(RunUpdate { tenant, run });
+        }
+    }
+
+    fn apply(&mut self, tx: &Connection, command: Command, effects: &mut Effects) {
+        // Each command in its own savepoint: a failure undoes only that command.
+        let savepoint = |tx: &Connection, sql: &str| -> Result<(), DbError> {
+            for statement in sql.split("; ") {
+                tx.prepare_cached(statement)?.execute([])?;
+            }
+            Ok(())
+        };
+        if let Err(error) = savepoint(tx, "SAVEPOINT command") {
+            fail_command(command, error);
+            return;
+        }
+        let mut local = Effects::default();
+        let result = self.apply_inner(tx, command, &mut local);
+        match result {
+            Ok(()) => match savepoint(tx, "RELEASE command") {
+                Ok(()) => {
+                    effects.replies.append(&mut local.replies);
+                    effects.tickets.append(&mut local.tickets);
+                    effects.changed_runs.append(&mut local.changed_runs);
+                    effects.route_changes.append(&mut local.route_changes);
+                    effects.peer_changes.append(&mut local.peer_changes);
+                    effects.outbox_changed |= local.outbox_changed;
+                    for (total, n) in effects.counts.iter_mut().zip(local.counts) {
+                        *total += n;
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "journal savepoint release failed");
+                    for reply in local.replies {
+                        reply(Err(DbError::Commit(error.to_string())));
+                    }
+                }
+            },
+            Err((error, reply)) => {
+                let _ = savepoint(tx, "ROLLBACK TO command; RELEASE command");
+                for reply in local.replies {
+                    reply(Err(DbError::Commit(error.to_string())));
+                }
+                reply(Err(error));
+            }
+        }
+    }
+
+    fn apply_inner(
+        &mut self,
+        tx: &Connection,
+        command: Command,
+        effects: &mut Effects,
+    ) -> Result<(), (DbError, ReplyFn)> {
+        let now = now_ms();
+        match command {
+            Command::Ingest {
+                tenant,
+                events,
+                from_peer,
+                reply,
+            } => {
+                let result = events
+                    .into_iter()
+                    .map(|event| {
+                        self.ingest_from(tx, &tenant, event, from_peer.as_deref(), now, effects)
+                    })
+                    .collect();
+                answer(result, reply, effects)
+            }
+            Command::PeerUpsert { peer, reply } => {
+                let result = peers::upsert_peer(tx, &peer, now);
+                if result.is_ok() {
+                    effects.peer_changes.push((peer.name.clone(), Some(peer)));
+                }
+                answer(result, reply, effects)
+            }
+            Command::PeerRemove { name, reply } => {
+                let result = peers::remove_peer(tx, &name);
+                effects.peer_changes.push((name, None));
+                answer(result, reply, effects)
+            }
+            Command::OutboxAttempt {
+                ids,
+                attempt,
+                reply,
+            } => {
+                let counter = match attempt {
+                    peers::Attempt::Delivered => DELIVERIES_DONE,
+                    peers::Attempt::Retry { .. } => DELIVERIES_RETRIED,
+                    peers::Attempt::Dead { .. } => DELIVERIES_DEAD,
+                };
+                let result = ids.into_iter().try_for_each(|id| {
+                    effects.count(counter);
+                    peers::record_attempt(tx, id, &attempt, now)
+                });
+                answer(result, reply, effects)
+            }
+            Command::OutboxReplay { id, reply } => {
+                let result = peers::replay(tx, id, now);
+                effects.outbox_changed |= matches!(result, Ok(true));
+                answer(result, reply, effects)
+            }
+            Command::Apply {
+                tenant,
+                spec,
+                reply,
+            } => {
+                let result = journal::apply_workflow(tx, &tenant, &spec, now);
+                if let Ok(version) = result {
+                    let route = route_of(&spec, version);
+                    effects.route_changes.push((tenant, spec.name, route));
+                }
+                answer(result, reply, effects)
+            }
+            Command::ApplyV1 {
+                tenant,
+                build,
+                reply,
+            } => {
+                let result = (|| {
+                    let id = journal::new_v1_workflow(tx, &tenant)?;
+                    let spec = build(id);
+                    let version = journal::apply_workflow(tx, &tenant, &spec, now)?;
+                    let route = route_of(&spec, version);
+                    effects
+                        .route_changes
+                        .push((tenant.clone(), spec.name, route));
+                    Ok(id)
+                })();
+                answer(result, reply, effects)
+            }
+            Command::Delete {
+                tenant,
+                name,
+                reply,
+            } => {
+                let result = journal::delete_workflow(tx, &tenant, &name);
+                effects.route_changes.push((tenant, name, None));
+                answer(result, reply, effects)
+            }
+            Command::StartRun { run, reply } => {
+                let result = journal::insert_run(tx, &run, now).and_then(|ticket| {
+                    ticket.ok_or_else(|| DbError::Corrupt("the run already exists".into()))
+                });
+                if let Ok(ticket) = &result {
+                    effects.count(RUNS_STARTED);
+                    effects.changed_runs.push(ticket.run_seq);
+                    effects.tickets.push(ticket.clone());
+                }
+                answer(result, reply, effects)
+            }
+            Command::Running { run_seq } => {
+                if let Err(error) = journal::mark_running(tx, run_seq, now) {
+                    tracing::warn!(%error, run_seq, "cannot mark run running");
+                }
+                effects.changed_runs.push(run_seq);
+                Ok(())
+            }
+            Command::Step {
+                ticket,
+                position,
+                record,
+                emitted,
+                finish,
+                reply,
+            } => {
+                let result = (|| {
+                    // A run's first record also marks it running (if nothing did yet).
+                    journal::mark_running(tx, ticket.run_seq, now)?;
+                    journal::insert_step(tx, ticket.run_seq, position, &record)?;
+                    for event in emitted {
+                        self.ingest(tx, &ticket.tenant, event, now, effects)?;
+                    }
+                    if let Some(end) = &finish {
+                        let ended = journal::finish_run(
+                            tx,
+                            ticket.run_seq,
+                            end.status,
+                            end.output.as_ref(),
+                            end.error.as_ref(),
+                            end.dead_letter,
+                            now,
+                        )?;
+                        if ended {
+                            effects.count_finish(end.status);
+                        }
+                        effects.changed_runs.push(ticket.run_seq);
+                    }
+                    Ok(())
+                })();
+                answer(result, reply, effects)
+            }
+            Command::Finish {
+                run_seq,
+                finish,
+                reply,
+            } => {
+                let result = journal::finish_run(
+                    tx,
+                    run_seq,
+                    finish.status,
+                    finish.output.as_ref(),
+                    finish.error.as_ref(),
+                    finish.dead_letter,
+                    now,
+                );
+                if let Ok(true) = result {
+                    effects.count_finish(finish.status);
+                }
+                effects.changed_runs.push(run_seq);
+                answer(result.map(|_| ()), reply, effects)
+            }
+            Command::Record {
+                run,
+                steps,
+                emitted,
+                finish,
+                reply,
+            } => {
+                let result = (|| {
+                    let (run_id, run_seq) = journal::insert_finished_run(tx, &run, &finish, now)?;
+                    effects.count(RUNS_STARTED);
+                    effects.count_finish(finish.status);
+                    for (position, step) in steps.iter().enumerate() {
+                        journal::insert_step(tx, run_seq, position, step)?;
+                    }
+                    for event in emitted {
+                        self.ingest(tx, &run.tenant, event, now, effects)?;
+                    }
+                    effects.changed_runs.push(run_seq);
+                    Ok(run_id)
+                })();
+                answer(result, reply, effects)
+            }
+            Command::Requeue {
+                tenant,
+                run_id,
+                reply,
+            } => {
+                let result = journal::requeue_run(tx, &tenant, &run_id, now).map(|ticket| {
+                    ticket.map(|ticket| {
+                        let id = ticket.run_id.clone();
+                        effects.changed_runs.push(ticket.run_seq);
+                        effects.tickets.push(ticket);
+                        id
+                    })
+                });
+                answer(result, reply, effects)
+            }
+            Command::Cancel {
+                tenant,
+                run_id,
+                reply,
+            } => {
+                let result = journal::cancel_run(tx, &tenant, &run_id, now);
+                answer(result, reply, effects)
+            }
+            Command::Prune { retention, reply } => {
+                answer(journal::prune(tx, &retention, now), reply, effects)
+            }
+            Command::Schedule {
+                tenant,
+                workflow,
+                version,
+                fire_unix_ms,
+                reply,
+            } => {
+                let result = (|| {
+                    let mut event = CloudEvent::new(
+                        "deadlift.schedule",
+                        "deadlift://schedule",
+                        serde_json::json!({
+                            "workflow": workflow,
+                            "scheduled_unix_ms": fire_unix_ms,
+                        }),
+                    );
+                    event.id = format!("schedule:{workflow}:{fire_unix_ms}");
+                    event.complete();
+                    let Some(seq) = journal::insert_event(tx, &tenant, &event, now)? else {
+                        return Ok(());
+                    };
+                    let run = NewRun {
+                        tenant: tenant.clone(),
+                        workflow: workflow.clone(),
+                        version,
+                        trigger: TriggerKind::Schedule,
+                        input: event.input(),
+                        trace: event.trace(),
+                        event: Some((seq, event)),
+                    };
+                    if let Some(ticket) = journal::insert_run(tx, &run, now)? {
+                        effects.count(RUNS_STARTED);
+                        effects.changed_runs.push(ticket.run_seq);
+                        effects.tickets.push(ticket);
+                    }
+                    Ok(())
+                })();
+                answer(result, reply, effects)
+            }
+            Command::Flush { reply } => answer(Ok(()), reply, effects),
+        }
+    }
+
+    /// Stores one event and queues a run for every matching workflow of the tenant.
+    fn ingest(
+        &self,
+        tx: &Connection,
+        tenant: &str,
+        event: CloudEvent,
+        now: i64,
+        effects: &mut Effects,
+    ) -> Result<Ingested, DbError> {
+        self.ingest_from(tx, tenant, event, None, now, effects)
+    }
+
+    /// [`ingest`](Self::ingest), for events that may have come from a peer: the event also
+    /// goes to the outbox of every other peer of the tenant that it is sent to.
+    fn ingest_from(
+        &self,
+        tx: &Connection,
+        tenant: &str,
+        mut event: CloudEvent,
+        from_peer: Option<&str>,
+        now: i64,
+        effects: &mut Effects,
+    ) -> Result<Ingested, DbError> {
+        event.complete();
+        let id = event.id.clone();
+        let Some(seq) = journal::insert_event(tx, tenant, &event, now)? else {
+            effects.count(EVENTS_DUPLICATE);
+            return Ok(Ingested {
+                id,
+                duplicate: true,
+                runs: Vec::new(),
+            });
+        };
+        effects.count(EVENTS_STORED);
+        // Addressed to one peer: to its outbox only, not routed here.
+        if let Some(to) = event.extensions.get(super::event::TO_EXTENSION).cloned() {
+            let mut outgoing = event.clone();
+            outgoing.extensions.remove(super::event::TO_EXTENSION);
+            let to = to.as_str().unwrap_or_default();
+            if from_peer.is_none()
+                && self
+                    .peers
+                    .iter()
+                    .any(|p| p.name == to && p.tenant == tenant)
+            {
+                peers::enqueue(tx, to, &outgoing, now)?;
+                effects.outbox_changed = true;
+                effects.count(DELIVERIES_QUEUED);
+            } else {
+                tracing::warn!(tenant, event = %id, peer = to, "event addressed to an unknown peer; not sent");
+            }
+            return Ok(Ingested {
+                id,
+                duplicate: false,
+                runs: Vec::new(),
+            });
+        }
+        for peer in &self.peers {
+            if peer.tenant == tenant
+                && Some(peer.name.as_str()) != from_peer
+                && peer.sends(&event.event_type)
+            {
+                peers::enqueue(tx, &peer.name, &event, now)?;
+                effects.outbox_changed = true;
+                effects.count(DELIVERIES_QUEUED);
+            }
+        }
+        let mut runs = Vec::new();
+        if event.depth() > MAX_DEPTH {
+            // Stored (so the sender's id is honoured) but not routed: a loop of
+            // workflows triggering each other ends here.
+            tracing::warn!(tenant, event = %id, "event chain too deep; not routed");
+            return Ok(Ingested {
+                id,
+                duplicate: false,
+                runs,
+            });
+        }
+        let trace = event.trace();
+        let matching: Vec<&Route> = self
+            .routes
+            .get(tenant)
+            .into_iter()
+            .flatten()
+            .filter(|route| route.pattern.matches(&event.event_type))
+            .collect();
+        let event_input = if matching.is_empty() {
+            Value::Null
+        } else {
+            event.input()
+        };
+        for route in matching {
+            let run = NewRun {
+                tenant: tenant.to_owned(),
+                workflow: route.workflow.clone(),
+                version: route.version,
+                trigger: TriggerKind::Event,
+                input: event_input.clone(),
+                event: Some((seq, event.clone())),
+                trace: trace.child(),
+            };
+            if let Some(ticket) = journal::insert_run(tx, &run, now)? {
+                effects.count(RUNS_STARTED);
+                runs.push(ticket.run_id.clone());
+                effects.changed_runs.push(ticket.run_seq);
+                effects.tickets.push(ticket);
+            }
+        }
+        Ok(Ingested {
+            id,
+            duplicate: false,
+            runs,
+        })
+    }
+}
+
+/// Queues the reply of a command that worked, or hands back the error and the reply.
+fn answer<T: Send + 'static>(
+    result: Result<T, DbError>,
+    reply: Reply<T>,
+    effects: &mut Effects,
+) -> Result<(), (DbError, ReplyFn)> {
+    match result {
+        Ok(value) => {
+            effects.reply(reply, value);
+            Ok(())
+        }
+        Err(error) => Err((
+            error,
+            Box::new(move |result: Result<(), DbError>| {
+                if let Err(error) = result {
+                    let _ = reply.send(Err(error));
+                }
+            }),
+        )),
+    }
+}
+
+fn fail_command(command: Command, error: DbError) {
+    let message = error.to_string();
+    let error = || DbError::Commit(message.clone());
+    match command {
+        Command::Ingest { reply, .. } => Effects::fail(reply, error()),
+        Command::PeerUpsert { reply, .. } | Command::OutboxAttempt { reply, .. } => {
+            Effects::fail(reply, error())
+        }
+        Command::PeerRemove { reply, .. } | Command::OutboxReplay { reply, .. } => {
+            Effects::fail(reply, error())
+        }
+        Command::Apply { reply, .. } | Command::ApplyV1 { reply, .. } => {
+            Effects::fail(reply, error())
+        }
+        Command::Delete { reply, .. } | Command::Cancel { reply, .. } => {
+            Effects::fail(reply, error())
+        }
+        Command::StartRun { reply, .. } => Effects::fail(reply, error()),
+        Command::Running { .. } => {}
+        Command::Step { reply, .. } | Command::Finish { reply, .. } => {
+            Effects::fail(reply, error())
+        }
+        Command::Record { reply, .. } => Effects::fail(reply, error()),
+        Command::Requeue { reply, .. } => Effects::fail(reply, error()),
+        Command::Prune { reply, .. } => Effects::fail(reply, error()),
+        Command::Schedule { reply, .. } | Command::Flush { reply } => Effects::fail(reply, error()),
+    }
+}

@@ -1,0 +1,824 @@
+//! The engine: registered modules compiled once (and cached on disk), warm instances
+//! pooled per module, tenant and grant, and calls run on a bounded pool of worker
+//! threads behind an async API.
+//!
+//! ```text
+//! Engine::call ─► worker thread ─► Inner::call_blocking ─► InstancePool ─► executor::Instance
+//!                                        │ first use: Registry bytes ─► compile / disk cache
+//! ```
+//!
+//! Warm instances are kept per (module, tenant, instance shape of the grant): an
+//! instance carries guest state and vars, which must never cross tenants or grants.
+//! The pool is last-in-first-out, so sequential calls meet the same instance and see
+//! the state they left, as with one Extism `Plugin`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::Hasher;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use wasmtime::{InstancePre, Linker, Module};
+
+use crate::code::Code;
+use crate::error::CallError;
+use crate::executor::{
+    self, CallOutput, EpochTicker, ExecutorLimits, Instance, LogLevel, StoreData, USER, WASI_P1,
+};
+use crate::grant::{Grant, InstanceShape};
+use crate::host::{self, CallContext, EventSink, HostFunction, KvStore, MemoryKv, MemorySink};
+use crate::registry::{
+    MemoryModuleStore, ModuleError, ModuleId, ModuleInfo, ModuleStore, NewModule, Registry,
+};
+
+/// Failures building an engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("wasm runtime setup failed: {0}")]
+    Runtime(String),
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("host function `{0}` is registered twice")]
+    DuplicateHostFunction(String),
+    #[error("cannot start engine threads: {0}")]
+    Threads(std::io::Error),
+}
+
+/// Builds an [`Engine`]. Every setting has a default that suits one machine.
+pub struct EngineBuilder {
+    data_dir: Option<PathBuf>,
+    workers: usize,
+    max_instances: u32,
+    max_memory_bytes: u64,
+    max_idle_per_pool: usize,
+    log_level: LogLevel,
+    kv: Option<Arc<dyn KvStore>>,
+    sink: Option<Arc<dyn EventSink>>,
+    modules: Option<Arc<dyn ModuleStore>>,
+    host_functions: Vec<HostFunction>,
+}
+
+impl std::fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineBuilder")
+            .field("data_dir", &self.data_dir)
+            .field("workers", &self.workers)
+            .field("max_instances", &self.max_instances)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for EngineBuilder {
+    fn default() -> Self {
+        Self {
+            data_dir: None,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_instances: 256,
+            max_memory_bytes: 512 * 1024 * 1024,
+            max_idle_per_pool: 8,
+            log_level: LogLevel::Info,
+            kv: None,
+            sink: None,
+            modules: None,
+            host_functions: Vec::new(),
+        }
+    }
+}
+
+impl EngineBuilder {
+    /// Where compiled modules are cached (`<dir>/compiled/...`). Without it, every start
+    /// compiles every module again.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Threads that run calls for the async API.
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers.max(1);
+        self
+    }
+
+    /// Live instances (warm and running) the engine makes room for, across all modules.
+    pub fn max_instances(mut self, max: u32) -> Self {
+        self.max_instances = max.max(1);
+        self
+    }
+
+    /// The largest memory budget any grant may ask for.
+    pub fn max_memory_bytes(mut self, bytes: u64) -> Self {
+        self.max_memory_bytes = bytes;
+        self
+    }
+
+    /// Warm instances kept per (module, tenant, grant shape) in each thread's shard
+    /// (there is one shard per worker; other threads share them).
+    pub fn max_idle_per_pool(mut self, max: usize) -> Self {
+        self.max_idle_per_pool = max;
+        self
+    }
+
+    /// The lowest guest log level captured (and reported by `get_log_level`).
+    pub fn log_level(mut self, level: LogLevel) -> Self {
+        self.log_level = level;
+        self
+    }
+
+    /// Storage behind `kv_get`/`kv_set`/`kv_delete` (default: in memory).
+    pub fn kv(mut self, kv: Arc<dyn KvStore>) -> Self {
+        self.kv = Some(kv);
+        self
+    }
+
+    /// Where `emit` publishes (default: kept in memory).
+    pub fn events(mut self, sink: Arc<dyn EventSink>) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    /// Storage of registered modules (default: in memory).
+    pub fn modules(mut self, store: Arc<dyn ModuleStore>) -> Self {
+        self.modules = Some(store);
+        self
+    }
+
+    /// Offers a host function to plug-ins (subject to each call's grant).
+    pub fn host_function(mut self, function: HostFunction) -> Self {
+        self.host_functions.push(function);
+        self
+    }
+
+    pub fn build(self) -> Result<Engine, EngineError> {
+        let limits = ExecutorLimits {
+            max_instances: self.max_instances,
+            max_memory_bytes: self.max_memory_bytes,
+        };
+        let wasmtime = wasmtime::Engine::new(&executor::wasmtime_config(&limits))
+            .map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
+
+        let kv = self.kv.unwrap_or_else(|| Arc::new(MemoryKv::new()));
+        let sink = self.sink.unwrap_or_else(|| Arc::new(MemorySink::new()));
+        let mut functions = host::builtins(kv, sink);
+        functions.extend(self.host_functions);
+        let mut host_names = HashSet::new();
+        for function in &functions {
+            if !host_names.insert(function.name.clone()) {
+                return Err(EngineError::DuplicateHostFunction(function.name.clone()));
+            }
+        }
+        let linker = executor::linker(&wasmtime, &functions)
+            .map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
+
+        let cache_dir = match self.data_dir {
+            Some(dir) => {
+                let path = dir.join("compiled").join(compatibility_key(&wasmtime));
+                std::fs::create_dir_all(&path).map_err(|source| EngineError::DataDir {
+                    path: path.clone(),
+                    source,
+                })?;
+                Some(path)
+            }
+            None => None,
+        };
+        let ticker = EpochTicker::start(wasmtime.clone()).map_err(EngineError::Threads)?;
+        let modules = self
+            .modules
+            .unwrap_or_else(|| Arc::new(MemoryModuleStore::new()));
+        let inner = Arc::new(Inner {
+            wasmtime,
+            linker,
+            host_names,
+            http: Arc::default(),
+            registry: Registry::new(modules),
+            compiled: RwLock::new(HashMap::new()),
+            shards: (0..self.workers).map(|_| Shard::default()).collect(),
+            cache_dir,
+            log_level: self.log_level,
+            max_idle_per_pool: self.max_idle_per_pool,
+            max_memory_bytes: self.max_memory_bytes,
+            stats: Counters::default(),
+            _ticker: ticker,
+        });
+        let workers = WorkerPool::start(self.workers).map_err(EngineError::Threads)?;
+        Ok(Engine { inner, workers })
+    }
+}
+
+/// A directory name that changes whenever compiled code would be incompatible: another
+/// wasmtime version, another target or other compilation settings.
+fn compatibility_key(engine: &wasmtime::Engine) -> String {
+    struct Sha(Sha256);
+    impl Hasher for Sha {
+        fn finish(&self) -> u64 {
+            0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            self.0.update(bytes);
+        }
+    }
+    let mut hasher = Sha(Sha256::new());
+    std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
+    hex::encode(&hasher.0.finalize()[..12])
+}
+
+/// Upper bounds (in microseconds) of the call-duration histogram buckets.
+pub const DURATION_BUCKETS_US: [u64; 10] = [
+    10, 50, 100, 500, 1_000, 5_000, 10_000, 50_000, 100_000, 1_000_000,
+];
+
+/// Counters of rare events behind [`EngineStats`]; per-call counters live in [`Shard`]s.
+#[derive(Debug, Default)]
+struct Counters {
+    compiled: AtomicU64,
+    loaded_from_cache: AtomicU64,
+    instances_created: AtomicU64,
+    instances_discarded: AtomicU64,
+    call_errors: AtomicU64,
+    errors_by_code: Mutex<BTreeMap<Code, u64>>,
+}
+
+/// One thread's pools and per-call counters. Each thread works in the shard its
+/// [`thread_slot`] picks, so the hot path writes no cache line another core uses:
+/// no shared lock, reference count or counter is touched by a warm call.
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard {
+    /// Warm-instance pools by module; few per module (one per tenant and grant shape).
+    pools: RwLock<HashMap<ModuleId, Vec<Arc<InstancePool>>>>,
+    calls: AtomicU64,
+    /// Calls per duration bucket (the last slot counts those above every bound).
+    duration_buckets: [AtomicU64; DURATION_BUCKETS_US.len() + 1],
+    duration_sum_us: AtomicU64,
+}
+
+impl Shard {
+    fn record(&self, elapsed: std::time::Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = DURATION_BUCKETS_US
+            .iter()
+            .position(|bound| micros <= *bound)
+            .unwrap_or(DURATION_BUCKETS_US.len());
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.duration_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.duration_sum_us.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn pools(&self) -> parking_lot::RwLockReadGuard<'_, HashMap<ModuleId, Vec<Arc<InstancePool>>>> {
+        self.pools.read()
+    }
+
+    fn pools_mut(
+        &self,
+    ) -> parking_lot::RwLockWriteGuard<'_, HashMap<ModuleId, Vec<Arc<InstancePool>>>> {
+        self.pools.write()
+    }
+}
+
+/// A small number fixed per thread, spreading threads over shards.
+fn thread_slot() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local!(static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed));
+    SLOT.with(|slot| *slot)
+}
+
+/// A snapshot of what the engine has done, for metrics and tests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EngineStats {
+    /// Modules compiled from Wasm bytes.
+    pub compiled: u64,
+    /// Modules loaded from the on-disk compiled cache instead of compiling.
+    pub loaded_from_cache: u64,
+    pub instances_created: u64,
+    /// Instances dropped after a trap, timeout, fuel or memory exhaustion, or `_start`.
+    pub instances_discarded: u64,
+    pub calls: u64,
+    pub call_errors: u64,
+    /// Warm instances waiting in pools right now.
+    pub idle_instances: u64,
+    /// Failed calls by `CallError::code`.
+    pub errors_by_code: BTreeMap<Code, u64>,
+    /// Calls per bucket of [`DURATION_BUCKETS_US`] (not cumulative; one extra slot for
+    /// slower calls).
+    pub duration_buckets: Vec<u64>,
+    pub duration_sum_us: u64,
+}
+
+/// A compiled module ready to be instantiated.
+struct Compiled {
+    module: Module,
+    /// `extism:host/user` and WASI imports, checked against each grant.
+    user_imports: Vec<String>,
+    wasi_imports: Vec<String>,
+}
+
+/// Warm instances of one module for one tenant and grant shape, in one shard.
+struct InstancePool {
+    tenant: String,
+    shape: InstanceShape,
+    pre: InstancePre<StoreData>,
+    idle: Mutex<Vec<Instance>>,
+}
+
+impl InstancePool {
+    fn serves(&self, tenant: &str, grant: &Grant) -> bool {
+        self.tenant == tenant && self.shape.admits(grant)
+    }
+}
+
+struct Inner {
+    wasmtime: wasmtime::Engine,
+    linker: Linker<StoreData>,
+    host_names: HashSet<String>,
+    /// Outbound HTTP for `http_request`, shared by every instance.
+    http: Arc<executor::http::Outbound>,
+    registry: Registry,
+    compiled: RwLock<HashMap<ModuleId, Arc<Compiled>>>,
+    shards: Box<[Shard]>,
+    cache_dir: Option<PathBuf>,
+    log_level: LogLevel,
+    max_idle_per_pool: usize,
+    max_memory_bytes: u64,
+    stats: Counters,
+    _ticker: EpochTicker,
+}
+
+/// Runs Extism plug-ins: the entry point of the library. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+    workers: WorkerPool,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Validates, compiles and registers a module for `tenant`. A module that does not
+    /// compile is refused and nothing is stored.
+    pub fn add_module(&self, tenant: &str, module: NewModule) -> Result<ModuleInfo, ModuleError> {
+        let registry = &self.inner.registry;
+        let (inspection, existing) = registry.check(tenant, &module)?;
+        if let Some(existing) = existing {
+            return Ok(existing);
+        }
+        self.inner.compiled(&inspection.id, &module.bytes)?;
+        registry.insert_checked(tenant, module, inspection)
+    }
+
+    /// Unregisters a tenant's module and drops that tenant's warm instances of it.
+    pub fn delete_module(&self, tenant: &str, id: &ModuleId) -> Result<(), ModuleError> {
+        self.inner.registry.delete(tenant, id)?;
+        for shard in &self.inner.shards {
+            if let Some(pools) = shard.pools_mut().get_mut(id) {
+                pools.retain(|pool| pool.tenant != tenant);
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `function` of `module` on a worker thread.
+    ///
+    /// Dropping the returned future cancels the call.
+    pub async fn call(
+        &self,
+        module: &ModuleId,
+        function: &str,
+        input: &[u8],
+        grant: &Grant,
+        ctx: &CallContext,
+    ) -> Result<CallOutput, CallError> {
+        let inner = self.inner.clone();
+        let (module, function, input, grant) =
+            (*module, function.to_owned(), input.to_vec(), grant.clone());
+        let ctx = ctx.clone();
+        let cancel_on_drop = CancelOnDrop(Some(ctx.cancel.clone()));
+        let (reply, result) = tokio::sync::oneshot::channel();
+        self.workers
+            .submit(Box::new(move || {
+                let _ = reply.send(inner.call_blocking(&module, &function, &input, &grant, &ctx));
+            }))
+            .await?;
+        let outcome = result.await.unwrap_or_else(|_| {
+            Err(CallError::Internal {
+                message: "the worker running the call stopped".into(),
+            })
+        });
+        cancel_on_drop.disarm();
+        outcome
+    }
+
+    /// Calls `function` of `module` on the current thread. For embedders that manage
+    /// their own threads; never call it from async code.
+    pub fn call_blocking(
+        &self,
+        module: &ModuleId,
+        function: &str,
+        input: &[u8],
+        grant: &Grant,
+        ctx: &CallContext,
+    ) -> Result<CallOutput, CallError> {
+        self.inner
+            .call_blocking(module, function, input, grant, ctx)
+    }
+
+    /// Whether this engine offers the named host function (built-in or the embedder's).
+    pub fn offers_host_function(&self, name: &str) -> bool {
+        self.inner.host_names.contains(name)
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.inner.stats;
+        let shards = &self.inner.shards;
+        let idle = shards
+            .iter()
+            .map(|shard| {
+                shard
+                    .pools()
+                    .values()
+                    .flatten()
+                    .map(|p| p.idle.lock().len() as u64)
+                    .sum::<u64>()
+            })
+            .sum();
+        let sum = |f: fn(&Shard) -> &AtomicU64| -> u64 {
+            shards.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
+        };
+        EngineStats {
+            compiled: c.compiled.load(Ordering::Relaxed),
+            loaded_from_cache: c.loaded_from_cache.load(Ordering::Relaxed),
+            instances_created: c.instances_created.load(Ordering::Relaxed),
+            instances_discarded: c.instances_discarded.load(Ordering::Relaxed),
+            calls: sum(|s| &s.calls),
+            call_errors: c.call_errors.load(Ordering::Relaxed),
+            idle_instances: idle,
+            errors_by_code: c.errors_by_code.lock().clone(),
+            duration_buckets: (0..=DURATION_BUCKETS_US.len())
+                .map(|i| {
+                    shards
+                        .iter()
+                        .map(|s| s.duration_buckets[i].load(Ordering::Relaxed))
+                        .sum()
+                })
+                .collect(),
+            duration_sum_us: sum(|s| &s.duration_sum_us),
+        }
+    }
+}
+
+/// Cancels a call whose caller went away before it finished.
+struct CancelOnDrop(Option<host::CancelToken>);
+
+impl CancelOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(token) = self.0.take() {
+            token.cancel();
+        }
+    }
+}
+
+impl Inner {
+    fn call_blocking(
+        &self,
+        module: &ModuleId,
+        function: &str,
+        input: &[u8],
+        grant: &Grant,
+        ctx: &CallContext,
+    ) -> Result<CallOutput, CallError> {
+        let started = std::time::Instant::now();
+        let mut result = self.run(module, function, input, grant, ctx, started);
+        let elapsed = started.elapsed();
+        self.shard().record(elapsed);
+        if let Ok(out) = &mut result {
+            out.duration = elapsed;
+        }
+        if let Err(error) = &result {
+            self.stats.call_errors.fetch_add(1, Ordering::Relaxed);
+            *self
+                .stats
+                .errors_by_code
+                .lock()
+                .entry(error.code())
+                .or_default() += 1;
+            tracing::debug!(%module, function, tenant = %ctx.tenant, code = %error.code(), "call failed: {error}");
+        }
+        result
+    }
+
+    /// This thread's shard.
+    fn shard(&self) -> &Shard {
+        &self.shards[thread_slot() % self.shards.len()]
+    }
+
+    fn run(
+        &self,
+        module: &ModuleId,
+        function: &str,
+        input: &[u8],
+        grant: &Grant,
+        ctx: &CallContext,
+        started: std::time::Instant,
+    ) -> Result<CallOutput, CallError> {
+        if grant.memory_bytes > self.max_memory_bytes {
+            return Err(CallError::GrantInvalid {
+                reason: format!(
+                    "memory_bytes {} is over this engine's maximum of {}",
+                    grant.memory_bytes, self.max_memory_bytes
+                ),
+            });
+        }
+        if input.len() as u64 > grant.max_input_bytes {
+            return Err(CallError::InputTooLarge {
+                size: input.len() as u64,
+                limit: grant.max_input_bytes,
+            });
+        }
+        let pool = self.pool(self.shard(), module, grant, ctx)?;
+        let idle = pool.idle.lock().pop();
+        let mut instance = match idle {
+            Some(instance) => instance,
+            None => self.instantiate(&pool, grant, ctx)?,
+        };
+        let result = instance.call(function, input, grant, ctx, started);
+        let keep =
+            instance.reusable() && result.as_ref().err().is_none_or(|e| !e.poisons_instance());
+        if keep {
+            let mut idle = pool.idle.lock();
+            if idle.len() < self.max_idle_per_pool {
+                idle.push(instance);
+            }
+        } else {
+            self.stats
+                .instances_discarded
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn instantiate(
+        &self,
+        pool: &InstancePool,
+        grant: &Grant,
+        ctx: &CallContext,
+    ) -> Result<Instance, CallError> {
+        let created = match Instance::new(&pool.pre, grant, self.log_level, ctx, self.http.clone())
+        {
+            Err(CallError::Overloaded { .. }) => {
+                // Every slot is taken: give up warm instances everywhere and try once more.
+                self.evict_idle();
+                Instance::new(&pool.pre, grant, self.log_level, ctx, self.http.clone())
+            }
+            other => other,
+        }?;
+        self.stats.instances_created.fetch_add(1, Ordering::Relaxed);
+        Ok(created)
+    }
+
+    fn evict_idle(&self) {
+        for shard in &self.shards {
+            for pool in shard.pools().values().flatten() {
+                pool.idle.lock().clear();
+            }
+        }
+    }
+
+    /// The pool for this module, tenant and grant; binds it on first use, which is where
+    /// ownership, imports and grants are checked.
+    fn pool(
+        &self,
+        shard: &Shard,
+        module: &ModuleId,
+        grant: &Grant,
+        ctx: &CallContext,
+    ) -> Result<Arc<InstancePool>, CallError> {
+        let find = |pools: &HashMap<ModuleId, Vec<Arc<InstancePool>>>| {
+            pools
+                .get(module)?
+                .iter()
+                .find(|pool| pool.serves(&ctx.tenant, grant))
+                .cloned()
+        };
+        if let Some(pool) = find(&shard.pools()) {
+            return Ok(pool);
+        }
+        let not_found = || CallError::ModuleNotFound {
+            module: module.to_string(),
+        };
+        let registered = self
+            .registry
+            .get(&ctx.tenant, module)
+            .map_err(|e| match e {
+                ModuleError::NotFound { .. } => not_found(),
+                other => CallError::Internal {
+                    message: other.to_string(),
+                },
+            })?;
+        let cached = self.compiled.read().get(module).cloned();
+        let compiled = match cached {
+            Some(compiled) => compiled,
+            None => {
+                let bytes = self
+                    .registry
+                    .bytes(&registered.id)
+                    .map_err(|_| not_found())?;
+                self.compiled(module, &bytes)
+                    .map_err(|e| CallError::Internal {
+                        message: e.to_string(),
+                    })?
+            }
+        };
+        for name in &compiled.user_imports {
+            if !self.host_names.contains(name) {
+                return Err(CallError::HostFunctionUnknown { name: name.clone() });
+            }
+            if !grant.host_functions.contains(name) {
+                return Err(CallError::HostFunctionDenied { name: name.clone() });
+            }
+        }
+        if let Some(name) = compiled.wasi_imports.first()
+            && !grant.wasi
+        {
+            return Err(CallError::ImportDenied {
+                module: WASI_P1.to_owned(),
+                name: name.clone(),
+                reason: "the grant does not allow WASI".to_owned(),
+            });
+        }
+        let pre = self
+            .linker
+            .instantiate_pre(&compiled.module)
+            .map_err(|e| CallError::Link {
+                message: format!("{e:#}"),
+            })?;
+        let mut pools = shard.pools_mut();
+        if let Some(pool) = find(&pools) {
+            return Ok(pool);
+        }
+        let pool = Arc::new(InstancePool {
+            tenant: ctx.tenant.clone(),
+            shape: grant.instance_shape(),
+            pre,
+            idle: Mutex::new(Vec::new()),
+        });
+        pools.entry(*module).or_default().push(pool.clone());
+        Ok(pool)
+    }
+
+    /// The compiled form of a module: from memory, else from the disk cache, else by
+    /// compiling (and then caching) it.
+    fn compiled(&self, id: &ModuleId, bytes: &[u8]) -> Result<Arc<Compiled>, ModuleError> {
+        if let Some(compiled) = self.compiled.read().get(id) {
+            return Ok(compiled.clone());
+        }
+        let module = match self.load_cached(id) {
+            Some(module) => module,
+            None => {
+                let module =
+                    Module::new(&self.wasmtime, bytes).map_err(|e| ModuleError::Compile {
+                        reason: format!("{e:#}"),
+                    })?;
+                self.stats.compiled.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(module = %id, "compiled module");
+                self.store_cached(id, &module);
+                module
+            }
+        };
+        let imports_from = |namespace: &str| {
+            module
+                .imports()
+                .filter(|i| i.module() == namespace)
+                .map(|i| i.name().to_owned())
+                .collect()
+        };
+        let compiled = Arc::new(Compiled {
+            user_imports: imports_from(USER),
+            wasi_imports: imports_from(WASI_P1),
+            module,
+        });
+        self.compiled.write().insert(*id, compiled.clone());
+        Ok(compiled)
+    }
+
+    fn cache_path(&self, id: &ModuleId) -> Option<PathBuf> {
+        Some(self.cache_dir.as_ref()?.join(format!("{}.cwasm", id.hex())))
+    }
+
+    fn load_cached(&self, id: &ModuleId) -> Option<Module> {
+        let path = self.cache_path(id)?;
+        if !path.exists() {
+            return None;
+        }
+        match load_artifact(&self.wasmtime, &path) {
+            Ok(module) => {
+                self.stats.loaded_from_cache.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(module = %id, "loaded compiled module from cache");
+                Some(module)
+            }
+            Err(e) => {
+                tracing::warn!(module = %id, path = %path.display(), "ignoring unusable compiled artifact: {e:#}");
+                None
+            }
+        }
+    }
+
+    fn store_cached(&self, id: &ModuleId, module: &Module) {
+        let Some(path) = self.cache_path(id) else {
+            return;
+        };
+        let written = module.serialize().and_then(|bytes| {
+            // Write then rename, so a crash never leaves a torn artifact under the name.
+            let temp = path.with_extension(format!("tmp{}", std::process::id()));
+            std::fs::write(&temp, bytes)?;
+            std::fs::rename(&temp, &path)?;
+            Ok(())
+        });
+        if let Err(e) = written {
+            tracing::warn!(module = %id, "could not cache compiled module: {e:#}");
+        }
+    }
+}
+
+/// Loads a compiled artifact this engine wrote.
+#[allow(unsafe_code)]
+fn load_artifact(engine: &wasmtime::Engine, path: &Path) -> wasmtime::Result<Module> {
+    // SAFETY: wasmtime requires that the file be an artifact it produced, since it maps it
+    // as executable code. Only `store_cached` writes into the cache directory (under the
+    // agent's own data directory, by atomic rename), and the directory's name changes
+    // with every wasmtime version and setting that affects compiled code; wasmtime
+    // further checks the artifact's header and compatibility before using it.
+    unsafe { Module::deserialize_file(engine, path) }
+}
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// A fixed set of threads that run calls, fed by a bounded queue.
+#[derive(Clone)]
+struct WorkerPool {
+    jobs: tokio::sync::mpsc::Sender<Job>,
+    _threads: Arc<Vec<JoinHandle<()>>>,
+}
+
+impl WorkerPool {
+    fn start(workers: usize) -> std::io::Result<Self> {
+        let (jobs, queue) = tokio::sync::mpsc::channel::<Job>(workers * 256);
+        let queue = Arc::new(Mutex::new(queue));
+        let threads = (0..workers)
+            .map(|n| {
+                let queue = queue.clone();
+                std::thread::Builder::new()
+                    .name(format!("deadlift-worker-{n}"))
+                    .spawn(move || {
+                        loop {
+                            let job = queue.lock().blocking_recv();
+                            let Some(job) = job else { break };
+                            // A panic is a bug, but it must not take a worker with it.
+                            if std::panic::catch_unwind(AssertUnwindSafe(job)).is_err() {
+                                tracing::error!("a call panicked; the worker carries on");
+                            }
+                        }
+                    })
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Self {
+            jobs,
+            _threads: Arc::new(threads),
+        })
+    }
+
+    async fn submit(&self, job: Job) -> Result<(), CallError> {
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| CallError::Overloaded {
+                reason: "the engine is shutting down".into(),
+            })
+    }
+}

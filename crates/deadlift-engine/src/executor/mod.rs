@@ -1,0 +1,683 @@
+//! The executor: Extism plug-ins run directly on wasmtime, one [`Instance`] at a time.
+//!
+//! This is our own implementation of the Extism host ABI (`docs/extism-abi.md`): the env
+//! functions live in [`abi`], Extism memory in [`memory`], and this file holds what one
+//! instance is (a store with its [`StoreData`]) and how one call runs and fails. It knows
+//! nothing of pools, threads, registries or disks; the engine builds on it.
+//!
+//! Limits: time and cancellation by an engine-wide epoch ticker plus a per-store check
+//! (each store looks only at its own deadline and cancel flag, so one call's timeout
+//! never touches another call); fuel per call; a memory budget per instance that covers
+//! guest linear memory and Extism memory alike.
+
+pub(crate) mod abi;
+pub(crate) mod http;
+pub mod memory;
+pub(crate) mod wasi;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use wasmtime::{
+    Config, InstanceAllocationStrategy, InstancePre, Linker, PoolingAllocationConfig, Store, Trap,
+    TypedFunc, UpdateDeadline, ValType,
+};
+
+use crate::error::CallError;
+use crate::grant::Grant;
+use crate::host::{CallContext, HostFunction};
+use memory::{ExtismMemory, GrowthBudget, PAGE_SIZE};
+
+pub(crate) const ENV: &str = "extism:host/env";
+pub(crate) const USER: &str = "extism:host/user";
+pub(crate) const WASI_P1: &str = "wasi_snapshot_preview1";
+
+/// How often the engine-wide epoch advances; the resolution of deadlines and cancels.
+const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// A call failure raised from inside wasm execution (host function, limiter, epoch
+/// callback) and recovered intact after the call returns.
+#[derive(Debug)]
+pub(crate) struct Abort(pub CallError);
+
+impl std::fmt::Display for Abort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Abort {}
+
+/// Severity of a guest log line; the numbers are the ABI's `get_log_level` values.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Trace = 0,
+    Debug = 1,
+    Info = 2,
+    Warn = 3,
+    Error = 4,
+}
+
+impl LogLevel {
+    pub(crate) const ALL: [LogLevel; 5] = [
+        Self::Trace,
+        Self::Debug,
+        Self::Info,
+        Self::Warn,
+        Self::Error,
+    ];
+
+    pub(crate) fn import_name(self) -> &'static str {
+        match self {
+            Self::Trace => "log_trace",
+            Self::Debug => "log_debug",
+            Self::Info => "log_info",
+            Self::Warn => "log_warn",
+            Self::Error => "log_error",
+        }
+    }
+}
+
+/// One line a guest logged during a call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LogLine {
+    pub level: LogLevel,
+    /// Milliseconds since the Unix epoch.
+    pub time_unix_ms: u64,
+    pub message: String,
+}
+
+/// The memory budget of one instance, charged by linear-memory growth (through
+/// wasmtime's `ResourceLimiter`) and by Extism-memory growth (through `GrowthBudget`).
+#[derive(Debug)]
+pub(crate) struct MemoryBudget {
+    limit: u64,
+    used: u64,
+}
+
+impl MemoryBudget {
+    fn charge(&mut self, bytes: u64) -> Result<(), Abort> {
+        let used = self.used.saturating_add(bytes);
+        if used > self.limit {
+            return Err(Abort(CallError::MemoryLimit {
+                limit_bytes: self.limit,
+            }));
+        }
+        self.used = used;
+        Ok(())
+    }
+}
+
+impl wasmtime::ResourceLimiter for MemoryBudget {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if maximum.is_some_and(|max| desired > max) {
+            return Ok(false);
+        }
+        self.charge((desired - current) as u64)?;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(maximum.is_none_or(|max| desired <= max))
+    }
+}
+
+impl GrowthBudget for MemoryBudget {
+    type Error = wasmtime::Error;
+
+    fn grow(&mut self, pages: u64) -> Result<(), Self::Error> {
+        Ok(self.charge(pages.saturating_mul(PAGE_SIZE))?)
+    }
+}
+
+/// What the current call brings: who it runs for, its config, its deadline, its logs.
+#[derive(Debug, Default)]
+pub(crate) struct CallState {
+    pub ctx: CallContext,
+    pub config: BTreeMap<String, String>,
+    pub allowed_hosts: Vec<String>,
+    pub max_http_response_bytes: u64,
+    /// Status and headers of the call's last `http_request`.
+    pub http_status: u16,
+    pub http_headers: BTreeMap<String, String>,
+    deadline: Option<Instant>,
+    timeout: Duration,
+    logs: Vec<LogLine>,
+}
+
+impl CallState {
+    /// Time left before the call's deadline.
+    pub(crate) fn remaining(&self) -> Duration {
+        self.deadline.map_or(self.timeout, |d| {
+            d.saturating_duration_since(Instant::now())
+        })
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// Everything a store holds besides wasm state.
+#[derive(Debug)]
+pub(crate) struct StoreData {
+    pub memory: ExtismMemory,
+    pub budget: MemoryBudget,
+    /// Extism vars: per instance, across calls.
+    pub vars: BTreeMap<String, Vec<u8>>,
+    pub max_var_bytes: u64,
+    pub log_level: LogLevel,
+    pub call: CallState,
+    /// The engine's outbound HTTP client (made on first use).
+    pub http: Arc<http::Outbound>,
+    /// WASI, when the grant allows it.
+    pub wasi: Option<wasi::WasiState>,
+}
+
+impl StoreData {
+    /// The WASI context for WASI imports. Modules import WASI only under a grant that
+    /// allows it (the engine refuses them otherwise), so the empty context, which can
+    /// reach nothing, is never really used.
+    fn wasi_ctx(&mut self) -> &mut wasi_common::WasiCtx {
+        &mut self
+            .wasi
+            .get_or_insert_with(|| wasi::WasiState {
+                ctx: wasi_common::sync::WasiCtxBuilder::new().build(),
+                stdout: wasi::Captured::default(),
+                stderr: wasi::Captured::default(),
+            })
+            .ctx
+    }
+
+    /// Moves what the guest wrote to stdout (as info) and stderr (as warnings) into
+    /// the call's logs, a line each.
+    fn collect_wasi_output(&mut self) {
+        let Some(state) = &self.wasi else {
+            return;
+        };
+        let streams = [
+            (LogLevel::Info, state.stdout.take()),
+            (LogLevel::Warn, state.stderr.take()),
+        ];
+        for (level, (bytes, truncated)) in streams {
+            for line in String::from_utf8_lossy(&bytes).lines() {
+                self.push_log(level, line.to_owned());
+            }
+            if truncated {
+                self.push_log(
+                    LogLevel::Warn,
+                    format!("(output over {} bytes dropped)", wasi::MAX_CAPTURED_BYTES),
+                );
+            }
+        }
+    }
+
+    pub(crate) fn push_log(&mut self, level: LogLevel, message: String) {
+        let time_unix_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        match level {
+            LogLevel::Trace => {
+                tracing::trace!(target: "deadlift::guest", tenant = %self.call.ctx.tenant, "{message}")
+            }
+            LogLevel::Debug => {
+                tracing::debug!(target: "deadlift::guest", tenant = %self.call.ctx.tenant, "{message}")
+            }
+            LogLevel::Info => {
+                tracing::info!(target: "deadlift::guest", tenant = %self.call.ctx.tenant, "{message}")
+            }
+            LogLevel::Warn => {
+                tracing::warn!(target: "deadlift::guest", tenant = %self.call.ctx.tenant, "{message}")
+            }
+            LogLevel::Error => {
+                tracing::error!(target: "deadlift::guest", tenant = %self.call.ctx.tenant, "{message}")
+            }
+        }
+        self.call.logs.push(LogLine {
+            level,
+            time_unix_ms,
+            message,
+        });
+    }
+}
+
+/// Engine-wide settings of the executor.
+#[derive(Debug, Clone)]
+pub(crate) struct ExecutorLimits {
+    /// Live instances the pooling allocator makes room for.
+    pub max_instances: u32,
+    /// The largest linear memory any grant may ask for.
+    pub max_memory_bytes: u64,
+}
+
+/// The wasmtime configuration every Deadlift engine uses.
+pub(crate) fn wasmtime_config(limits: &ExecutorLimits) -> Config {
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_core_instances(limits.max_instances)
+        .total_memories(limits.max_instances)
+        .total_tables(limits.max_instances)
+        .max_memory_size(usize::try_from(limits.max_memory_bytes).unwrap_or(usize::MAX));
+    let mut config = Config::new();
+    config
+        .epoch_interruption(true)
+        .consume_fuel(true)
+        .wasm_tail_call(true)
+        .wasm_function_references(true)
+        .cache(None)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    config
+}
+
+/// Advances the engine's epoch every tick until dropped.
+#[derive(Debug)]
+pub(crate) struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    pub(crate) fn start(engine: wasmtime::Engine) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("deadlift-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Builds the linker: every env function, and every embedder host function.
+pub(crate) fn linker(
+    engine: &wasmtime::Engine,
+    host_functions: &[HostFunction],
+) -> wasmtime::Result<Linker<StoreData>> {
+    let mut linker = Linker::new(engine);
+    abi::define_env(&mut linker)?;
+    wasi_common::sync::add_to_linker(&mut linker, StoreData::wasi_ctx)?;
+    for function in host_functions {
+        abi::define_user(&mut linker, function)?;
+    }
+    Ok(linker)
+}
+
+/// A guest export the host may call: `() -> i32` (a return code) or `() -> ()`.
+enum Export {
+    Code(TypedFunc<(), i32>),
+    Unit(TypedFunc<(), ()>),
+}
+
+/// The result of a successful call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallOutput {
+    /// The bytes the guest set as its output.
+    pub output: Vec<u8>,
+    /// What the guest logged, in order.
+    pub logs: Vec<LogLine>,
+    /// Instructions consumed (Wasmtime fuel units).
+    pub fuel_used: u64,
+    #[serde(with = "duration_us", rename = "duration_us")]
+    pub duration: Duration,
+}
+
+mod duration_us {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(u64::try_from(duration.as_micros()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        u64::deserialize(deserializer).map(Duration::from_micros)
+    }
+}
+
+/// One live instance of a module: a store, its wasm instance, and cached exports.
+pub(crate) struct Instance {
+    store: Store<StoreData>,
+    instance: wasmtime::Instance,
+    exports: HashMap<String, Export>,
+    /// Set after `_start`, which may run only once per store.
+    spent: bool,
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("spent", &self.spent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Instance {
+    /// Instantiates the module and runs its initialiser (`hs_init`, `__wasm_call_ctors`
+    /// or `_initialize`, as the SDK does) under the limits of the call that needs it.
+    pub(crate) fn new(
+        pre: &InstancePre<StoreData>,
+        grant: &Grant,
+        log_level: LogLevel,
+        ctx: &CallContext,
+        http: Arc<http::Outbound>,
+    ) -> Result<Self, CallError> {
+        let wasi = if grant.wasi {
+            Some(wasi::context(grant)?)
+        } else {
+            None
+        };
+        let data = StoreData {
+            http,
+            wasi,
+            memory: ExtismMemory::new(),
+            budget: MemoryBudget {
+                limit: grant.memory_bytes,
+                used: 0,
+            },
+            vars: BTreeMap::new(),
+            max_var_bytes: grant.max_var_bytes,
+            log_level,
+            call: CallState::default(),
+        };
+        let mut store = Store::new(pre.module().engine(), data);
+        store.limiter(|data| &mut data.budget);
+        store.epoch_deadline_callback(|store| {
+            let call = &store.data().call;
+            if call.ctx.cancel.is_cancelled() {
+                return Err(wasmtime::Error::new(Abort(CallError::Cancelled)));
+            }
+            if call
+                .deadline
+                .is_some_and(|deadline| Instant::now() >= deadline)
+            {
+                return Err(wasmtime::Error::new(Abort(CallError::Timeout {
+                    limit: call.timeout,
+                })));
+            }
+            Ok(UpdateDeadline::Continue(1))
+        });
+        begin_call(&mut store, grant, ctx, Instant::now())?;
+        let instance = pre
+            .instantiate(&mut store)
+            .map_err(|e| classify_instantiation(e, grant))?;
+        let mut this = Self {
+            store,
+            instance,
+            exports: HashMap::new(),
+            spent: false,
+        };
+        this.initialise().map_err(|e| classify(e, grant))?;
+        this.store.data_mut().call.logs.clear();
+        Ok(this)
+    }
+
+    fn unit_export(&mut self, name: &str) -> Option<TypedFunc<(), ()>> {
+        self.instance
+            .get_func(&mut self.store, name)?
+            .typed::<(), ()>(&self.store)
+            .ok()
+    }
+
+    fn initialise(&mut self) -> wasmtime::Result<()> {
+        if let Some(hs_init) = self.instance.get_func(&mut self.store, "hs_init") {
+            if let Some(reactor) = self.unit_export("_initialize") {
+                reactor.call(&mut self.store, ())?;
+            }
+            let results = hs_init.ty(&self.store).results().len();
+            let mut out = vec![wasmtime::Val::I32(0); results];
+            hs_init.call(
+                &mut self.store,
+                &[wasmtime::Val::I32(0), wasmtime::Val::I32(0)],
+                &mut out,
+            )?;
+            return Ok(());
+        }
+        // As the SDK: `__wasm_call_ctors` wins when present, even with a wrong type.
+        let init = if self
+            .instance
+            .get_func(&mut self.store, "__wasm_call_ctors")
+            .is_some()
+        {
+            self.unit_export("__wasm_call_ctors")
+        } else {
+            self.unit_export("_initialize")
+        };
+        if let Some(init) = init {
+            init.call(&mut self.store, ())?;
+        }
+        Ok(())
+    }
+
+    /// Looks the export up once and caches it. Calls borrow the cached `TypedFunc`:
+    /// cloning one bumps a reference count shared by every store of the engine, which
+    /// made concurrent calls contend.
+    fn resolve_export(&mut self, function: &str) -> Result<(), CallError> {
+        if self.exports.contains_key(function) {
+            return Ok(());
+        }
+        let func = self
+            .instance
+            .get_func(&mut self.store, function)
+            .ok_or_else(|| CallError::FunctionNotFound {
+                function: function.to_owned(),
+            })?;
+        let ty = func.ty(&self.store);
+        let results: Vec<ValType> = ty.results().collect();
+        let export = match (ty.params().len(), results.as_slice()) {
+            (0, []) => func.typed::<(), ()>(&self.store).ok().map(Export::Unit),
+            (0, [ValType::I32]) => func.typed::<(), i32>(&self.store).ok().map(Export::Code),
+            _ => None,
+        }
+        .ok_or_else(|| CallError::FunctionSignature {
+            function: function.to_owned(),
+            signature: ty.to_string(),
+        })?;
+        self.exports.insert(function.to_owned(), export);
+        Ok(())
+    }
+
+    /// Whether this instance may serve another call.
+    pub(crate) fn reusable(&self) -> bool {
+        !self.spent
+    }
+
+    /// Runs one call (`docs/extism-abi.md`, "One call"). After an error for which
+    /// [`CallError::poisons_instance`] holds, the instance must be dropped.
+    ///
+    /// `started` is when the call began (its deadline counts from then); the output's
+    /// `duration` is left for the caller to fill in, which reads the clock anyway.
+    pub(crate) fn call(
+        &mut self,
+        function: &str,
+        input: &[u8],
+        grant: &Grant,
+        ctx: &CallContext,
+        started: Instant,
+    ) -> Result<CallOutput, CallError> {
+        self.resolve_export(function)?;
+        begin_call(&mut self.store, grant, ctx, started)?;
+        {
+            let data = self.store.data_mut();
+            data.memory.reset();
+            let StoreData { memory, budget, .. } = data;
+            let handle = memory
+                .write_new(input, budget)
+                .map_err(|e| classify(e, grant))?;
+            memory.set_input(handle, input.len() as u64);
+        }
+        let fuel_budget = self.store.get_fuel().unwrap_or(0);
+        let result = match &self.exports[function] {
+            Export::Code(f) => f.call(&mut self.store, ()),
+            Export::Unit(f) => f.call(&mut self.store, ()).map(|()| 0),
+        };
+        if function == "_start" {
+            self.spent = true;
+        }
+        // A WASI `proc_exit(0)` is a success, as in the SDK; another code is the exit code.
+        let result = match result {
+            Err(e) => match e.downcast_ref::<wasi_common::I32Exit>() {
+                Some(wasi_common::I32Exit(0)) => Ok(0),
+                Some(wasi_common::I32Exit(code)) => {
+                    self.spent = true;
+                    Ok(*code)
+                }
+                None => Err(e),
+            },
+            ok => ok,
+        };
+        let fuel_used = fuel_budget.saturating_sub(self.store.get_fuel().unwrap_or(0));
+        let data = self.store.data_mut();
+        data.collect_wasi_output();
+        let logs = std::mem::take(&mut data.call.logs);
+        data.call.deadline = None;
+        let guest_error = data
+            .memory
+            .error()
+            .map(|bytes| String::from_utf8_lossy(bytes).into_owned());
+        match result {
+            Err(e) => {
+                let error = classify(e, grant);
+                // A guest message explains a trap the guest raised on purpose (as the SDK
+                // reports it); limits and host failures keep their own kind.
+                match (error, guest_error) {
+                    (CallError::Trap { .. }, Some(message)) => {
+                        self.spent = true;
+                        Err(CallError::Guest { code: 134, message })
+                    }
+                    (error, _) => Err(error),
+                }
+            }
+            Ok(code) => {
+                if let Some(message) = guest_error {
+                    return Err(CallError::Guest { code, message });
+                }
+                if code != 0 {
+                    return Err(CallError::ExitCode { code });
+                }
+                let output = data.memory.output();
+                if output.len() as u64 > grant.max_output_bytes {
+                    return Err(CallError::OutputTooLarge {
+                        size: output.len() as u64,
+                        limit: grant.max_output_bytes,
+                    });
+                }
+                Ok(CallOutput {
+                    output: output.to_vec(),
+                    logs,
+                    fuel_used,
+                    duration: Duration::ZERO,
+                })
+            }
+        }
+    }
+}
+
+/// Arms the store for a call: context, config, fuel and deadline.
+fn begin_call(
+    store: &mut Store<StoreData>,
+    grant: &Grant,
+    ctx: &CallContext,
+    started: Instant,
+) -> Result<(), CallError> {
+    store
+        .set_fuel(grant.fuel.unwrap_or(u64::MAX))
+        .map_err(|e| CallError::Internal {
+            message: e.to_string(),
+        })?;
+    store.set_epoch_deadline(1);
+    let call = &mut store.data_mut().call;
+    // Field by field, so that a warm instance reuses the tenant string's allocation.
+    call.ctx.tenant.clone_from(&ctx.tenant);
+    call.ctx.run_id.clone_from(&ctx.run_id);
+    call.ctx.cancel = ctx.cancel.clone();
+    call.ctx.emitted.clone_from(&ctx.emitted);
+    call.config.clone_from(&grant.config);
+    call.allowed_hosts.clone_from(&grant.allowed_hosts);
+    call.max_http_response_bytes = grant.max_http_response_bytes;
+    call.http_status = 0;
+    call.http_headers.clear();
+    call.timeout = grant.timeout;
+    call.deadline = started.checked_add(grant.timeout);
+    call.logs.clear();
+    Ok(())
+}
+
+/// Turns an instantiation failure into a call error: a full instance pool, a limit
+/// hit by the module's initial memory, or a module that cannot be instantiated here.
+fn classify_instantiation(error: wasmtime::Error, grant: &Grant) -> CallError {
+    if error.is::<wasmtime::PoolConcurrencyLimitError>() {
+        return CallError::Overloaded {
+            reason: format!("{error:#}"),
+        };
+    }
+    if error.is::<Abort>() || error.is::<Trap>() {
+        return classify(error, grant);
+    }
+    CallError::Link {
+        message: format!("{error:#}"),
+    }
+}
+
+/// Turns an error out of wasm execution into the call error it stands for.
+fn classify(error: wasmtime::Error, grant: &Grant) -> CallError {
+    if let Some(Abort(error)) = error.downcast_ref::<Abort>() {
+        return error.clone();
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => CallError::FuelExhausted {
+            budget: grant.fuel.unwrap_or(u64::MAX),
+        },
+        Some(Trap::Interrupt) => CallError::Timeout {
+            limit: grant.timeout,
+        },
+        Some(trap) => CallError::Trap {
+            message: trap.to_string(),
+        },
+        None => CallError::Trap {
+            message: format!("{:#}", error.root_cause()),
+        },
+    }
+}

@@ -1,0 +1,351 @@
+//! Host functions: what the agent (or an application embedding it) offers to plug-ins in
+//! the `extism:host/user` namespace, and the per-call context they receive.
+//!
+//! A host function sees bytes (or JSON) in and out; the engine does the handle plumbing.
+//! The built-ins `kv_get`, `kv_set`, `kv_delete` and `emit` are ordinary host functions
+//! over the [`KvStore`] and [`EventSink`] traits, so storage can change underneath them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Who a call runs for. Host functions scope everything they touch by `tenant`.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    pub tenant: String,
+    /// The run this call belongs to, when there is one (workflows, hooks).
+    pub run_id: Option<String>,
+    /// Cancels the call from outside; a cancelled call fails with `CallError::Cancelled`.
+    pub cancel: CancelToken,
+    /// When set, `emit` collects events here instead of publishing them, so that a
+    /// workflow step commits them together with its result (and drops them if the
+    /// attempt fails).
+    pub emitted: Option<EmitBuffer>,
+}
+
+/// Events a call emitted, held until its caller commits them.
+pub type EmitBuffer = Arc<Mutex<Vec<EmittedEvent>>>;
+
+impl CallContext {
+    pub fn new(tenant: impl Into<String>) -> Self {
+        Self {
+            tenant: tenant.into(),
+            ..Self::default()
+        }
+    }
+
+    pub fn with_run_id(mut self, run_id: impl Into<String>) -> Self {
+        self.run_id = Some(run_id.into());
+        self
+    }
+
+    pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
+        self.cancel = cancel;
+        self
+    }
+
+    pub fn with_emit_buffer(mut self, buffer: EmitBuffer) -> Self {
+        self.emitted = Some(buffer);
+        self
+    }
+}
+
+/// A flag shared with a running call. Cancelling it stops that call, and only that call.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The error a host function returns; the call then fails with
+/// `CallError::HostFunction` naming the function and carrying this message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct HostError(pub String);
+
+impl HostError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+type HostFn =
+    dyn Fn(&CallContext, &[&[u8]]) -> Result<Option<Vec<u8>>, HostError> + Send + Sync + 'static;
+
+/// A named function offered to plug-ins in `extism:host/user`.
+///
+/// Its Wasm signature is `params` × `i64` (memory handles) → one `i64` handle when it
+/// `returns`, else nothing; the closure receives the bytes behind the handles.
+#[derive(Clone)]
+pub struct HostFunction {
+    pub(crate) name: String,
+    pub(crate) params: usize,
+    pub(crate) returns: bool,
+    pub(crate) func: Arc<HostFn>,
+}
+
+impl fmt::Debug for HostFunction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostFunction")
+            .field("name", &self.name)
+            .field("params", &self.params)
+            .field("returns", &self.returns)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostFunction {
+    /// One byte string in, one out (`(i64) -> i64`).
+    pub fn bytes<F>(name: impl Into<String>, func: F) -> Self
+    where
+        F: Fn(&CallContext, &[u8]) -> Result<Vec<u8>, HostError> + Send + Sync + 'static,
+    {
+        Self::raw(name, 1, true, move |ctx, args| func(ctx, args[0]).map(Some))
+    }
+
+    /// One JSON value in, one out (`(i64) -> i64`). Input that is not JSON fails the call.
+    pub fn json<F>(name: impl Into<String>, func: F) -> Self
+    where
+        F: Fn(&CallContext, serde_json::Value) -> Result<serde_json::Value, HostError>
+            + Send
+            + Sync
+            + 'static,
+    {
+        Self::bytes(name, move |ctx, input| {
+            let value = serde_json::from_slice(input)
+                .map_err(|e| HostError::new(format!("input is not JSON: {e}")))?;
+            let output = func(ctx, value)?;
+            serde_json::to_vec(&output).map_err(|e| HostError::new(e.to_string()))
+        })
+    }
+
+    /// Any number of byte-string parameters; an optional result (`None` is handle 0).
+    pub fn raw<F>(name: impl Into<String>, params: usize, returns: bool, func: F) -> Self
+    where
+        F: Fn(&CallContext, &[&[u8]]) -> Result<Option<Vec<u8>>, HostError> + Send + Sync + 'static,
+    {
+        Self {
+            name: name.into(),
+            params,
+            returns,
+            func: Arc::new(func),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Errors of a key-value store.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("key-value storage failed: {0}")]
+    Storage(String),
+}
+
+/// Tenant-scoped key-value storage behind `kv_get`, `kv_set` and `kv_delete`.
+pub trait KvStore: Send + Sync + 'static {
+    fn get(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, KvError>;
+    fn set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<(), KvError>;
+    /// Returns whether the key existed.
+    fn delete(&self, tenant: &str, key: &str) -> Result<bool, KvError>;
+    /// Keys of one tenant starting with `prefix`, in order.
+    fn keys(&self, tenant: &str, prefix: &str) -> Result<Vec<String>, KvError>;
+}
+
+/// A [`KvStore`] in process memory: the default, and what tests use.
+#[derive(Debug, Default)]
+pub struct MemoryKv {
+    entries: Mutex<BTreeMap<(String, String), Vec<u8>>>,
+}
+
+impl MemoryKv {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl KvStore for MemoryKv {
+    fn get(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let entries = self.entries.lock();
+        Ok(entries.get(&(tenant.to_owned(), key.to_owned())).cloned())
+    }
+
+    fn set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
+        let mut entries = self.entries.lock();
+        entries.insert((tenant.to_owned(), key.to_owned()), value.to_vec());
+        Ok(())
+    }
+
+    fn delete(&self, tenant: &str, key: &str) -> Result<bool, KvError> {
+        let mut entries = self.entries.lock();
+        Ok(entries
+            .remove(&(tenant.to_owned(), key.to_owned()))
+            .is_some())
+    }
+
+    fn keys(&self, tenant: &str, prefix: &str) -> Result<Vec<String>, KvError> {
+        let entries = self.entries.lock();
+        Ok(entries
+            .keys()
+            .filter(|(t, k)| t == tenant && k.starts_with(prefix))
+            .map(|(_, k)| k.clone())
+            .collect())
+    }
+}
+
+/// An event a plug-in published with `emit`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmittedEvent {
+    /// The routing subject, e.g. `payments.discount.sent`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+/// Errors of an event sink.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("event could not be published: {0}")]
+    Rejected(String),
+}
+
+/// Where `emit` publishes. The workflow layer puts a durable inbox behind it.
+pub trait EventSink: Send + Sync + 'static {
+    fn publish(&self, ctx: &CallContext, event: EmittedEvent) -> Result<(), SinkError>;
+}
+
+/// An [`EventSink`] that keeps events in memory, for tests and the example.
+#[derive(Debug, Default)]
+pub struct MemorySink {
+    events: Mutex<Vec<(String, EmittedEvent)>>,
+}
+
+impl MemorySink {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Everything published so far, with the tenant that published it.
+    pub fn events(&self) -> Vec<(String, EmittedEvent)> {
+        self.events.lock().clone()
+    }
+}
+
+impl EventSink for MemorySink {
+    fn publish(&self, ctx: &CallContext, event: EmittedEvent) -> Result<(), SinkError> {
+        self.events.lock().push((ctx.tenant.clone(), event));
+        Ok(())
+    }
+}
+
+/// Longest key the built-in KV functions accept.
+pub const MAX_KV_KEY_BYTES: usize = 1024;
+/// Largest value the built-in KV functions accept.
+pub const MAX_KV_VALUE_BYTES: usize = 1024 * 1024;
+
+fn kv_key(raw: &[u8]) -> Result<&str, HostError> {
+    let key = std::str::from_utf8(raw).map_err(|_| HostError::new("key is not UTF-8"))?;
+    if key.is_empty() || key.len() > MAX_KV_KEY_BYTES {
+        return Err(HostError::new(format!(
+            "key must be 1 to {MAX_KV_KEY_BYTES} bytes long"
+        )));
+    }
+    Ok(key)
+}
+
+fn storage(e: KvError) -> HostError {
+    HostError::new(e.to_string())
+}
+
+/// The built-in host functions over the given storage and sink.
+pub fn builtins(kv: Arc<dyn KvStore>, sink: Arc<dyn EventSink>) -> Vec<HostFunction> {
+    let get_kv = kv.clone();
+    let set_kv = kv.clone();
+    let delete_kv = kv;
+    vec![
+        // An absent key (or an empty value) is handle 0, as Extism's own `var_get`.
+        HostFunction::raw("kv_get", 1, true, move |ctx, args| {
+            get_kv.get(&ctx.tenant, kv_key(args[0])?).map_err(storage)
+        }),
+        HostFunction::raw("kv_set", 2, false, move |ctx, args| {
+            if args[1].len() > MAX_KV_VALUE_BYTES {
+                return Err(HostError::new(format!(
+                    "value is larger than {MAX_KV_VALUE_BYTES} bytes"
+                )));
+            }
+            set_kv
+                .set(&ctx.tenant, kv_key(args[0])?, args[1])
+                .map_err(storage)?;
+            Ok(None)
+        }),
+        HostFunction::raw("kv_delete", 1, false, move |ctx, args| {
+            delete_kv
+                .delete(&ctx.tenant, kv_key(args[0])?)
+                .map_err(storage)?;
+            Ok(None)
+        }),
+        HostFunction::raw("emit", 1, false, move |ctx, args| {
+            let event: EmittedEvent = serde_json::from_slice(args[0]).map_err(|e| {
+                HostError::new(format!(
+                    "event must be JSON {{\"type\": string, \"data\": any}}: {e}"
+                ))
+            })?;
+            crate::subject::validate_subject(&event.event_type)
+                .map_err(|e| HostError::new(format!("event type: {e}")))?;
+            match &ctx.emitted {
+                Some(buffer) => buffer.lock().push(event),
+                None => sink
+                    .publish(ctx, event)
+                    .map_err(|e| HostError::new(e.to_string()))?,
+            }
+            Ok(None)
+        }),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_kv_is_scoped_by_tenant() {
+        let kv = MemoryKv::new();
+        kv.set("a", "k", b"1").unwrap();
+        assert_eq!(kv.get("b", "k").unwrap(), None);
+        assert_eq!(kv.get("a", "k").unwrap(), Some(b"1".to_vec()));
+        assert!(!kv.delete("b", "k").unwrap());
+        assert_eq!(kv.keys("a", "").unwrap(), vec!["k".to_owned()]);
+        assert!(kv.keys("b", "").unwrap().is_empty());
+    }
+
+    #[test]
+    fn builtin_emit_rejects_events_without_a_type() {
+        let sink = Arc::new(MemorySink::new());
+        let functions = builtins(Arc::new(MemoryKv::new()), sink.clone());
+        let emit = functions.iter().find(|f| f.name == "emit").unwrap();
+        let ctx = CallContext::new("t");
+        assert!((emit.func)(&ctx, &[br#"{"data":1}"#]).is_err());
+        assert!((emit.func)(&ctx, &[br#"{"type":"","data":1}"#]).is_err());
+        (emit.func)(&ctx, &[br#"{"type":"a.b","data":1}"#]).unwrap();
+        assert_eq!(sink.events()[0].1.event_type, "a.b");
+    }
+}

@@ -1,0 +1,196 @@
+//! Outbound HTTP (`http_request`) against a local server on 127.0.0.1, with the C guest
+//! (`guests/c`): allowed hosts, the allow-list escapes (address literals, redirects to
+//! another host), the response cap and the call's deadline; and the same requests
+//! through the `extism` SDK for comparison.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use deadlift_engine::{CallError, Grant};
+use serde_json::{Value, json};
+
+use crate::common::{self, TENANT, add, call};
+
+/// A local HTTP/1.1 server on its own thread, one thread per connection; returns its
+/// port. It answers a handful of paths and closes each connection after one response,
+/// which is all these tests need (and keeps an HTTP framework out of the engine's
+/// dependencies).
+fn server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || answer(stream, port));
+        }
+    });
+    port
+}
+
+fn answer(stream: TcpStream, port: u16) {
+    let mut reader = BufReader::new(stream);
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).is_err() {
+        return;
+    }
+    // Skip the headers: none of the routes reads them.
+    let mut header = String::new();
+    while reader.read_line(&mut header).is_ok_and(|n| n > 2) {
+        header.clear();
+    }
+    let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+    let (status, location, body) = match path {
+        "/hello" => ("200 OK", None, "hello from the test server".to_owned()),
+        "/big" => ("200 OK", None, "x".repeat(10_000)),
+        "/slow" => {
+            std::thread::sleep(Duration::from_secs(5));
+            ("200 OK", None, "late".to_owned())
+        }
+        "/to-hello" => ("302 Found", Some("/hello".to_owned()), String::new()),
+        "/to-localhost" => (
+            "302 Found",
+            Some(format!("http://localhost:{port}/hello")),
+            String::new(),
+        ),
+        _ => ("404 Not Found", None, "nothing here".to_owned()),
+    };
+    let mut head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    );
+    if let Some(location) = location {
+        head.push_str(&format!("location: {location}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut stream = reader.into_inner();
+    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(body.as_bytes());
+}
+
+fn grant() -> Grant {
+    Grant::default()
+        .allow(["reflect"])
+        .with_timeout(Duration::from_millis(2000))
+}
+
+fn fetch(engine: &deadlift_engine::Engine, url: &str, grant: &Grant) -> Result<Value, CallError> {
+    let module = add(engine, TENANT, "c_guest");
+    let input = json!({ "url": url }).to_string();
+    call(engine, &module, "fetch", input.as_bytes(), grant)
+        .map(|out| serde_json::from_slice(&out.output).unwrap())
+}
+
+#[test]
+fn allowed_hosts_are_fetched_with_status_body_and_redirects_on_the_same_host() {
+    let port = server();
+    let engine = common::engine();
+    let allowed = grant().allow_host("127.0.0.1");
+    let out = fetch(&engine, &format!("http://127.0.0.1:{port}/hello"), &allowed).unwrap();
+    assert_eq!(
+        out,
+        json!({"status": 200, "body": "hello from the test server"})
+    );
+    let out = fetch(
+        &engine,
+        &format!("http://127.0.0.1:{port}/missing"),
+        &allowed,
+    )
+    .unwrap();
+    assert_eq!(out["status"], 404, "an error status is not an error");
+    let out = fetch(
+        &engine,
+        &format!("http://127.0.0.1:{port}/to-hello"),
+        &allowed,
+    )
+    .unwrap();
+    assert_eq!(out["body"], "hello from the test server");
+    // A name matched by a glob.
+    let by_name = grant().allow_host("local*");
+    let out = fetch(&engine, &format!("http://localhost:{port}/hello"), &by_name).unwrap();
+    assert_eq!(out["status"], 200);
+}
+
+#[test]
+fn hosts_outside_the_grant_are_denied_by_name() {
+    let port = server();
+    let engine = common::engine();
+    let denied = |grant: &Grant, url: &str| match fetch(&engine, url, grant) {
+        Err(CallError::HttpDenied { reason, .. }) => reason,
+        other => panic!("{url} should be denied, got {other:?}"),
+    };
+    let url = format!("http://127.0.0.1:{port}/hello");
+    // No list: no HTTP at all.
+    assert!(denied(&grant(), &url).contains("`127.0.0.1`"));
+    // A glob never reaches an address, not even `*`.
+    assert!(denied(&grant().allow_host("*"), &url).contains("not in the grant"));
+    // Userinfo is not the host.
+    let trick = format!("http://127.0.0.1:{port}@localhost:{port}/hello");
+    assert!(denied(&grant().allow_host("127.0.0.1"), &trick).contains("`localhost`"));
+    // A redirect to a host outside the list is not followed.
+    let reason = denied(
+        &grant().allow_host("127.0.0.1"),
+        &format!("http://127.0.0.1:{port}/to-localhost"),
+    );
+    assert!(
+        reason.contains("redirected") && reason.contains("`localhost`"),
+        "{reason}"
+    );
+    // Not HTTP.
+    assert!(denied(&grant().allow_host("*"), "file:///etc/passwd").contains("http"));
+}
+
+#[test]
+fn responses_over_the_cap_and_requests_past_the_deadline_fail() {
+    let port = server();
+    let engine = common::engine();
+    let mut capped = grant().allow_host("127.0.0.1");
+    capped.max_http_response_bytes = 1000;
+    match fetch(&engine, &format!("http://127.0.0.1:{port}/big"), &capped) {
+        Err(CallError::HostFunction { name, message }) => {
+            assert_eq!(name, "http_request");
+            assert!(message.contains("larger than 1000 bytes"), "{message}");
+        }
+        other => panic!("expected the cap to trip, got {other:?}"),
+    }
+    let short = grant()
+        .allow_host("127.0.0.1")
+        .with_timeout(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let result = fetch(&engine, &format!("http://127.0.0.1:{port}/slow"), &short);
+    assert!(
+        matches!(result, Err(CallError::Timeout { .. })),
+        "{result:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the request did not outlive the call"
+    );
+}
+
+#[test]
+fn the_sdk_fetches_the_same() {
+    let port = server();
+    let engine = common::engine();
+    let url = format!("http://127.0.0.1:{port}/hello");
+    let ours = fetch(&engine, &url, &grant().allow_host("127.0.0.1")).unwrap();
+
+    let manifest = extism::Manifest::new([extism::Wasm::data(common::fixture("c_guest"))])
+        .with_allowed_host("127.0.0.1");
+    let reflect = extism::Function::new(
+        "reflect",
+        [extism::PTR],
+        [extism::PTR],
+        extism::UserData::new(()),
+        |plugin, inputs, outputs, _| {
+            let bytes: Vec<u8> = plugin.memory_get_val(&inputs[0])?;
+            let handle = plugin.memory_new(&bytes)?;
+            outputs[0] = plugin.memory_to_val(handle);
+            Ok(())
+        },
+    );
+    let mut plugin = extism::Plugin::new(&manifest, [reflect], false).unwrap();
+    let theirs: Vec<u8> = plugin
+        .call("fetch", json!({ "url": url }).to_string())
+        .unwrap();
+    assert_eq!(ours, serde_json::from_slice::<Value>(&theirs).unwrap());
+}

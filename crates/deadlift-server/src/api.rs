@@ -1,0 +1,535 @@
+//! The JSON API under `/v1`: modules (upload, list, get, delete, call), tenants and
+//! tokens (admin), and a tenant's key-value entries. Every route acts for the caller's
+//! tenant; nothing here can reach another tenant's data.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorBody;
+use crate::{AgentState, ApiError, Caller, RawBody, json, multipart_error, parse_json};
+use crate::{hooks, peers, workflows};
+use deadlift_agent::agent::new_token;
+use deadlift_agent::store::{Principal, TokenInfo};
+use deadlift_engine::Code;
+use deadlift_engine::LogLine;
+use deadlift_engine::host::{CallContext, KvStore};
+use deadlift_engine::registry::{ModuleInfo, NewModule};
+
+pub(super) fn routes() -> Router<AgentState> {
+    Router::new()
+        .route("/v1/modules", get(list_modules).post(upload_module))
+        .route(
+            "/v1/modules/{reference}",
+            get(get_module).delete(delete_module),
+        )
+        .route("/v1/modules/{reference}/call/{function}", post(call_module))
+        .route("/v1/tenants", get(list_tenants).post(create_tenant))
+        .route("/v1/tenants/{tenant}/tokens", post(create_token))
+        .route("/v1/tokens", get(list_tokens))
+        .route("/v1/tokens/{id}", delete(revoke_token))
+        .route("/v1/kv", get(list_kv))
+        .route("/v1/kv/{key}", get(get_kv).put(put_kv).delete(delete_kv))
+        .route("/v1/openapi.json", get(openapi))
+}
+
+/// The API's description, generated from the handlers and types above.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Deadlift agent API", description = "Run Extism plug-ins next to your data."),
+    paths(
+        list_modules, upload_module, get_module, delete_module, call_module,
+        create_tenant, list_tenants, create_token, list_tokens, revoke_token,
+        list_kv, get_kv, put_kv, delete_kv,
+        workflows::apply_workflow, workflows::list_workflows, workflows::get_workflow,
+        workflows::delete_workflow, workflows::start_run, workflows::publish_events,
+        workflows::list_runs, workflows::get_run, workflows::retry_run, workflows::cancel_run,
+        workflows::live_runs, workflows::list_dead_letters, workflows::replay_dead_letter,
+        peers::identity, peers::list_peers, peers::add_peer, peers::remove_peer,
+        peers::outbox, peers::replay, peers::receive,
+        hooks::list, hooks::bind, hooks::unbind
+    ),
+    components(schemas(ErrorBody, ModuleInfo, CallResponse, LogLine, TokenInfo, CreatedToken, NewTenant, NewToken)),
+    modifiers(&BearerAuth)
+)]
+pub(super) struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    use utoipa::OpenApi;
+    Json(ApiDoc::openapi())
+}
+
+/// Runs blocking storage work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await?
+}
+
+#[utoipa::path(get, path = "/v1/modules", tag = "modules", security(("bearer" = [])),
+    responses((status = 200, description = "The tenant's modules", body = Vec<ModuleInfo>), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+async fn list_modules(
+    State(agent): State<AgentState>,
+    caller: Caller,
+) -> Result<Json<Vec<ModuleInfo>>, ApiError> {
+    let tenant = caller.tenant()?;
+    let engine = agent.engine().clone();
+    Ok(Json(
+        blocking(move || Ok(engine.registry().list(&tenant)?)).await?,
+    ))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct UploadQuery {
+    name: String,
+    version: Option<String>,
+    title: Option<String>,
+    description: Option<String>,
+}
+
+/// Upload: the module's bytes as the body, its metadata in the query string.
+#[utoipa::path(post, path = "/v1/modules", tag = "modules", security(("bearer" = [])), params(UploadQuery),
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The module's Wasm bytes, metadata in the query string; or multipart/form-data with the file in `module` and fields `name`, `version`, `title`, `description`"),
+    responses((status = 201, description = "Registered (or already registered identically)", body = ModuleInfo),
+        (status = 400, description = "Not a valid Extism plug-in, or metadata missing", body = ErrorBody),
+        (status = 409, description = "Name and version taken by other bytes", body = ErrorBody),
+        (status = 413, description = "Body over the size limit", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+async fn upload_module(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    headers: HeaderMap,
+    query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let tenant = caller.tenant()?;
+    let multipart = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let module = if multipart {
+        let form = Multipart::from_request(request, &agent)
+            .await
+            .map_err(|e| ApiError::new(Code::NotMultipart, e.body_text()))?;
+        module_from_form(form).await?
+    } else {
+        let Query(query) = query.map_err(|e| {
+            ApiError::new(
+                Code::MissingField,
+                format!(
+                    "send the module as the body with its metadata in the query string \
+                     (name, version, title, description), or as multipart/form-data: {}",
+                    e.body_text()
+                ),
+            )
+        })?;
+        let RawBody(body) = RawBody::from_request(request, &agent).await?;
+        NewModule {
+            name: query.name,
+            title: query.title,
+            version: query.version,
+            description: query.description,
+            bytes: body.to_vec(),
+        }
+    };
+    let engine = agent.engine().clone();
+    let info = blocking(move || Ok(engine.add_module(&tenant, module)?)).await?;
+    Ok(json(StatusCode::CREATED, info))
+}
+
+/// A module from a form: the file in field `module`, metadata in `name`, `version`,
+/// `title` and `description`.
+async fn module_from_form(mut form: Multipart) -> Result<NewModule, ApiError> {
+    let mut module = NewModule::default();
+    let mut bytes = None;
+    while let Some(field) = form.next_field().await.map_err(multipart_error)? {
+        let name = field.name().unwrap_or_default().to_owned();
+        if name == "module" {
+            bytes = Some(field.bytes().await.map_err(multipart_error)?.to_vec());
+            continue;
+        }
+        let value = field.text().await.map_err(multipart_error)?;
+        match name.as_str() {
+            "name" => module.name = value,
+            "version" => module.version = Some(value),
+            "title" => module.title = Some(value),
+            "description" => module.description = Some(value),
+            _ => {}
+        }
+    }
+    module.bytes = bytes
+        .ok_or_else(|| ApiError::new(Code::MissingField, "the form field `module` is required"))?;
+    if module.name.is_empty() {
+        return Err(ApiError::new(
+            Code::MissingField,
+            "the form field `name` is required",
+        ));
+    }
+    Ok(module)
+}
+
+async fn resolve(
+    agent: &AgentState,
+    tenant: String,
+    reference: String,
+) -> Result<ModuleInfo, ApiError> {
+    let engine = agent.engine().clone();
+    blocking(move || Ok(engine.registry().resolve(&tenant, &reference)?)).await
+}
+
+#[utoipa::path(get, path = "/v1/modules/{reference}", tag = "modules", security(("bearer" = [])),
+    params(("reference" = String, Path, description = "`name`, `name@version` or `sha256:<hex>`")),
+    responses((status = 200, description = "The module", body = ModuleInfo), (status = 404, description = "No such module", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+async fn get_module(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path(reference): Path<String>,
+) -> Result<Json<ModuleInfo>, ApiError> {
+    let tenant = caller.tenant()?;
+    Ok(Json(resolve(&agent, tenant, reference).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/modules/{reference}", tag = "modules", security(("bearer" = [])),
+    params(("reference" = String, Path, description = "`name`, `name@version` or `sha256:<hex>`")),
+    responses((status = 204, description = "Deleted"), (status = 404, description = "No such module", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+async fn delete_module(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path(reference): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = caller.tenant()?;
+    let info = resolve(&agent, tenant.clone(), reference).await?;
+    if let Some(workflow) = agent.workflows().module_in_use(&tenant, &info).await? {
+        return Err(ApiError::new(
+            Code::ModuleInUse,
+            format!("workflow `{workflow}` calls this module; change or delete the workflow first"),
+        ));
+    }
+    let engine = agent.engine().clone();
+    blocking(move || Ok(engine.delete_module(&tenant, &info.id)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The result of a call as JSON: the output as JSON when it is JSON, as text when it
+/// is UTF-8, as hex otherwise.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct CallResponse {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_text: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_hex: Option<String>,
+    logs: Vec<LogLine>,
+    fuel_used: u64,
+    duration_us: u64,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct CallQuery {
+    /// `raw` answers with the output bytes themselves.
+    #[serde(default)]
+    format: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/modules/{reference}/call/{function}", tag = "modules", security(("bearer" = [])),
+    params(("reference" = String, Path, description = "`name`, `name@version` or `sha256:<hex>`"),
+        ("function" = String, Path, description = "The exported function"), CallQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The call's input bytes"),
+    responses((status = 200, description = "The call's output", body = CallResponse),
+        (status = 404, description = "No such module or function", body = ErrorBody),
+        (status = 413, description = "Input over the limit", body = ErrorBody),
+        (status = 422, description = "The plug-in failed: trap, guest error, time, fuel or memory limit, denied import", body = ErrorBody),
+        (status = 503, description = "The engine is at capacity", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+async fn call_module(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path((reference, function)): Path<(String, String)>,
+    Query(query): Query<CallQuery>,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let tenant = caller.tenant()?;
+    let info = resolve(&agent, tenant.clone(), reference).await?;
+    let out = agent
+        .engine()
+        .call(
+            &info.id,
+            &function,
+            &body,
+            agent.default_grant(),
+            &CallContext::new(tenant),
+        )
+        .await?;
+    if query.format.as_deref() == Some("raw") {
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                (
+                    header::HeaderName::from_static("x-deadlift-fuel-used"),
+                    out.fuel_used.to_string(),
+                ),
+                (
+                    header::HeaderName::from_static("x-deadlift-duration-us"),
+                    out.duration.as_micros().to_string(),
+                ),
+            ],
+            out.output,
+        )
+            .into_response());
+    }
+    let (mut output, mut output_text, mut output_hex) = (None, None, None);
+    match serde_json::from_slice::<serde_json::Value>(&out.output) {
+        Ok(value) => output = Some(value),
+        Err(_) => match String::from_utf8(out.output) {
+            Ok(text) => output_text = Some(text),
+            Err(e) => output_hex = Some(hex::encode(e.into_bytes())),
+        },
+    }
+    Ok(Json(CallResponse {
+        output,
+        output_text,
+        output_hex,
+        logs: out.logs,
+        fuel_used: out.fuel_used,
+        duration_us: u64::try_from(out.duration.as_micros()).unwrap_or(u64::MAX),
+    })
+    .into_response())
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct NewTenant {
+    name: String,
+}
+
+fn valid_tenant(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+#[utoipa::path(post, path = "/v1/tenants", tag = "tenants", security(("bearer" = [])), request_body = NewTenant,
+    responses((status = 201, description = "Created"), (status = 400, description = "Invalid name or body", body = ErrorBody),
+        (status = 409, description = "Exists", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+async fn create_tenant(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let NewTenant { name } = parse_json(&body)?;
+    if !valid_tenant(&name) {
+        return Err(ApiError::new(
+            Code::TenantInvalid,
+            "tenant names are 1-64 characters of a-z, 0-9, '-' or '_'",
+        ));
+    }
+    let db = agent.db().clone();
+    let created_name = name.clone();
+    let created = blocking(move || Ok(db.create_tenant(&created_name)?)).await?;
+    if !created {
+        return Err(ApiError::new(
+            Code::TenantExists,
+            format!("tenant `{name}` already exists"),
+        ));
+    }
+    Ok(json(
+        StatusCode::CREATED,
+        serde_json::json!({ "name": name }),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/tenants", tag = "tenants", security(("bearer" = [])),
+    responses((status = 200, description = "Every tenant's name"), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+async fn list_tenants(
+    State(agent): State<AgentState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let db = agent.db().clone();
+    let tenants = blocking(move || Ok(db.tenants()?)).await?;
+    Ok(Json(serde_json::json!({ "tenants": tenants })).into_response())
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    description: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct CreatedToken {
+    /// The secret: shown once, stored only as a hash.
+    token: String,
+    #[serde(flatten)]
+    info: TokenInfo,
+}
+
+#[utoipa::path(post, path = "/v1/tenants/{tenant}/tokens", tag = "tenants", security(("bearer" = [])),
+    params(("tenant" = String, Path, description = "The tenant the token acts for")), request_body = NewToken,
+    responses((status = 201, description = "The new token; its secret is shown only now", body = CreatedToken),
+        (status = 404, description = "No such tenant", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+async fn create_token(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path(tenant): Path<String>,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let request: NewToken = if body.is_empty() {
+        NewToken::default()
+    } else {
+        parse_json(&body)?
+    };
+    let db = agent.db().clone();
+    let created = blocking(move || {
+        if !db.tenant_exists(&tenant)? {
+            return Err(ApiError::new(
+                Code::TenantNotFound,
+                format!("no tenant `{tenant}`"),
+            ));
+        }
+        let token = new_token().map_err(|e| ApiError::new(Code::Internal, e.to_string()))?;
+        let info = db.add_token(
+            &token,
+            &Principal::Tenant(tenant),
+            request.description.as_deref(),
+        )?;
+        Ok(CreatedToken { token, info })
+    })
+    .await?;
+    Ok(json(StatusCode::CREATED, created))
+}
+
+#[utoipa::path(get, path = "/v1/tokens", tag = "tenants", security(("bearer" = [])),
+    responses((status = 200, description = "Every token, without secrets"), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+async fn list_tokens(
+    State(agent): State<AgentState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let db = agent.db().clone();
+    let tokens = blocking(move || Ok(db.tokens(None)?)).await?;
+    Ok(Json(serde_json::json!({ "tokens": tokens })).into_response())
+}
+
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tenants", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The token's id")),
+    responses((status = 204, description = "Revoked"), (status = 404, description = "No such token", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+async fn revoke_token(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_admin()?;
+    let db = agent.db().clone();
+    let revoked = blocking(move || Ok(db.revoke_token(&id)?)).await?;
+    if revoked {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(Code::TokenNotFound, "no such token"))
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct KvQuery {
+    #[serde(default)]
+    prefix: String,
+}
+
+#[utoipa::path(get, path = "/v1/kv", tag = "kv", security(("bearer" = [])), params(KvQuery),
+    responses((status = 200, description = "The tenant's keys"), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+async fn list_kv(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Query(query): Query<KvQuery>,
+) -> Result<Response, ApiError> {
+    let tenant = caller.tenant()?;
+    let db = agent.db().clone();
+    let keys = blocking(move || Ok(db.keys(&tenant, &query.prefix)?)).await?;
+    Ok(Json(BTreeMap::from([("keys", keys)])).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/kv/{key}", tag = "kv", security(("bearer" = [])), params(("key" = String, Path, description = "The key")),
+    responses((status = 200, description = "The value's bytes", content_type = "application/octet-stream"), (status = 404, description = "No such key", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+async fn get_kv(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let tenant = caller.tenant()?;
+    let db = agent.db().clone();
+    let value = blocking(move || Ok(KvStore::get(&db, &tenant, &key)?)).await?;
+    match value {
+        Some(value) => {
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], value).into_response())
+        }
+        None => Err(ApiError::new(Code::KeyNotFound, "no such key")),
+    }
+}
+
+#[utoipa::path(put, path = "/v1/kv/{key}", tag = "kv", security(("bearer" = [])), params(("key" = String, Path, description = "The key")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 204, description = "Stored"), (status = 400, description = "Invalid key", body = ErrorBody), (status = 413, description = "Value too large", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+async fn put_kv(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    RawBody(body): RawBody,
+) -> Result<StatusCode, ApiError> {
+    let tenant = caller.tenant()?;
+    if key.is_empty() || key.len() > deadlift_engine::host::MAX_KV_KEY_BYTES {
+        return Err(ApiError::new(
+            Code::InvalidInput,
+            "keys are 1 to 1024 bytes long",
+        ));
+    }
+    if body.len() > deadlift_engine::host::MAX_KV_VALUE_BYTES {
+        return Err(ApiError::new(
+            Code::PayloadTooLarge,
+            "values are at most 1 MiB",
+        ));
+    }
+    let db = agent.db().clone();
+    blocking(move || Ok(KvStore::set(&db, &tenant, &key, &body)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(delete, path = "/v1/kv/{key}", tag = "kv", security(("bearer" = [])), params(("key" = String, Path, description = "The key")),
+    responses((status = 204, description = "Deleted"), (status = 404, description = "No such key", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+async fn delete_kv(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = caller.tenant()?;
+    let db = agent.db().clone();
+    if blocking(move || Ok(KvStore::delete(&db, &tenant, &key)?)).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(Code::KeyNotFound, "no such key"))
+    }
+}

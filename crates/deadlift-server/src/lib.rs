@@ -1,0 +1,347 @@
+//! The HTTP server: the JSON API under `/v1` (`api` for modules, tenants, tokens and
+//! KV; `workflows` for workflows, events and runs), the original Deadlift v1 routes
+//! (`v1`), health, readiness and Prometheus metrics. Only this module knows HTTP.
+//!
+//! [`serve`] takes its listener and shutdown signal from the caller, so tests bind
+//! port 0 and stop the server when they like.
+
+mod api;
+pub mod error;
+mod hooks;
+mod peers;
+mod v1;
+mod workflows;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+
+use deadlift_agent::agent::Agent;
+use deadlift_agent::store::Principal;
+use deadlift_engine::Code;
+use deadlift_engine::engine::DURATION_BUCKETS_US;
+pub use error::ApiError;
+
+type AgentState = Arc<Agent>;
+
+/// The whole router of an agent.
+pub fn router(agent: Arc<Agent>) -> Router {
+    let limit = agent.max_body_bytes();
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(api::routes())
+        .merge(v1::routes())
+        .merge(workflows::routes())
+        .merge(peers::routes())
+        .merge(hooks::routes())
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(agent)
+}
+
+/// Serves the agent on `listener` until `shutdown` completes, then stops accepting
+/// connections and lets in-flight requests finish.
+pub async fn serve(
+    agent: Arc<Agent>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let closing = agent.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Live streams never end by themselves; graceful shutdown waits for them.
+        closing.workflows().close_streams();
+    };
+    axum::serve(listener, router(agent))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn route_not_found() -> ApiError {
+    ApiError::new(Code::RouteNotFound, "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        Code::MethodNotAllowed,
+        "this route does not accept that method",
+    )
+}
+
+async fn healthz() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+/// Ready when the database answers.
+async fn readyz(State(agent): State<AgentState>) -> Result<StatusCode, ApiError> {
+    tokio::task::spawn_blocking(move || agent.db().schema_version()).await??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Prometheus text exposition of the engine's counters.
+async fn metrics(State(agent): State<AgentState>) -> Response {
+    use std::fmt::Write;
+    let stats = agent.engine().stats();
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, kind: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    counter(
+        "deadlift_calls_total",
+        "Plug-in calls made.",
+        "counter",
+        stats.calls,
+    );
+    counter(
+        "deadlift_call_errors_total",
+        "Plug-in calls that failed.",
+        "counter",
+        stats.call_errors,
+    );
+    counter(
+        "deadlift_modules_compiled_total",
+        "Modules compiled from Wasm.",
+        "counter",
+        stats.compiled,
+    );
+    counter(
+        "deadlift_modules_loaded_from_cache_total",
+        "Modules loaded from the compiled cache.",
+        "counter",
+        stats.loaded_from_cache,
+    );
+    counter(
+        "deadlift_instances_created_total",
+        "Instances created.",
+        "counter",
+        stats.instances_created,
+    );
+    counter(
+        "deadlift_instances_discarded_total",
+        "Instances discarded after a trap or limit.",
+        "counter",
+        stats.instances_discarded,
+    );
+    for (name, help, value) in agent.workflows().stats().counters() {
+        counter(name, help, "counter", value);
+    }
+    counter(
+        "deadlift_idle_instances",
+        "Warm instances in pools.",
+        "gauge",
+        stats.idle_instances,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP deadlift_call_errors_by_code_total Failed calls by error code.\n# TYPE deadlift_call_errors_by_code_total counter"
+    );
+    for (code, n) in &stats.errors_by_code {
+        let _ = writeln!(
+            out,
+            "deadlift_call_errors_by_code_total{{code=\"{code}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP deadlift_call_duration_seconds Duration of plug-in calls.\n# TYPE deadlift_call_duration_seconds histogram"
+    );
+    let mut cumulative = 0;
+    for (bound, n) in DURATION_BUCKETS_US.iter().zip(&stats.duration_buckets) {
+        cumulative += n;
+        let le = *bound as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "deadlift_call_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let total: u64 = stats.duration_buckets.iter().sum();
+    let _ = writeln!(
+        out,
+        "deadlift_call_duration_seconds_bucket{{le=\"+Inf\"}} {total}"
+    );
+    let _ = writeln!(
+        out,
+        "deadlift_call_duration_seconds_sum {}\ndeadlift_call_duration_seconds_count {total}",
+        stats.duration_sum_us as f64 / 1e6
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Who is calling, from `Authorization: Bearer <token>`, and for which tenant: a tenant
+/// token's own, or, for the admin, an existing tenant named in `X-Deadlift-Tenant`.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    pub principal: Principal,
+    acting_for: Option<String>,
+}
+
+fn bearer(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::new(Code::Unauthorized, "the Authorization header is not text"))?;
+    match text.strip_prefix("Bearer ") {
+        Some(token) if !token.trim().is_empty() => Ok(Some(token.trim().to_owned())),
+        _ => Err(ApiError::new(
+            Code::Unauthorized,
+            "the Authorization header must be `Bearer <token>`",
+        )),
+    }
+}
+
+pub(crate) async fn authenticate(
+    agent: &AgentState,
+    headers: &HeaderMap,
+) -> Result<Caller, ApiError> {
+    let Some(token) = bearer(headers)? else {
+        return Err(ApiError::new(
+            Code::Unauthorized,
+            "this route needs a token: `Authorization: Bearer <token>`",
+        ));
+    };
+    let named = headers
+        .get("x-deadlift-tenant")
+        .map(|v| {
+            v.to_str()
+                .map(str::to_owned)
+                .map_err(|_| ApiError::new(Code::TenantInvalid, "X-Deadlift-Tenant is not text"))
+        })
+        .transpose()?;
+    let db = agent.db().clone();
+    // Known tokens and tenants are answered from memory, without a blocking query.
+    if let Some(principal) = db.cached_principal(&token) {
+        let acting_for = match &principal {
+            Principal::Tenant(tenant) => Some(Some(tenant.clone())),
+            Principal::Admin => match &named {
+                Some(tenant) if db.cached_tenant(tenant) => Some(named.clone()),
+                Some(_) => None,
+                None => Some(None),
+            },
+        };
+        if let Some(acting_for) = acting_for {
+            return Ok(Caller {
+                principal,
+                acting_for,
+            });
+        }
+    }
+    tokio::task::spawn_blocking(move || {
+        let principal = db
+            .authenticate(&token)?
+            .ok_or_else(|| ApiError::new(Code::Unauthorized, "the token is not valid"))?;
+        let acting_for = match &principal {
+            Principal::Tenant(tenant) => Some(tenant.clone()),
+            Principal::Admin => match named {
+                Some(tenant) if !db.tenant_exists(&tenant)? => {
+                    return Err(ApiError::new(
+                        Code::TenantNotFound,
+                        "the tenant named in X-Deadlift-Tenant does not exist",
+                    ));
+                }
+                named => named,
+            },
+        };
+        Ok(Caller {
+            principal,
+            acting_for,
+        })
+    })
+    .await?
+}
+
+impl FromRequestParts<AgentState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        agent: &AgentState,
+    ) -> Result<Self, Self::Rejection> {
+        authenticate(agent, &parts.headers).await
+    }
+}
+
+impl Caller {
+    /// The tenant this request acts for.
+    pub(crate) fn tenant(&self) -> Result<String, ApiError> {
+        self.acting_for.clone().ok_or_else(|| {
+            ApiError::new(
+                Code::Forbidden,
+                "an admin token acts on a tenant's data only with an X-Deadlift-Tenant header",
+            )
+        })
+    }
+
+    pub(crate) fn require_admin(&self) -> Result<(), ApiError> {
+        match self.principal {
+            Principal::Admin => Ok(()),
+            Principal::Tenant(_) => Err(ApiError::new(
+                Code::Forbidden,
+                "this route needs an admin token",
+            )),
+        }
+    }
+}
+
+/// The request body as bytes, with over-limit and unreadable bodies as JSON errors.
+pub(crate) struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(req, state)
+            .await
+            .map(RawBody)
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        Code::PayloadTooLarge,
+                        "the request body is over the size limit",
+                    )
+                } else {
+                    ApiError::new(Code::BadRequest, rejection.body_text())
+                }
+            })
+    }
+}
+
+/// A multipart body that cannot be read: over the size limit, or malformed.
+pub(crate) fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(Code::PayloadTooLarge, "the upload is over the size limit")
+    } else {
+        ApiError::new(
+            Code::BadRequest,
+            format!("unreadable multipart body: {}", e.body_text()),
+        )
+    }
+}
+
+/// Parses a JSON body, answering `invalid_json` with the parser's reason.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            Code::InvalidJson,
+            format!("the body is not valid JSON: {e}"),
+        )
+    })
+}
+
+pub(crate) fn json<T: serde::Serialize>(status: StatusCode, value: T) -> Response {
+    (status, Json(value)).into_response()
+}

@@ -1,0 +1,204 @@
+//! Federation over HTTP: this agent's identity (public), peers and the outbox (admin),
+//! and `POST /v1/peer/events`, where other agents deliver signed events. A delivery is
+//! authenticated by its signature, not by a token: unknown peer, bad or stale signature
+//! → 401; an event type the peer may not send → 403; otherwise it is committed
+//! (deduplicated by id) and answered 200.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorBody;
+use crate::{AgentState, ApiError, Caller, RawBody, json, parse_json};
+use deadlift_agent::clock::now_ms;
+use deadlift_agent::federation::peers::{OutboxEntry, Peer};
+use deadlift_agent::federation::{PEER_HEADER, TIMESTAMP_TOLERANCE_SECS, parse_public_key, verify};
+use deadlift_agent::workflow::event::parse_events;
+use deadlift_agent::workflow::{Ingested, WorkflowError};
+use deadlift_engine::Code;
+
+pub(super) fn routes() -> Router<AgentState> {
+    Router::new()
+        .route("/v1/identity", get(identity))
+        .route("/v1/peers", get(list_peers).post(add_peer))
+        .route("/v1/peers/{name}", delete(remove_peer))
+        .route("/v1/outbox", get(outbox))
+        .route("/v1/outbox/{id}/replay", post(replay))
+        .route("/v1/peer/events", post(receive))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct IdentityInfo {
+    name: String,
+    /// Ed25519, base64: what peers register for this agent.
+    public_key: String,
+}
+
+#[utoipa::path(get, path = "/v1/identity", tag = "federation",
+    responses((status = 200, description = "This agent's name and public key", body = IdentityInfo)))]
+pub(super) async fn identity(State(agent): State<AgentState>) -> Json<IdentityInfo> {
+    let identity = agent.workflows().identity();
+    Json(IdentityInfo {
+        name: identity.name.clone(),
+        public_key: identity.public_key(),
+    })
+}
+
+#[utoipa::path(get, path = "/v1/peers", tag = "federation", security(("bearer" = [])),
+    responses((status = 200, description = "Peers (admin)", body = Vec<Peer>)))]
+pub(super) async fn list_peers(
+    State(agent): State<AgentState>,
+    caller: Caller,
+) -> Result<Json<Vec<Peer>>, ApiError> {
+    caller.require_admin()?;
+    Ok(Json(agent.workflows().peers().await?))
+}
+
+#[utoipa::path(post, path = "/v1/peers", tag = "federation", security(("bearer" = [])),
+    request_body = Peer,
+    responses((status = 201, description = "Registered (or replaced)", body = Peer),
+        (status = 400, description = "Invalid", body = ErrorBody)))]
+pub(super) async fn add_peer(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let peer: Peer = parse_json(&body)?;
+    agent.workflows().add_peer(peer.clone()).await?;
+    Ok(json(StatusCode::CREATED, peer))
+}
+
+#[utoipa::path(delete, path = "/v1/peers/{name}", tag = "federation", security(("bearer" = [])),
+    responses((status = 204, description = "Removed"), (status = 404, description = "No such peer", body = ErrorBody)))]
+pub(super) async fn remove_peer(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_admin()?;
+    agent.workflows().remove_peer(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(super) struct OutboxQuery {
+    /// pending, delivered or dead
+    status: Option<String>,
+    limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/v1/outbox", tag = "federation", security(("bearer" = [])), params(OutboxQuery),
+    responses((status = 200, description = "Deliveries to peers, newest first (admin)", body = Vec<OutboxEntry>)))]
+pub(super) async fn outbox(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    query: Result<Query<OutboxQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<OutboxEntry>>, ApiError> {
+    caller.require_admin()?;
+    let Query(query) = query.map_err(|e| ApiError::new(Code::BadRequest, e.body_text()))?;
+    Ok(Json(
+        agent
+            .workflows()
+            .outbox(query.status, query.limit.unwrap_or(100))
+            .await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/outbox/{id}/replay", tag = "federation", security(("bearer" = [])),
+    responses((status = 202, description = "Queued again"), (status = 409, description = "Not dead", body = ErrorBody)))]
+pub(super) async fn replay(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path(id): Path<i64>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_admin()?;
+    agent.workflows().replay_delivery(id).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct Received {
+    events: Vec<Ingested>,
+}
+
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[utoipa::path(post, path = "/v1/peer/events", tag = "federation",
+    request_body(content = deadlift_agent::workflow::CloudEvent, content_type = "application/cloudevents+json",
+        description = "Signed: webhook-id, webhook-timestamp, webhook-signature (v1a, Ed25519) and deadlift-peer headers"),
+    responses((status = 200, description = "Committed (or already received)", body = Received),
+        (status = 401, description = "Unknown peer, or a bad or stale signature", body = ErrorBody),
+        (status = 403, description = "The peer may not send this event type", body = ErrorBody)))]
+pub(super) async fn receive(
+    State(agent): State<AgentState>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let runtime = agent.workflows();
+    let sender = header_text(&headers, PEER_HEADER)
+        .ok_or_else(|| ApiError::new(Code::PeerUnknown, "the deadlift-peer header is missing"))?;
+    let peer = runtime
+        .peer(sender)
+        .await?
+        .ok_or_else(|| ApiError::new(Code::PeerUnknown, format!("no peer named `{sender}`")))?;
+    let (Some(id), Some(timestamp), Some(signature)) = (
+        header_text(&headers, "webhook-id"),
+        header_text(&headers, "webhook-timestamp"),
+        header_text(&headers, "webhook-signature"),
+    ) else {
+        return Err(ApiError::new(
+            Code::SignatureInvalid,
+            "webhook-id, webhook-timestamp and webhook-signature are required",
+        ));
+    };
+    let timestamp: i64 = timestamp
+        .parse()
+        .map_err(|_| ApiError::new(Code::SignatureInvalid, "webhook-timestamp is not a number"))?;
+    if (now_ms() / 1000 - timestamp).abs() > TIMESTAMP_TOLERANCE_SECS {
+        return Err(ApiError::new(
+            Code::SignatureExpired,
+            format!(
+                "webhook-timestamp is more than {TIMESTAMP_TOLERANCE_SECS} s from this agent's clock"
+            ),
+        ));
+    }
+    let key = parse_public_key(&peer.public_key).map_err(|e| {
+        ApiError::new(
+            Code::Internal,
+            format!("stored key of peer `{sender}`: {e}"),
+        )
+    })?;
+    if !verify(&key, signature, id, timestamp, &body) {
+        return Err(ApiError::new(
+            Code::SignatureInvalid,
+            format!("the signature does not verify with peer `{sender}`'s key"),
+        ));
+    }
+    let content_type = header_text(&headers, header::CONTENT_TYPE.as_str()).unwrap_or_default();
+    let events = parse_events(content_type, &body).map_err(WorkflowError::from)?;
+    if events.len() == 1 && events[0].id != id {
+        return Err(ApiError::new(
+            Code::SignatureInvalid,
+            "webhook-id differs from the event's id",
+        ));
+    }
+    if let Some(refused) = events.iter().find(|e| !peer.accepts(&e.event_type)) {
+        return Err(ApiError::new(
+            Code::EventNotAccepted,
+            format!(
+                "peer `{sender}` may not send events of type `{}`",
+                refused.event_type
+            ),
+        ));
+    }
+    let events = runtime.receive(&peer, events).await?;
+    Ok(json(StatusCode::OK, Received { events }))
+}

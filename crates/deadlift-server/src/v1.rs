@@ -1,0 +1,273 @@
+//! The original Deadlift HTTP API (`docs/v1-api.md`), kept so existing clients and
+//! modules work unchanged: `GET /status`, the module routes and the workflow routes
+//! (pipelines of subjects, run by the workflow runtime and recorded as runs), acting for
+//! the default tenant, with the contract's "must" error behaviour (JSON errors, 404/409/413/422).
+
+use axum::extract::multipart::{Multipart, MultipartRejection};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::{AgentState, ApiError, RawBody, authenticate, multipart_error};
+use deadlift_agent::agent::DEFAULT_TENANT;
+use deadlift_engine::Code;
+use deadlift_engine::host::CallContext;
+use deadlift_engine::registry::{self, ModuleError, ModuleId, NewModule};
+
+/// The entry point every v1 module exports.
+const V1_ENTRY: &str = "_main";
+
+pub(super) fn routes() -> Router<AgentState> {
+    Router::new()
+        .route("/status", get(status))
+        .route("/api/v1/modules", post(upload).get(list))
+        .route("/api/v1/modules/{hash}/execute", post(execute))
+        .route("/api/v1/workflows", post(create_workflow))
+        .route("/api/v1/workflows/{id}/execute", post(execute_workflow))
+}
+
+/// A v1 workflow: a pipeline of module subjects.
+#[derive(Debug, serde::Deserialize)]
+struct NewV1Workflow {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    pipeline: Vec<String>,
+}
+
+async fn create_workflow(
+    State(agent): State<AgentState>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    check_access(&agent, &headers).await?;
+    let request: NewV1Workflow = serde_json::from_slice(&body).map_err(|e| {
+        let code = if e.is_data() {
+            Code::MissingField
+        } else {
+            Code::InvalidJson
+        };
+        ApiError::new(
+            code,
+            format!("expected {{\"name\", \"description\"?, \"pipeline\": [subject, ...]}}: {e}"),
+        )
+    })?;
+    let id = agent
+        .workflows()
+        .create_v1(
+            DEFAULT_TENANT,
+            &request.name,
+            request.description,
+            request.pipeline,
+            agent.default_grant().clone(),
+        )
+        .await?;
+    Ok((StatusCode::CREATED, id.to_string()).into_response())
+}
+
+async fn execute_workflow(
+    State(agent): State<AgentState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    check_access(&agent, &headers).await?;
+    let not_found = || {
+        ApiError::new(
+            Code::WorkflowNotFound,
+            format!("no workflow with id `{id}`"),
+        )
+    };
+    let id: i64 = id.parse().map_err(|_| not_found())?;
+    let input = json_body(&body)?;
+    let output = agent
+        .workflows()
+        .execute_v1(DEFAULT_TENANT, id, input)
+        .await
+        .map_err(|e| match e {
+            deadlift_agent::workflow::WorkflowError::NotFound(_) => not_found(),
+            other => other.into(),
+        })?;
+    Ok(Json(output).into_response())
+}
+
+/// A v1 execute body: any JSON value, not empty.
+fn json_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::new(
+            Code::InvalidJson,
+            "the body must be a JSON value, not empty",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            Code::InvalidJson,
+            format!("the body is not valid JSON: {e}"),
+        )
+    })
+}
+
+async fn status() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+/// The original needed no token; an agent may be configured to require one.
+async fn check_access(agent: &AgentState, headers: &HeaderMap) -> Result<(), ApiError> {
+    if agent.v1_requires_token() {
+        authenticate(agent, headers).await?;
+    }
+    Ok(())
+}
+
+async fn upload(
+    State(agent): State<AgentState>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<Response, ApiError> {
+    check_access(&agent, &headers).await?;
+    let mut multipart = multipart.map_err(|e| {
+        ApiError::new(
+            Code::NotMultipart,
+            format!("expected multipart/form-data: {}", e.body_text()),
+        )
+    })?;
+    let (mut binary, mut title, mut subject, mut description) = (None, None, None, None);
+    while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
+        let name = field.name().unwrap_or_default().to_owned();
+        match name.as_str() {
+            "binary" => binary = Some(field.bytes().await.map_err(multipart_error)?),
+            "title" => title = Some(field.text().await.map_err(multipart_error)?),
+            "subject" => subject = Some(field.text().await.map_err(multipart_error)?),
+            "description" => description = Some(field.text().await.map_err(multipart_error)?),
+            _ => {}
+        }
+    }
+    let missing = |field: &str| {
+        ApiError::new(
+            Code::MissingField,
+            format!("the form field `{field}` is required"),
+        )
+    };
+    let binary = binary.ok_or_else(|| missing("binary"))?;
+    let title = title
+        .filter(|t| !t.trim().is_empty())
+        .ok_or_else(|| missing("title"))?;
+    let subject = subject
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| missing("subject"))?;
+
+    let inspection = registry::inspect(&binary)?;
+    if !inspection.has_function(V1_ENTRY) {
+        return Err(ApiError::new(
+            Code::ModuleMissingMain,
+            "a Deadlift v1 module must export the function `_main`",
+        ));
+    }
+    let engine = agent.engine().clone();
+    let module = NewModule {
+        name: subject.clone(),
+        title: Some(title),
+        version: None,
+        description: description.filter(|d| !d.is_empty()),
+        bytes: binary.to_vec(),
+    };
+    let added =
+        tokio::task::spawn_blocking(move || engine.add_module(DEFAULT_TENANT, module)).await?;
+    match added {
+        Ok(info) => Ok((
+            StatusCode::CREATED,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            info.id.hex(),
+        )
+            .into_response()),
+        Err(ModuleError::NameConflict { existing, .. }) => Err(ApiError::new(
+            Code::ModuleConflict,
+            format!(
+                "subject `{subject}` is already used by module {}",
+                existing.hex()
+            ),
+        )),
+        Err(ModuleError::InvalidName) => Err(ApiError::new(
+            Code::ModuleNameInvalid,
+            "subject must be 1-128 characters of letters, digits, '.', '-' or '_'",
+        )),
+        Err(other) => Err(other.into()),
+    }
+}
+
+#[derive(Serialize)]
+struct V1Module {
+    hash: String,
+    title: String,
+    description: String,
+    subject: String,
+}
+
+async fn list(State(agent): State<AgentState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    check_access(&agent, &headers).await?;
+    let engine = agent.engine().clone();
+    let modules =
+        tokio::task::spawn_blocking(move || engine.registry().list(DEFAULT_TENANT)).await??;
+    let listed: Vec<V1Module> = modules
+        .into_iter()
+        .map(|m| V1Module {
+            hash: m.id.hex(),
+            title: m.title.unwrap_or_else(|| m.name.clone()),
+            description: m.description.unwrap_or_default(),
+            subject: m.name,
+        })
+        .collect();
+    Ok(Json(listed).into_response())
+}
+
+async fn execute(
+    State(agent): State<AgentState>,
+    Path(hash): Path<String>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    check_access(&agent, &headers).await?;
+    let not_found = || {
+        ApiError::new(
+            Code::ModuleNotFound,
+            format!("no module with hash `{hash}`"),
+        )
+    };
+    let id: ModuleId = hash.parse().map_err(|_| not_found())?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::new(
+            Code::InvalidJson,
+            "the body must be a JSON value, not empty",
+        ));
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(|e| {
+        ApiError::new(
+            Code::InvalidJson,
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    let out = agent
+        .engine()
+        .call(
+            &id,
+            V1_ENTRY,
+            &body,
+            agent.default_grant(),
+            &CallContext::new(DEFAULT_TENANT),
+        )
+        .await
+        .map_err(|e| match e {
+            deadlift_engine::CallError::ModuleNotFound { .. } => not_found(),
+            other => other.into(),
+        })?;
+    if serde_json::from_slice::<serde::de::IgnoredAny>(&out.output).is_err() {
+        return Err(ApiError::new(
+            Code::OutputNotJson,
+            "the module's output is not JSON",
+        ));
+    }
+    Ok(([(header::CONTENT_TYPE, "application/json")], out.output).into_response())
+}

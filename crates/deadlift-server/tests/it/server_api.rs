@@ -1,0 +1,495 @@
+//! The `/v1` API over real HTTP: modules, calls, tenants, tokens, KV, auth and tenant
+//! isolation, health and metrics, and a restart on the same data directory.
+
+use serde_json::{Value, json};
+
+use crate::common::fixture;
+use crate::common::server::{ADMIN, TestAgent};
+
+struct Api<'a> {
+    agent: &'a TestAgent,
+    token: String,
+}
+
+impl Api<'_> {
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.agent
+            .http
+            .request(method, self.agent.url(path))
+            .bearer_auth(&self.token)
+    }
+
+    /// Sends a request with no body.
+    async fn send(&self, method: reqwest::Method, path: &str) -> reqwest::Response {
+        self.request(method, path).send().await.unwrap()
+    }
+
+    /// Sends a request with no body and reads a JSON answer.
+    async fn json(&self, method: reqwest::Method, path: &str) -> Value {
+        self.send(method, path).await.json().await.unwrap()
+    }
+
+    async fn push(&self, name: &str, fixture_name: &str) -> Value {
+        let response = self
+            .request(reqwest::Method::POST, "/v1/modules")
+            .query(&[("name", name)])
+            .body(fixture(fixture_name))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 201);
+        response.json().await.unwrap()
+    }
+
+    async fn call(&self, module: &str, function: &str, input: &str) -> reqwest::Response {
+        self.request(
+            reqwest::Method::POST,
+            &format!("/v1/modules/{module}/call/{function}"),
+        )
+        .body(input.to_owned())
+        .send()
+        .await
+        .unwrap()
+    }
+}
+
+async fn tenant_token(agent: &TestAgent, tenant: &str) -> String {
+    let admin = Api {
+        agent,
+        token: ADMIN.into(),
+    };
+    let created = admin
+        .request(reqwest::Method::POST, "/v1/tenants")
+        .json(&json!({ "name": tenant }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let token: Value = admin
+        .request(
+            reqwest::Method::POST,
+            &format!("/v1/tenants/{tenant}/tokens"),
+        )
+        .json(&json!({ "description": "test" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    token["token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn modules_upload_list_show_call_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let api = Api {
+        token: tenant_token(&agent, "acme").await,
+        agent: &agent,
+    };
+    let info = api.push("adder", "add_ten").await;
+    assert!(info["id"].as_str().unwrap().starts_with("sha256:"));
+    assert!(
+        info["exports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "_main")
+    );
+
+    let list: Value = api.json(reqwest::Method::GET, "/v1/modules").await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let shown: Value = api.json(reqwest::Method::GET, "/v1/modules/adder").await;
+    assert_eq!(shown["id"], info["id"]);
+
+    let out: Value = api.call("adder", "_main", "32").await.json().await.unwrap();
+    assert_eq!(out["output"], 42);
+    assert!(out["duration_us"].is_u64() && out["fuel_used"].is_u64());
+    let raw = api
+        .request(
+            reqwest::Method::POST,
+            "/v1/modules/adder/call/_main?format=raw",
+        )
+        .body("1")
+        .send()
+        .await
+        .unwrap();
+    assert!(raw.headers().contains_key("x-deadlift-fuel-used"));
+    assert_eq!(raw.text().await.unwrap(), "11");
+
+    TestAgent::expect_error(
+        api.call("adder", "nope", "1").await,
+        404,
+        "function_not_found",
+    )
+    .await;
+    TestAgent::expect_error(
+        api.call("missing", "_main", "1").await,
+        404,
+        "module_not_found",
+    )
+    .await;
+
+    let bad = api
+        .request(reqwest::Method::POST, "/v1/modules")
+        .query(&[("name", "junk")])
+        .body("garbage")
+        .send()
+        .await
+        .unwrap();
+    TestAgent::expect_error(bad, 400, "module_invalid").await;
+    let unnamed = api
+        .request(reqwest::Method::POST, "/v1/modules")
+        .body(fixture("echo"))
+        .send()
+        .await
+        .unwrap();
+    TestAgent::expect_error(unnamed, 400, "missing_field").await;
+
+    let deleted = api.send(reqwest::Method::DELETE, "/v1/modules/adder").await;
+    assert_eq!(deleted.status().as_u16(), 204);
+    TestAgent::expect_error(
+        api.call("adder", "_main", "1").await,
+        404,
+        "module_not_found",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn tokens_are_required_and_scoped() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let none = agent
+        .http
+        .get(agent.url("/v1/modules"))
+        .send()
+        .await
+        .unwrap();
+    TestAgent::expect_error(none, 401, "unauthorized").await;
+    let wrong = agent
+        .http
+        .get(agent.url("/v1/modules"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    TestAgent::expect_error(wrong, 401, "unauthorized").await;
+    let malformed = agent
+        .http
+        .get(agent.url("/v1/modules"))
+        .header("authorization", "Basic x")
+        .send()
+        .await
+        .unwrap();
+    TestAgent::expect_error(malformed, 401, "unauthorized").await;
+
+    let token = tenant_token(&agent, "acme").await;
+    let tenant = Api {
+        agent: &agent,
+        token,
+    };
+    let admin_only = tenant.send(reqwest::Method::GET, "/v1/tenants").await;
+    TestAgent::expect_error(admin_only, 403, "forbidden").await;
+    let admin_only = tenant
+        .send(reqwest::Method::POST, "/v1/tenants/acme/tokens")
+        .await;
+    TestAgent::expect_error(admin_only, 403, "forbidden").await;
+
+    let admin = Api {
+        agent: &agent,
+        token: ADMIN.into(),
+    };
+    // The admin acts on an existing tenant's data when it names the tenant.
+    let as_acme = admin
+        .request(reqwest::Method::GET, "/v1/modules")
+        .header("x-deadlift-tenant", "acme")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(as_acme.status().as_u16(), 200);
+    let as_ghost = admin
+        .request(reqwest::Method::PUT, "/v1/kv/k")
+        .header("x-deadlift-tenant", "ghost")
+        .body("v")
+        .send()
+        .await
+        .unwrap();
+    TestAgent::expect_error(as_ghost, 404, "tenant_not_found").await;
+    let no_tenant = admin.send(reqwest::Method::GET, "/v1/modules").await;
+    TestAgent::expect_error(no_tenant, 403, "forbidden").await;
+    let dup = admin
+        .request(reqwest::Method::POST, "/v1/tenants")
+        .json(&json!({"name": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    TestAgent::expect_error(dup, 409, "tenant_exists").await;
+    let invalid = admin
+        .request(reqwest::Method::POST, "/v1/tenants")
+        .json(&json!({"name": "Bad Name"}))
+        .send()
+        .await
+        .unwrap();
+    TestAgent::expect_error(invalid, 400, "tenant_invalid").await;
+    let not_json = admin
+        .request(reqwest::Method::POST, "/v1/tenants")
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    TestAgent::expect_error(not_json, 400, "invalid_json").await;
+    let unknown = admin
+        .send(reqwest::Method::POST, "/v1/tenants/ghost/tokens")
+        .await;
+    TestAgent::expect_error(unknown, 404, "tenant_not_found").await;
+
+    // A revoked token stops working.
+    let tokens: Value = admin.json(reqwest::Method::GET, "/v1/tokens").await;
+    let id = tokens["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant"] == "acme")
+        .unwrap()["id"]
+        .clone();
+    let revoked = admin
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/v1/tokens/{}", id.as_str().unwrap()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status().as_u16(), 204);
+    let after = tenant.send(reqwest::Method::GET, "/v1/modules").await;
+    TestAgent::expect_error(after, 401, "unauthorized").await;
+}
+
+#[tokio::test]
+async fn tenants_cannot_see_call_change_or_delete_each_others_things() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let a = Api {
+        token: tenant_token(&agent, "a").await,
+        agent: &agent,
+    };
+    let b = Api {
+        token: tenant_token(&agent, "b").await,
+        agent: &agent,
+    };
+    let info = a.push("adder", "add_ten").await;
+    let id = info["id"].as_str().unwrap();
+
+    let listed: Value = b.json(reqwest::Method::GET, "/v1/modules").await;
+    assert_eq!(listed, json!([]));
+    for path in ["/v1/modules/adder".to_owned(), format!("/v1/modules/{id}")] {
+        let shown = b.send(reqwest::Method::GET, &path).await;
+        TestAgent::expect_error(shown, 404, "module_not_found").await;
+        let deleted = b.send(reqwest::Method::DELETE, &path).await;
+        TestAgent::expect_error(deleted, 404, "module_not_found").await;
+    }
+    TestAgent::expect_error(b.call(id, "_main", "1").await, 404, "module_not_found").await;
+    assert_eq!(a.call("adder", "_main", "1").await.status().as_u16(), 200);
+
+    let put = a
+        .request(reqwest::Method::PUT, "/v1/kv/secret")
+        .body("a's")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status().as_u16(), 204);
+    let read = b.send(reqwest::Method::GET, "/v1/kv/secret").await;
+    TestAgent::expect_error(read, 404, "key_not_found").await;
+    let delete = b.send(reqwest::Method::DELETE, "/v1/kv/secret").await;
+    TestAgent::expect_error(delete, 404, "key_not_found").await;
+    let keys: Value = b.json(reqwest::Method::GET, "/v1/kv").await;
+    assert_eq!(keys["keys"], json!([]));
+    let own = a.send(reqwest::Method::GET, "/v1/kv/secret").await;
+    assert_eq!(own.text().await.unwrap(), "a's");
+}
+
+#[tokio::test]
+async fn kv_written_by_a_module_is_visible_through_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let grant = deadlift_engine::Grant::default().allow(["kv_get", "kv_set", "kv_delete"]);
+    let agent = TestAgent::start_with(dir.path(), |b| b.default_grant(grant)).await;
+    let api = Api {
+        token: tenant_token(&agent, "acme").await,
+        agent: &agent,
+    };
+    api.push("counter", "kv_counter").await;
+    for expected in [1, 2, 3] {
+        let out: Value = api
+            .call("counter", "increment", "visits")
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(out["output"], expected);
+    }
+    let value = api
+        .send(reqwest::Method::GET, "/v1/kv/visits")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(value, "3");
+    let keys: Value = api.json(reqwest::Method::GET, "/v1/kv?prefix=vis").await;
+    assert_eq!(keys["keys"], json!(["visits"]));
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(
+            agent
+                .http
+                .get(agent.url(path))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            204
+        );
+    }
+    let api = Api {
+        token: tenant_token(&agent, "acme").await,
+        agent: &agent,
+    };
+    api.push("adder", "add_ten").await;
+    api.call("adder", "_main", "1").await;
+    api.call("adder", "_main", "\"x\"").await;
+    let text = agent
+        .http
+        .get(agent.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("deadlift_calls_total 2"), "{text}");
+    assert!(
+        text.contains("deadlift_call_errors_by_code_total{code=\"guest_error\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("deadlift_call_duration_seconds_count 2"),
+        "{text}"
+    );
+    assert!(text.contains("deadlift_idle_instances"), "{text}");
+    let missing = agent.http.get(agent.url("/nowhere")).send().await.unwrap();
+    TestAgent::expect_error(missing, 404, "route_not_found").await;
+}
+
+/// Modules, tokens and KV survive a restart, and the restart does not recompile.
+#[tokio::test]
+async fn a_restart_keeps_state_and_does_not_recompile() {
+    let dir = tempfile::tempdir().unwrap();
+    let grant = deadlift_engine::Grant::default().allow(["kv_get", "kv_set", "kv_delete"]);
+    let agent = TestAgent::start_with(dir.path(), |b| b.default_grant(grant.clone())).await;
+    let token = tenant_token(&agent, "acme").await;
+    {
+        let api = Api {
+            token: token.clone(),
+            agent: &agent,
+        };
+        api.push("counter", "kv_counter").await;
+        api.call("counter", "increment", "visits").await;
+    }
+    assert_eq!(agent.agent.engine().stats().compiled, 1);
+    agent.stop().await;
+
+    let agent = TestAgent::start_with(dir.path(), |b| b.default_grant(grant)).await;
+    let api = Api {
+        token,
+        agent: &agent,
+    };
+    let out: Value = api
+        .call("counter", "increment", "visits")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(out["output"], 2, "KV and module survived");
+    let stats = agent.agent.engine().stats();
+    assert_eq!(
+        (stats.compiled, stats.loaded_from_cache),
+        (0, 1),
+        "{stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_the_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let doc: Value = agent
+        .http
+        .get(agent.url("/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let paths = doc["paths"].as_object().unwrap();
+    for path in [
+        "/v1/modules",
+        "/v1/modules/{reference}/call/{function}",
+        "/v1/tenants",
+        "/v1/kv/{key}",
+    ] {
+        assert!(paths.contains_key(path), "missing {path}");
+    }
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    assert!(doc["components"]["schemas"]["ModuleInfo"].is_object());
+}
+
+/// Concurrent identical uploads all succeed with the same module: the loser of the race
+/// at the database gets the winner's record, not a storage error.
+#[tokio::test]
+async fn concurrent_identical_uploads_are_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let api = Api {
+        token: tenant_token(&agent, "acme").await,
+        agent: &agent,
+    };
+    let uploads = (0..8).map(|_| api.push("adder", "add_ten"));
+    let mut ids = std::collections::BTreeSet::new();
+    for info in futures_join(uploads).await {
+        ids.insert(info["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids.len(), 1);
+}
+
+/// Polls futures concurrently on the current task.
+async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut pending: Vec<_> = futures.map(Box::pin).collect();
+    let mut done: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (future, slot) in pending.iter_mut().zip(done.iter_mut()) {
+            if slot.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => *slot = Some(value),
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    done.into_iter().map(|v| v.unwrap()).collect()
+}
