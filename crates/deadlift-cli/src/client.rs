@@ -1,9 +1,34 @@
-//! The CLI's HTTP client for a running agent, and how its answers are printed: readable
+//! The CLI's HTTP client for a running agent, the flags that say how to reach it
+//! (`Remote`, shared by every client command), and how its answers are printed: readable
 //! tables by default, the JSON itself with `--json`.
 
 use anyhow::{Context, bail};
+use clap::Args;
 use reqwest::{Method, RequestBuilder, Response};
 use serde_json::Value;
+
+/// How to reach an agent.
+#[derive(Debug, Args)]
+pub struct Remote {
+    /// The agent's URL
+    #[arg(long, env = "DEADLIFT_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// API token
+    #[arg(long, env = "DEADLIFT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Act for this tenant (with the admin token)
+    #[arg(long, env = "DEADLIFT_TENANT")]
+    tenant: Option<String>,
+    /// Print JSON instead of tables
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Remote {
+    pub fn client(&self) -> anyhow::Result<Client> {
+        Client::new(&self.server, self.token.clone(), self.tenant.clone())
+    }
+}
 
 /// A client for one agent.
 #[derive(Debug)]
@@ -71,6 +96,24 @@ impl Client {
     }
 }
 
+/// Percent-encodes a path segment.
+pub fn encode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'@' | b':' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+pub fn print_json(value: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
 /// Prints rows as an aligned table with a header line.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -110,6 +153,16 @@ pub fn joined(list: &Value) -> String {
     list.as_array()
         .map(|items| items.iter().map(cell).collect::<Vec<_>>().join(","))
         .unwrap_or_default()
+}
+
+/// Unix milliseconds as an RFC 3339 time (`-` when absent).
+pub fn time(ms: &Value) -> String {
+    ms.as_i64()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or_else(
+            || "-".into(),
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        )
 }
 
 /// A JSON field as display text (`-` when absent).
