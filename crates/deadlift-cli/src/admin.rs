@@ -6,7 +6,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::client::{Remote, cell, encode, print_json, table};
+use crate::client::{Remote, cell, path_segment, print_json, table};
 
 #[derive(Debug, Subcommand)]
 pub enum TenantCommand {
@@ -94,7 +94,7 @@ pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
                     client
                         .request(
                             Method::POST,
-                            &format!("/v1/tenants/{}/tokens", encode(&tenant)),
+                            &format!("/v1/tenants/{}/tokens", path_segment(&tenant)),
                         )
                         .json(&body),
                 )
@@ -134,7 +134,7 @@ pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::Revoke { id, remote } => {
             let client = remote.client()?;
             client
-                .send(client.request(Method::DELETE, &format!("/v1/tokens/{}", encode(&id))))
+                .send(client.request(Method::DELETE, &format!("/v1/tokens/{}", path_segment(&id))))
                 .await?;
         }
     }

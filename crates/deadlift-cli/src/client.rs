@@ -4,6 +4,7 @@
 
 use anyhow::{Context, bail};
 use clap::Args;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::{Method, RequestBuilder, Response};
 use serde_json::Value;
 
@@ -96,17 +97,22 @@ impl Client {
     }
 }
 
-/// Percent-encodes a path segment.
-pub fn encode(segment: &str) -> String {
-    segment
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'@' | b':' => {
-                (b as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
+/// The bytes `path_segment` escapes: all but RFC 3986's unreserved characters and the `@`
+/// and `:` that module references hold (`name@version`, `sha256:...`). The other
+/// characters RFC 3986 allows in a segment (`+`, `&`, `=`, `;`, ...) are escaped anyway:
+/// the agent decodes them just the same, and a proxy on the way cannot read them as
+/// syntax (`;` parameters, `+` for a space).
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'@')
+    .remove(b':');
+
+/// `segment` escaped for use as one segment of a URL path.
+pub fn path_segment(segment: &str) -> String {
+    utf8_percent_encode(segment, PATH_SEGMENT).to_string()
 }
 
 pub fn print_json(value: &Value) -> anyhow::Result<()> {
@@ -171,5 +177,20 @@ pub fn cell(value: &Value) -> String {
         Value::Null => "-".to_owned(),
         Value::String(s) => s.clone(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_segment;
+
+    #[test]
+    fn a_path_segment_escapes_what_would_end_or_split_it() {
+        assert_eq!(path_segment("adder@1.0.0"), "adder@1.0.0");
+        assert_eq!(path_segment("sha256:0a1b"), "sha256:0a1b");
+        assert_eq!(path_segment("a-b.c_d~e"), "a-b.c_d~e");
+        assert_eq!(path_segment("a/b?c#d%e f"), "a%2Fb%3Fc%23d%25e%20f");
+        assert_eq!(path_segment("a+b&c=d;e,f!"), "a%2Bb%26c%3Dd%3Be%2Cf%21");
+        assert_eq!(path_segment("café"), "caf%C3%A9");
     }
 }

@@ -6,7 +6,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::client::{Remote, cell, encode, joined, print_json, rows, table};
+use crate::client::{Remote, cell, joined, path_segment, print_json, rows, table};
 
 #[derive(Debug, Subcommand)]
 pub enum HookCommand {
@@ -63,7 +63,10 @@ pub async fn hook(command: HookCommand) -> anyhow::Result<()> {
             client
                 .send(
                     client
-                        .request(Method::PUT, &format!("/v1/hooks/{}/binding", encode(&hook)))
+                        .request(
+                            Method::PUT,
+                            &format!("/v1/hooks/{}/binding", path_segment(&hook)),
+                        )
                         .json(&json!({ "module": module, "function": function })),
                 )
                 .await?;
@@ -74,7 +77,7 @@ pub async fn hook(command: HookCommand) -> anyhow::Result<()> {
             client
                 .send(client.request(
                     Method::DELETE,
-                    &format!("/v1/hooks/{}/binding", encode(&hook)),
+                    &format!("/v1/hooks/{}/binding", path_segment(&hook)),
                 ))
                 .await?;
             println!("unbound from {hook}");

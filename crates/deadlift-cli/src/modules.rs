@@ -9,7 +9,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::client::{Remote, cell, encode, print_json, table};
+use crate::client::{Remote, cell, path_segment, print_json, table};
 use crate::local::read_module;
 
 #[derive(Debug, Subcommand)]
@@ -153,7 +153,10 @@ pub async fn module(command: ModuleCommand) -> anyhow::Result<()> {
         ModuleCommand::Show { module, remote } => {
             let client = remote.client()?;
             let info = client
-                .json(client.request(Method::GET, &format!("/v1/modules/{}", encode(&module))))
+                .json(client.request(
+                    Method::GET,
+                    &format!("/v1/modules/{}", path_segment(&module)),
+                ))
                 .await?;
             if remote.json {
                 return print_json(&info);
@@ -177,7 +180,11 @@ pub async fn module(command: ModuleCommand) -> anyhow::Result<()> {
             remote,
         } => {
             let client = remote.client()?;
-            let path = format!("/v1/modules/{}/call/{}", encode(&module), encode(&function));
+            let path = format!(
+                "/v1/modules/{}/call/{}",
+                path_segment(&module),
+                path_segment(&function)
+            );
             let out = client
                 .json(client.request(Method::POST, &path).body(input))
                 .await?;
@@ -208,7 +215,10 @@ pub async fn module(command: ModuleCommand) -> anyhow::Result<()> {
         ModuleCommand::Delete { module, remote } => {
             let client = remote.client()?;
             client
-                .send(client.request(Method::DELETE, &format!("/v1/modules/{}", encode(&module))))
+                .send(client.request(
+                    Method::DELETE,
+                    &format!("/v1/modules/{}", path_segment(&module)),
+                ))
                 .await?;
             if !remote.json {
                 println!("deleted {module}");
@@ -239,7 +249,7 @@ pub async fn kv(command: KvCommand) -> anyhow::Result<()> {
         KvCommand::Get { key, remote } => {
             let client = remote.client()?;
             let response = client
-                .send(client.request(Method::GET, &format!("/v1/kv/{}", encode(&key))))
+                .send(client.request(Method::GET, &format!("/v1/kv/{}", path_segment(&key))))
                 .await?;
             let bytes = response.bytes().await?;
             if remote.json {
@@ -255,7 +265,7 @@ pub async fn kv(command: KvCommand) -> anyhow::Result<()> {
             client
                 .send(
                     client
-                        .request(Method::PUT, &format!("/v1/kv/{}", encode(&key)))
+                        .request(Method::PUT, &format!("/v1/kv/{}", path_segment(&key)))
                         .body(value),
                 )
                 .await?;
@@ -263,7 +273,7 @@ pub async fn kv(command: KvCommand) -> anyhow::Result<()> {
         KvCommand::Delete { key, remote } => {
             let client = remote.client()?;
             client
-                .send(client.request(Method::DELETE, &format!("/v1/kv/{}", encode(&key))))
+                .send(client.request(Method::DELETE, &format!("/v1/kv/{}", path_segment(&key))))
                 .await?;
         }
     }

@@ -6,7 +6,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::client::{Remote, cell, encode, joined, print_json, rows, table};
+use crate::client::{Remote, cell, joined, path_segment, print_json, rows, table};
 
 #[derive(Debug, Subcommand)]
 pub enum PeerCommand {
@@ -119,7 +119,10 @@ pub async fn peer(command: PeerCommand) -> anyhow::Result<()> {
         PeerCommand::Remove { name, remote } => {
             let client = remote.client()?;
             client
-                .send(client.request(Method::DELETE, &format!("/v1/peers/{}", encode(&name))))
+                .send(client.request(
+                    Method::DELETE,
+                    &format!("/v1/peers/{}", path_segment(&name)),
+                ))
                 .await?;
             println!("peer {name} removed");
         }

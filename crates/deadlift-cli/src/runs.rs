@@ -7,7 +7,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::client::{Remote, cell, encode, print_json, rows, table, time};
+use crate::client::{Remote, cell, path_segment, print_json, rows, table, time};
 
 #[derive(Debug, Subcommand)]
 pub enum RunsCommand {
@@ -246,7 +246,7 @@ pub async fn runs(command: RunsCommand) -> anyhow::Result<()> {
         RunsCommand::Show { id, remote } => {
             let client = remote.client()?;
             let run = client
-                .json(client.request(Method::GET, &format!("/v1/runs/{}", encode(&id))))
+                .json(client.request(Method::GET, &format!("/v1/runs/{}", path_segment(&id))))
                 .await?;
             if remote.json {
                 return print_json(&run);
@@ -256,14 +256,20 @@ pub async fn runs(command: RunsCommand) -> anyhow::Result<()> {
         RunsCommand::Retry { id, remote } => {
             let client = remote.client()?;
             client
-                .send(client.request(Method::POST, &format!("/v1/runs/{}/retry", encode(&id))))
+                .send(client.request(
+                    Method::POST,
+                    &format!("/v1/runs/{}/retry", path_segment(&id)),
+                ))
                 .await?;
             println!("run {id} queued again from its failed step");
         }
         RunsCommand::Cancel { id, remote } => {
             let client = remote.client()?;
             client
-                .send(client.request(Method::POST, &format!("/v1/runs/{}/cancel", encode(&id))))
+                .send(client.request(
+                    Method::POST,
+                    &format!("/v1/runs/{}/cancel", path_segment(&id)),
+                ))
                 .await?;
             println!("run {id} cancelled");
         }

@@ -9,7 +9,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::client::{Remote, cell, encode, print_json, rows, table, time};
+use crate::client::{Remote, cell, path_segment, print_json, rows, table, time};
 use crate::runs::print_run;
 
 #[derive(Debug, Subcommand)]
@@ -111,7 +111,10 @@ pub async fn workflow(command: WorkflowCommand) -> anyhow::Result<()> {
             let applied = client
                 .json(
                     client
-                        .request(Method::PUT, &format!("/v1/workflows/{}", encode(&name)))
+                        .request(
+                            Method::PUT,
+                            &format!("/v1/workflows/{}", path_segment(&name)),
+                        )
                         .header("content-type", content_type)
                         .body(text),
                 )
@@ -156,7 +159,10 @@ pub async fn workflow(command: WorkflowCommand) -> anyhow::Result<()> {
         WorkflowCommand::Show { name, remote } => {
             let client = remote.client()?;
             let found = client
-                .json(client.request(Method::GET, &format!("/v1/workflows/{}", encode(&name))))
+                .json(client.request(
+                    Method::GET,
+                    &format!("/v1/workflows/{}", path_segment(&name)),
+                ))
                 .await?;
             if remote.json {
                 return print_json(&found);
@@ -175,7 +181,10 @@ pub async fn workflow(command: WorkflowCommand) -> anyhow::Result<()> {
         WorkflowCommand::Delete { name, remote } => {
             let client = remote.client()?;
             client
-                .send(client.request(Method::DELETE, &format!("/v1/workflows/{}", encode(&name))))
+                .send(client.request(
+                    Method::DELETE,
+                    &format!("/v1/workflows/{}", path_segment(&name)),
+                ))
                 .await?;
             println!("deleted {name}");
         }
@@ -190,7 +199,7 @@ pub async fn workflow(command: WorkflowCommand) -> anyhow::Result<()> {
             let mut request = client
                 .request(
                     Method::POST,
-                    &format!("/v1/workflows/{}/runs", encode(&name)),
+                    &format!("/v1/workflows/{}/runs", path_segment(&name)),
                 )
                 .json(&input);
             if wait {
