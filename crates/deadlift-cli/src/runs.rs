@@ -7,7 +7,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::client::{Remote, cell, path_segment, print_json, rows, table, time};
+use crate::client::{Remote, SseDecoder, cell, path_segment, print_json, rows, table, time};
 
 #[derive(Debug, Subcommand)]
 pub enum RunsCommand {
@@ -287,29 +287,14 @@ async fn tail(remote: Remote, workflow: Option<String>) -> anyhow::Result<()> {
     if !remote.json {
         eprintln!("following runs (Ctrl-C to stop)");
     }
-    let mut buffer = String::new();
+    let mut decoder = SseDecoder::default();
     while let Some(chunk) = response.chunk().await.context("the stream broke")? {
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buffer.find("\n\n") {
-            let message: String = buffer.drain(..end + 2).collect();
-            let mut kind = "message";
-            let mut data = String::new();
-            for line in message.lines() {
-                if let Some(value) = line.strip_prefix("event:") {
-                    kind = if value.trim() == "lagged" {
-                        "lagged"
-                    } else {
-                        "run"
-                    };
-                } else if let Some(value) = line.strip_prefix("data:") {
-                    data.push_str(value.trim_start());
-                }
-            }
-            if kind == "lagged" {
-                eprintln!("(fell behind: {data} updates skipped)");
+        for message in decoder.push(&chunk) {
+            if message.event.as_deref() == Some("lagged") {
+                eprintln!("(fell behind: {} updates skipped)", message.data);
                 continue;
             }
-            let Ok(run) = serde_json::from_str::<Value>(&data) else {
+            let Ok(run) = serde_json::from_str::<Value>(&message.data) else {
                 continue;
             };
             if workflow
