@@ -1,13 +1,12 @@
-//! The CLI's federation and extension-point commands: `identity`, `peer` (add, list,
-//! remove, outbox, replay) and `hook` (list, bind, unbind), thin clients of the agent's
-//! `/v1/identity`, `/v1/peers`, `/v1/outbox` and `/v1/hooks`.
+//! The CLI's federation commands: `identity` and `peer` (add, list, remove, outbox,
+//! replay), thin clients of the agent's `/v1/identity`, `/v1/peers` and `/v1/outbox`.
+//! Everything but `identity` needs the admin token.
 
 use clap::Subcommand;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::client::{cell, joined, rows, table};
-use crate::{Remote, encode, print_json};
+use crate::client::{Remote, cell, joined, path_segment, print_json, rows, table};
 
 #[derive(Debug, Subcommand)]
 pub enum PeerCommand {
@@ -120,7 +119,10 @@ pub async fn peer(command: PeerCommand) -> anyhow::Result<()> {
         PeerCommand::Remove { name, remote } => {
             let client = remote.client()?;
             client
-                .send(client.request(Method::DELETE, &format!("/v1/peers/{}", encode(&name))))
+                .send(client.request(
+                    Method::DELETE,
+                    &format!("/v1/peers/{}", path_segment(&name)),
+                ))
                 .await?;
             println!("peer {name} removed");
         }
@@ -155,81 +157,6 @@ pub async fn peer(command: PeerCommand) -> anyhow::Result<()> {
                 .send(client.request(Method::POST, &format!("/v1/outbox/{id}/replay")))
                 .await?;
             println!("delivery {id} queued again");
-        }
-    }
-    Ok(())
-}
-
-#[derive(Debug, Subcommand)]
-pub enum HookCommand {
-    /// List the hooks this agent declares, with your bindings
-    List {
-        #[command(flatten)]
-        remote: Remote,
-    },
-    /// Bind one of your modules' functions to a hook
-    Bind {
-        hook: String,
-        /// Module reference: name, name@version or sha256:...
-        module: String,
-        #[arg(long)]
-        function: String,
-        #[command(flatten)]
-        remote: Remote,
-    },
-    /// Remove your binding from a hook
-    Unbind {
-        hook: String,
-        #[command(flatten)]
-        remote: Remote,
-    },
-}
-
-pub async fn hook(command: HookCommand) -> anyhow::Result<()> {
-    match command {
-        HookCommand::List { remote } => {
-            let client = remote.client()?;
-            let hooks = client
-                .json(client.request(Method::GET, "/v1/hooks"))
-                .await?;
-            if remote.json {
-                return print_json(&hooks);
-            }
-            let rows = rows(&hooks, |h| {
-                let offered = joined(&h["host_functions"]);
-                let bound = match h["binding"].as_object() {
-                    Some(b) => format!("{} {}", cell(&b["module"]), cell(&b["function"])),
-                    None => "-".into(),
-                };
-                vec![cell(&h["name"]), offered, cell(&h["timeout_ms"]), bound]
-            });
-            table(&["hook", "host functions", "timeout ms", "bound to"], &rows);
-        }
-        HookCommand::Bind {
-            hook,
-            module,
-            function,
-            remote,
-        } => {
-            let client = remote.client()?;
-            client
-                .send(
-                    client
-                        .request(Method::PUT, &format!("/v1/hooks/{}/binding", encode(&hook)))
-                        .json(&json!({ "module": module, "function": function })),
-                )
-                .await?;
-            println!("{module} {function} bound to {hook}");
-        }
-        HookCommand::Unbind { hook, remote } => {
-            let client = remote.client()?;
-            client
-                .send(client.request(
-                    Method::DELETE,
-                    &format!("/v1/hooks/{}/binding", encode(&hook)),
-                ))
-                .await?;
-            println!("unbound from {hook}");
         }
     }
     Ok(())

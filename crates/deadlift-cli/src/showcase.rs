@@ -22,6 +22,8 @@ use deadlift::{Agent, Grant, HostError, HostFunction};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::client::print_json;
+
 const ACME_LOYALTY: &[u8] = include_bytes!("../../../guests/wasm/acme_loyalty.wasm");
 const ACME_SATISFACTION: &[u8] = include_bytes!("../../../guests/wasm/acme_satisfaction.wasm");
 
@@ -138,6 +140,32 @@ async fn call(request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         bail!("{status}: {body}");
     }
     Ok(serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// `deadlift showcase`: runs the story in `data_dir`, or in a temporary directory that is
+/// removed afterwards (also when the story fails), and prints the report.
+pub async fn command(data_dir: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let (dir, temporary) = match data_dir {
+        Some(dir) => (dir, false),
+        None => {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let dir = std::env::temp_dir()
+                .join(format!("deadlift-showcase-{}-{stamp}", std::process::id()));
+            (dir, true)
+        }
+    };
+    let report = run(dir.clone()).await;
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let report = report?;
+    if json {
+        return print_json(&serde_json::to_value(&report)?);
+    }
+    print(&report);
+    Ok(())
 }
 
 /// Runs the story in `dir` (fresh agent data directories under it).

@@ -1,0 +1,86 @@
+//! `deadlift serve`: the agent itself. It resolves the settings, builds an `Agent` on its
+//! data directory and runs the HTTP server until SIGINT or SIGTERM. What it prints at
+//! start is read by people and by the integration tests (the last line says it listens).
+
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::config::{Resolved, ServeConfig};
+
+/// The agent's settings: the file given with `--config` (if any), overridden by the
+/// environment and flags in `settings`.
+pub fn settings(config_file: Option<&Path>, settings: ServeConfig) -> anyhow::Result<Resolved> {
+    let file = match config_file {
+        Some(path) => ServeConfig::from_file(path)?,
+        None => ServeConfig::default(),
+    };
+    Ok(settings.over(file).resolve())
+}
+
+pub async fn serve(config: Resolved) -> anyhow::Result<()> {
+    let mut builder = deadlift::Agent::builder(&config.data_dir)
+        .admin_token(config.admin_token.clone())
+        .v1_requires_token(config.v1_require_token)
+        .max_body_bytes(config.max_body_bytes)
+        .default_grant(config.grant.clone())
+        .max_concurrent_runs(config.max_concurrent_runs)
+        .retention(config.retention)
+        .durability(config.durability)
+        .name(&config.name);
+    if let Some(workers) = config.workers {
+        builder = builder.workers(workers);
+    }
+    let (agent, new_admin_token) = tokio::task::spawn_blocking(move || builder.build()).await??;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    println!("data directory: {}", config.data_dir.display());
+    let identity = agent.workflows().identity();
+    println!(
+        "agent {} (public key {}; peers register it with `deadlift peer add`)",
+        identity.name,
+        identity.public_key()
+    );
+    let resumed = agent.workflows().resumed_runs();
+    if resumed > 0 {
+        println!("resumed {resumed} runs left open by the previous process");
+    }
+    if let Some(token) = new_admin_token {
+        println!("admin token (shown once, keep it safe): {token}");
+    }
+    // Printed last: once this line is out, the agent accepts connections.
+    println!(
+        "deadlift agent listening on http://{}",
+        listener.local_addr()?
+    );
+    let agent = std::sync::Arc::new(agent);
+    deadlift::server::serve(agent.clone(), listener, shutdown_signal()).await?;
+    agent.shutdown().await;
+    println!("deadlift agent stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
