@@ -1,18 +1,19 @@
-//! The agent: an [`Engine`] wired to durable storage in a data directory, with tenants,
-//! API tokens, the workflow [`Runtime`] and the defaults the server applies. Built by [`AgentBuilder`]; the HTTP
-//! server (`server`) is one way to drive it, an embedding application is another.
+//! The agent: an [`Engine`] wired to durable storage in a data directory, with tenants
+//! and API tokens, the workflow [`Runtime`], [`Federation`] with other agents, the
+//! [`Hooks`] the embedding application declares, and the defaults the server applies.
+//! Built by [`AgentBuilder`]; the HTTP server (`deadlift-server`) is one way to drive
+//! it, an embedding application is another.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::federation::Identity;
-use crate::hooks::{self, Binding, HookDecl, HookError, HookInfo, HookOutput};
+use crate::federation::{DeliveryConfig, Federation, Identity, PeerDirectory, peers};
+use crate::hooks::{Hook, HookDecl, Hooks};
 use crate::store::{Database, DbError, Durability, Principal};
-use crate::workflow::TraceParent;
-use crate::workflow::{Inbox, InboxSink, Retention, Runtime, RuntimeConfig};
+use crate::workflow::{Journal, JournalSink, Retention, Runtime, RuntimeConfig};
 use deadlift_engine::engine::{Engine, EngineError};
 use deadlift_engine::grant::Grant;
-use deadlift_engine::host::CallContext;
 use deadlift_engine::host::HostFunction;
 
 /// The tenant the Deadlift v1 routes act for.
@@ -49,6 +50,7 @@ pub struct AgentBuilder {
     workers: Option<usize>,
     host_functions: Vec<HostFunction>,
     runtime: RuntimeConfig,
+    delivery: DeliveryConfig,
     durability: Durability,
     name: String,
     hooks: Vec<HookDecl>,
@@ -65,6 +67,7 @@ impl AgentBuilder {
             workers: None,
             host_functions: Vec::new(),
             runtime: RuntimeConfig::default(),
+            delivery: DeliveryConfig::default(),
             durability: Durability::default(),
             name: "deadlift".into(),
             hooks: Vec::new(),
@@ -139,8 +142,8 @@ impl AgentBuilder {
     }
 
     /// How deliveries to peers are retried.
-    pub fn delivery(mut self, delivery: crate::federation::deliver::DeliveryConfig) -> Self {
-        self.runtime.delivery = delivery;
+    pub fn delivery(mut self, delivery: DeliveryConfig) -> Self {
+        self.delivery = delivery;
         self
     }
 
@@ -156,13 +159,13 @@ impl AgentBuilder {
         }
         let db = Database::open_with(&self.data_dir.join("agent.db"), self.durability)?;
         db.create_tenant(DEFAULT_TENANT)?;
-        let (inbox, inbox_receiver) = Inbox::new();
+        let (journal, journal_receiver) = Journal::new(db.clone());
         let mut engine = Engine::builder()
             .data_dir(&self.data_dir)
             .kv(Arc::new(db.clone()))
             .modules(Arc::new(db.clone()))
-            .events(Arc::new(InboxSink::new(
-                inbox.clone(),
+            .events(Arc::new(JournalSink::new(
+                journal.clone(),
                 self.runtime.source.clone(),
             )));
         if let Some(workers) = self.workers {
@@ -187,21 +190,31 @@ impl AgentBuilder {
             }
         };
         let identity = Identity::load_or_create(&self.data_dir, &self.name)?;
+        let peers = PeerDirectory::new(peers::list_peers(&db.read())?);
+        // Delivered entries are kept as long as event ids are, for the record.
+        let mut delivery = self.delivery;
+        delivery.keep_delivered = Duration::from_millis(
+            u64::try_from(self.runtime.retention.dedupe_window_ms).unwrap_or(0),
+        );
         let workflows = Runtime::start(
-            db.clone(),
             engine.clone(),
-            inbox,
-            inbox_receiver,
+            journal.clone(),
+            journal_receiver,
+            peers.clone(),
             self.runtime,
-            identity,
         )?;
+        let federation = Federation::start(
+            identity,
+            db.clone(),
+            journal,
+            peers,
+            workflows.outbox_ready().clone(),
+            delivery,
+        );
         let agent = Agent {
-            hooks: self
-                .hooks
-                .into_iter()
-                .map(|hook| (hook.name.clone(), hook))
-                .collect(),
+            hooks: Hooks::new(self.hooks, db.clone(), engine.clone()),
             workflows,
+            federation,
             engine,
             db,
             data_dir: self.data_dir,
@@ -223,8 +236,9 @@ pub fn new_token() -> Result<String, AgentError> {
 /// A running agent's state. Share it behind an `Arc`.
 #[derive(Debug)]
 pub struct Agent {
-    hooks: std::collections::BTreeMap<String, HookDecl>,
+    hooks: Hooks,
     workflows: Runtime,
+    federation: Federation,
     engine: Engine,
     db: Database,
     data_dir: PathBuf,
@@ -247,93 +261,29 @@ impl Agent {
         &self.workflows
     }
 
+    /// Identity, peers, the outbox and receipt of other agents' deliveries.
+    pub fn federation(&self) -> &Federation {
+        &self.federation
+    }
+
+    /// The hooks this agent declares and its tenants' bindings.
+    pub fn hooks(&self) -> &Hooks {
+        &self.hooks
+    }
+
     /// A declared extension point, to call.
     pub fn hook<'a>(&'a self, name: &'a str) -> Hook<'a> {
-        Hook { agent: self, name }
-    }
-
-    /// The declared hooks, with `tenant`'s bindings.
-    pub async fn hooks(&self, tenant: &str) -> Result<Vec<HookInfo>, HookError> {
-        let mut listed = Vec::new();
-        for hook in self.hooks.values() {
-            listed.push(HookInfo {
-                name: hook.name.clone(),
-                description: hook.description.clone(),
-                host_functions: hook.grant.host_functions.clone(),
-                timeout_ms: u64::try_from(hook.grant.timeout.as_millis()).unwrap_or(u64::MAX),
-                binding: self.binding(tenant, &hook.name).await?,
-            });
-        }
-        Ok(listed)
-    }
-
-    async fn binding(&self, tenant: &str, hook: &str) -> Result<Option<Binding>, HookError> {
-        let (db, tenant, hook) = (self.db.clone(), tenant.to_owned(), hook.to_owned());
-        tokio::task::spawn_blocking(move || hooks::get(&db.read(), &tenant, &hook))
-            .await
-            .map_err(|e| DbError::Commit(e.to_string()))?
-            .map_err(HookError::from)
-    }
-
-    /// Binds a tenant's module function to a declared hook, after checking that the
-    /// module exports it and imports only host functions the hook offers.
-    pub async fn bind_hook(&self, tenant: &str, binding: Binding) -> Result<(), HookError> {
-        let declared = self
-            .hooks
-            .get(&binding.hook)
-            .ok_or_else(|| HookError::Unknown(binding.hook.clone()))?;
-        let offered = declared.grant.host_functions.clone();
-        let (engine, db, tenant) = (self.engine.clone(), self.db.clone(), tenant.to_owned());
-        tokio::task::spawn_blocking(move || {
-            let module = engine
-                .registry()
-                .resolve(&tenant, &binding.module)
-                .map_err(|e| HookError::Invalid(format!("module `{}`: {e}", binding.module)))?;
-            if !module
-                .exports
-                .iter()
-                .any(|e| e.kind == "function" && e.name == binding.function)
-            {
-                return Err(HookError::Invalid(format!(
-                    "module `{}` exports no function `{}`",
-                    binding.module, binding.function
-                )));
-            }
-            if let Some(import) = module
-                .imports
-                .iter()
-                .find(|i| i.module == "extism:host/user" && !offered.contains(&i.name))
-            {
-                return Err(HookError::Invalid(format!(
-                    "module `{}` imports host function `{}`, which hook `{}` does not offer",
-                    binding.module, import.name, binding.hook
-                )));
-            }
-            let now = crate::clock::now_ms();
-            Ok(hooks::upsert(&db.lock(), &tenant, &binding, now)?)
-        })
-        .await
-        .map_err(|e| DbError::Commit(e.to_string()))?
-    }
-
-    pub async fn unbind_hook(&self, tenant: &str, hook: &str) -> Result<(), HookError> {
-        let (db, owner, name) = (self.db.clone(), tenant.to_owned(), hook.to_owned());
-        let removed = tokio::task::spawn_blocking(move || hooks::remove(&db.lock(), &owner, &name))
-            .await
-            .map_err(|e| DbError::Commit(e.to_string()))??;
-        if removed {
-            Ok(())
-        } else {
-            Err(HookError::NotBound {
-                tenant: tenant.to_owned(),
-                hook: hook.to_owned(),
-            })
+        Hook {
+            hooks: &self.hooks,
+            runtime: &self.workflows,
+            name,
         }
     }
 
     /// Stops background work and commits what the journal holds. Runs still executing
     /// resume at the next start.
     pub async fn shutdown(&self) {
+        self.federation.shutdown().await;
         self.workflows.shutdown().await;
     }
 
@@ -355,135 +305,5 @@ impl Agent {
 
     pub fn max_body_bytes(&self) -> usize {
         self.max_body_bytes
-    }
-}
-
-/// A declared extension point of an [`Agent`], ready to call.
-#[derive(Debug)]
-pub struct Hook<'a> {
-    agent: &'a Agent,
-    name: &'a str,
-}
-
-impl Hook<'_> {
-    /// Calls the module function `tenant` bound here with `input`, under the hook's
-    /// grant, and records the call as a run.
-    pub async fn call(
-        &self,
-        tenant: &str,
-        input: serde_json::Value,
-    ) -> Result<HookOutput, HookError> {
-        self.call_in_trace(tenant, input, None).await
-    }
-
-    /// [`call`](Self::call) within an existing trace.
-    pub async fn call_in_trace(
-        &self,
-        tenant: &str,
-        input: serde_json::Value,
-        trace: Option<TraceParent>,
-    ) -> Result<HookOutput, HookError> {
-        use crate::workflow::{Failure, NewRun, StepRecord, StepStatus, TriggerKind};
-        let agent = self.agent;
-        let declared = agent
-            .hooks
-            .get(self.name)
-            .ok_or_else(|| HookError::Unknown(self.name.to_owned()))?;
-        let binding =
-            agent
-                .binding(tenant, self.name)
-                .await?
-                .ok_or_else(|| HookError::NotBound {
-                    tenant: tenant.to_owned(),
-                    hook: self.name.to_owned(),
-                })?;
-        let trace = trace.map_or_else(TraceParent::new_root, |t| t.child());
-        let started = crate::clock::now_ms();
-        let (engine, owner, reference) = (
-            agent.engine.clone(),
-            tenant.to_owned(),
-            binding.module.clone(),
-        );
-        let module =
-            tokio::task::spawn_blocking(move || engine.registry().resolve(&owner, &reference))
-                .await
-                .map_err(|e| DbError::Commit(e.to_string()))?
-                .map_err(|e| HookError::Invalid(e.to_string()))?;
-        let buffer = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
-        // The run is recorded after the call, so the call carries no run id (rather
-        // than one that names no run).
-        let ctx = CallContext::new(tenant).with_emit_buffer(buffer.clone());
-        let bytes = serde_json::to_vec(&input).unwrap_or_default();
-        let called = agent
-            .engine
-            .call(&module.id, &binding.function, &bytes, &declared.grant, &ctx)
-            .await;
-        let outcome: Result<(serde_json::Value, Vec<deadlift_engine::LogLine>), HookError> =
-            match called {
-                Ok(out) if out.output.is_empty() => Ok((serde_json::Value::Null, out.logs)),
-                Ok(out) => serde_json::from_slice(&out.output)
-                    .map(|v| (v, out.logs))
-                    .map_err(|e| HookError::OutputNotJson(e.to_string())),
-                Err(error) => Err(HookError::Call(error)),
-            };
-        let emitted: Vec<crate::workflow::CloudEvent> = std::mem::take(&mut *buffer.lock())
-            .into_iter()
-            .map(|e| {
-                agent
-                    .workflows
-                    .event_in_trace(&e.event_type, e.data, &trace)
-            })
-            .collect();
-        let failure = outcome.as_ref().err().map(|error| Failure {
-            step: Some("call".into()),
-            code: error.code(),
-            kind: match error {
-                HookError::Call(call) => Some(crate::workflow::spec::ErrorKind::of(call)),
-                _ => None,
-            },
-            message: error.to_string(),
-        });
-        let (output, logs) = match &outcome {
-            Ok((output, logs)) => (Some(output.clone()), logs.clone()),
-            Err(_) => (None, Vec::new()),
-        };
-        let step = StepRecord {
-            id: "call".into(),
-            status: if failure.is_some() {
-                StepStatus::Failed
-            } else {
-                StepStatus::Succeeded
-            },
-            module: Some(module.id.to_string()),
-            input: input.clone(),
-            output: output.clone().unwrap_or(serde_json::Value::Null),
-            logs,
-            attempts: 1,
-            attempt_errors: Vec::new(),
-            started_unix_ms: started,
-            finished_unix_ms: crate::clock::now_ms(),
-            error: failure.clone(),
-            emitted: emitted.iter().map(|e| e.id.clone()).collect(),
-        };
-        let run = NewRun {
-            tenant: tenant.to_owned(),
-            workflow: format!("hook:{}", self.name),
-            version: 0,
-            trigger: TriggerKind::Hook,
-            input,
-            event: None,
-            trace,
-        };
-        let run_id = agent
-            .workflows
-            .record(run, vec![step], emitted, failure, output)
-            .await
-            .map_err(|e| HookError::Db(DbError::Commit(e.to_string())))?;
-        let (output, _) = outcome?;
-        Ok(HookOutput {
-            output,
-            run_id,
-            trace,
-        })
     }
 }

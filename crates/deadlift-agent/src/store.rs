@@ -13,6 +13,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::clock::now_ms;
+use deadlift_engine::Code;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
@@ -174,8 +175,28 @@ pub enum DbError {
     Corrupt(String),
     #[error("the journal could not commit: {0}")]
     Commit(String),
+    /// A blocking database task panicked or was cancelled.
+    #[error("a database task failed: {0}")]
+    Task(String),
+    #[error("cannot start the journal writer: {0}")]
+    Start(std::io::Error),
     #[error("the agent is shutting down")]
     Closed,
+}
+
+impl DbError {
+    pub fn code(&self) -> Code {
+        match self {
+            Self::Closed => Code::ShuttingDown,
+            _ => Code::Internal,
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for DbError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Self::Task(e.to_string())
+    }
 }
 
 impl From<DbError> for StoreError {

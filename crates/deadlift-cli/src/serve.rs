@@ -36,7 +36,7 @@ pub async fn serve(config: Resolved) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     println!("data directory: {}", config.data_dir.display());
-    let identity = agent.workflows().identity();
+    let identity = agent.federation().identity();
     println!(
         "agent {} (public key {}; peers register it with `deadlift peer add`)",
         identity.name,

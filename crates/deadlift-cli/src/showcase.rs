@@ -1,4 +1,4 @@
-//! `deadlift showcase`: the payments ↔ merchant story of SPEC.md §8, with two real agents
+//! `deadlift showcase`: the payments ↔ merchant story (`docs/overview.md`, "The showcase story"), with two real agents
 //! talking HTTP on loopback in this process.
 //!
 //! The payments platform embeds the library. It offers the host functions
@@ -235,11 +235,11 @@ pub async fn run(dir: PathBuf) -> anyhow::Result<Report> {
     db.add_token(&acme_token, &Principal::Tenant("acme".into()), Some("Acme"))?;
 
     // The two agents know each other's keys; discounts flow from payments to Acme.
-    let payments_identity = payments.agent.workflows().identity().clone();
-    let acme_identity = acme.agent.workflows().identity().clone();
+    let payments_identity = payments.agent.federation().identity().clone();
+    let acme_identity = acme.agent.federation().identity().clone();
     payments
         .agent
-        .workflows()
+        .federation()
         .add_peer(Peer {
             name: acme_identity.name.clone(),
             url: acme.url.clone(),
@@ -251,7 +251,7 @@ pub async fn run(dir: PathBuf) -> anyhow::Result<Report> {
         })
         .await?;
     acme.agent
-        .workflows()
+        .federation()
         .add_peer(Peer {
             name: payments_identity.name.clone(),
             url: payments.url.clone(),

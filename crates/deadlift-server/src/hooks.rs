@@ -30,7 +30,7 @@ pub(super) async fn list(
     caller: Caller,
 ) -> Result<Json<Vec<HookInfo>>, ApiError> {
     let tenant = caller.tenant()?;
-    Ok(Json(agent.hooks(&tenant).await?))
+    Ok(Json(agent.hooks().list(&tenant).await?))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -55,7 +55,8 @@ pub(super) async fn bind(
     let tenant = caller.tenant()?;
     let request: BindRequest = parse_json(&body)?;
     agent
-        .bind_hook(
+        .hooks()
+        .bind(
             &tenant,
             Binding {
                 hook: name,
@@ -76,6 +77,6 @@ pub(super) async fn unbind(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let tenant = caller.tenant()?;
-    agent.unbind_hook(&tenant, &name).await?;
+    agent.hooks().unbind(&tenant, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

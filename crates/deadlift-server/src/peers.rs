@@ -13,12 +13,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorBody;
 use crate::{AgentState, ApiError, Caller, RawBody, json, parse_json};
-use deadlift_agent::clock::now_ms;
-use deadlift_agent::federation::peers::{OutboxEntry, Peer};
-use deadlift_agent::federation::{PEER_HEADER, TIMESTAMP_TOLERANCE_SECS, parse_public_key, verify};
-use deadlift_agent::workflow::event::parse_events;
-use deadlift_agent::workflow::{Ingested, WorkflowError};
+use deadlift_agent::federation::{FederationError, OutboxEntry, OutboxStatus, Peer, Webhook};
+use deadlift_agent::workflow::Ingested;
 use deadlift_engine::Code;
+
+impl From<FederationError> for ApiError {
+    fn from(e: FederationError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}
 
 pub(super) fn routes() -> Router<AgentState> {
     Router::new()
@@ -40,7 +43,7 @@ pub(super) struct IdentityInfo {
 #[utoipa::path(get, path = "/v1/identity", tag = "federation",
     responses((status = 200, description = "This agent's name and public key", body = IdentityInfo)))]
 pub(super) async fn identity(State(agent): State<AgentState>) -> Json<IdentityInfo> {
-    let identity = agent.workflows().identity();
+    let identity = agent.federation().identity();
     Json(IdentityInfo {
         name: identity.name.clone(),
         public_key: identity.public_key(),
@@ -54,7 +57,7 @@ pub(super) async fn list_peers(
     caller: Caller,
 ) -> Result<Json<Vec<Peer>>, ApiError> {
     caller.require_admin()?;
-    Ok(Json(agent.workflows().peers().await?))
+    Ok(Json(agent.federation().peers()))
 }
 
 #[utoipa::path(post, path = "/v1/peers", tag = "federation", security(("bearer" = [])),
@@ -68,8 +71,8 @@ pub(super) async fn add_peer(
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
     let peer: Peer = parse_json(&body)?;
-    agent.workflows().add_peer(peer.clone()).await?;
-    Ok(json(StatusCode::CREATED, peer))
+    let stored = agent.federation().add_peer(peer).await?;
+    Ok(json(StatusCode::CREATED, stored))
 }
 
 #[utoipa::path(delete, path = "/v1/peers/{name}", tag = "federation", security(("bearer" = [])),
@@ -80,7 +83,7 @@ pub(super) async fn remove_peer(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require_admin()?;
-    agent.workflows().remove_peer(&name).await?;
+    agent.federation().remove_peer(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -88,8 +91,7 @@ pub(super) async fn remove_peer(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(super) struct OutboxQuery {
-    /// pending, delivered or dead
-    status: Option<String>,
+    status: Option<OutboxStatus>,
     limit: Option<u32>,
 }
 
@@ -104,7 +106,7 @@ pub(super) async fn outbox(
     let Query(query) = query.map_err(|e| ApiError::new(Code::BadRequest, e.body_text()))?;
     Ok(Json(
         agent
-            .workflows()
+            .federation()
             .outbox(query.status, query.limit.unwrap_or(100))
             .await?,
     ))
@@ -118,7 +120,7 @@ pub(super) async fn replay(
     Path(id): Path<i64>,
 ) -> Result<StatusCode, ApiError> {
     caller.require_admin()?;
-    agent.workflows().replay_delivery(id).await?;
+    agent.federation().replay(id).await?;
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -142,63 +144,11 @@ pub(super) async fn receive(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let runtime = agent.workflows();
-    let sender = header_text(&headers, PEER_HEADER)
-        .ok_or_else(|| ApiError::new(Code::PeerUnknown, "the deadlift-peer header is missing"))?;
-    let peer = runtime
-        .peer(sender)
-        .await?
-        .ok_or_else(|| ApiError::new(Code::PeerUnknown, format!("no peer named `{sender}`")))?;
-    let (Some(id), Some(timestamp), Some(signature)) = (
-        header_text(&headers, "webhook-id"),
-        header_text(&headers, "webhook-timestamp"),
-        header_text(&headers, "webhook-signature"),
-    ) else {
-        return Err(ApiError::new(
-            Code::SignatureInvalid,
-            "webhook-id, webhook-timestamp and webhook-signature are required",
-        ));
-    };
-    let timestamp: i64 = timestamp
-        .parse()
-        .map_err(|_| ApiError::new(Code::SignatureInvalid, "webhook-timestamp is not a number"))?;
-    if (now_ms() / 1000 - timestamp).abs() > TIMESTAMP_TOLERANCE_SECS {
-        return Err(ApiError::new(
-            Code::SignatureExpired,
-            format!(
-                "webhook-timestamp is more than {TIMESTAMP_TOLERANCE_SECS} s from this agent's clock"
-            ),
-        ));
-    }
-    let key = parse_public_key(&peer.public_key).map_err(|e| {
-        ApiError::new(
-            Code::Internal,
-            format!("stored key of peer `{sender}`: {e}"),
-        )
-    })?;
-    if !verify(&key, signature, id, timestamp, &body) {
-        return Err(ApiError::new(
-            Code::SignatureInvalid,
-            format!("the signature does not verify with peer `{sender}`'s key"),
-        ));
-    }
+    let webhook = Webhook::from_headers(|name| header_text(&headers, name))?;
     let content_type = header_text(&headers, header::CONTENT_TYPE.as_str()).unwrap_or_default();
-    let events = parse_events(content_type, &body).map_err(WorkflowError::from)?;
-    if events.len() == 1 && events[0].id != id {
-        return Err(ApiError::new(
-            Code::SignatureInvalid,
-            "webhook-id differs from the event's id",
-        ));
-    }
-    if let Some(refused) = events.iter().find(|e| !peer.accepts(&e.event_type)) {
-        return Err(ApiError::new(
-            Code::EventNotAccepted,
-            format!(
-                "peer `{sender}` may not send events of type `{}`",
-                refused.event_type
-            ),
-        ));
-    }
-    let events = runtime.receive(&peer, events).await?;
+    let events = agent
+        .federation()
+        .receive(&webhook, content_type, &body)
+        .await?;
     Ok(json(StatusCode::OK, Received { events }))
 }

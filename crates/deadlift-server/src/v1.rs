@@ -13,12 +13,10 @@ use serde::Serialize;
 
 use crate::{AgentState, ApiError, RawBody, authenticate, multipart_error};
 use deadlift_agent::agent::DEFAULT_TENANT;
+use deadlift_agent::workflow::v1::V1_ENTRY;
 use deadlift_engine::Code;
 use deadlift_engine::host::CallContext;
 use deadlift_engine::registry::{self, ModuleError, ModuleId, NewModule};
-
-/// The entry point every v1 module exports.
-const V1_ENTRY: &str = "_main";
 
 pub(super) fn routes() -> Router<AgentState> {
     Router::new()

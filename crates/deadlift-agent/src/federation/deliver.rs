@@ -1,19 +1,24 @@
-//! The deliverer: sends outbox entries to their peers, signed, and records each attempt
-//! through the journal writer. A refused delivery (400, 401, 403, 404, 413) will not
+//! The deliverer: sends outbox entries to their peers, signed ([`Webhook`]), and records
+//! each attempt through the journal. A refused delivery (400, 401, 403, 404, 413) will not
 //! succeed by itself and is dead at once. Other failures (network, 5xx, 408, 429) are
 //! retried with exponential backoff and jitter until the horizon. Dead entries can be
 //! replayed.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
 use super::peers::{self, Attempt, OutboxEntry, Peer};
-use super::{Identity, PEER_HEADER};
+use super::{Identity, PeerDirectory, Webhook};
 use crate::clock::now_ms;
 use crate::store::Database;
+use crate::workflow::Journal;
 use crate::workflow::event::random_fraction;
+
+/// How often delivered entries past their keeping time are forgotten.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Settings of delivery.
 #[derive(Debug, Clone)]
@@ -24,6 +29,8 @@ pub struct DeliveryConfig {
     pub max_backoff: Duration,
     /// Deliveries in flight at once.
     pub concurrency: usize,
+    /// How long delivered entries are kept, for the record.
+    pub keep_delivered: Duration,
 }
 
 impl Default for DeliveryConfig {
@@ -33,19 +40,17 @@ impl Default for DeliveryConfig {
             initial_backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(300),
             concurrency: 16,
+            keep_delivered: Duration::from_secs(24 * 3600),
         }
     }
 }
-
-/// Records an attempt's outcome; implemented by the journal writer's handle.
-pub(crate) type Recorder =
-    Arc<dyn Fn(Vec<i64>, Attempt) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
 
 /// Runs until the task is aborted.
 pub(crate) async fn run(
     db: Database,
     identity: Identity,
-    record: Recorder,
+    journal: Journal,
+    directory: PeerDirectory,
     wake: Arc<Notify>,
     config: DeliveryConfig,
 ) {
@@ -60,23 +65,24 @@ pub(crate) async fn run(
             return;
         }
     };
+    let mut pruned = Instant::now();
     loop {
+        if pruned.elapsed() >= PRUNE_EVERY {
+            pruned = Instant::now();
+            prune(&journal, &config).await;
+        }
         let reader = db.clone();
         let now = now_ms();
         let loaded = tokio::task::spawn_blocking(move || {
             let conn = reader.read();
-            Ok::<_, crate::store::DbError>((
-                peers::due(&conn, now, 256)?,
-                peers::list_peers(&conn)?,
-                peers::next_due(&conn)?,
-            ))
+            Ok::<_, crate::store::DbError>((peers::due(&conn, now, 256)?, peers::next_due(&conn)?))
         })
         .await;
-        let (due, known, next) = match loaded {
+        let (due, next) = match loaded {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(error)) => {
                 tracing::warn!(%error, "cannot read the outbox");
-                (Vec::new(), Vec::new(), None)
+                (Vec::new(), None)
             }
             Err(_) => return,
         };
@@ -95,11 +101,11 @@ pub(crate) async fn run(
             while sending.len() >= config.concurrency.max(1) {
                 sending.join_next().await;
             }
-            let peer = known.iter().find(|p| p.name == batch[0].peer).cloned();
-            let (http, identity, record, config) = (
+            let peer = directory.get(&batch[0].peer);
+            let (http, identity, journal, config) = (
                 http.clone(),
                 identity.clone(),
-                record.clone(),
+                journal.clone(),
                 config.clone(),
             );
             sending.spawn(async move {
@@ -107,10 +113,46 @@ pub(crate) async fn run(
                 if let Attempt::Dead { error } = &outcome {
                     tracing::warn!(peer = %batch[0].peer, events = batch.len(), %error, "delivery dead-lettered");
                 }
-                record(batch.iter().map(|e| e.id).collect(), outcome).await;
+                record(&journal, batch.iter().map(|e| e.id).collect(), outcome).await;
             });
         }
         while sending.join_next().await.is_some() {}
+    }
+}
+
+/// Records an attempt's outcome for each entry of its batch, then counts it.
+async fn record(journal: &Journal, ids: Vec<i64>, outcome: Attempt) {
+    let now = now_ms();
+    let count = ids.len() as u64;
+    let attempt = outcome.clone();
+    let written = journal
+        .write(move |tx| {
+            ids.into_iter()
+                .try_for_each(|id| peers::record_attempt(tx, id, &attempt, now))
+        })
+        .await;
+    if let Err(error) = written {
+        tracing::warn!(%error, "cannot record a delivery attempt");
+        return;
+    }
+    let stats = journal.stats();
+    let counter = match outcome {
+        Attempt::Delivered => &stats.deliveries_done,
+        Attempt::Retry { .. } => &stats.deliveries_retried,
+        Attempt::Dead { .. } => &stats.deliveries_dead,
+    };
+    counter.fetch_add(count, Ordering::Relaxed);
+}
+
+/// Forgets delivered entries older than the keeping time.
+async fn prune(journal: &Journal, config: &DeliveryConfig) {
+    let keep = i64::try_from(config.keep_delivered.as_millis()).unwrap_or(i64::MAX);
+    let before = now_ms().saturating_sub(keep);
+    if let Err(error) = journal
+        .write(move |tx| peers::prune_delivered(tx, before))
+        .await
+    {
+        tracing::warn!(%error, "cannot prune delivered outbox entries");
     }
 }
 
@@ -182,21 +224,13 @@ async fn attempt(
             )
         }
     };
-    let timestamp = now_ms() / 1000;
+    let webhook = Webhook::sign(identity, id, now_ms() / 1000, body.as_bytes());
     let url = format!("{}/v1/peer/events", peer.url.trim_end_matches('/'));
-    let sent = http
-        .post(&url)
-        .header("content-type", content_type)
-        .header("webhook-id", &id)
-        .header("webhook-timestamp", timestamp.to_string())
-        .header(
-            "webhook-signature",
-            identity.sign(&id, timestamp, body.as_bytes()),
-        )
-        .header(PEER_HEADER, &identity.name)
-        .body(body)
-        .send()
-        .await;
+    let mut request = http.post(&url).header("content-type", content_type);
+    for (name, value) in webhook.headers() {
+        request = request.header(name, value);
+    }
+    let sent = request.body(body).send().await;
     let error = match sent {
         Ok(response) if response.status().is_success() => return Attempt::Delivered,
         Ok(response) => {

@@ -1,178 +1,296 @@
-//! Federation between agents: this agent's Ed25519 identity, its peers (other agents,
-//! with the subjects that flow each way), the signed delivery of events to them in the
-//! manner of Standard Webhooks, and the checks on receipt.
+//! Federation between agents, behind one façade, [`Federation`]: this agent's
+//! [`Identity`], its peers (other agents, with the subjects that flow each way), the
+//! outbox and its signed delivery ([`Webhook`]), replay of dead deliveries, and the
+//! checks on receipt.
 //!
-//! A delivery carries `webhook-id` (the event id), `webhook-timestamp` (Unix seconds),
-//! `webhook-signature: v1a,<base64 Ed25519 signature over "id.timestamp.body">` and
-//! `deadlift-peer` (the sender's agent name, to pick the key to verify with).
-//! Peer and outbox SQL lives in `peers.rs`; the delivery loop in `deliver.rs`.
+//! The journal writer knows one thing of federation: when it commits an event, it puts
+//! the event in the outbox of each peer it is sent to, in the same transaction
+//! (`peers::enqueue`, reading the [`PeerDirectory`]). Everything else (peers, delivery
+//! attempts, replays) is written by this module, through the writer's generic write so
+//! that it shares its group commits. Peer and outbox SQL lives in `peers.rs`, the
+//! delivery loop in `deliver.rs`.
 
 pub mod deliver;
+mod identity;
 pub mod peers;
+mod webhook;
 
-use std::path::Path;
+use std::sync::Arc;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
 
-/// The header naming the sending agent.
-pub const PEER_HEADER: &str = "deadlift-peer";
-/// How far a delivery's timestamp may be from our clock.
-pub const TIMESTAMP_TOLERANCE_SECS: i64 = 5 * 60;
+pub use deliver::DeliveryConfig;
+pub use identity::{Identity, IdentityError, parse_public_key};
+pub use peers::{OutboxEntry, OutboxStatus, Peer};
+pub use webhook::{
+    ID_HEADER, PEER_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE_SECS, Webhook,
+};
 
-/// Failures of identity and signatures.
+use crate::clock::now_ms;
+use crate::store::{Database, DbError};
+use crate::workflow::event::{EventError, parse_events};
+use crate::workflow::{Ingested, Journal};
+use deadlift_engine::Code;
+
+/// Why a federation operation or a delivery from a peer was refused.
 #[derive(Debug, thiserror::Error)]
-pub enum IdentityError {
-    #[error("cannot read or write the identity key {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("the identity key file {0} is not 32 bytes of hex")]
-    Corrupt(String),
-    #[error("cannot generate a key: {0}")]
-    Random(String),
+pub enum FederationError {
+    #[error("the peer is invalid: {0}")]
+    PeerInvalid(String),
+    #[error("no peer named `{0}`")]
+    PeerNotFound(String),
+    /// A delivery names no known peer.
+    #[error("{0}")]
+    PeerUnknown(String),
+    #[error("{0}")]
+    SignatureInvalid(String),
+    #[error("{0}")]
+    SignatureExpired(String),
+    #[error("{0}")]
+    EventNotAccepted(String),
+    #[error("the stored key of peer `{peer}` is unusable: {reason}")]
+    StoredKey { peer: String, reason: String },
+    #[error("delivery {0} is not dead, so it cannot be replayed")]
+    DeliveryNotDead(i64),
+    #[error(transparent)]
+    Event(#[from] EventError),
+    #[error(transparent)]
+    Db(#[from] DbError),
 }
 
-/// This agent's name and signing key.
-#[derive(Clone)]
-pub struct Identity {
-    pub name: String,
-    key: SigningKey,
-}
-
-impl std::fmt::Debug for Identity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity")
-            .field("name", &self.name)
-            .field("public_key", &self.public_key())
-            .finish_non_exhaustive()
+impl FederationError {
+    pub fn code(&self) -> Code {
+        match self {
+            Self::PeerInvalid(_) => Code::PeerInvalid,
+            Self::PeerNotFound(_) => Code::PeerNotFound,
+            Self::PeerUnknown(_) => Code::PeerUnknown,
+            Self::SignatureInvalid(_) => Code::SignatureInvalid,
+            Self::SignatureExpired(_) => Code::SignatureExpired,
+            Self::EventNotAccepted(_) => Code::EventNotAccepted,
+            Self::StoredKey { .. } => Code::Internal,
+            Self::DeliveryNotDead(_) => Code::DeliveryNotDead,
+            Self::Event(error) => error.code(),
+            Self::Db(error) => error.code(),
+        }
     }
 }
 
-impl Identity {
-    /// Loads the key from `<dir>/identity.key`, creating it (readable by the owner only)
-    /// at first start.
-    pub fn load_or_create(dir: &Path, name: &str) -> Result<Self, IdentityError> {
-        let path = dir.join("identity.key");
-        let io = |source| IdentityError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        let seed = match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let mut seed = [0u8; 32];
-                hex::decode_to_slice(text.trim(), &mut seed)
-                    .map_err(|_| IdentityError::Corrupt(path.display().to_string()))?;
-                seed
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut seed = [0u8; 32];
-                getrandom::fill(&mut seed).map_err(|e| IdentityError::Random(e.to_string()))?;
-                write_private(&path, &hex::encode(seed)).map_err(io)?;
-                seed
-            }
-            Err(e) => return Err(io(e)),
-        };
-        Ok(Self {
-            name: name.to_owned(),
-            key: SigningKey::from_bytes(&seed),
-        })
+/// The peers, in memory and in step with the database: the journal writer reads it to
+/// fill outboxes, emit steps to check their `to`, receipt to find the sender's key.
+#[derive(Debug, Clone, Default)]
+pub struct PeerDirectory(Arc<RwLock<Vec<Peer>>>);
+
+impl PeerDirectory {
+    pub(crate) fn new(mut peers: Vec<Peer>) -> Self {
+        peers.sort_by(|a, b| a.name.cmp(&b.name));
+        Self(Arc::new(RwLock::new(peers)))
     }
 
-    /// The public key, base64 (what peers register).
-    pub fn public_key(&self) -> String {
-        BASE64.encode(self.key.verifying_key().to_bytes())
+    /// Every peer, by name.
+    pub fn all(&self) -> Vec<Peer> {
+        self.0.read().clone()
     }
 
-    /// The `webhook-signature` value for a delivery.
-    pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
-        let signature = self.key.sign(&signed_content(id, timestamp, body));
-        format!("v1a,{}", BASE64.encode(signature.to_bytes()))
+    pub fn get(&self, name: &str) -> Option<Peer> {
+        self.0.read().iter().find(|p| p.name == name).cloned()
+    }
+
+    /// Whether `peer` exists and serves `tenant` (an `emit` step's `to`).
+    pub fn check_serves(&self, peer: &str, tenant: &str) -> Result<(), String> {
+        match self.get(peer) {
+            Some(p) if p.tenant == tenant => Ok(()),
+            Some(_) => Err(format!("peer `{peer}` does not serve tenant `{tenant}`")),
+            None => Err(format!("no peer named `{peer}`")),
+        }
+    }
+
+    /// Looks at the peers without copying them (the writer, once per event).
+    pub(crate) fn with<T>(&self, look: impl FnOnce(&[Peer]) -> T) -> T {
+        look(&self.0.read())
+    }
+
+    fn upsert(&self, peer: Peer) {
+        let mut peers = self.0.write();
+        peers.retain(|p| p.name != peer.name);
+        let at = peers.partition_point(|p| p.name < peer.name);
+        peers.insert(at, peer);
+    }
+
+    fn remove(&self, name: &str) {
+        self.0.write().retain(|p| p.name != name);
     }
 }
 
-#[cfg(unix)]
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()
+/// Federation with other agents: the façade the server and embedders use.
+#[derive(Debug)]
+pub struct Federation {
+    identity: Identity,
+    db: Database,
+    journal: Journal,
+    peers: PeerDirectory,
+    /// Told when the outbox has new work (wakes the deliverer).
+    outbox_ready: Arc<Notify>,
+    deliverer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-#[cfg(not(unix))]
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    std::fs::write(path, text)
-}
-
-fn signed_content(id: &str, timestamp: i64, body: &[u8]) -> Vec<u8> {
-    let mut content = format!("{id}.{timestamp}.").into_bytes();
-    content.extend_from_slice(body);
-    content
-}
-
-/// Parses a base64 Ed25519 public key.
-pub fn parse_public_key(text: &str) -> Result<VerifyingKey, String> {
-    let bytes = BASE64
-        .decode(text.trim())
-        .map_err(|_| "the public key is not base64".to_owned())?;
-    let bytes: [u8; 32] = bytes
-        .try_into()
-        .map_err(|_| "an Ed25519 public key is 32 bytes".to_owned())?;
-    VerifyingKey::from_bytes(&bytes).map_err(|_| "not a valid Ed25519 public key".to_owned())
-}
-
-/// Checks a `webhook-signature` header (one or more space-separated `v1a,<base64>`)
-/// against `key`. True when any signature verifies.
-pub fn verify(key: &VerifyingKey, header: &str, id: &str, timestamp: i64, body: &[u8]) -> bool {
-    let content = signed_content(id, timestamp, body);
-    header.split(' ').any(|entry| {
-        let Some(encoded) = entry.strip_prefix("v1a,") else {
-            return false;
-        };
-        let Ok(bytes) = BASE64.decode(encoded) else {
-            return false;
-        };
-        let Ok(bytes) = <[u8; 64]>::try_from(bytes.as_slice()) else {
-            return false;
-        };
-        key.verify(&content, &Signature::from_bytes(&bytes)).is_ok()
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn identity_persists_and_signatures_verify_only_unchanged() {
-        let dir = tempfile::tempdir().unwrap();
-        let first = Identity::load_or_create(dir.path(), "a").unwrap();
-        let again = Identity::load_or_create(dir.path(), "a").unwrap();
-        assert_eq!(first.public_key(), again.public_key());
-        let key = parse_public_key(&first.public_key()).unwrap();
-        let header = first.sign("evt_1", 1_700_000_000, b"{}");
-        assert!(verify(&key, &header, "evt_1", 1_700_000_000, b"{}"));
-        assert!(!verify(&key, &header, "evt_1", 1_700_000_000, b"{ }"));
-        assert!(!verify(&key, &header, "evt_2", 1_700_000_000, b"{}"));
-        assert!(!verify(&key, &header, "evt_1", 1_700_000_001, b"{}"));
-        assert!(verify(
-            &key,
-            &format!("v1a,AAAA {header}"),
-            "evt_1",
-            1_700_000_000,
-            b"{}"
+impl Federation {
+    /// Starts the deliverer. Needs a Tokio runtime.
+    pub(crate) fn start(
+        identity: Identity,
+        db: Database,
+        journal: Journal,
+        peers: PeerDirectory,
+        outbox_ready: Arc<Notify>,
+        config: DeliveryConfig,
+    ) -> Self {
+        let deliverer = tokio::spawn(deliver::run(
+            db.clone(),
+            identity.clone(),
+            journal.clone(),
+            peers.clone(),
+            outbox_ready.clone(),
+            config,
         ));
-        let other = Identity::load_or_create(tempfile::tempdir().unwrap().path(), "b").unwrap();
-        let other_key = parse_public_key(&other.public_key()).unwrap();
-        assert!(!verify(&other_key, &header, "evt_1", 1_700_000_000, b"{}"));
-        assert!(parse_public_key("not base64!").is_err());
-        assert!(parse_public_key(&BASE64.encode([1u8; 31])).is_err());
+        Self {
+            identity,
+            db,
+            journal,
+            peers,
+            outbox_ready,
+            deliverer: Mutex::new(Some(deliverer)),
+        }
+    }
+
+    /// This agent's identity (name and signing key).
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Registers (or replaces) a peer.
+    pub async fn add_peer(&self, peer: Peer) -> Result<Peer, FederationError> {
+        peer.validate().map_err(FederationError::PeerInvalid)?;
+        let db = self.db.clone();
+        let tenant = peer.tenant.clone();
+        if !tokio::task::spawn_blocking(move || db.tenant_exists(&tenant)).await?? {
+            return Err(FederationError::PeerInvalid(format!(
+                "tenant: no tenant named `{}`",
+                peer.tenant
+            )));
+        }
+        let now = now_ms();
+        let stored = self
+            .journal
+            .write(move |tx| {
+                peers::upsert_peer(tx, &peer, now)?;
+                peers::get_peer(tx, &peer.name)?
+                    .ok_or_else(|| DbError::Corrupt("a peer vanished as it was stored".into()))
+            })
+            .await?;
+        self.peers.upsert(stored.clone());
+        Ok(stored)
+    }
+
+    pub async fn remove_peer(&self, name: &str) -> Result<(), FederationError> {
+        let owned = name.to_owned();
+        let removed = self
+            .journal
+            .write(move |tx| peers::remove_peer(tx, &owned))
+            .await?;
+        self.peers.remove(name);
+        removed
+            .then_some(())
+            .ok_or_else(|| FederationError::PeerNotFound(name.to_owned()))
+    }
+
+    /// Every peer, by name.
+    pub fn peers(&self) -> Vec<Peer> {
+        self.peers.all()
+    }
+
+    pub fn peer(&self, name: &str) -> Option<Peer> {
+        self.peers.get(name)
+    }
+
+    /// The outbox, newest first, optionally of one status.
+    pub async fn outbox(
+        &self,
+        status: Option<OutboxStatus>,
+        limit: u32,
+    ) -> Result<Vec<OutboxEntry>, FederationError> {
+        let db = self.db.clone();
+        Ok(tokio::task::spawn_blocking(move || peers::list(&db.read(), status, limit)).await??)
+    }
+
+    /// Sends a dead delivery again.
+    pub async fn replay(&self, id: i64) -> Result<(), FederationError> {
+        let now = now_ms();
+        let replayed = self
+            .journal
+            .write(move |tx| peers::replay(tx, id, now))
+            .await?;
+        if !replayed {
+            return Err(FederationError::DeliveryNotDead(id));
+        }
+        self.outbox_ready.notify_one();
+        Ok(())
+    }
+
+    /// A delivery from a peer: checked (known sender, fresh timestamp, valid signature,
+    /// accepted event types) before anything is committed; then its events are stored in
+    /// the peer's tenant (deduplicated per peer) and routed like local events, never
+    /// sent back to that peer.
+    pub async fn receive(
+        &self,
+        webhook: &Webhook,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<Vec<Ingested>, FederationError> {
+        let sender = &webhook.sender;
+        let peer = self
+            .peers
+            .get(sender)
+            .ok_or_else(|| FederationError::PeerUnknown(format!("no peer named `{sender}`")))?;
+        webhook.check_time(now_ms() / 1000)?;
+        let key =
+            parse_public_key(&peer.public_key).map_err(|reason| FederationError::StoredKey {
+                peer: sender.clone(),
+                reason,
+            })?;
+        if !webhook.verify(&key, body) {
+            return Err(FederationError::SignatureInvalid(format!(
+                "the signature does not verify with peer `{sender}`'s key"
+            )));
+        }
+        let events = parse_events(content_type, body)?;
+        if let [event] = events.as_slice()
+            && event.id != webhook.id
+        {
+            return Err(FederationError::SignatureInvalid(format!(
+                "{ID_HEADER} differs from the event's id"
+            )));
+        }
+        if let Some(refused) = events.iter().find(|e| !peer.accepts(&e.event_type)) {
+            return Err(FederationError::EventNotAccepted(format!(
+                "peer `{sender}` may not send events of type `{}`",
+                refused.event_type
+            )));
+        }
+        Ok(self.journal.receive(&peer, events).await?)
+    }
+
+    /// Stops delivering; entries in flight stay pending and go out at the next start.
+    pub(crate) async fn shutdown(&self) {
+        let deliverer = self.deliverer.lock().take();
+        if let Some(task) = deliverer {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for FederationError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Self::Db(DbError::from(e))
     }
 }

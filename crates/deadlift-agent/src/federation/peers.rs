@@ -1,7 +1,8 @@
 //! Peers and the outbox in SQL. A peer is another agent: its URL and public key, the
 //! tenant whose events flow with it (sent from here, received into), and subject patterns
 //! for what is sent and what is accepted. The outbox holds events waiting for delivery.
-//! Outbox rows are written only inside the journal writer's transactions.
+//! Outbox rows are written only inside the journal writer's transactions (its enqueue,
+//! and the federation's writes submitted to it).
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -72,7 +73,7 @@ fn corrupt(e: serde_json::Error) -> DbError {
     DbError::Corrupt(e.to_string())
 }
 
-pub fn upsert_peer(conn: &Connection, peer: &Peer, now: i64) -> Result<(), DbError> {
+pub(crate) fn upsert_peer(conn: &Connection, peer: &Peer, now: i64) -> Result<(), DbError> {
     conn.execute(
         "INSERT INTO peers (name, url, public_key, tenant, send, accept, created_unix_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -91,11 +92,11 @@ pub fn upsert_peer(conn: &Connection, peer: &Peer, now: i64) -> Result<(), DbErr
     Ok(())
 }
 
-pub fn remove_peer(conn: &Connection, name: &str) -> Result<bool, DbError> {
+pub(crate) fn remove_peer(conn: &Connection, name: &str) -> Result<bool, DbError> {
     Ok(conn.execute("DELETE FROM peers WHERE name = ?1", [name])? > 0)
 }
 
-pub fn list_peers(conn: &Connection) -> Result<Vec<Peer>, DbError> {
+pub(crate) fn list_peers(conn: &Connection) -> Result<Vec<Peer>, DbError> {
     let mut statement = conn.prepare_cached(
         "SELECT name, url, public_key, tenant, send, accept, created_unix_ms FROM peers ORDER BY name",
     )?;
@@ -125,12 +126,17 @@ pub fn list_peers(conn: &Connection) -> Result<Vec<Peer>, DbError> {
     .collect()
 }
 
-pub fn get_peer(conn: &Connection, name: &str) -> Result<Option<Peer>, DbError> {
+pub(crate) fn get_peer(conn: &Connection, name: &str) -> Result<Option<Peer>, DbError> {
     Ok(list_peers(conn)?.into_iter().find(|p| p.name == name))
 }
 
 /// Queues an event for a peer (once per peer and event id).
-pub fn enqueue(conn: &Connection, peer: &str, event: &CloudEvent, now: i64) -> Result<(), DbError> {
+pub(crate) fn enqueue(
+    conn: &Connection,
+    peer: &str,
+    event: &CloudEvent,
+    now: i64,
+) -> Result<(), DbError> {
     conn.prepare_cached(
         "INSERT OR IGNORE INTO outbox (peer, event_id, body, status, next_attempt_unix_ms, created_unix_ms)
          VALUES (?1, ?2, ?3, 'pending', ?4, ?4)",
@@ -144,14 +150,45 @@ pub fn enqueue(conn: &Connection, peer: &str, event: &CloudEvent, now: i64) -> R
     Ok(())
 }
 
+/// Where an outbox entry stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboxStatus {
+    /// Waiting for its (next) attempt.
+    Pending,
+    Delivered,
+    /// Retries exhausted or refused by the peer; can be replayed.
+    Dead,
+}
+
+impl OutboxStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Delivered => "delivered",
+            Self::Dead => "dead",
+        }
+    }
+}
+
+impl std::str::FromStr for OutboxStatus {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        [Self::Pending, Self::Delivered, Self::Dead]
+            .into_iter()
+            .find(|status| status.as_str() == text)
+            .ok_or_else(|| format!("`{text}` is not pending, delivered or dead"))
+    }
+}
+
 /// An event waiting for (or done with) delivery.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct OutboxEntry {
     pub id: i64,
     pub peer: String,
     pub event_id: String,
-    /// `pending`, `delivered` or `dead` (retries exhausted; replayable).
-    pub status: String,
+    pub status: OutboxStatus,
     pub attempts: i64,
     pub next_attempt_unix_ms: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -172,7 +209,9 @@ fn entries(
             id: row.get(0)?,
             peer: row.get(1)?,
             event_id: row.get(2)?,
-            status: row.get(3)?,
+            status: row.get::<_, String>(3)?.parse().map_err(|e: String| {
+                rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, e.into())
+            })?,
             attempts: row.get(4)?,
             next_attempt_unix_ms: row.get(5)?,
             last_error: row.get(6)?,
@@ -187,7 +226,7 @@ const ENTRY_COLUMNS: &str =
     "id, peer, event_id, status, attempts, next_attempt_unix_ms, last_error, created_unix_ms, body";
 
 /// Pending entries due by `now`, oldest first.
-pub fn due(conn: &Connection, now: i64, limit: u32) -> Result<Vec<OutboxEntry>, DbError> {
+pub(crate) fn due(conn: &Connection, now: i64, limit: u32) -> Result<Vec<OutboxEntry>, DbError> {
     entries(
         conn,
         &format!(
@@ -198,11 +237,12 @@ pub fn due(conn: &Connection, now: i64, limit: u32) -> Result<Vec<OutboxEntry>, 
 }
 
 /// The outbox, newest first, optionally of one status.
-pub fn list(
+pub(crate) fn list(
     conn: &Connection,
-    status: Option<&str>,
+    status: Option<OutboxStatus>,
     limit: u32,
 ) -> Result<Vec<OutboxEntry>, DbError> {
+    let status = status.map(OutboxStatus::as_str);
     entries(
         conn,
         &format!(
@@ -213,7 +253,7 @@ pub fn list(
 }
 
 /// The earliest next attempt among pending entries.
-pub fn next_due(conn: &Connection) -> Result<Option<i64>, DbError> {
+pub(crate) fn next_due(conn: &Connection) -> Result<Option<i64>, DbError> {
     Ok(conn
         .query_row(
             "SELECT MIN(next_attempt_unix_ms) FROM outbox WHERE status = 'pending'",
@@ -225,7 +265,7 @@ pub fn next_due(conn: &Connection) -> Result<Option<i64>, DbError> {
 }
 
 /// Records the outcome of an attempt.
-pub fn record_attempt(
+pub(crate) fn record_attempt(
     conn: &Connection,
     id: i64,
     outcome: &Attempt,
@@ -249,7 +289,7 @@ pub fn record_attempt(
 }
 
 /// Puts a dead entry back in line. False when it is not dead.
-pub fn replay(conn: &Connection, id: i64, now: i64) -> Result<bool, DbError> {
+pub(crate) fn replay(conn: &Connection, id: i64, now: i64) -> Result<bool, DbError> {
     Ok(conn.execute(
         "UPDATE outbox SET status = 'pending', next_attempt_unix_ms = ?2, created_unix_ms = ?2 WHERE id = ?1 AND status = 'dead'",
         params![id, now],
@@ -262,4 +302,12 @@ pub enum Attempt {
     Delivered,
     Retry { error: String, next_unix_ms: i64 },
     Dead { error: String },
+}
+
+/// Forgets delivered entries older than `before` (they are kept as long as event ids
+/// are, for the record).
+pub(crate) fn prune_delivered(conn: &Connection, before: i64) -> Result<usize, DbError> {
+    Ok(conn
+        .prepare_cached("DELETE FROM outbox WHERE status = 'delivered' AND delivered_unix_ms < ?1")?
+        .execute([before])?)
 }

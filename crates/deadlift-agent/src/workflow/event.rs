@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::clock::{now_ms, now_rfc3339};
+use deadlift_engine::Code;
 use deadlift_engine::subject::validate_subject;
 
 /// The content type of a batch of events.
@@ -64,6 +65,15 @@ pub enum EventError {
         "content type `{0}` is not accepted; send application/cloudevents+json, application/json or application/cloudevents-batch+json"
     )]
     ContentType(String),
+}
+
+impl EventError {
+    pub fn code(&self) -> Code {
+        match self {
+            Self::ContentType(_) => Code::UnsupportedMediaType,
+            _ => Code::EventInvalid,
+        }
+    }
 }
 
 impl CloudEvent {

@@ -1,906 +1,482 @@
-//! The durable record of workflows, events, runs, steps and dead letters: the types the
-//! API shows and the SQL that stores them. Writes happen only on the journal writer's
-//! thread (`writer`), inside its group-commit transactions; reads come from anywhere.
+//! [`Journal`], the one door to the agent's durable workflow state. Every write (an
+//! event and the runs it starts, a step, a run's end, an applied workflow, a peer or a
+//! delivery attempt of federation) and every read of the workflow tables goes through
+//! its typed methods, so that the runner, the scheduler, federation, hooks and the
+//! server know nothing of how the journal is kept. Today it is SQLite (`sqlite/`: a
+//! writer thread that commits in groups, and a read-only connection); a second
+//! backend implements these same methods.
+//!
+//! Writes answer after their commit. Reads run on the blocking pool, never on an async
+//! thread.
 
-use rusqlite::{Connection, OptionalExtension, Row, params};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::event::{CloudEvent, TraceParent, new_id};
-use super::spec::{ErrorKind, WorkflowSpec};
-use crate::store::DbError;
-use deadlift_engine::{Code, LogLine};
+use parking_lot::Mutex;
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
 
-/// Where a run is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum RunStatus {
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
+use super::event::CloudEvent;
+use super::records::{
+    DeadLetter, Finish, Ingested, NewRun, Retention, Run, RunFilter, RunSummary, RunTicket,
+    StepRecord, WorkflowVersion,
+};
+use super::spec::Workflow;
+use super::sqlite::{self, writer::Command};
+use super::step::StepOutcome;
 
-impl RunStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Queued => "queued",
-            Self::Running => "running",
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
-            Self::Cancelled => "cancelled",
-        }
-    }
+use crate::federation::Peer;
+use crate::store::{Database, DbError};
+use deadlift_engine::host::SinkError;
+use deadlift_engine::{CallContext, EmittedEvent, EventSink};
 
-    pub fn parse(text: &str) -> Option<Self> {
-        [
-            Self::Queued,
-            Self::Running,
-            Self::Succeeded,
-            Self::Failed,
-            Self::Cancelled,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == text)
-    }
-
-    pub fn is_finished(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
-    }
-}
-
-/// What started a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum TriggerKind {
-    Event,
-    Http,
-    Schedule,
-    /// A Deadlift v1 `workflows/{id}/execute` call.
-    V1,
-    /// A call of an extension point by the embedding application.
-    Hook,
-}
-
-impl TriggerKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Event => "event",
-            Self::Http => "http",
-            Self::Schedule => "schedule",
-            Self::V1 => "v1",
-            Self::Hook => "hook",
-        }
-    }
-
-    fn parse(text: &str) -> Self {
-        match text {
-            "http" => Self::Http,
-            "schedule" => Self::Schedule,
-            "v1" => Self::V1,
-            "hook" => Self::Hook,
-            _ => Self::Event,
-        }
-    }
-}
-
-/// Why a step or run failed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Failure {
-    /// The step that failed, when one did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub step: Option<String>,
-    /// A stable code: an engine call error code, or `expression_failed`,
-    /// `output_not_json`, `event_chain_too_deep`, `cancelled`.
-    pub code: Code,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<ErrorKind>,
-    pub message: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum StepStatus {
-    Succeeded,
-    Skipped,
-    Failed,
-}
-
-/// One journaled step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct StepRecord {
-    pub id: String,
-    pub status: StepStatus,
-    /// The module actually called (`sha256:...`), for call steps.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub module: Option<String>,
-    #[schema(value_type = Object)]
-    pub input: Value,
-    #[schema(value_type = Object)]
-    pub output: Value,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub logs: Vec<LogLine>,
-    pub attempts: u32,
-    /// The errors of failed attempts, in order.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub attempt_errors: Vec<Failure>,
-    pub started_unix_ms: i64,
-    pub finished_unix_ms: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<Failure>,
-    /// Ids of the events this step emitted.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub emitted: Vec<String>,
-}
-
-/// A run as listed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct RunSummary {
-    pub id: String,
-    pub workflow: String,
-    pub workflow_version: i64,
-    pub status: RunStatus,
-    pub trigger: TriggerKind,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub event_id: Option<String>,
-    pub trace_id: String,
-    pub created_unix_ms: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_unix_ms: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished_unix_ms: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<Failure>,
-    /// Position in the agent's run order; pass as `before` to page.
-    pub seq: i64,
-}
-
-/// A run with its input, output, event and steps.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Run {
-    #[serde(flatten)]
-    pub summary: RunSummary,
-    #[schema(value_type = Object)]
-    pub input: Value,
-    #[schema(value_type = Option<Object>)]
-    pub output: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub event: Option<CloudEvent>,
-    pub traceparent: String,
-    pub steps: Vec<StepRecord>,
-}
-
-/// A dead letter: a failed run whose event (or request) needs attention.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct DeadLetter {
-    pub id: i64,
-    pub run_id: String,
-    pub workflow: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub event_id: Option<String>,
-    pub error: Failure,
-    pub created_unix_ms: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replayed_unix_ms: Option<i64>,
-}
-
-/// A stored workflow version.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct WorkflowVersion {
-    pub name: String,
-    pub version: i64,
-    pub spec: WorkflowSpec,
-    pub created_unix_ms: i64,
-}
-
-/// Everything the runner needs to execute (or resume) a run.
+/// A handle to the journal; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct RunTicket {
-    pub run_id: String,
-    pub run_seq: i64,
-    pub tenant: String,
-    pub workflow: String,
-    pub version: i64,
-    pub input: Value,
-    pub event: Option<Value>,
-    pub trace: TraceParent,
-    pub depth: u64,
-    /// Steps already journaled (succeeded or skipped), when resuming.
-    pub done: Vec<StepRecord>,
-    /// Whether the run was already marked running.
-    pub started: bool,
-    /// Set once a step of this execution was handed to the journal.
-    pub journaled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+pub struct Journal {
+    commands: mpsc::UnboundedSender<Command>,
+    db: Database,
+    stats: Arc<JournalStats>,
 }
 
-/// A run to create.
-#[derive(Debug, Clone)]
-pub struct NewRun {
-    pub tenant: String,
-    pub workflow: String,
-    pub version: i64,
-    pub trigger: TriggerKind,
-    pub input: Value,
-    pub event: Option<(i64, CloudEvent)>,
-    pub trace: TraceParent,
-}
+/// The writer's end of the queue, handed to the runtime when it starts.
+#[derive(Debug)]
+pub(crate) struct JournalReceiver(pub(crate) mpsc::UnboundedReceiver<Command>);
 
-/// Filters for listing runs.
-#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
-pub struct RunFilter {
-    pub workflow: Option<String>,
-    pub status: Option<String>,
-    /// Only runs created at or after this time (Unix ms).
-    pub since_unix_ms: Option<i64>,
-    /// Only runs created before this time (Unix ms).
-    pub until_unix_ms: Option<i64>,
-    pub trace_id: Option<String>,
-    pub event_id: Option<String>,
-    /// Only runs older than this `seq` (the previous page's `next`).
-    pub before: Option<i64>,
-    /// Only runs newer than this `seq`.
-    pub after: Option<i64>,
-    /// At most this many (default 50, at most 500).
-    pub limit: Option<u32>,
-}
-
-fn json_text(value: &impl Serialize) -> Result<String, DbError> {
-    serde_json::to_string(value).map_err(|e| DbError::Corrupt(e.to_string()))
-}
-
-fn from_json<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, DbError> {
-    serde_json::from_str(text).map_err(|e| DbError::Corrupt(e.to_string()))
-}
-
-// ---- workflows -------------------------------------------------------------------
-
-/// Stores a new version of a workflow and makes it current. Returns the version.
-pub fn apply_workflow(
-    conn: &Connection,
-    tenant: &str,
-    spec: &WorkflowSpec,
-    now: i64,
-) -> Result<i64, DbError> {
-    let version: i64 = conn.query_row(
-        "SELECT COALESCE(MAX(version), 0) + 1 FROM workflow_versions WHERE tenant = ?1 AND name = ?2",
-        params![tenant, spec.name],
-        |row| row.get(0),
-    )?;
-    conn.execute(
-        "INSERT INTO workflow_versions (tenant, name, version, spec, created_unix_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![tenant, spec.name, version, json_text(spec)?, now],
-    )?;
-    conn.execute(
-        "INSERT INTO workflows (tenant, name, version, updated_unix_ms) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (tenant, name) DO UPDATE SET version = excluded.version, updated_unix_ms = excluded.updated_unix_ms",
-        params![tenant, spec.name, version, now],
-    )?;
-    Ok(version)
-}
-
-/// Removes a workflow from the live set; its versions stay for the runs that used them.
-pub fn delete_workflow(conn: &Connection, tenant: &str, name: &str) -> Result<bool, DbError> {
-    Ok(conn.execute(
-        "DELETE FROM workflows WHERE tenant = ?1 AND name = ?2",
-        params![tenant, name],
-    )? > 0)
-}
-
-fn version_row(row: &Row<'_>) -> rusqlite::Result<(String, i64, String, i64)> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-}
-
-fn to_version(
-    (name, version, spec, created): (String, i64, String, i64),
-) -> Result<WorkflowVersion, DbError> {
-    Ok(WorkflowVersion {
-        name,
-        version,
-        spec: from_json(&spec)?,
-        created_unix_ms: created,
-    })
-}
-
-/// The current version of every live workflow of a tenant (all tenants when `None`).
-pub fn live_workflows(
-    conn: &Connection,
-    tenant: Option<&str>,
-) -> Result<Vec<(String, WorkflowVersion)>, DbError> {
-    let mut statement = conn.prepare_cached(
-        "SELECT w.tenant, v.name, v.version, v.spec, v.created_unix_ms
-         FROM workflows w JOIN workflow_versions v
-           ON v.tenant = w.tenant AND v.name = w.name AND v.version = w.version
-         WHERE ?1 IS NULL OR w.tenant = ?1 ORDER BY w.tenant, w.name",
-    )?;
-    let rows = statement.query_map(params![tenant], |row| {
-        Ok((
-            row.get::<_, String>(0)?,
-            (row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?),
-        ))
-    })?;
-    rows.map(|row| {
-        let (tenant, version) = row?;
-        Ok((tenant, to_version(version)?))
-    })
-    .collect()
-}
-
-/// The current version of one workflow.
-pub fn current_workflow(
-    conn: &Connection,
-    tenant: &str,
-    name: &str,
-) -> Result<Option<WorkflowVersion>, DbError> {
-    conn.prepare_cached(
-        "SELECT v.name, v.version, v.spec, v.created_unix_ms
-         FROM workflows w JOIN workflow_versions v
-           ON v.tenant = w.tenant AND v.name = w.name AND v.version = w.version
-         WHERE w.tenant = ?1 AND w.name = ?2",
-    )?
-    .query_row(params![tenant, name], version_row)
-    .optional()?
-    .map(to_version)
-    .transpose()
-}
-
-/// One stored version, live or not.
-pub fn workflow_version(
-    conn: &Connection,
-    tenant: &str,
-    name: &str,
-    version: i64,
-) -> Result<Option<WorkflowVersion>, DbError> {
-    conn.prepare_cached(
-        "SELECT name, version, spec, created_unix_ms FROM workflow_versions
-         WHERE tenant = ?1 AND name = ?2 AND version = ?3",
-    )?
-    .query_row(params![tenant, name, version], version_row)
-    .optional()?
-    .map(to_version)
-    .transpose()
-}
-
-/// Registers a v1 workflow id for a workflow name to be created; returns the id.
-pub fn new_v1_workflow(conn: &Connection, tenant: &str) -> Result<i64, DbError> {
-    conn.execute(
-        "INSERT INTO v1_workflows (tenant, workflow) VALUES (?1, '')",
-        params![tenant],
-    )?;
-    let id = conn.last_insert_rowid();
-    conn.execute(
-        "UPDATE v1_workflows SET workflow = ?2 WHERE id = ?1",
-        params![id, v1_workflow_name(id)],
-    )?;
-    Ok(id)
-}
-
-/// The workflow name a v1 workflow id maps to.
-pub fn v1_workflow_name(id: i64) -> String {
-    format!("v1-workflow-{id}")
-}
-
-// ---- events and runs -------------------------------------------------------------
-
-/// Stores an event unless its id was seen; `None` for a duplicate, else its `seq`.
-pub fn insert_event(
-    conn: &Connection,
-    tenant: &str,
-    event: &CloudEvent,
-    now: i64,
-) -> Result<Option<i64>, DbError> {
-    let inserted = conn
-        .prepare_cached(
-            "INSERT OR IGNORE INTO events (tenant, id, type, body, received_unix_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?
-        .execute(params![tenant, event.id, event.event_type, json_text(event)?, now])?;
-    Ok((inserted > 0).then(|| conn.last_insert_rowid()))
-}
-
-/// Creates a queued run; `None` when the event already has a run of this workflow.
-pub fn insert_run(conn: &Connection, run: &NewRun, now: i64) -> Result<Option<RunTicket>, DbError> {
-    let id = new_id("run_");
-    let (event_seq, event_id, event_value, depth) = match &run.event {
-        Some((seq, event)) => (
-            Some(*seq),
-            Some(event.id.as_str()),
-            Some(serde_json::to_value(event).map_err(|e| DbError::Corrupt(e.to_string()))?),
-            event.depth(),
-        ),
-        None => (None, None, None, 0),
-    };
-    let inserted = conn
-        .prepare_cached(
-            "INSERT OR IGNORE INTO runs (id, tenant, workflow, workflow_version, trigger, event_seq, event_id,
-                status, input, traceparent, trace_id, depth, created_unix_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?10, ?11, ?12)",
-        )?
-        .execute(params![
-            id,
-            run.tenant,
-            run.workflow,
-            run.version,
-            run.trigger.as_str(),
-            event_seq,
-            event_id,
-            json_text(&run.input)?,
-            run.trace.to_string(),
-            run.trace.trace_id_hex(),
-            depth as i64,
-            now,
-        ])?;
-    if inserted == 0 {
-        return Ok(None);
-    }
-    Ok(Some(RunTicket {
-        run_id: id,
-        run_seq: conn.last_insert_rowid(),
-        tenant: run.tenant.clone(),
-        workflow: run.workflow.clone(),
-        version: run.version,
-        input: run.input.clone(),
-        event: event_value,
-        trace: run.trace,
-        depth,
-        done: Vec::new(),
-        started: false,
-        journaled: Default::default(),
-    }))
-}
-
-/// Stores a run that already ran to its end (never queued, never dead-lettered: its
-/// caller saw the outcome). Returns its id and `seq`.
-pub fn insert_finished_run(
-    conn: &Connection,
-    run: &NewRun,
-    finish: &super::writer::Finish,
-    now: i64,
-) -> Result<(String, i64), DbError> {
-    let id = new_id("run_");
-    conn.prepare_cached(
-        "INSERT INTO runs (id, tenant, workflow, workflow_version, trigger, status, input, output, error,
-            traceparent, trace_id, depth, created_unix_ms, started_unix_ms, finished_unix_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 0, ?12, ?12, ?12)",
-    )?
-    .execute(params![
-        id,
-        run.tenant,
-        run.workflow,
-        run.version,
-        run.trigger.as_str(),
-        finish.status.as_str(),
-        json_text(&run.input)?,
-        finish.output.as_ref().map(json_text).transpose()?,
-        finish.error.as_ref().map(json_text).transpose()?,
-        run.trace.to_string(),
-        run.trace.trace_id_hex(),
-        now,
-    ])?;
-    Ok((id, conn.last_insert_rowid()))
-}
-
-pub fn mark_running(conn: &Connection, run_seq: i64, now: i64) -> Result<(), DbError> {
-    conn.prepare_cached(
-        "UPDATE runs SET status = 'running', started_unix_ms = COALESCE(started_unix_ms, ?2)
-         WHERE seq = ?1 AND status = 'queued'",
-    )?
-    .execute(params![run_seq, now])?;
-    Ok(())
-}
-
-/// Journals a finished step (replacing an earlier failed record of the same step).
-pub fn insert_step(
-    conn: &Connection,
-    run_seq: i64,
-    position: usize,
-    step: &StepRecord,
-) -> Result<(), DbError> {
-    let status = match step.status {
-        StepStatus::Succeeded => "succeeded",
-        StepStatus::Skipped => "skipped",
-        StepStatus::Failed => "failed",
-    };
-    conn.prepare_cached(
-        "INSERT OR REPLACE INTO run_steps (run_seq, step, position, status, record) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![run_seq, step.id, position as i64, status, json_text(step)?])?;
-    Ok(())
-}
-
-/// Ends a run. A failed run is dead-lettered unless `dead_letter` is false (its caller
-/// saw the failure). Returns false when the run was no longer open (e.g. cancelled).
-pub fn finish_run(
-    conn: &Connection,
-    run_seq: i64,
-    status: RunStatus,
-    output: Option<&Value>,
-    error: Option<&Failure>,
-    dead_letter: bool,
-    now: i64,
-) -> Result<bool, DbError> {
-    let output = output.map(json_text).transpose()?;
-    let error_text = error.map(json_text).transpose()?;
-    let changed = conn
-        .prepare_cached(
-            "UPDATE runs SET status = ?2, output = ?3, error = ?4, finished_unix_ms = ?5,
-                started_unix_ms = COALESCE(started_unix_ms, ?5)
-             WHERE seq = ?1 AND status IN ('queued', 'running')",
-        )?
-        .execute(params![run_seq, status.as_str(), output, error_text, now])?;
-    if changed > 0 && status == RunStatus::Failed && dead_letter {
-        conn.prepare_cached(
-            "INSERT INTO dead_letters (tenant, run_seq, error, created_unix_ms)
-             SELECT tenant, seq, ?2, ?3 FROM runs WHERE seq = ?1
-             ON CONFLICT (run_seq) DO UPDATE SET error = excluded.error,
-                created_unix_ms = excluded.created_unix_ms, replayed_unix_ms = NULL",
-        )?
-        .execute(params![run_seq, error_text, now])?;
-    }
-    Ok(changed > 0)
-}
-
-/// Puts a failed or cancelled run back in the queue, keeping its succeeded steps; marks
-/// its dead letter replayed. Returns the ticket to run it, or `None` when the run is
-/// not the tenant's or is not failed or cancelled.
-pub fn requeue_run(
-    conn: &Connection,
-    tenant: &str,
-    run_id: &str,
-    now: i64,
-) -> Result<Option<RunTicket>, DbError> {
-    let changed = conn.execute(
-        "UPDATE runs SET status = 'queued', error = NULL, output = NULL, finished_unix_ms = NULL
-         WHERE id = ?1 AND tenant = ?2 AND status IN ('failed', 'cancelled')",
-        params![run_id, tenant],
-    )?;
-    if changed == 0 {
-        return Ok(None);
-    }
-    conn.execute(
-        "DELETE FROM run_steps WHERE run_seq = (SELECT seq FROM runs WHERE id = ?1) AND status = 'failed'",
-        params![run_id],
-    )?;
-    conn.execute(
-        "UPDATE dead_letters SET replayed_unix_ms = ?2
-         WHERE run_seq = (SELECT seq FROM runs WHERE id = ?1) AND replayed_unix_ms IS NULL",
-        params![run_id, now],
-    )?;
-    open_ticket(conn, run_id)
-}
-
-/// Cancels a queued or running run. Returns whether it was open.
-pub fn cancel_run(
-    conn: &Connection,
-    tenant: &str,
-    run_id: &str,
-    now: i64,
-) -> Result<bool, DbError> {
-    let failure = Failure {
-        step: None,
-        code: Code::Cancelled,
-        kind: None,
-        message: "the run was cancelled".into(),
-    };
-    Ok(conn.execute(
-        "UPDATE runs SET status = 'cancelled', error = ?3, finished_unix_ms = ?4
-         WHERE id = ?1 AND tenant = ?2 AND status IN ('queued', 'running')",
-        params![run_id, tenant, json_text(&failure)?, now],
-    )? > 0)
-}
-
-/// The ticket of an open (queued or running) run, with its journaled steps.
-pub fn open_ticket(conn: &Connection, run_id: &str) -> Result<Option<RunTicket>, DbError> {
-    let row = conn
-        .prepare_cached(
-            "SELECT r.seq, r.tenant, r.workflow, r.workflow_version, r.input, e.body, r.traceparent, r.depth, r.status
-             FROM runs r LEFT JOIN events e ON e.seq = r.event_seq
-             WHERE r.id = ?1 AND r.status IN ('queued', 'running')",
-        )?
-        .query_row(params![run_id], |row| {
-            Ok((
-                row.get::<_, i64>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, i64>(3)?,
-                row.get::<_, String>(4)?,
-                row.get::<_, Option<String>>(5)?,
-                row.get::<_, String>(6)?,
-                row.get::<_, i64>(7)?,
-                row.get::<_, String>(8)?,
-            ))
-        })
-        .optional()?;
-    let Some((seq, tenant, workflow, version, input, event, traceparent, depth, status)) = row
-    else {
-        return Ok(None);
-    };
-    let done = steps(conn, seq)?
-        .into_iter()
-        .filter(|s| s.status != StepStatus::Failed)
-        .collect();
-    Ok(Some(RunTicket {
-        run_id: run_id.to_owned(),
-        run_seq: seq,
-        tenant,
-        workflow,
-        version,
-        input: from_json(&input)?,
-        event: event.as_deref().map(from_json).transpose()?,
-        trace: TraceParent::parse(&traceparent)
-            .ok_or_else(|| DbError::Corrupt(format!("run {run_id} has a bad traceparent")))?,
-        depth: depth as u64,
-        done,
-        started: status == "running",
-        journaled: Default::default(),
-    }))
-}
-
-/// Ids of every open run, oldest first: what a starting agent resumes.
-pub fn open_runs(conn: &Connection) -> Result<Vec<String>, DbError> {
-    let mut statement =
-        conn.prepare("SELECT id FROM runs WHERE status IN ('queued', 'running') ORDER BY seq")?;
-    let rows = statement.query_map([], |row| row.get(0))?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
-fn steps(conn: &Connection, run_seq: i64) -> Result<Vec<StepRecord>, DbError> {
-    let mut statement = conn.prepare_cached(
-        "SELECT record FROM run_steps WHERE run_seq = ?1 ORDER BY position, step",
-    )?;
-    let rows = statement.query_map(params![run_seq], |row| row.get::<_, String>(0))?;
-    rows.map(|row| from_json(&row?)).collect()
-}
-
-const SUMMARY_COLUMNS: &str =
-    "r.id, r.workflow, r.workflow_version, r.status, r.trigger, r.event_id, r.trace_id,
-    r.created_unix_ms, r.started_unix_ms, r.finished_unix_ms, r.error, r.seq";
-
-fn summary_row(row: &Row<'_>) -> rusqlite::Result<(RunSummary, Option<String>)> {
-    let status: String = row.get(3)?;
-    let trigger: String = row.get(4)?;
-    Ok((
-        RunSummary {
-            id: row.get(0)?,
-            workflow: row.get(1)?,
-            workflow_version: row.get(2)?,
-            status: RunStatus::parse(&status).unwrap_or(RunStatus::Failed),
-            trigger: TriggerKind::parse(&trigger),
-            event_id: row.get(5)?,
-            trace_id: row.get(6)?,
-            created_unix_ms: row.get(7)?,
-            started_unix_ms: row.get(8)?,
-            finished_unix_ms: row.get(9)?,
-            error: None,
-            seq: row.get(11)?,
-        },
-        row.get(10)?,
-    ))
-}
-
-fn with_error((mut summary, error): (RunSummary, Option<String>)) -> Result<RunSummary, DbError> {
-    summary.error = error.as_deref().map(from_json).transpose()?;
-    Ok(summary)
-}
-
-/// Runs of a tenant, newest first, filtered.
-pub fn list_runs(
-    conn: &Connection,
-    tenant: &str,
-    filter: &RunFilter,
-) -> Result<Vec<RunSummary>, DbError> {
-    let limit = filter.limit.unwrap_or(50).clamp(1, 500);
-    let sql = format!(
-        "SELECT {SUMMARY_COLUMNS} FROM runs r
-         WHERE r.tenant = ?1
-           AND (?2 IS NULL OR r.workflow = ?2)
-           AND (?3 IS NULL OR r.status = ?3)
-           AND (?4 IS NULL OR r.created_unix_ms >= ?4)
-           AND (?5 IS NULL OR r.created_unix_ms < ?5)
-           AND (?6 IS NULL OR r.trace_id = ?6)
-           AND (?7 IS NULL OR r.event_id = ?7)
-           AND (?8 IS NULL OR r.seq < ?8)
-           AND (?9 IS NULL OR r.seq > ?9)
-         ORDER BY r.seq DESC LIMIT ?10"
-    );
-    let mut statement = conn.prepare_cached(&sql)?;
-    let rows = statement.query_map(
-        params![
-            tenant,
-            filter.workflow,
-            filter.status,
-            filter.since_unix_ms,
-            filter.until_unix_ms,
-            filter.trace_id,
-            filter.event_id,
-            filter.before,
-            filter.after,
-            limit,
-        ],
-        summary_row,
-    )?;
-    rows.map(|row| with_error(row?)).collect()
-}
-
-/// One run of a tenant, with its steps.
-pub fn get_run(conn: &Connection, tenant: &str, run_id: &str) -> Result<Option<Run>, DbError> {
-    let sql = format!(
-        "SELECT {SUMMARY_COLUMNS}, r.input, r.output, e.body, r.traceparent
-         FROM runs r LEFT JOIN events e ON e.seq = r.event_seq
-         WHERE r.id = ?1 AND r.tenant = ?2"
-    );
-    let row = conn
-        .prepare_cached(&sql)?
-        .query_row(params![run_id, tenant], |row| {
-            Ok((
-                summary_row(row)?,
-                row.get::<_, String>(12)?,
-                row.get::<_, Option<String>>(13)?,
-                row.get::<_, Option<String>>(14)?,
-                row.get::<_, String>(15)?,
-            ))
-        })
-        .optional()?;
-    let Some((summary, input, output, event, traceparent)) = row else {
-        return Ok(None);
-    };
-    let summary = with_error(summary)?;
-    let steps = steps(conn, summary.seq)?;
-    Ok(Some(Run {
-        summary,
-        input: from_json(&input)?,
-        output: output.as_deref().map(from_json).transpose()?,
-        event: event.as_deref().map(from_json).transpose()?,
-        traceparent,
-        steps,
-    }))
-}
-
-/// The summary of one run, by `seq`.
-pub fn run_summary(
-    conn: &Connection,
-    run_seq: i64,
-) -> Result<Option<(String, RunSummary)>, DbError> {
-    let sql = format!("SELECT {SUMMARY_COLUMNS}, r.tenant FROM runs r WHERE r.seq = ?1");
-    let row = conn
-        .prepare_cached(&sql)?
-        .query_row(params![run_seq], |row| {
-            Ok((summary_row(row)?, row.get::<_, String>(12)?))
-        })
-        .optional()?;
-    row.map(|(summary, tenant)| Ok((tenant, with_error(summary)?)))
-        .transpose()
-}
-
-/// The summary of one run, by id.
-pub fn run_summary_by_id(
-    conn: &Connection,
-    run_id: &str,
-) -> Result<Option<(String, RunSummary)>, DbError> {
-    let seq: Option<i64> = conn
-        .prepare_cached("SELECT seq FROM runs WHERE id = ?1")?
-        .query_row(params![run_id], |row| row.get(0))
-        .optional()?;
-    match seq {
-        Some(seq) => run_summary(conn, seq),
-        None => Ok(None),
-    }
-}
-
-/// Dead letters of a tenant, newest first; replayed ones only when asked.
-pub fn dead_letters(
-    conn: &Connection,
-    tenant: &str,
-    include_replayed: bool,
-    limit: u32,
-) -> Result<Vec<DeadLetter>, DbError> {
-    let mut statement = conn.prepare_cached(
-        "SELECT d.id, r.id, r.workflow, r.event_id, d.error, d.created_unix_ms, d.replayed_unix_ms
-         FROM dead_letters d JOIN runs r ON r.seq = d.run_seq
-         WHERE d.tenant = ?1 AND (?2 OR d.replayed_unix_ms IS NULL)
-         ORDER BY d.id DESC LIMIT ?3",
-    )?;
-    let rows = statement.query_map(
-        params![tenant, include_replayed, limit.clamp(1, 500)],
-        |row| {
-            Ok((
-                row.get::<_, i64>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, Option<String>>(3)?,
-                row.get::<_, String>(4)?,
-                row.get::<_, i64>(5)?,
-                row.get::<_, Option<i64>>(6)?,
-            ))
-        },
-    )?;
-    rows.map(|row| {
-        let (id, run_id, workflow, event_id, error, created, replayed) = row?;
-        Ok(DeadLetter {
-            id,
-            run_id,
-            workflow,
-            event_id,
-            error: from_json(&error)?,
-            created_unix_ms: created,
-            replayed_unix_ms: replayed,
-        })
-    })
-    .collect()
-}
-
-/// The run behind a tenant's dead letter.
-pub fn dead_letter_run(
-    conn: &Connection,
-    tenant: &str,
-    id: i64,
-) -> Result<Option<String>, DbError> {
-    Ok(conn
-        .query_row(
-            "SELECT r.id FROM dead_letters d JOIN runs r ON r.seq = d.run_seq WHERE d.id = ?1 AND d.tenant = ?2",
-            params![id, tenant],
-            |row| row.get(0),
-        )
-        .optional()?)
-}
-
-/// How much history to keep.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Retention {
-    /// Finished runs older than this are deleted.
-    pub max_age_ms: Option<i64>,
-    /// At most this many finished runs are kept per tenant (the newest).
-    pub max_runs_per_tenant: Option<u64>,
-    /// Event ids are remembered (for deduplication) at least this long.
-    pub dedupe_window_ms: i64,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Self {
-            max_age_ms: Some(7 * 24 * 3600 * 1000),
-            max_runs_per_tenant: Some(100_000),
-            dedupe_window_ms: 24 * 3600 * 1000,
-        }
-    }
-}
-
-/// Deletes what the retention policy no longer keeps. Returns (runs, events) deleted.
-pub fn prune(
-    conn: &Connection,
-    retention: &Retention,
-    now: i64,
-) -> Result<(usize, usize), DbError> {
-    let mut runs = 0;
-    if let Some(max_age) = retention.max_age_ms {
-        runs += conn.execute(
-            "DELETE FROM runs WHERE status IN ('succeeded', 'failed', 'cancelled') AND created_unix_ms < ?1",
-            params![now - max_age],
-        )?;
-    }
-    if let Some(max_count) = retention.max_runs_per_tenant {
-        let tenants: Vec<String> = {
-            let mut statement = conn.prepare("SELECT name FROM tenants")?;
-            let rows = statement.query_map([], |row| row.get(0))?;
-            rows.collect::<Result<_, _>>()?
+impl Journal {
+    /// A journal over `db`. Nothing is committed until the runtime starts the writer.
+    pub(crate) fn new(db: Database) -> (Self, JournalReceiver) {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let journal = Self {
+            commands,
+            db,
+            stats: Arc::default(),
         };
-        for tenant in tenants {
-            runs += conn.execute(
-                "DELETE FROM runs WHERE tenant = ?1 AND status IN ('succeeded', 'failed', 'cancelled')
-                   AND seq < (SELECT seq FROM runs WHERE tenant = ?1 AND status IN ('succeeded', 'failed', 'cancelled')
-                              ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
-                params![tenant, max_count.saturating_sub(1) as i64],
-            )?;
+        (journal, JournalReceiver(receiver))
+    }
+
+    /// What the journal has committed since start.
+    pub fn stats(&self) -> &Arc<JournalStats> {
+        &self.stats
+    }
+
+    pub(crate) fn database(&self) -> &Database {
+        &self.db
+    }
+
+    async fn request<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, DbError>>) -> Command,
+    ) -> Result<T, DbError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .map_err(|_| DbError::Closed)?;
+        answer.await.map_err(|_| DbError::Closed)?
+    }
+
+    /// Runs a blocking read on the read-only connection.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Connection) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, DbError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || read(&db.read())).await?
+    }
+
+    // ---- events ------------------------------------------------------------------
+
+    /// Stores events durably (deduplicated by id) and starts the runs they trigger.
+    pub async fn publish(
+        &self,
+        tenant: &str,
+        events: Vec<CloudEvent>,
+    ) -> Result<Vec<Ingested>, DbError> {
+        self.request(|reply| Command::Ingest {
+            tenant: tenant.to_owned(),
+            events,
+            from_peer: None,
+            reply,
+        })
+        .await
+    }
+
+    /// Events a peer delivered (already checked): stored in the peer's tenant and routed
+    /// like local events, never sent back to that peer.
+    pub(crate) async fn receive(
+        &self,
+        peer: &Peer,
+        events: Vec<CloudEvent>,
+    ) -> Result<Vec<Ingested>, DbError> {
+        self.request(|reply| Command::Ingest {
+            tenant: peer.tenant.clone(),
+            events,
+            from_peer: Some(peer.name.clone()),
+            reply,
+        })
+        .await
+    }
+
+    /// Another module's write of its own tables, committed with the journal's group.
+    pub(crate) async fn write<T: Send + 'static>(
+        &self,
+        apply: impl FnOnce(&Connection) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, DbError> {
+        let result = Arc::new(Mutex::new(None));
+        let slot = result.clone();
+        self.request(|reply| Command::Write {
+            apply: Box::new(move |tx| {
+                *slot.lock() = Some(apply(tx)?);
+                Ok(())
+            }),
+            reply,
+        })
+        .await?;
+        let value = result.lock().take();
+        value.ok_or_else(|| DbError::Commit("a write answered without its result".into()))
+    }
+
+    // ---- workflows ---------------------------------------------------------------
+
+    /// Stores a new version of a (validated) workflow and makes it current; returns
+    /// the version.
+    pub(crate) async fn apply(&self, tenant: &str, workflow: Workflow) -> Result<i64, DbError> {
+        self.request(|reply| Command::Apply {
+            tenant: tenant.to_owned(),
+            workflow: Box::new(workflow),
+            reply,
+        })
+        .await
+    }
+
+    /// Allocates a v1 workflow id and applies the spec built for it; returns the id.
+    pub(crate) async fn apply_v1(
+        &self,
+        tenant: &str,
+        build: impl FnOnce(i64) -> Result<Workflow, String> + Send + 'static,
+    ) -> Result<i64, DbError> {
+        self.request(|reply| Command::ApplyV1 {
+            tenant: tenant.to_owned(),
+            build: Box::new(build),
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes a workflow (its runs stay); false when there was none.
+    pub async fn delete(&self, tenant: &str, name: &str) -> Result<bool, DbError> {
+        self.request(|reply| Command::Delete {
+            tenant: tenant.to_owned(),
+            name: name.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Live workflows (current versions), of one tenant or of all, with their tenant.
+    pub async fn live_workflows(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<(String, WorkflowVersion)>, DbError> {
+        let tenant = tenant.map(str::to_owned);
+        self.read(move |conn| sqlite::live_workflows(conn, tenant.as_deref()))
+            .await
+    }
+
+    pub async fn current_workflow(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<WorkflowVersion>, DbError> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        self.read(move |conn| sqlite::current_workflow(conn, &tenant, &name))
+            .await
+    }
+
+    pub async fn workflow_version(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: i64,
+    ) -> Result<Option<WorkflowVersion>, DbError> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        self.read(move |conn| sqlite::workflow_version(conn, &tenant, &name, version))
+            .await
+    }
+
+    // ---- runs --------------------------------------------------------------------
+
+    /// Creates a run and queues it for the runner; answers its ticket.
+    pub async fn start_run(&self, run: NewRun) -> Result<RunTicket, DbError> {
+        self.request(|reply| Command::StartRun { run, reply }).await
+    }
+
+    /// Marks a run running (when its first step takes a while); not waited for.
+    pub(crate) fn mark_running(&self, run_seq: i64) {
+        let _ = self.commands.send(Command::Running { run_seq });
+    }
+
+    /// Journals a finished step (and the events it emitted), and the run's end with it
+    /// when it is the last.
+    pub(crate) async fn step(
+        &self,
+        ticket: Arc<RunTicket>,
+        position: usize,
+        outcome: StepOutcome,
+        finish: Option<Finish>,
+    ) -> Result<(), DbError> {
+        ticket
+            .journaled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.request(|reply| Command::Step {
+            ticket,
+            position,
+            record: outcome.record,
+            emitted: outcome.emitted,
+            finish,
+            reply,
+        })
+        .await
+    }
+
+    /// Ends a run without a step.
+    pub(crate) async fn finish(&self, run_seq: i64, finish: Finish) -> Result<(), DbError> {
+        self.request(|reply| Command::Finish {
+            run_seq,
+            finish,
+            reply,
+        })
+        .await
+    }
+
+    /// Queues the record of a run that already ran (a v1 execute, a hook call) with its
+    /// steps and emitted events. The returned receiver answers the run's id once the
+    /// record commits, so a caller may answer its own caller first.
+    pub(crate) fn submit_record(
+        &self,
+        run: NewRun,
+        steps: Vec<StepRecord>,
+        emitted: Vec<CloudEvent>,
+        finish: Finish,
+    ) -> Result<oneshot::Receiver<Result<String, DbError>>, DbError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Record {
+                run,
+                steps,
+                emitted,
+                finish,
+                reply,
+            })
+            .map_err(|_| DbError::Closed)?;
+        Ok(answer)
+    }
+
+    /// Queues a failed or cancelled run again from its failed step; its id, or `None`
+    /// when no such run is retryable.
+    pub async fn requeue(&self, tenant: &str, run_id: &str) -> Result<Option<String>, DbError> {
+        self.request(|reply| Command::Requeue {
+            tenant: tenant.to_owned(),
+            run_id: run_id.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Marks a queued or running run cancelled; false when it is not open.
+    pub async fn cancel(&self, tenant: &str, run_id: &str) -> Result<bool, DbError> {
+        self.request(|reply| Command::Cancel {
+            tenant: tenant.to_owned(),
+            run_id: run_id.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Starts the run of one schedule firing, unless that firing already has one.
+    pub(crate) async fn fire_schedule(
+        &self,
+        tenant: &str,
+        workflow: &str,
+        version: i64,
+        fire_unix_ms: i64,
+    ) -> Result<(), DbError> {
+        self.request(|reply| Command::Schedule {
+            tenant: tenant.to_owned(),
+            workflow: workflow.to_owned(),
+            version,
+            fire_unix_ms,
+            reply,
+        })
+        .await
+    }
+
+    /// Applies the retention policy; (runs, events) deleted.
+    pub async fn prune(&self, retention: Retention) -> Result<(usize, usize), DbError> {
+        self.request(|reply| Command::Prune { retention, reply })
+            .await
+    }
+
+    /// Answers once everything queued before has committed.
+    pub(crate) async fn flush(&self) -> Result<(), DbError> {
+        self.request(|reply| Command::Flush { reply }).await
+    }
+
+    pub async fn runs(&self, tenant: &str, filter: RunFilter) -> Result<Vec<RunSummary>, DbError> {
+        let tenant = tenant.to_owned();
+        self.read(move |conn| sqlite::list_runs(conn, &tenant, &filter))
+            .await
+    }
+
+    pub async fn run(&self, tenant: &str, run_id: &str) -> Result<Option<Run>, DbError> {
+        let (tenant, run_id) = (tenant.to_owned(), run_id.to_owned());
+        self.read(move |conn| sqlite::get_run(conn, &tenant, &run_id))
+            .await
+    }
+
+    /// A run's summary and tenant, by id alone.
+    pub(crate) async fn run_summary(
+        &self,
+        run_id: &str,
+    ) -> Result<Option<(String, RunSummary)>, DbError> {
+        let run_id = run_id.to_owned();
+        self.read(move |conn| sqlite::run_summary_by_id(conn, &run_id))
+            .await
+    }
+
+    /// Runs a previous process left open, ready to resume. Blocking (at start).
+    pub(crate) fn open_tickets(&self) -> Result<Vec<RunTicket>, DbError> {
+        let conn = self.db.read();
+        sqlite::open_runs(&conn)?
+            .into_iter()
+            .filter_map(|id| sqlite::open_ticket(&conn, &id).transpose())
+            .collect()
+    }
+
+    pub async fn dead_letters(
+        &self,
+        tenant: &str,
+        include_replayed: bool,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, DbError> {
+        let tenant = tenant.to_owned();
+        self.read(move |conn| sqlite::dead_letters(conn, &tenant, include_replayed, limit))
+            .await
+    }
+
+    /// The run a dead letter holds.
+    pub async fn dead_letter_run(&self, tenant: &str, id: i64) -> Result<Option<String>, DbError> {
+        let tenant = tenant.to_owned();
+        self.read(move |conn| sqlite::dead_letter_run(conn, &tenant, id))
+            .await
+    }
+}
+
+/// `emit` outside a run (a module called directly): the event goes through the same
+/// durable journal, committed before the host function returns.
+#[derive(Debug)]
+pub struct JournalSink {
+    journal: Journal,
+    source: String,
+}
+
+impl JournalSink {
+    pub fn new(journal: Journal, source: impl Into<String>) -> Self {
+        Self {
+            journal,
+            source: source.into(),
         }
     }
-    // Delivered outbox entries are kept as long as event ids are (for the record).
-    conn.execute(
-        "DELETE FROM outbox WHERE status = 'delivered' AND delivered_unix_ms < ?1",
-        params![now - retention.dedupe_window_ms],
-    )?;
-    let events = conn.execute(
-        "DELETE FROM events WHERE received_unix_ms < ?1
-           AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.event_seq = events.seq)",
-        params![now - retention.dedupe_window_ms],
-    )?;
-    Ok((runs, events))
+}
+
+impl EventSink for JournalSink {
+    fn publish(&self, ctx: &CallContext, event: EmittedEvent) -> Result<(), SinkError> {
+        let event = CloudEvent::new(event.event_type, self.source.clone(), event.data);
+        let (reply, answer) = oneshot::channel();
+        let shutting_down = || SinkError::Rejected("the agent is shutting down".into());
+        self.journal
+            .commands
+            .send(Command::Ingest {
+                tenant: ctx.tenant.clone(),
+                events: vec![event],
+                from_peer: None,
+                reply,
+            })
+            .map_err(|_| shutting_down())?;
+        // Engine workers are plain threads, so waiting for the commit here is allowed.
+        answer
+            .blocking_recv()
+            .map_err(|_| shutting_down())?
+            .map_err(|e| SinkError::Rejected(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// What the journal has committed since the agent started. The writer counts events,
+/// runs and queued deliveries; the deliverer counts delivery outcomes after their
+/// commit.
+#[derive(Debug, Default)]
+pub struct JournalStats {
+    pub events_stored: AtomicU64,
+    pub events_duplicate: AtomicU64,
+    pub runs_started: AtomicU64,
+    pub runs_succeeded: AtomicU64,
+    pub runs_failed: AtomicU64,
+    pub deliveries_queued: AtomicU64,
+    pub deliveries_done: AtomicU64,
+    pub deliveries_retried: AtomicU64,
+    pub deliveries_dead: AtomicU64,
+}
+
+impl JournalStats {
+    /// (name, help, value) of every counter, for a metrics page.
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            (
+                "deadlift_events_stored_total",
+                "Events committed to the inbox.",
+                load(&self.events_stored),
+            ),
+            (
+                "deadlift_events_duplicate_total",
+                "Events dropped as repeats of a known id.",
+                load(&self.events_duplicate),
+            ),
+            (
+                "deadlift_runs_started_total",
+                "Runs created (queued or recorded).",
+                load(&self.runs_started),
+            ),
+            (
+                "deadlift_runs_succeeded_total",
+                "Runs that ended successfully.",
+                load(&self.runs_succeeded),
+            ),
+            (
+                "deadlift_runs_failed_total",
+                "Runs that failed.",
+                load(&self.runs_failed),
+            ),
+            (
+                "deadlift_deliveries_queued_total",
+                "Events put in a peer's outbox.",
+                load(&self.deliveries_queued),
+            ),
+            (
+                "deadlift_deliveries_done_total",
+                "Outbox entries delivered.",
+                load(&self.deliveries_done),
+            ),
+            (
+                "deadlift_deliveries_retried_total",
+                "Delivery attempts that will be retried.",
+                load(&self.deliveries_retried),
+            ),
+            (
+                "deadlift_deliveries_dead_total",
+                "Outbox entries given up on.",
+                load(&self.deliveries_dead),
+            ),
+        ]
+    }
 }

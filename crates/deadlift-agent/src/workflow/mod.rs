@@ -2,47 +2,47 @@
 //! engine.
 //!
 //! Events enter through [`Runtime::publish`] (HTTP, module `emit`, `emit` steps,
-//! schedules); the journal writer (`writer`) stores each event, dedupes it by id and
-//! queues one run per matching workflow in the same transaction; the runner (`runner`)
-//! executes runs and journals every step before going on. Everything durable lives in
-//! the agent's SQLite database (`journal` holds the SQL).
+//! schedules). The [`Journal`] stores each event, dedupes it by id and queues one run
+//! per matching workflow in the same transaction; the runner (`runner`) executes runs on
+//! the step executor (`step`) and journals every step before going on. Everything
+//! durable goes through the journal, whose SQLite implementation lives in `sqlite/`.
 
 pub mod event;
 pub mod expr;
-pub mod journal;
+mod journal;
+pub mod records;
 mod runner;
 mod schedule;
 pub mod spec;
-pub use deadlift_engine::subject;
-mod writer;
+mod sqlite;
+mod step;
+pub mod v1;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-
-use parking_lot::Mutex;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use serde_json::Value;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
 
 pub use event::{CloudEvent, EventError, TraceParent};
-pub use journal::NewRun;
-pub use journal::{
-    DeadLetter, Failure, Retention, Run, RunFilter, RunStatus, RunSummary, StepRecord, StepStatus,
-    TriggerKind, WorkflowVersion,
+pub(crate) use journal::JournalReceiver;
+pub use journal::{Journal, JournalSink, JournalStats};
+pub use records::{
+    DeadLetter, Failure, Finish, Ingested, NewRun, Retention, Run, RunFilter, RunStatus,
+    RunSummary, RunUpdate, StepRecord, StepStatus, TriggerKind, WorkflowVersion,
 };
 pub use spec::{FieldError, SpecError, Workflow, WorkflowSpec};
-pub use writer::{Ingested, JournalStats, RunUpdate};
+pub use step::StepOutcome;
+pub(crate) use step::StepScope;
 
-use crate::federation::Identity;
-use crate::federation::peers::Peer;
-use crate::store::{Database, DbError};
-use deadlift_engine::Code;
-use deadlift_engine::engine::Engine;
-use deadlift_engine::host::{CallContext, EmittedEvent, EventSink, SinkError};
+use crate::federation::PeerDirectory;
+use crate::store::DbError;
+use deadlift_engine::{Code, Engine, ModuleInfo};
 use runner::Runner;
 use spec::{ApplyChecks, ModuleFacts};
-use writer::Command;
+use step::StepExecutor;
 
 /// Failures of workflow operations, each with a stable code.
 #[derive(Debug, thiserror::Error)]
@@ -69,12 +69,6 @@ pub enum WorkflowError {
     PipelineEmpty,
     #[error("{}", .0.message)]
     RunFailed(Failure),
-    #[error("the peer is invalid: {0}")]
-    PeerInvalid(String),
-    #[error("no peer named `{0}`")]
-    PeerNotFound(String),
-    #[error("delivery {0} is not dead, so it cannot be replayed")]
-    DeliveryNotDead(i64),
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -84,21 +78,22 @@ impl WorkflowError {
         match self {
             Self::Spec(_) | Self::NameMismatch { .. } => Code::WorkflowInvalid,
             Self::NotFound(_) => Code::WorkflowNotFound,
-            Self::Event(EventError::ContentType(_)) => Code::UnsupportedMediaType,
-            Self::Event(_) => Code::EventInvalid,
+            Self::Event(error) => error.code(),
             Self::RunNotFound(_) => Code::RunNotFound,
             Self::RunNotRetryable(_) => Code::RunNotRetryable,
             Self::RunNotOpen(_) => Code::RunNotOpen,
             Self::DeadLetterNotFound(_) => Code::DeadLetterNotFound,
             Self::SubjectUnknown(_) => Code::SubjectUnknown,
             Self::PipelineEmpty => Code::PipelineEmpty,
-            Self::RunFailed(_) => Code::RunFailed,
-            Self::PeerInvalid(_) => Code::PeerInvalid,
-            Self::PeerNotFound(_) => Code::PeerNotFound,
-            Self::DeliveryNotDead(_) => Code::DeliveryNotDead,
-            Self::Db(DbError::Closed) => Code::ShuttingDown,
-            Self::Db(_) => Code::Internal,
+            Self::RunFailed(failure) => failure.code,
+            Self::Db(error) => error.code(),
         }
+    }
+}
+
+impl From<tokio::task::JoinError> for WorkflowError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Self::Db(DbError::from(e))
     }
 }
 
@@ -112,8 +107,6 @@ pub struct RuntimeConfig {
     pub prune_every: Duration,
     /// The source URI of events this agent's runs emit (`deadlift://<agent>`).
     pub source: String,
-    /// Retries of deliveries to peers.
-    pub delivery: crate::federation::deliver::DeliveryConfig,
 }
 
 impl Default for RuntimeConfig {
@@ -123,103 +116,16 @@ impl Default for RuntimeConfig {
             retention: Retention::default(),
             prune_every: Duration::from_secs(60),
             source: "deadlift://agent".into(),
-            delivery: Default::default(),
         }
-    }
-}
-
-/// The sending half of the journal writer's queue; created before the engine so that
-/// the engine's `emit` (outside runs) can publish into the durable inbox.
-#[derive(Debug, Clone)]
-pub struct Inbox {
-    commands: mpsc::UnboundedSender<Command>,
-}
-
-/// The receiving half, handed to [`Runtime::start`].
-#[derive(Debug)]
-pub struct InboxReceiver(mpsc::UnboundedReceiver<Command>);
-
-impl Inbox {
-    pub fn new() -> (Self, InboxReceiver) {
-        let (commands, receiver) = mpsc::unbounded_channel();
-        (Self { commands }, InboxReceiver(receiver))
-    }
-
-    /// Stores events durably and routes them; answers after the commit.
-    pub async fn publish(
-        &self,
-        tenant: &str,
-        events: Vec<CloudEvent>,
-    ) -> Result<Vec<Ingested>, DbError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Ingest {
-                tenant: tenant.to_owned(),
-                events,
-                from_peer: None,
-                reply,
-            })
-            .map_err(|_| DbError::Closed)?;
-        answer.await.map_err(|_| DbError::Closed)?
-    }
-
-    async fn request<T>(
-        &self,
-        command: impl FnOnce(oneshot::Sender<Result<T, DbError>>) -> Command,
-    ) -> Result<T, DbError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(command(reply))
-            .map_err(|_| DbError::Closed)?;
-        answer.await.map_err(|_| DbError::Closed)?
-    }
-}
-
-/// `emit` outside a run (a module called directly): the event goes through the same
-/// durable inbox, committed before the host function returns.
-#[derive(Debug)]
-pub struct InboxSink {
-    inbox: Inbox,
-    source: String,
-}
-
-impl InboxSink {
-    pub fn new(inbox: Inbox, source: impl Into<String>) -> Self {
-        Self {
-            inbox,
-            source: source.into(),
-        }
-    }
-}
-
-impl EventSink for InboxSink {
-    fn publish(&self, ctx: &CallContext, event: EmittedEvent) -> Result<(), SinkError> {
-        let event = CloudEvent::new(event.event_type, self.source.clone(), event.data);
-        let (reply, answer) = oneshot::channel();
-        self.inbox
-            .commands
-            .send(Command::Ingest {
-                tenant: ctx.tenant.clone(),
-                events: vec![event],
-                from_peer: None,
-                reply,
-            })
-            .map_err(|_| SinkError::Rejected("the agent is shutting down".into()))?;
-        // Engine workers are plain threads, so waiting for the commit here is allowed.
-        answer
-            .blocking_recv()
-            .map_err(|_| SinkError::Rejected("the agent is shutting down".into()))?
-            .map_err(|e| SinkError::Rejected(e.to_string()))?;
-        Ok(())
     }
 }
 
 /// The workflow runtime of an agent.
 #[derive(Debug)]
 pub struct Runtime {
-    inbox: Inbox,
+    journal: Journal,
     runner: Arc<Runner>,
-    db: Database,
+    steps: Arc<StepExecutor>,
     engine: Engine,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -227,10 +133,13 @@ pub struct Runtime {
     closing: tokio::sync::watch::Sender<bool>,
     /// Runs a previous process left open, resumed at start.
     resumed: usize,
-    identity: Identity,
     /// The current version of each workflow asked for, so that starting a run needs no
     /// database read; kept in step by apply and delete.
     heads: Mutex<HashMap<(String, String), i64>>,
+    /// Told when the outbox has new work (the deliverer wakes).
+    outbox_ready: Arc<Notify>,
+    /// Bounds v1 executes answered but not yet recorded.
+    v1_unrecorded: Arc<Semaphore>,
 }
 
 struct Checks<'a> {
@@ -269,33 +178,23 @@ impl ApplyChecks for Checks<'_> {
 impl Runtime {
     /// Starts the journal writer, the runner, the scheduler and retention, and resumes
     /// every run a previous process left open. Needs a Tokio runtime.
-    pub fn start(
-        db: Database,
+    pub(crate) fn start(
         engine: Engine,
-        inbox: Inbox,
-        receiver: InboxReceiver,
+        journal: Journal,
+        receiver: JournalReceiver,
+        peers: PeerDirectory,
         config: RuntimeConfig,
-        identity: Identity,
     ) -> Result<Self, DbError> {
         let (run_sender, run_receiver) = mpsc::unbounded_channel();
-        let outlets = writer::Outlets {
+        let outlets = sqlite::writer::Outlets {
             runs: run_sender.clone(),
             updates: broadcast::channel(1024).0,
             waiters: Arc::default(),
             workflows_changed: Arc::default(),
             outbox: Arc::default(),
-            stats: Arc::default(),
+            stats: journal.stats().clone(),
         };
-        let (routes, peers, open) = {
-            let conn = db.lock();
-            let routes = writer::load_routes(&conn)?;
-            let peers = crate::federation::peers::list_peers(&conn)?;
-            let open = journal::open_runs(&conn)?
-                .into_iter()
-                .filter_map(|id| journal::open_ticket(&conn, &id).transpose())
-                .collect::<Result<Vec<_>, _>>()?;
-            (routes, peers, open)
-        };
+        let open = journal.open_tickets()?;
         let resumed = open.len();
         if resumed > 0 {
             tracing::info!(
@@ -306,15 +205,16 @@ impl Runtime {
         for ticket in open {
             let _ = run_sender.send(ticket);
         }
-        let writer = writer::Writer::new(db.clone(), routes, peers, outlets.clone());
-        let writer = std::thread::Builder::new()
-            .name("deadlift-journal".into())
-            .spawn(move || writer.run(receiver.0))
-            .map_err(|e| DbError::Commit(format!("cannot start the journal writer: {e}")))?;
+        let writer = sqlite::writer::start(
+            journal.database().clone(),
+            receiver,
+            peers.clone(),
+            outlets.clone(),
+        )?;
+        let steps = Arc::new(StepExecutor::new(engine.clone(), peers));
         let runner = Arc::new(Runner::new(
-            db.clone(),
-            engine.clone(),
-            inbox.commands.clone(),
+            journal.clone(),
+            steps.clone(),
             outlets.clone(),
             config.source.clone(),
         ));
@@ -325,143 +225,47 @@ impl Runtime {
                     .dispatch(run_receiver, config.max_concurrent_runs),
             ),
             tokio::spawn(schedule::run(
-                db.clone(),
-                inbox.commands.clone(),
+                journal.clone(),
                 outlets.workflows_changed.clone(),
             )),
             tokio::spawn(prune_periodically(
-                inbox.clone(),
+                journal.clone(),
                 config.retention,
                 config.prune_every,
             )),
-            tokio::spawn(crate::federation::deliver::run(
-                db.clone(),
-                identity.clone(),
-                recorder(inbox.clone()),
-                outlets.outbox.clone(),
-                config.delivery.clone(),
-            )),
         ];
         Ok(Self {
-            inbox,
+            journal,
             runner,
-            db,
+            steps,
             engine,
             tasks: Mutex::new(tasks),
-            identity,
             writer: Mutex::new(Some(writer)),
             closing: tokio::sync::watch::channel(false).0,
             resumed,
             heads: Mutex::new(HashMap::new()),
+            outbox_ready: outlets.outbox.clone(),
+            v1_unrecorded: v1::unrecorded(),
         })
     }
 
     /// What the journal has committed since start (events, runs, deliveries).
-    pub fn stats(&self) -> &writer::JournalStats {
-        &self.runner.outlets.stats
+    pub fn stats(&self) -> &JournalStats {
+        self.journal.stats()
     }
 
-    /// This agent's identity (name and signing key).
-    pub fn identity(&self) -> &Identity {
-        &self.identity
+    /// The journal: the agent's durable workflow state.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
     }
 
-    /// Registers (or replaces) a peer.
-    pub async fn add_peer(&self, peer: Peer) -> Result<(), WorkflowError> {
-        peer.validate().map_err(WorkflowError::PeerInvalid)?;
-        let db = self.db.clone();
-        let tenant = peer.tenant.clone();
-        if !tokio::task::spawn_blocking(move || db.tenant_exists(&tenant))
-            .await
-            .map_err(|e| DbError::Commit(e.to_string()))??
-        {
-            return Err(WorkflowError::PeerInvalid(format!(
-                "tenant: no tenant named `{}`",
-                peer.tenant
-            )));
-        }
-        Ok(self
-            .inbox
-            .request(|reply| Command::PeerUpsert { peer, reply })
-            .await?)
-    }
-
-    pub async fn remove_peer(&self, name: &str) -> Result<(), WorkflowError> {
-        let removed = self
-            .inbox
-            .request(|reply| Command::PeerRemove {
-                name: name.to_owned(),
-                reply,
-            })
-            .await?;
-        removed
-            .then_some(())
-            .ok_or_else(|| WorkflowError::PeerNotFound(name.to_owned()))
-    }
-
-    pub async fn peers(&self) -> Result<Vec<Peer>, WorkflowError> {
-        self.read(crate::federation::peers::list_peers).await
-    }
-
-    pub async fn peer(&self, name: &str) -> Result<Option<Peer>, WorkflowError> {
-        let name = name.to_owned();
-        self.read(move |conn| crate::federation::peers::get_peer(conn, &name))
-            .await
-    }
-
-    /// Events a peer delivered: stored in the peer's tenant (deduplicated) and routed like
-    /// local events, never sent back to that peer.
-    pub async fn receive(
-        &self,
-        peer: &Peer,
-        events: Vec<CloudEvent>,
-    ) -> Result<Vec<Ingested>, WorkflowError> {
-        Ok(self
-            .inbox
-            .request(|reply| Command::Ingest {
-                tenant: peer.tenant.clone(),
-                events,
-                from_peer: Some(peer.name.clone()),
-                reply,
-            })
-            .await?)
-    }
-
-    /// The outbox, newest first; `status` is pending, delivered or dead.
-    pub async fn outbox(
-        &self,
-        status: Option<String>,
-        limit: u32,
-    ) -> Result<Vec<crate::federation::peers::OutboxEntry>, WorkflowError> {
-        self.read(move |conn| crate::federation::peers::list(conn, status.as_deref(), limit))
-            .await
-    }
-
-    /// Sends a dead delivery again.
-    pub async fn replay_delivery(&self, id: i64) -> Result<(), WorkflowError> {
-        let replayed = self
-            .inbox
-            .request(|reply| Command::OutboxReplay { id, reply })
-            .await?;
-        replayed
-            .then_some(())
-            .ok_or(WorkflowError::DeliveryNotDead(id))
+    pub(crate) fn outbox_ready(&self) -> &Arc<Notify> {
+        &self.outbox_ready
     }
 
     /// How many runs a previous process left open; they were resumed at start.
     pub fn resumed_runs(&self) -> usize {
         self.resumed
-    }
-
-    async fn read<T: Send + 'static>(
-        &self,
-        query: impl FnOnce(&rusqlite::Connection) -> Result<T, DbError> + Send + 'static,
-    ) -> Result<T, WorkflowError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || query(&db.read()))
-            .await
-            .map_err(|e| DbError::Commit(e.to_string()))?
-            .map_err(WorkflowError::from)
     }
 
     /// Validates a workflow document against this agent and stores it as a new version.
@@ -483,70 +287,50 @@ impl Runtime {
         }
         let engine = self.engine.clone();
         let owner = tenant.to_owned();
-        let checked = spec.clone();
-        tokio::task::spawn_blocking(move || {
+        let workflow = tokio::task::spawn_blocking(move || {
             let checks = Checks {
                 engine: &engine,
                 tenant: &owner,
             };
-            Workflow::compile(checked, Some(&checks)).map(|_| ())
+            Workflow::compile(spec, Some(&checks))
         })
-        .await
-        .map_err(|e| DbError::Commit(e.to_string()))??;
-        let name = spec.name.clone();
-        let version = self
-            .inbox
-            .request(|reply| Command::Apply {
-                tenant: tenant.to_owned(),
-                spec,
-                reply,
-            })
-            .await?;
+        .await??;
+        let name = workflow.spec.name.clone();
+        let version = self.journal.apply(tenant, workflow).await?;
         self.runner.outlets.workflows_changed.notify_one();
-        self.heads()
+        self.heads
+            .lock()
             .insert((tenant.to_owned(), name.clone()), version);
-        let tenant = tenant.to_owned();
-        self.read(move |conn| journal::workflow_version(conn, &tenant, &name, version))
+        self.journal
+            .workflow_version(tenant, &name, version)
             .await?
             .ok_or_else(|| WorkflowError::Db(DbError::Corrupt("applied version vanished".into())))
     }
 
     pub async fn delete(&self, tenant: &str, name: &str) -> Result<(), WorkflowError> {
-        let deleted = self
-            .inbox
-            .request(|reply| Command::Delete {
-                tenant: tenant.to_owned(),
-                name: name.to_owned(),
-                reply,
-            })
-            .await?;
+        let deleted = self.journal.delete(tenant, name).await?;
         self.runner.outlets.workflows_changed.notify_one();
-        self.heads().remove(&(tenant.to_owned(), name.to_owned()));
+        self.heads
+            .lock()
+            .remove(&(tenant.to_owned(), name.to_owned()));
         deleted
             .then_some(())
             .ok_or_else(|| WorkflowError::NotFound(name.to_owned()))
     }
 
     pub async fn workflows(&self, tenant: &str) -> Result<Vec<WorkflowVersion>, WorkflowError> {
-        let tenant = tenant.to_owned();
-        let all = self
-            .read(move |conn| journal::live_workflows(conn, Some(&tenant)))
-            .await?;
+        let all = self.journal.live_workflows(Some(tenant)).await?;
         Ok(all.into_iter().map(|(_, version)| version).collect())
-    }
-
-    fn heads(&self) -> parking_lot::MutexGuard<'_, HashMap<(String, String), i64>> {
-        self.heads.lock()
     }
 
     /// The current version number of a workflow.
     async fn current_version(&self, tenant: &str, name: &str) -> Result<i64, WorkflowError> {
         let key = (tenant.to_owned(), name.to_owned());
-        if let Some(version) = self.heads().get(&key) {
+        if let Some(version) = self.heads.lock().get(&key) {
             return Ok(*version);
         }
         let version = self.workflow(tenant, name).await?.version;
-        self.heads().insert(key, version);
+        self.heads.lock().insert(key, version);
         Ok(version)
     }
 
@@ -555,8 +339,8 @@ impl Runtime {
         tenant: &str,
         name: &str,
     ) -> Result<WorkflowVersion, WorkflowError> {
-        let (tenant, owned) = (tenant.to_owned(), name.to_owned());
-        self.read(move |conn| journal::current_workflow(conn, &tenant, &owned))
+        self.journal
+            .current_workflow(tenant, name)
             .await?
             .ok_or_else(|| WorkflowError::NotFound(name.to_owned()))
     }
@@ -565,7 +349,7 @@ impl Runtime {
     pub async fn module_in_use(
         &self,
         tenant: &str,
-        module: &deadlift_engine::registry::ModuleInfo,
+        module: &ModuleInfo,
     ) -> Result<Option<String>, WorkflowError> {
         let id = module.id.to_string();
         let name = module.name.clone();
@@ -589,7 +373,7 @@ impl Runtime {
         tenant: &str,
         events: Vec<CloudEvent>,
     ) -> Result<Vec<Ingested>, WorkflowError> {
-        Ok(self.inbox.publish(tenant, events).await?)
+        Ok(self.journal.publish(tenant, events).await?)
     }
 
     /// Starts a run of a workflow's current version with `input`; returns its id.
@@ -601,7 +385,7 @@ impl Runtime {
         trace: Option<TraceParent>,
     ) -> Result<String, WorkflowError> {
         let version = self.current_version(tenant, name).await?;
-        let run = journal::NewRun {
+        let run = NewRun {
             tenant: tenant.to_owned(),
             workflow: name.to_owned(),
             version,
@@ -610,11 +394,7 @@ impl Runtime {
             event: None,
             trace: trace.map_or_else(TraceParent::new_root, |t| t.child()),
         };
-        let ticket = self
-            .inbox
-            .request(|reply| Command::StartRun { run, reply })
-            .await?;
-        Ok(ticket.run_id)
+        Ok(self.journal.start_run(run).await?.run_id)
     }
 
     /// Waits for a run to finish, up to `timeout`; `None` if it has not by then.
@@ -627,29 +407,19 @@ impl Runtime {
         tenant: &str,
         filter: RunFilter,
     ) -> Result<Vec<RunSummary>, WorkflowError> {
-        let tenant = tenant.to_owned();
-        self.read(move |conn| journal::list_runs(conn, &tenant, &filter))
-            .await
+        Ok(self.journal.runs(tenant, filter).await?)
     }
 
     pub async fn run(&self, tenant: &str, run_id: &str) -> Result<Run, WorkflowError> {
-        let (tenant, id) = (tenant.to_owned(), run_id.to_owned());
-        self.read(move |conn| journal::get_run(conn, &tenant, &id))
+        self.journal
+            .run(tenant, run_id)
             .await?
             .ok_or_else(|| WorkflowError::RunNotFound(run_id.to_owned()))
     }
 
     /// Runs a failed or cancelled run again from its failed step.
     pub async fn retry(&self, tenant: &str, run_id: &str) -> Result<(), WorkflowError> {
-        let requeued = self
-            .inbox
-            .request(|reply| Command::Requeue {
-                tenant: tenant.to_owned(),
-                run_id: run_id.to_owned(),
-                reply,
-            })
-            .await?;
-        if requeued.is_some() {
+        if self.journal.requeue(tenant, run_id).await?.is_some() {
             return Ok(());
         }
         // Tell "no such run" from "not retryable".
@@ -659,15 +429,7 @@ impl Runtime {
 
     /// Cancels a queued or running run.
     pub async fn cancel(&self, tenant: &str, run_id: &str) -> Result<(), WorkflowError> {
-        let cancelled = self
-            .inbox
-            .request(|reply| Command::Cancel {
-                tenant: tenant.to_owned(),
-                run_id: run_id.to_owned(),
-                reply,
-            })
-            .await?;
-        if cancelled {
+        if self.journal.cancel(tenant, run_id).await? {
             self.runner.cancel(run_id);
             return Ok(());
         }
@@ -681,16 +443,17 @@ impl Runtime {
         include_replayed: bool,
         limit: u32,
     ) -> Result<Vec<DeadLetter>, WorkflowError> {
-        let tenant = tenant.to_owned();
-        self.read(move |conn| journal::dead_letters(conn, &tenant, include_replayed, limit))
-            .await
+        Ok(self
+            .journal
+            .dead_letters(tenant, include_replayed, limit)
+            .await?)
     }
 
     /// Replays a dead letter: its run runs again from the failed step. Returns the run.
     pub async fn replay(&self, tenant: &str, id: i64) -> Result<String, WorkflowError> {
-        let owner = tenant.to_owned();
         let run_id = self
-            .read(move |conn| journal::dead_letter_run(conn, &owner, id))
+            .journal
+            .dead_letter_run(tenant, id)
             .await?
             .ok_or(WorkflowError::DeadLetterNotFound(id))?;
         self.retry(tenant, &run_id).await?;
@@ -718,97 +481,46 @@ impl Runtime {
 
     /// Applies the retention policy now. Returns (runs, events) deleted.
     pub async fn prune(&self, retention: Retention) -> Result<(usize, usize), WorkflowError> {
-        Ok(self
-            .inbox
-            .request(|reply| Command::Prune { retention, reply })
-            .await?)
+        Ok(self.journal.prune(retention).await?)
     }
 
-    /// Creates a Deadlift v1 workflow: a pipeline of modules named by subject, run
-    /// whole by `execute_v1` and from its second module by events of its first
-    /// module's subject. Returns the v1 integer id.
-    pub async fn create_v1(
+    /// Runs one step outside any workflow (a hook call): the same executor as runs use.
+    pub(crate) async fn run_step(
         &self,
-        tenant: &str,
-        name: &str,
-        description: Option<String>,
-        pipeline: Vec<String>,
-        grant: deadlift_engine::grant::Grant,
-    ) -> Result<i64, WorkflowError> {
-        if pipeline.is_empty() {
-            return Err(WorkflowError::PipelineEmpty);
-        }
-        let registry = self.engine.registry().clone();
-        let owner = tenant.to_owned();
-        let subjects = pipeline.clone();
-        let modules = tokio::task::spawn_blocking(move || {
-            let all = registry.list(&owner).unwrap_or_default();
-            subjects
-                .iter()
-                .map(|subject| {
-                    all.iter()
-                        .filter(|m| &m.name == subject)
-                        .max_by_key(|m| m.created_unix_ms)
-                        .map(|m| m.id.to_string())
-                        .ok_or_else(|| WorkflowError::SubjectUnknown(subject.clone()))
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map_err(|e| DbError::Commit(e.to_string()))??;
-        let trigger_subject = subject::validate_subject(&pipeline[0])
-            .is_ok()
-            .then(|| pipeline[0].clone());
-        let description = Some(match description {
-            Some(text) => format!("Deadlift v1 workflow \"{name}\": {text}"),
-            None => format!("Deadlift v1 workflow \"{name}\""),
-        });
-        let build = move |id: i64| v1_spec(id, description, trigger_subject, &modules, grant);
-        let id = self
-            .inbox
-            .request(|reply| Command::ApplyV1 {
-                tenant: tenant.to_owned(),
-                build: Box::new(build),
-                reply,
-            })
-            .await?;
-        Ok(id)
+        at: step::StepScope<'_>,
+        step: &spec::Step,
+        input: Value,
+    ) -> StepOutcome {
+        let empty = Value::Object(Default::default());
+        let scope = expr::Scope {
+            event: &Value::Null,
+            input: &input,
+            steps: &empty,
+        };
+        self.steps.run(at, step, input.clone(), scope).await
     }
 
-    /// Journals a run that already happened outside the runner (a hook call), with its
-    /// steps and the events it emitted; answers after the commit with the run's id.
-    pub async fn record(
+    /// Journals a call that already ran outside any workflow (a hook call) as a run of
+    /// one step, with the events it emitted; answers the run's id after the commit.
+    pub(crate) async fn record(
         &self,
-        run: journal::NewRun,
-        steps: Vec<StepRecord>,
-        emitted: Vec<CloudEvent>,
+        run: NewRun,
+        outcome: StepOutcome,
         failure: Option<Failure>,
         output: Option<Value>,
-    ) -> Result<String, WorkflowError> {
-        let finish = writer::Finish {
-            status: if failure.is_some() {
-                RunStatus::Failed
-            } else {
-                RunStatus::Succeeded
-            },
-            output,
-            error: failure,
-            dead_letter: false,
+    ) -> Result<String, DbError> {
+        let finish = match failure {
+            Some(failure) => runner::failed(failure, false),
+            None => runner::succeeded(output.unwrap_or(Value::Null)),
         };
-        Ok(self
-            .inbox
-            .request(|reply| Command::Record {
-                run,
-                steps,
-                emitted,
-                finish,
-                reply,
-            })
-            .await?)
+        let recorded =
+            self.journal
+                .submit_record(run, vec![outcome.record], outcome.emitted, finish)?;
+        recorded.await.map_err(|_| DbError::Closed)?
     }
 
-    /// An event emitted by the application itself (or a plug-in) in the given trace, one
-    /// level below it: what hooks' callers publish after a call.
+    /// An event emitted by the application itself in the given trace, one level below
+    /// it: what hooks' callers publish after a call.
     pub fn event_in_trace(&self, event_type: &str, data: Value, trace: &TraceParent) -> CloudEvent {
         let mut event = CloudEvent::new(event_type, self.runner.source.clone(), data);
         event.extensions.insert(
@@ -818,31 +530,9 @@ impl Runtime {
         event
     }
 
-    /// Runs a v1 workflow with `input` and answers its output; journaled as a run.
-    pub async fn execute_v1(
-        &self,
-        tenant: &str,
-        id: i64,
-        input: Value,
-    ) -> Result<Value, WorkflowError> {
-        let name = journal::v1_workflow_name(id);
-        let version = self.current_version(tenant, &name).await?;
-        let workflow = self
-            .runner
-            .workflow(tenant, &name, version)
-            .await
-            .map_err(WorkflowError::RunFailed)?;
-        let run = journal::NewRun {
-            tenant: tenant.to_owned(),
-            workflow: name,
-            version,
-            trigger: TriggerKind::V1,
-            input,
-            event: None,
-            trace: TraceParent::new_root(),
-        };
-        let result = self.runner.execute_now(run, &workflow).await?;
-        result.map_err(WorkflowError::RunFailed)
+    /// The source of events the agent itself emits (`deadlift://<agent>`).
+    pub fn source(&self) -> &str {
+        &self.runner.source
     }
 
     /// Stops the runtime's tasks and waits for the journal writer to commit what it
@@ -855,75 +545,16 @@ impl Runtime {
         }
         // The writer ends when its last sender is dropped; senders live in this runtime,
         // in engine sinks and in in-flight requests, so wait for a quiet queue instead.
-        let _ = self.inbox.request(|reply| Command::Flush { reply }).await;
+        let _ = self.journal.flush().await;
         let _ = self.writer.lock().take();
     }
 }
 
-/// The stored form of a v1 workflow: step 1 runs only when the run was not started by
-/// an event (an event of the first module's subject means that module already ran).
-fn v1_spec(
-    id: i64,
-    description: Option<String>,
-    trigger_subject: Option<String>,
-    modules: &[String],
-    grant: deadlift_engine::grant::Grant,
-) -> WorkflowSpec {
-    let steps = modules
-        .iter()
-        .enumerate()
-        .map(|(index, module)| spec::StepSpec {
-            id: format!("step{}", index + 1),
-            condition: (index == 0).then(|| "event == null".to_owned()),
-            input: None,
-            needs: Vec::new(),
-            call: Some(module.clone()),
-            function: Some("_main".into()),
-            grant: Some(grant.clone()),
-            timeout_ms: None,
-            retry: None,
-            emit: None,
-        })
-        .collect();
-    WorkflowSpec {
-        name: journal::v1_workflow_name(id),
-        description,
-        trigger: spec::Trigger {
-            event: trigger_subject,
-            schedule: None,
-            http: None,
-        },
-        steps,
-    }
-}
-
-/// How the deliverer records attempts: through the journal writer.
-fn recorder(inbox: Inbox) -> crate::federation::deliver::Recorder {
-    Arc::new(move |ids, attempt| {
-        let inbox = inbox.clone();
-        Box::pin(async move {
-            let result = inbox
-                .request(|reply| Command::OutboxAttempt {
-                    ids,
-                    attempt,
-                    reply,
-                })
-                .await;
-            if let Err(error) = result {
-                tracing::warn!(%error, "cannot record a delivery attempt");
-            }
-        })
-    })
-}
-
-async fn prune_periodically(inbox: Inbox, retention: Retention, every: Duration) {
+async fn prune_periodically(journal: Journal, retention: Retention, every: Duration) {
     let mut ticker = tokio::time::interval(every);
     loop {
         ticker.tick().await;
-        match inbox
-            .request(|reply| Command::Prune { retention, reply })
-            .await
-        {
+        match journal.prune(retention).await {
             Ok((0, 0)) => {}
             Ok((runs, events)) => tracing::info!(runs, events, "retention pruned history"),
             Err(error) => tracing::warn!(%error, "retention failed"),

@@ -3,15 +3,14 @@
 //! (`schedule:<workflow>:<unix ms>`), so a firing is never run twice, even across a
 //! restart. Firings missed while the agent was down are not caught up.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::Notify;
 
-use super::journal;
-use super::spec::parse_schedule;
-use super::writer::Command;
-use crate::store::Database;
+use super::journal::Journal;
+use super::spec::Workflow;
 
 struct Entry {
     tenant: String,
@@ -20,38 +19,49 @@ struct Entry {
     cron: croner::Cron,
 }
 
-fn load(db: &Database) -> Vec<Entry> {
-    let live = match journal::live_workflows(&db.read(), None) {
+/// The schedules of the live workflows. `compiled` keeps each version's parsed
+/// schedule, so a reload parses only what changed.
+async fn load(
+    journal: &Journal,
+    compiled: &mut HashMap<(String, String, i64), Option<croner::Cron>>,
+) -> Vec<Entry> {
+    let live = match journal.live_workflows(None).await {
         Ok(live) => live,
         Err(error) => {
             tracing::warn!(%error, "scheduler cannot read workflows");
             return Vec::new();
         }
     };
-    live.into_iter()
-        .filter_map(|(tenant, version)| {
-            let cron = parse_schedule(version.spec.trigger.schedule.as_deref()?).ok()?;
-            Some(Entry {
-                tenant,
-                workflow: version.name,
-                version: version.version,
-                cron,
-            })
-        })
-        .collect()
+    let mut kept = HashMap::with_capacity(live.len());
+    let mut entries = Vec::new();
+    for (tenant, version) in live {
+        let key = (tenant, version.name.clone(), version.version);
+        let cron = match compiled.remove(&key) {
+            Some(cron) => cron,
+            None if version.spec.trigger.schedule.is_none() => None,
+            None => Workflow::compile(version.spec, None)
+                .ok()
+                .and_then(|workflow| workflow.schedule),
+        };
+        if let Some(cron) = &cron {
+            entries.push(Entry {
+                tenant: key.0.clone(),
+                workflow: key.1.clone(),
+                version: key.2,
+                cron: cron.clone(),
+            });
+        }
+        kept.insert(key, cron);
+    }
+    *compiled = kept;
+    entries
 }
 
-pub(crate) async fn run(
-    db: Database,
-    commands: mpsc::UnboundedSender<Command>,
-    changed: Arc<Notify>,
-) {
+pub(crate) async fn run(journal: Journal, changed: Arc<Notify>) {
+    let mut compiled = HashMap::new();
     let mut after = Utc::now();
     loop {
-        let loader = db.clone();
-        let entries = tokio::task::spawn_blocking(move || load(&loader))
-            .await
-            .unwrap_or_default();
+        let entries = load(&journal, &mut compiled).await;
         let next: Vec<Option<DateTime<Utc>>> = entries
             .iter()
             .map(|e| e.cron.find_next_occurrence(&after, false).ok())
@@ -73,23 +83,20 @@ pub(crate) async fn run(
             if *at != Some(earliest) {
                 continue;
             }
-            let (reply, answer) = oneshot::channel();
-            let command = Command::Schedule {
-                tenant: entry.tenant.clone(),
-                workflow: entry.workflow.clone(),
-                version: entry.version,
-                fire_unix_ms: earliest.timestamp_millis(),
-                reply,
-            };
-            if commands.send(command).is_err() {
-                return;
-            }
-            match answer.await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => {
+            let fired = journal
+                .fire_schedule(
+                    &entry.tenant,
+                    &entry.workflow,
+                    entry.version,
+                    earliest.timestamp_millis(),
+                )
+                .await;
+            match fired {
+                Ok(()) => {}
+                Err(crate::store::DbError::Closed) => return,
+                Err(error) => {
                     tracing::warn!(workflow = %entry.workflow, %error, "scheduled run not started")
                 }
-                Err(_) => return,
             }
         }
         after = earliest;

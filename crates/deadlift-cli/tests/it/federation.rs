@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use deadlift::federation::Identity;
+use deadlift::federation::{Identity, Webhook};
 use serde_json::{Value, json};
 
 use crate::{Server, fixture};
@@ -254,7 +254,7 @@ fn agents_deliver_signed_events_and_refuse_bad_deliveries() {
             .unwrap()
             .as_secs() as i64
             + skew;
-        let signature = identity.sign(id, timestamp, body.as_bytes());
+        let signed = Webhook::sign(identity, id.to_owned(), timestamp, body.as_bytes());
         let sent = if tamper {
             body.replace("\"data\":1", "\"data\":2")
         } else {
@@ -266,7 +266,7 @@ fn agents_deliver_signed_events_and_refuse_bad_deliveries() {
                 ("content-type", "application/cloudevents+json".to_owned()),
                 ("webhook-id", id.to_owned()),
                 ("webhook-timestamp", timestamp.to_string()),
-                ("webhook-signature", signature),
+                ("webhook-signature", signed.signature),
                 ("deadlift-peer", sender.to_owned()),
             ],
             sent,

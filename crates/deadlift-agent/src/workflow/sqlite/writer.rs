@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use parking_lot::Mutex;
 
@@ -16,14 +16,18 @@ use rusqlite::Connection;
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::event::{CloudEvent, MAX_DEPTH};
-use super::journal::{
-    self, Failure, NewRun, RunStatus, RunSummary, RunTicket, StepRecord, TriggerKind,
-};
-use super::spec::WorkflowSpec;
+use super as sql;
 use crate::clock::now_ms;
-use crate::federation::peers::{self, Peer};
+use crate::workflow::event::{CloudEvent, MAX_DEPTH, TO_EXTENSION};
+use crate::workflow::journal::{JournalReceiver, JournalStats};
+
+use crate::federation::{PeerDirectory, peers};
 use crate::store::{Database, DbError};
+use crate::workflow::records::{
+    Finish, Ingested, NewRun, Retention, RunStatus, RunSummary, RunTicket, RunUpdate, StepRecord,
+    TriggerKind,
+};
+use crate::workflow::spec::Workflow;
 use deadlift_engine::subject::SubjectPattern;
 
 /// Most commands one transaction takes.
@@ -32,26 +36,8 @@ const MAX_BATCH: usize = 1024;
 type Reply<T> = oneshot::Sender<Result<T, DbError>>;
 /// Sends a command's reply once its fate is known.
 type ReplyFn = Box<dyn FnOnce(Result<(), DbError>) + Send>;
-
-/// How a run ends, journaled with its last step.
-#[derive(Debug, Clone)]
-pub struct Finish {
-    pub status: RunStatus,
-    pub output: Option<Value>,
-    pub error: Option<Failure>,
-    /// Whether a failure goes to the dead letters (not when the caller saw it).
-    pub dead_letter: bool,
-}
-
-/// What ingesting one event did.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-pub struct Ingested {
-    pub id: String,
-    /// The id was seen before: nothing new happened.
-    pub duplicate: bool,
-    /// Runs this event started.
-    pub runs: Vec<String>,
-}
+/// A write submitted by another module (see `Command::Write`).
+pub(crate) type WriteFn = Box<dyn FnOnce(&Connection) -> Result<(), DbError> + Send>;
 
 pub(crate) enum Command {
     Ingest {
@@ -61,33 +47,22 @@ pub(crate) enum Command {
         from_peer: Option<String>,
         reply: Reply<Vec<Ingested>>,
     },
-    PeerUpsert {
-        peer: Peer,
+    /// Another module's write (federation's peers and delivery attempts), in this
+    /// writer's transaction and savepoint, so that it shares the group commit.
+    Write {
+        apply: WriteFn,
         reply: Reply<()>,
-    },
-    PeerRemove {
-        name: String,
-        reply: Reply<bool>,
-    },
-    OutboxAttempt {
-        ids: Vec<i64>,
-        attempt: peers::Attempt,
-        reply: Reply<()>,
-    },
-    OutboxReplay {
-        id: i64,
-        reply: Reply<bool>,
     },
     Apply {
         tenant: String,
-        spec: WorkflowSpec,
+        workflow: Box<Workflow>,
         reply: Reply<i64>,
     },
     /// Creates a v1 workflow: allocates its integer id, then applies the spec built
     /// for that id.
     ApplyV1 {
         tenant: String,
-        build: Box<dyn FnOnce(i64) -> WorkflowSpec + Send>,
+        build: Box<dyn FnOnce(i64) -> Result<Workflow, String> + Send>,
         reply: Reply<i64>,
     },
     Delete {
@@ -136,7 +111,7 @@ pub(crate) enum Command {
         reply: Reply<bool>,
     },
     Prune {
-        retention: journal::Retention,
+        retention: Retention,
         reply: Reply<(usize, usize)>,
     },
     /// Starts the run of one schedule firing, unless that firing already has one.
@@ -151,13 +126,6 @@ pub(crate) enum Command {
     Flush {
         reply: Reply<()>,
     },
-}
-
-/// A change to a run, for watchers (`runs tail`).
-#[derive(Debug, Clone)]
-pub struct RunUpdate {
-    pub tenant: String,
-    pub run: RunSummary,
 }
 
 /// An event trigger: which workflow version runs for which event types.
@@ -187,91 +155,46 @@ pub(crate) struct Outlets {
     pub stats: Arc<JournalStats>,
 }
 
-/// What the journal has committed since the agent started.
-#[derive(Debug, Default)]
-pub struct JournalStats {
-    pub events_stored: AtomicU64,
-    pub events_duplicate: AtomicU64,
-    pub runs_started: AtomicU64,
-    pub runs_succeeded: AtomicU64,
-    pub runs_failed: AtomicU64,
-    pub deliveries_queued: AtomicU64,
-    pub deliveries_done: AtomicU64,
-    pub deliveries_retried: AtomicU64,
-    pub deliveries_dead: AtomicU64,
-}
-
-impl JournalStats {
-    /// (name, help, value) of every counter, for a metrics page.
-    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        vec![
-            (
-                "deadlift_events_stored_total",
-                "Events committed to the inbox.",
-                load(&self.events_stored),
-            ),
-            (
-                "deadlift_events_duplicate_total",
-                "Events dropped as repeats of a known id.",
-                load(&self.events_duplicate),
-            ),
-            (
-                "deadlift_runs_started_total",
-                "Runs created (queued or recorded).",
-                load(&self.runs_started),
-            ),
-            (
-                "deadlift_runs_succeeded_total",
-                "Runs that ended successfully.",
-                load(&self.runs_succeeded),
-            ),
-            (
-                "deadlift_runs_failed_total",
-                "Runs that failed.",
-                load(&self.runs_failed),
-            ),
-            (
-                "deadlift_deliveries_queued_total",
-                "Events put in a peer's outbox.",
-                load(&self.deliveries_queued),
-            ),
-            (
-                "deadlift_deliveries_done_total",
-                "Outbox entries delivered.",
-                load(&self.deliveries_done),
-            ),
-            (
-                "deadlift_deliveries_retried_total",
-                "Delivery attempts that will be retried.",
-                load(&self.deliveries_retried),
-            ),
-            (
-                "deadlift_deliveries_dead_total",
-                "Outbox entries given up on.",
-                load(&self.deliveries_dead),
-            ),
-        ]
-    }
+/// Starts the writer thread on the commands of `journal`: it loads the routing table,
+/// then commits until every sender of the queue is dropped.
+pub(crate) fn start(
+    db: Database,
+    receiver: JournalReceiver,
+    peers: PeerDirectory,
+    outlets: Outlets,
+) -> Result<std::thread::JoinHandle<()>, DbError> {
+    let routes = load_routes(&db.lock())?;
+    let writer = Writer::new(db, routes, peers, outlets);
+    std::thread::Builder::new()
+        .name("deadlift-journal".into())
+        .spawn(move || writer.run(receiver.0))
+        .map_err(DbError::Start)
 }
 
 /// Builds the routing table from the live workflows.
-pub(crate) fn load_routes(conn: &Connection) -> Result<Routes, DbError> {
+fn load_routes(conn: &Connection) -> Result<Routes, DbError> {
     let mut routes = Routes::new();
-    for (tenant, version) in journal::live_workflows(conn, None)? {
-        if let Some(route) = route_of(&version.spec, version.version) {
-            routes.entry(tenant).or_default().push(route);
+    for (tenant, version) in sql::live_workflows(conn, None)? {
+        let name = version.name.clone();
+        match Workflow::compile(version.spec, None) {
+            Ok(workflow) => {
+                if let Some(route) = route_of(&workflow, version.version) {
+                    routes.entry(tenant).or_default().push(route);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%tenant, workflow = %name, %error, "a stored workflow does not compile; its event trigger is off");
+            }
         }
     }
     Ok(routes)
 }
 
-fn route_of(spec: &WorkflowSpec, version: i64) -> Option<Route> {
-    let pattern = SubjectPattern::parse(spec.trigger.event.as_deref()?).ok()?;
+fn route_of(workflow: &Workflow, version: i64) -> Option<Route> {
     Some(Route {
-        workflow: spec.name.clone(),
+        workflow: workflow.spec.name.clone(),
         version,
-        pattern,
+        pattern: workflow.event_pattern.clone()?,
     })
 }
 
@@ -282,9 +205,6 @@ const RUNS_STARTED: usize = 2;
 const RUNS_SUCCEEDED: usize = 3;
 const RUNS_FAILED: usize = 4;
 const DELIVERIES_QUEUED: usize = 5;
-const DELIVERIES_DONE: usize = 6;
-const DELIVERIES_RETRIED: usize = 7;
-const DELIVERIES_DEAD: usize = 8;
 
 /// What to do once the transaction holding a command has committed.
 #[derive(Default)]
@@ -293,11 +213,9 @@ struct Effects {
     tickets: Vec<RunTicket>,
     changed_runs: Vec<i64>,
     route_changes: Vec<(String, String, Option<Route>)>,
-    /// Peers added or changed (`Some`) or removed (`None`), by name.
-    peer_changes: Vec<(String, Option<Peer>)>,
     outbox_changed: bool,
     /// Counter increments, applied after the commit: indexes into `JournalStats::counters`.
-    counts: [u64; 9],
+    counts: [u64; 6],
 }
 
 impl Effects {
@@ -324,15 +242,15 @@ impl Effects {
     }
 }
 
-pub(crate) struct Writer {
+struct Writer {
     db: Database,
     routes: Routes,
-    peers: Vec<Peer>,
+    peers: PeerDirectory,
     outlets: Outlets,
 }
 
 impl Writer {
-    pub fn new(db: Database, routes: Routes, peers: Vec<Peer>, outlets: Outlets) -> Self {
+    pub fn new(db: Database, routes: Routes, peers: PeerDirectory, outlets: Outlets) -> Self {
         Self {
             db,
             routes,
@@ -392,7 +310,7 @@ impl Writer {
             return Vec::new();
         }
         runs.iter()
-            .filter_map(|&seq| journal::run_summary(conn, seq).ok().flatten())
+            .filter_map(|&seq| sql::run_summary(conn, seq).ok().flatten())
             .collect()
     }
 
@@ -406,9 +324,6 @@ impl Writer {
             &stats.runs_succeeded,
             &stats.runs_failed,
             &stats.deliveries_queued,
-            &stats.deliveries_done,
-            &stats.deliveries_retried,
-            &stats.deliveries_dead,
         ];
         for (counter, n) in counters.into_iter().zip(effects.counts) {
             if n > 0 {
@@ -422,10 +337,6 @@ impl Writer {
             let routes = self.routes.entry(tenant).or_default();
             routes.retain(|r| r.workflow != name);
             routes.extend(route);
-        }
-        for (name, peer) in effects.peer_changes {
-            self.peers.retain(|p| p.name != name);
-            self.peers.extend(peer);
         }
         if effects.outbox_changed {
             self.outlets.outbox.notify_one();
@@ -449,26 +360,22 @@ impl Writer {
 
     fn apply(&mut self, tx: &Connection, command: Command, effects: &mut Effects) {
         // Each command in its own savepoint: a failure undoes only that command.
-        let savepoint = |tx: &Connection, sql: &str| -> Result<(), DbError> {
-            for statement in sql.split("; ") {
-                tx.prepare_cached(statement)?.execute([])?;
+        let savepoint = match sql::Savepoint::begin(tx) {
+            Ok(savepoint) => savepoint,
+            Err(error) => {
+                fail_command(command, error);
+                return;
             }
-            Ok(())
         };
-        if let Err(error) = savepoint(tx, "SAVEPOINT command") {
-            fail_command(command, error);
-            return;
-        }
         let mut local = Effects::default();
         let result = self.apply_inner(tx, command, &mut local);
         match result {
-            Ok(()) => match savepoint(tx, "RELEASE command") {
+            Ok(()) => match savepoint.release() {
                 Ok(()) => {
                     effects.replies.append(&mut local.replies);
                     effects.tickets.append(&mut local.tickets);
                     effects.changed_runs.append(&mut local.changed_runs);
                     effects.route_changes.append(&mut local.route_changes);
-                    effects.peer_changes.append(&mut local.peer_changes);
                     effects.outbox_changed |= local.outbox_changed;
                     for (total, n) in effects.counts.iter_mut().zip(local.counts) {
                         *total += n;
@@ -482,7 +389,9 @@ impl Writer {
                 }
             },
             Err((error, reply)) => {
-                let _ = savepoint(tx, "ROLLBACK TO command; RELEASE command");
+                if let Err(undo) = savepoint.roll_back() {
+                    tracing::error!(error = %undo, "journal savepoint rollback failed");
+                }
                 for reply in local.replies {
                     reply(Err(DbError::Commit(error.to_string())));
                 }
@@ -513,48 +422,18 @@ impl Writer {
                     .collect();
                 answer(result, reply, effects)
             }
-            Command::PeerUpsert { peer, reply } => {
-                let result = peers::upsert_peer(tx, &peer, now);
-                if result.is_ok() {
-                    effects.peer_changes.push((peer.name.clone(), Some(peer)));
-                }
-                answer(result, reply, effects)
-            }
-            Command::PeerRemove { name, reply } => {
-                let result = peers::remove_peer(tx, &name);
-                effects.peer_changes.push((name, None));
-                answer(result, reply, effects)
-            }
-            Command::OutboxAttempt {
-                ids,
-                attempt,
-                reply,
-            } => {
-                let counter = match attempt {
-                    peers::Attempt::Delivered => DELIVERIES_DONE,
-                    peers::Attempt::Retry { .. } => DELIVERIES_RETRIED,
-                    peers::Attempt::Dead { .. } => DELIVERIES_DEAD,
-                };
-                let result = ids.into_iter().try_for_each(|id| {
-                    effects.count(counter);
-                    peers::record_attempt(tx, id, &attempt, now)
-                });
-                answer(result, reply, effects)
-            }
-            Command::OutboxReplay { id, reply } => {
-                let result = peers::replay(tx, id, now);
-                effects.outbox_changed |= matches!(result, Ok(true));
-                answer(result, reply, effects)
-            }
+            Command::Write { apply, reply } => answer(apply(tx), reply, effects),
             Command::Apply {
                 tenant,
-                spec,
+                workflow,
                 reply,
             } => {
-                let result = journal::apply_workflow(tx, &tenant, &spec, now);
+                let result = sql::apply_workflow(tx, &tenant, &workflow.spec, now);
                 if let Ok(version) = result {
-                    let route = route_of(&spec, version);
-                    effects.route_changes.push((tenant, spec.name, route));
+                    let route = route_of(&workflow, version);
+                    effects
+                        .route_changes
+                        .push((tenant, workflow.spec.name.clone(), route));
                 }
                 answer(result, reply, effects)
             }
@@ -564,13 +443,15 @@ impl Writer {
                 reply,
             } => {
                 let result = (|| {
-                    let id = journal::new_v1_workflow(tx, &tenant)?;
-                    let spec = build(id);
-                    let version = journal::apply_workflow(tx, &tenant, &spec, now)?;
-                    let route = route_of(&spec, version);
+                    let id = sql::new_v1_workflow(tx, &tenant)?;
+                    let workflow = build(id).map_err(|e| {
+                        DbError::Corrupt(format!("the v1 workflow built does not compile: {e}"))
+                    })?;
+                    let version = sql::apply_workflow(tx, &tenant, &workflow.spec, now)?;
+                    let route = route_of(&workflow, version);
                     effects
                         .route_changes
-                        .push((tenant.clone(), spec.name, route));
+                        .push((tenant.clone(), workflow.spec.name.clone(), route));
                     Ok(id)
                 })();
                 answer(result, reply, effects)
@@ -580,12 +461,12 @@ impl Writer {
                 name,
                 reply,
             } => {
-                let result = journal::delete_workflow(tx, &tenant, &name);
+                let result = sql::delete_workflow(tx, &tenant, &name);
                 effects.route_changes.push((tenant, name, None));
                 answer(result, reply, effects)
             }
             Command::StartRun { run, reply } => {
-                let result = journal::insert_run(tx, &run, now).and_then(|ticket| {
+                let result = sql::insert_run(tx, &run, now).and_then(|ticket| {
                     ticket.ok_or_else(|| DbError::Corrupt("the run already exists".into()))
                 });
                 if let Ok(ticket) = &result {
@@ -596,7 +477,7 @@ impl Writer {
                 answer(result, reply, effects)
             }
             Command::Running { run_seq } => {
-                if let Err(error) = journal::mark_running(tx, run_seq, now) {
+                if let Err(error) = sql::mark_running(tx, run_seq, now) {
                     tracing::warn!(%error, run_seq, "cannot mark run running");
                 }
                 effects.changed_runs.push(run_seq);
@@ -612,13 +493,13 @@ impl Writer {
             } => {
                 let result = (|| {
                     // A run's first record also marks it running (if nothing did yet).
-                    journal::mark_running(tx, ticket.run_seq, now)?;
-                    journal::insert_step(tx, ticket.run_seq, position, &record)?;
+                    sql::mark_running(tx, ticket.run_seq, now)?;
+                    sql::insert_step(tx, ticket.run_seq, position, &record)?;
                     for event in emitted {
                         self.ingest(tx, &ticket.tenant, event, now, effects)?;
                     }
                     if let Some(end) = &finish {
-                        let ended = journal::finish_run(
+                        let ended = sql::finish_run(
                             tx,
                             ticket.run_seq,
                             end.status,
@@ -641,7 +522,7 @@ impl Writer {
                 finish,
                 reply,
             } => {
-                let result = journal::finish_run(
+                let result = sql::finish_run(
                     tx,
                     run_seq,
                     finish.status,
@@ -664,11 +545,11 @@ impl Writer {
                 reply,
             } => {
                 let result = (|| {
-                    let (run_id, run_seq) = journal::insert_finished_run(tx, &run, &finish, now)?;
+                    let (run_id, run_seq) = sql::insert_finished_run(tx, &run, &finish, now)?;
                     effects.count(RUNS_STARTED);
                     effects.count_finish(finish.status);
                     for (position, step) in steps.iter().enumerate() {
-                        journal::insert_step(tx, run_seq, position, step)?;
+                        sql::insert_step(tx, run_seq, position, step)?;
                     }
                     for event in emitted {
                         self.ingest(tx, &run.tenant, event, now, effects)?;
@@ -683,7 +564,7 @@ impl Writer {
                 run_id,
                 reply,
             } => {
-                let result = journal::requeue_run(tx, &tenant, &run_id, now).map(|ticket| {
+                let result = sql::requeue_run(tx, &tenant, &run_id, now).map(|ticket| {
                     ticket.map(|ticket| {
                         let id = ticket.run_id.clone();
                         effects.changed_runs.push(ticket.run_seq);
@@ -698,11 +579,11 @@ impl Writer {
                 run_id,
                 reply,
             } => {
-                let result = journal::cancel_run(tx, &tenant, &run_id, now);
+                let result = sql::cancel_run(tx, &tenant, &run_id, now);
                 answer(result, reply, effects)
             }
             Command::Prune { retention, reply } => {
-                answer(journal::prune(tx, &retention, now), reply, effects)
+                answer(sql::prune(tx, &retention, now), reply, effects)
             }
             Command::Schedule {
                 tenant,
@@ -722,7 +603,7 @@ impl Writer {
                     );
                     event.id = format!("schedule:{workflow}:{fire_unix_ms}");
                     event.complete();
-                    let Some(seq) = journal::insert_event(tx, &tenant, &event, now)? else {
+                    let Some(seq) = sql::insert_event(tx, &tenant, &event, now)? else {
                         return Ok(());
                     };
                     let run = NewRun {
@@ -734,7 +615,7 @@ impl Writer {
                         trace: event.trace(),
                         event: Some((seq, event)),
                     };
-                    if let Some(ticket) = journal::insert_run(tx, &run, now)? {
+                    if let Some(ticket) = sql::insert_run(tx, &run, now)? {
                         effects.count(RUNS_STARTED);
                         effects.changed_runs.push(ticket.run_seq);
                         effects.tickets.push(ticket);
@@ -772,7 +653,7 @@ impl Writer {
     ) -> Result<Ingested, DbError> {
         event.complete();
         let id = event.id.clone();
-        let Some(seq) = journal::insert_event(tx, tenant, &event, now)? else {
+        let Some(seq) = sql::insert_event(tx, tenant, &event, now)? else {
             effects.count(EVENTS_DUPLICATE);
             return Ok(Ingested {
                 id,
@@ -782,16 +663,11 @@ impl Writer {
         };
         effects.count(EVENTS_STORED);
         // Addressed to one peer: to its outbox only, not routed here.
-        if let Some(to) = event.extensions.get(super::event::TO_EXTENSION).cloned() {
+        if let Some(to) = event.extensions.get(TO_EXTENSION).cloned() {
             let mut outgoing = event.clone();
-            outgoing.extensions.remove(super::event::TO_EXTENSION);
+            outgoing.extensions.remove(TO_EXTENSION);
             let to = to.as_str().unwrap_or_default();
-            if from_peer.is_none()
-                && self
-                    .peers
-                    .iter()
-                    .any(|p| p.name == to && p.tenant == tenant)
-            {
+            if from_peer.is_none() && self.peers.check_serves(to, tenant).is_ok() {
                 peers::enqueue(tx, to, &outgoing, now)?;
                 effects.outbox_changed = true;
                 effects.count(DELIVERIES_QUEUED);
@@ -804,15 +680,20 @@ impl Writer {
                 runs: Vec::new(),
             });
         }
-        for peer in &self.peers {
-            if peer.tenant == tenant
-                && Some(peer.name.as_str()) != from_peer
-                && peer.sends(&event.event_type)
-            {
-                peers::enqueue(tx, &peer.name, &event, now)?;
-                effects.outbox_changed = true;
-                effects.count(DELIVERIES_QUEUED);
-            }
+        let recipients: Vec<String> = self.peers.with(|all| {
+            all.iter()
+                .filter(|peer| {
+                    peer.tenant == tenant
+                        && Some(peer.name.as_str()) != from_peer
+                        && peer.sends(&event.event_type)
+                })
+                .map(|peer| peer.name.clone())
+                .collect()
+        });
+        for peer in recipients {
+            peers::enqueue(tx, &peer, &event, now)?;
+            effects.outbox_changed = true;
+            effects.count(DELIVERIES_QUEUED);
         }
         let mut runs = Vec::new();
         if event.depth() > MAX_DEPTH {
@@ -848,7 +729,7 @@ impl Writer {
                 event: Some((seq, event.clone())),
                 trace: trace.child(),
             };
-            if let Some(ticket) = journal::insert_run(tx, &run, now)? {
+            if let Some(ticket) = sql::insert_run(tx, &run, now)? {
                 effects.count(RUNS_STARTED);
                 runs.push(ticket.run_id.clone());
                 effects.changed_runs.push(ticket.run_seq);
@@ -890,12 +771,7 @@ fn fail_command(command: Command, error: DbError) {
     let error = || DbError::Commit(message.clone());
     match command {
         Command::Ingest { reply, .. } => Effects::fail(reply, error()),
-        Command::PeerUpsert { reply, .. } | Command::OutboxAttempt { reply, .. } => {
-            Effects::fail(reply, error())
-        }
-        Command::PeerRemove { reply, .. } | Command::OutboxReplay { reply, .. } => {
-            Effects::fail(reply, error())
-        }
+        Command::Write { reply, .. } => Effects::fail(reply, error()),
         Command::Apply { reply, .. } | Command::ApplyV1 { reply, .. } => {
             Effects::fail(reply, error())
         }
