@@ -22,7 +22,7 @@ use super::records::{
     StepRecord, WorkflowVersion,
 };
 use super::spec::Workflow;
-use super::sqlite::{self, writer::Command};
+use super::sqlite::{self, command::Command};
 use super::step::StepOutcome;
 
 use crate::federation::Peer;

@@ -5,6 +5,8 @@
 //! on the writer's thread, inside its group-commit transactions; reads come from the
 //! read-only connection.
 
+pub(crate) mod command;
+mod routing;
 pub(crate) mod writer;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};

@@ -13,131 +13,21 @@ use std::sync::atomic::Ordering;
 use parking_lot::Mutex;
 
 use rusqlite::Connection;
-use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super as sql;
 use crate::clock::now_ms;
-use crate::workflow::event::{CloudEvent, MAX_DEPTH, TO_EXTENSION};
 use crate::workflow::journal::{JournalReceiver, JournalStats};
 
-use crate::federation::{PeerDirectory, peers};
+use super::command::{Command, Reply, ReplyFn};
+use super::routing::{Route, Routes, load_routes, route_of};
+use crate::federation::PeerDirectory;
 use crate::store::{Database, DbError};
-use crate::workflow::records::{
-    Finish, Ingested, NewRun, Retention, RunStatus, RunSummary, RunTicket, RunUpdate, StepRecord,
-    TriggerKind,
-};
-use crate::workflow::spec::Workflow;
-use deadlift_engine::subject::SubjectPattern;
+use crate::workflow::event::CloudEvent;
+use crate::workflow::records::{NewRun, RunStatus, RunSummary, RunTicket, RunUpdate, TriggerKind};
 
 /// Most commands one transaction takes.
 const MAX_BATCH: usize = 1024;
-
-type Reply<T> = oneshot::Sender<Result<T, DbError>>;
-/// Sends a command's reply once its fate is known.
-type ReplyFn = Box<dyn FnOnce(Result<(), DbError>) + Send>;
-/// A write submitted by another module (see `Command::Write`).
-pub(crate) type WriteFn = Box<dyn FnOnce(&Connection) -> Result<(), DbError> + Send>;
-
-pub(crate) enum Command {
-    Ingest {
-        tenant: String,
-        events: Vec<CloudEvent>,
-        /// The peer the events came from (never sent back to it).
-        from_peer: Option<String>,
-        reply: Reply<Vec<Ingested>>,
-    },
-    /// Another module's write (federation's peers and delivery attempts), in this
-    /// writer's transaction and savepoint, so that it shares the group commit.
-    Write {
-        apply: WriteFn,
-        reply: Reply<()>,
-    },
-    Apply {
-        tenant: String,
-        workflow: Box<Workflow>,
-        reply: Reply<i64>,
-    },
-    /// Creates a v1 workflow: allocates its integer id, then applies the spec built
-    /// for that id.
-    ApplyV1 {
-        tenant: String,
-        build: Box<dyn FnOnce(i64) -> Result<Workflow, String> + Send>,
-        reply: Reply<i64>,
-    },
-    Delete {
-        tenant: String,
-        name: String,
-        reply: Reply<bool>,
-    },
-    StartRun {
-        run: NewRun,
-        reply: Reply<RunTicket>,
-    },
-    Running {
-        run_seq: i64,
-    },
-    Step {
-        ticket: Arc<RunTicket>,
-        position: usize,
-        record: StepRecord,
-        emitted: Vec<CloudEvent>,
-        finish: Option<Finish>,
-        reply: Reply<()>,
-    },
-    /// Ends a run without a step (its workflow is gone, or it was resumed after its
-    /// last step was journaled).
-    Finish {
-        run_seq: i64,
-        finish: Finish,
-        reply: Reply<()>,
-    },
-    /// Journals a run that already ran (a v1 execute), in one go.
-    Record {
-        run: NewRun,
-        steps: Vec<StepRecord>,
-        emitted: Vec<CloudEvent>,
-        finish: Finish,
-        reply: Reply<String>,
-    },
-    Requeue {
-        tenant: String,
-        run_id: String,
-        reply: Reply<Option<String>>,
-    },
-    Cancel {
-        tenant: String,
-        run_id: String,
-        reply: Reply<bool>,
-    },
-    Prune {
-        retention: Retention,
-        reply: Reply<(usize, usize)>,
-    },
-    /// Starts the run of one schedule firing, unless that firing already has one.
-    Schedule {
-        tenant: String,
-        workflow: String,
-        version: i64,
-        fire_unix_ms: i64,
-        reply: Reply<()>,
-    },
-    /// Answers once everything queued before it has committed.
-    Flush {
-        reply: Reply<()>,
-    },
-}
-
-/// An event trigger: which workflow version runs for which event types.
-#[derive(Debug, Clone)]
-pub(crate) struct Route {
-    pub workflow: String,
-    pub version: i64,
-    pub pattern: SubjectPattern,
-}
-
-/// Routes by tenant, owned by the writer thread, changed only after commits.
-pub(crate) type Routes = HashMap<String, Vec<Route>>;
 
 /// Handles the writer shares with the rest of the workflow runtime.
 #[derive(Debug, Clone)]
@@ -171,55 +61,28 @@ pub(crate) fn start(
         .map_err(DbError::Start)
 }
 
-/// Builds the routing table from the live workflows.
-fn load_routes(conn: &Connection) -> Result<Routes, DbError> {
-    let mut routes = Routes::new();
-    for (tenant, version) in sql::live_workflows(conn, None)? {
-        let name = version.name.clone();
-        match Workflow::compile(version.spec, None) {
-            Ok(workflow) => {
-                if let Some(route) = route_of(&workflow, version.version) {
-                    routes.entry(tenant).or_default().push(route);
-                }
-            }
-            Err(error) => {
-                tracing::error!(%tenant, workflow = %name, %error, "a stored workflow does not compile; its event trigger is off");
-            }
-        }
-    }
-    Ok(routes)
-}
-
-fn route_of(workflow: &Workflow, version: i64) -> Option<Route> {
-    Some(Route {
-        workflow: workflow.spec.name.clone(),
-        version,
-        pattern: workflow.event_pattern.clone()?,
-    })
-}
-
 // Indexes of `Effects::counts`, in the order of `JournalStats::counters`.
-const EVENTS_STORED: usize = 0;
-const EVENTS_DUPLICATE: usize = 1;
-const RUNS_STARTED: usize = 2;
+pub(super) const EVENTS_STORED: usize = 0;
+pub(super) const EVENTS_DUPLICATE: usize = 1;
+pub(super) const RUNS_STARTED: usize = 2;
 const RUNS_SUCCEEDED: usize = 3;
 const RUNS_FAILED: usize = 4;
-const DELIVERIES_QUEUED: usize = 5;
+pub(super) const DELIVERIES_QUEUED: usize = 5;
 
 /// What to do once the transaction holding a command has committed.
 #[derive(Default)]
-struct Effects {
-    replies: Vec<ReplyFn>,
-    tickets: Vec<RunTicket>,
-    changed_runs: Vec<i64>,
-    route_changes: Vec<(String, String, Option<Route>)>,
-    outbox_changed: bool,
+pub(super) struct Effects {
+    pub(super) replies: Vec<ReplyFn>,
+    pub(super) tickets: Vec<RunTicket>,
+    pub(super) changed_runs: Vec<i64>,
+    pub(super) route_changes: Vec<(String, String, Option<Route>)>,
+    pub(super) outbox_changed: bool,
     /// Counter increments, applied after the commit: indexes into `JournalStats::counters`.
-    counts: [u64; 6],
+    pub(super) counts: [u64; 6],
 }
 
 impl Effects {
-    fn count(&mut self, counter: usize) {
+    pub(super) fn count(&mut self, counter: usize) {
         self.counts[counter] += 1;
     }
 
@@ -242,11 +105,11 @@ impl Effects {
     }
 }
 
-struct Writer {
-    db: Database,
-    routes: Routes,
-    peers: PeerDirectory,
-    outlets: Outlets,
+pub(super) struct Writer {
+    pub(super) db: Database,
+    pub(super) routes: Routes,
+    pub(super) peers: PeerDirectory,
+    pub(super) outlets: Outlets,
 }
 
 impl Writer {
@@ -626,121 +489,6 @@ impl Writer {
             }
             Command::Flush { reply } => answer(Ok(()), reply, effects),
         }
-    }
-
-    /// Stores one event and queues a run for every matching workflow of the tenant.
-    fn ingest(
-        &self,
-        tx: &Connection,
-        tenant: &str,
-        event: CloudEvent,
-        now: i64,
-        effects: &mut Effects,
-    ) -> Result<Ingested, DbError> {
-        self.ingest_from(tx, tenant, event, None, now, effects)
-    }
-
-    /// [`ingest`](Self::ingest), for events that may have come from a peer: the event also
-    /// goes to the outbox of every other peer of the tenant that it is sent to.
-    fn ingest_from(
-        &self,
-        tx: &Connection,
-        tenant: &str,
-        mut event: CloudEvent,
-        from_peer: Option<&str>,
-        now: i64,
-        effects: &mut Effects,
-    ) -> Result<Ingested, DbError> {
-        event.complete();
-        let id = event.id.clone();
-        let Some(seq) = sql::insert_event(tx, tenant, &event, now)? else {
-            effects.count(EVENTS_DUPLICATE);
-            return Ok(Ingested {
-                id,
-                duplicate: true,
-                runs: Vec::new(),
-            });
-        };
-        effects.count(EVENTS_STORED);
-        // Addressed to one peer: to its outbox only, not routed here.
-        if let Some(to) = event.extensions.get(TO_EXTENSION).cloned() {
-            let mut outgoing = event.clone();
-            outgoing.extensions.remove(TO_EXTENSION);
-            let to = to.as_str().unwrap_or_default();
-            if from_peer.is_none() && self.peers.check_serves(to, tenant).is_ok() {
-                peers::enqueue(tx, to, &outgoing, now)?;
-                effects.outbox_changed = true;
-                effects.count(DELIVERIES_QUEUED);
-            } else {
-                tracing::warn!(tenant, event = %id, peer = to, "event addressed to an unknown peer; not sent");
-            }
-            return Ok(Ingested {
-                id,
-                duplicate: false,
-                runs: Vec::new(),
-            });
-        }
-        let recipients: Vec<String> = self.peers.with(|all| {
-            all.iter()
-                .filter(|peer| {
-                    peer.tenant == tenant
-                        && Some(peer.name.as_str()) != from_peer
-                        && peer.sends(&event.event_type)
-                })
-                .map(|peer| peer.name.clone())
-                .collect()
-        });
-        for peer in recipients {
-            peers::enqueue(tx, &peer, &event, now)?;
-            effects.outbox_changed = true;
-            effects.count(DELIVERIES_QUEUED);
-        }
-        let mut runs = Vec::new();
-        if event.depth() > MAX_DEPTH {
-            // Stored (so the sender's id is honoured) but not routed: a loop of
-            // workflows triggering each other ends here.
-            tracing::warn!(tenant, event = %id, "event chain too deep; not routed");
-            return Ok(Ingested {
-                id,
-                duplicate: false,
-                runs,
-            });
-        }
-        let trace = event.trace();
-        let matching: Vec<&Route> = self
-            .routes
-            .get(tenant)
-            .into_iter()
-            .flatten()
-            .filter(|route| route.pattern.matches(&event.event_type))
-            .collect();
-        let event_input = if matching.is_empty() {
-            Value::Null
-        } else {
-            event.input()
-        };
-        for route in matching {
-            let run = NewRun {
-                tenant: tenant.to_owned(),
-                workflow: route.workflow.clone(),
-                version: route.version,
-                trigger: TriggerKind::Event,
-                input: event_input.clone(),
-                event: Some((seq, event.clone())),
-                trace: trace.child(),
-            };
-            if let Some(ticket) = sql::insert_run(tx, &run, now)? {
-                effects.count(RUNS_STARTED);
-                runs.push(ticket.run_id.clone());
-                effects.changed_runs.push(ticket.run_seq);
-                effects.tickets.push(ticket);
-            }
-        }
-        Ok(Ingested {
-            id,
-            duplicate: false,
-            runs,
-        })
     }
 }
 

@@ -12,30 +12,33 @@
 //! The pool is last-in-first-out, so sequential calls meet the same instance and see
 //! the state they left, as with one Extism `Plugin`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::Hasher;
-use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
-use std::thread::JoinHandle;
 
-use serde::Serialize;
-use sha2::{Digest, Sha256};
-use wasmtime::{InstancePre, Linker, Module};
+use wasmtime::{InstancePre, Linker};
 
-use crate::code::Code;
+mod compiled;
+mod shard;
+mod workers;
+
+pub use shard::{DURATION_BUCKETS_US, EngineStats};
+
 use crate::error::CallError;
 use crate::executor::{
-    self, CallOutput, EpochTicker, ExecutorLimits, Instance, LogLevel, StoreData, USER, WASI_P1,
+    self, CallOutput, EpochTicker, ExecutorLimits, Instance, LogLevel, StoreData, WASI_P1,
 };
 use crate::grant::{Grant, InstanceShape};
 use crate::host::{self, CallContext, EventSink, HostFunction, KvStore, MemoryKv, MemorySink};
 use crate::registry::{
     MemoryModuleStore, ModuleError, ModuleId, ModuleInfo, ModuleStore, NewModule, Registry,
 };
+use compiled::{Compiled, compatibility_key};
+use shard::{Counters, Shard, thread_slot};
+use workers::WorkerPool;
 
 /// Failures building an engine.
 #[derive(Debug, thiserror::Error)]
@@ -211,113 +214,6 @@ impl EngineBuilder {
         let workers = WorkerPool::start(self.workers).map_err(EngineError::Threads)?;
         Ok(Engine { inner, workers })
     }
-}
-
-/// A directory name that changes whenever compiled code would be incompatible: another
-/// wasmtime version, another target or other compilation settings.
-fn compatibility_key(engine: &wasmtime::Engine) -> String {
-    struct Sha(Sha256);
-    impl Hasher for Sha {
-        fn finish(&self) -> u64 {
-            0
-        }
-        fn write(&mut self, bytes: &[u8]) {
-            self.0.update(bytes);
-        }
-    }
-    let mut hasher = Sha(Sha256::new());
-    std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
-    hex::encode(&hasher.0.finalize()[..12])
-}
-
-/// Upper bounds (in microseconds) of the call-duration histogram buckets.
-pub const DURATION_BUCKETS_US: [u64; 10] = [
-    10, 50, 100, 500, 1_000, 5_000, 10_000, 50_000, 100_000, 1_000_000,
-];
-
-/// Counters of rare events behind [`EngineStats`]; per-call counters live in [`Shard`]s.
-#[derive(Debug, Default)]
-struct Counters {
-    compiled: AtomicU64,
-    loaded_from_cache: AtomicU64,
-    instances_created: AtomicU64,
-    instances_discarded: AtomicU64,
-    call_errors: AtomicU64,
-    errors_by_code: Mutex<BTreeMap<Code, u64>>,
-}
-
-/// One thread's pools and per-call counters. Each thread works in the shard its
-/// [`thread_slot`] picks, so the hot path writes no cache line another core uses:
-/// no shared lock, reference count or counter is touched by a warm call.
-#[repr(align(128))]
-#[derive(Default)]
-struct Shard {
-    /// Warm-instance pools by module; few per module (one per tenant and grant shape).
-    pools: RwLock<HashMap<ModuleId, Vec<Arc<InstancePool>>>>,
-    calls: AtomicU64,
-    /// Calls per duration bucket (the last slot counts those above every bound).
-    duration_buckets: [AtomicU64; DURATION_BUCKETS_US.len() + 1],
-    duration_sum_us: AtomicU64,
-}
-
-impl Shard {
-    fn record(&self, elapsed: std::time::Duration) {
-        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        let bucket = DURATION_BUCKETS_US
-            .iter()
-            .position(|bound| micros <= *bound)
-            .unwrap_or(DURATION_BUCKETS_US.len());
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        self.duration_buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.duration_sum_us.fetch_add(micros, Ordering::Relaxed);
-    }
-
-    fn pools(&self) -> parking_lot::RwLockReadGuard<'_, HashMap<ModuleId, Vec<Arc<InstancePool>>>> {
-        self.pools.read()
-    }
-
-    fn pools_mut(
-        &self,
-    ) -> parking_lot::RwLockWriteGuard<'_, HashMap<ModuleId, Vec<Arc<InstancePool>>>> {
-        self.pools.write()
-    }
-}
-
-/// A small number fixed per thread, spreading threads over shards.
-fn thread_slot() -> usize {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    thread_local!(static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed));
-    SLOT.with(|slot| *slot)
-}
-
-/// A snapshot of what the engine has done, for metrics and tests.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct EngineStats {
-    /// Modules compiled from Wasm bytes.
-    pub compiled: u64,
-    /// Modules loaded from the on-disk compiled cache instead of compiling.
-    pub loaded_from_cache: u64,
-    pub instances_created: u64,
-    /// Instances dropped after a trap, timeout, fuel or memory exhaustion, or `_start`.
-    pub instances_discarded: u64,
-    pub calls: u64,
-    pub call_errors: u64,
-    /// Warm instances waiting in pools right now.
-    pub idle_instances: u64,
-    /// Failed calls by `CallError::code`.
-    pub errors_by_code: BTreeMap<Code, u64>,
-    /// Calls per bucket of [`DURATION_BUCKETS_US`] (not cumulative; one extra slot for
-    /// slower calls).
-    pub duration_buckets: Vec<u64>,
-    pub duration_sum_us: u64,
-}
-
-/// A compiled module ready to be instantiated.
-struct Compiled {
-    module: Module,
-    /// `extism:host/user` and WASI imports, checked against each grant.
-    user_imports: Vec<String>,
-    wasi_imports: Vec<String>,
 }
 
 /// Warm instances of one module for one tenant and grant shape, in one shard.
@@ -690,135 +586,5 @@ impl Inner {
         });
         pools.entry(*module).or_default().push(pool.clone());
         Ok(pool)
-    }
-
-    /// The compiled form of a module: from memory, else from the disk cache, else by
-    /// compiling (and then caching) it.
-    fn compiled(&self, id: &ModuleId, bytes: &[u8]) -> Result<Arc<Compiled>, ModuleError> {
-        if let Some(compiled) = self.compiled.read().get(id) {
-            return Ok(compiled.clone());
-        }
-        let module = match self.load_cached(id) {
-            Some(module) => module,
-            None => {
-                let module =
-                    Module::new(&self.wasmtime, bytes).map_err(|e| ModuleError::Compile {
-                        reason: format!("{e:#}"),
-                    })?;
-                self.stats.compiled.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(module = %id, "compiled module");
-                self.store_cached(id, &module);
-                module
-            }
-        };
-        let imports_from = |namespace: &str| {
-            module
-                .imports()
-                .filter(|i| i.module() == namespace)
-                .map(|i| i.name().to_owned())
-                .collect()
-        };
-        let compiled = Arc::new(Compiled {
-            user_imports: imports_from(USER),
-            wasi_imports: imports_from(WASI_P1),
-            module,
-        });
-        self.compiled.write().insert(*id, compiled.clone());
-        Ok(compiled)
-    }
-
-    fn cache_path(&self, id: &ModuleId) -> Option<PathBuf> {
-        Some(self.cache_dir.as_ref()?.join(format!("{}.cwasm", id.hex())))
-    }
-
-    fn load_cached(&self, id: &ModuleId) -> Option<Module> {
-        let path = self.cache_path(id)?;
-        if !path.exists() {
-            return None;
-        }
-        match load_artifact(&self.wasmtime, &path) {
-            Ok(module) => {
-                self.stats.loaded_from_cache.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(module = %id, "loaded compiled module from cache");
-                Some(module)
-            }
-            Err(e) => {
-                tracing::warn!(module = %id, path = %path.display(), "ignoring unusable compiled artifact: {e:#}");
-                None
-            }
-        }
-    }
-
-    fn store_cached(&self, id: &ModuleId, module: &Module) {
-        let Some(path) = self.cache_path(id) else {
-            return;
-        };
-        let written = module.serialize().and_then(|bytes| {
-            // Write then rename, so a crash never leaves a torn artifact under the name.
-            let temp = path.with_extension(format!("tmp{}", std::process::id()));
-            std::fs::write(&temp, bytes)?;
-            std::fs::rename(&temp, &path)?;
-            Ok(())
-        });
-        if let Err(e) = written {
-            tracing::warn!(module = %id, "could not cache compiled module: {e:#}");
-        }
-    }
-}
-
-/// Loads a compiled artifact this engine wrote.
-#[allow(unsafe_code)]
-fn load_artifact(engine: &wasmtime::Engine, path: &Path) -> wasmtime::Result<Module> {
-    // SAFETY: wasmtime requires that the file be an artifact it produced, since it maps it
-    // as executable code. Only `store_cached` writes into the cache directory (under the
-    // agent's own data directory, by atomic rename), and the directory's name changes
-    // with every wasmtime version and setting that affects compiled code; wasmtime
-    // further checks the artifact's header and compatibility before using it.
-    unsafe { Module::deserialize_file(engine, path) }
-}
-
-type Job = Box<dyn FnOnce() + Send + 'static>;
-
-/// A fixed set of threads that run calls, fed by a bounded queue.
-#[derive(Clone)]
-struct WorkerPool {
-    jobs: tokio::sync::mpsc::Sender<Job>,
-    _threads: Arc<Vec<JoinHandle<()>>>,
-}
-
-impl WorkerPool {
-    fn start(workers: usize) -> std::io::Result<Self> {
-        let (jobs, queue) = tokio::sync::mpsc::channel::<Job>(workers * 256);
-        let queue = Arc::new(Mutex::new(queue));
-        let threads = (0..workers)
-            .map(|n| {
-                let queue = queue.clone();
-                std::thread::Builder::new()
-                    .name(format!("deadlift-worker-{n}"))
-                    .spawn(move || {
-                        loop {
-                            let job = queue.lock().blocking_recv();
-                            let Some(job) = job else { break };
-                            // A panic is a bug, but it must not take a worker with it.
-                            if std::panic::catch_unwind(AssertUnwindSafe(job)).is_err() {
-                                tracing::error!("a call panicked; the worker carries on");
-                            }
-                        }
-                    })
-            })
-            .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(Self {
-            jobs,
-            _threads: Arc::new(threads),
-        })
-    }
-
-    async fn submit(&self, job: Job) -> Result<(), CallError> {
-        self.jobs
-            .send(job)
-            .await
-            .map_err(|_| CallError::Overloaded {
-                reason: "the engine is shutting down".into(),
-            })
     }
 }

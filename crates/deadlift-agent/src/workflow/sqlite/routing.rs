@@ -1,0 +1,174 @@
+//! Routing of events inside the writer's transaction: an event is stored once per
+//! (tenant, id), put in the outbox of each peer it is sent to, and starts one run per
+//! workflow of its tenant whose event trigger matches it.
+
+use std::collections::HashMap;
+
+use rusqlite::Connection;
+use serde_json::Value;
+
+use super as sql;
+use super::writer::{
+    DELIVERIES_QUEUED, EVENTS_DUPLICATE, EVENTS_STORED, Effects, RUNS_STARTED, Writer,
+};
+use crate::federation::peers;
+use crate::store::DbError;
+use crate::workflow::event::{CloudEvent, MAX_DEPTH, TO_EXTENSION};
+use crate::workflow::records::{Ingested, NewRun, TriggerKind};
+use crate::workflow::spec::Workflow;
+use deadlift_engine::subject::SubjectPattern;
+
+/// An event trigger: which workflow version runs for which event types.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    pub workflow: String,
+    pub version: i64,
+    pub pattern: SubjectPattern,
+}
+
+/// Routes by tenant, owned by the writer thread, changed only after commits.
+pub(crate) type Routes = HashMap<String, Vec<Route>>;
+
+/// Builds the routing table from the live workflows.
+pub(super) fn load_routes(conn: &Connection) -> Result<Routes, DbError> {
+    let mut routes = Routes::new();
+    for (tenant, version) in sql::live_workflows(conn, None)? {
+        let name = version.name.clone();
+        match Workflow::compile(version.spec, None) {
+            Ok(workflow) => {
+                if let Some(route) = route_of(&workflow, version.version) {
+                    routes.entry(tenant).or_default().push(route);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%tenant, workflow = %name, %error, "a stored workflow does not compile; its event trigger is off");
+            }
+        }
+    }
+    Ok(routes)
+}
+
+pub(super) fn route_of(workflow: &Workflow, version: i64) -> Option<Route> {
+    Some(Route {
+        workflow: workflow.spec.name.clone(),
+        version,
+        pattern: workflow.event_pattern.clone()?,
+    })
+}
+
+impl Writer {
+    /// Stores one event and queues a run for every matching workflow of the tenant.
+    pub(super) fn ingest(
+        &self,
+        tx: &Connection,
+        tenant: &str,
+        event: CloudEvent,
+        now: i64,
+        effects: &mut Effects,
+    ) -> Result<Ingested, DbError> {
+        self.ingest_from(tx, tenant, event, None, now, effects)
+    }
+
+    /// [`ingest`](Self::ingest), for events that may have come from a peer: the event also
+    /// goes to the outbox of every other peer of the tenant that it is sent to.
+    pub(super) fn ingest_from(
+        &self,
+        tx: &Connection,
+        tenant: &str,
+        mut event: CloudEvent,
+        from_peer: Option<&str>,
+        now: i64,
+        effects: &mut Effects,
+    ) -> Result<Ingested, DbError> {
+        event.complete();
+        let id = event.id.clone();
+        let Some(seq) = sql::insert_event(tx, tenant, &event, now)? else {
+            effects.count(EVENTS_DUPLICATE);
+            return Ok(Ingested {
+                id,
+                duplicate: true,
+                runs: Vec::new(),
+            });
+        };
+        effects.count(EVENTS_STORED);
+        // Addressed to one peer: to its outbox only, not routed here.
+        if let Some(to) = event.extensions.get(TO_EXTENSION).cloned() {
+            let mut outgoing = event.clone();
+            outgoing.extensions.remove(TO_EXTENSION);
+            let to = to.as_str().unwrap_or_default();
+            if from_peer.is_none() && self.peers.check_serves(to, tenant).is_ok() {
+                peers::enqueue(tx, to, &outgoing, now)?;
+                effects.outbox_changed = true;
+                effects.count(DELIVERIES_QUEUED);
+            } else {
+                tracing::warn!(tenant, event = %id, peer = to, "event addressed to an unknown peer; not sent");
+            }
+            return Ok(Ingested {
+                id,
+                duplicate: false,
+                runs: Vec::new(),
+            });
+        }
+        let recipients: Vec<String> = self.peers.with(|all| {
+            all.iter()
+                .filter(|peer| {
+                    peer.tenant == tenant
+                        && Some(peer.name.as_str()) != from_peer
+                        && peer.sends(&event.event_type)
+                })
+                .map(|peer| peer.name.clone())
+                .collect()
+        });
+        for peer in recipients {
+            peers::enqueue(tx, &peer, &event, now)?;
+            effects.outbox_changed = true;
+            effects.count(DELIVERIES_QUEUED);
+        }
+        let mut runs = Vec::new();
+        if event.depth() > MAX_DEPTH {
+            // Stored (so the sender's id is honoured) but not routed: a loop of
+            // workflows triggering each other ends here.
+            tracing::warn!(tenant, event = %id, "event chain too deep; not routed");
+            return Ok(Ingested {
+                id,
+                duplicate: false,
+                runs,
+            });
+        }
+        let trace = event.trace();
+        let matching: Vec<&Route> = self
+            .routes
+            .get(tenant)
+            .into_iter()
+            .flatten()
+            .filter(|route| route.pattern.matches(&event.event_type))
+            .collect();
+        let event_input = if matching.is_empty() {
+            Value::Null
+        } else {
+            event.input()
+        };
+        for route in matching {
+            let run = NewRun {
+                tenant: tenant.to_owned(),
+                workflow: route.workflow.clone(),
+                version: route.version,
+                trigger: TriggerKind::Event,
+                input: event_input.clone(),
+                event: Some((seq, event.clone())),
+                trace: trace.child(),
+            };
+            if let Some(ticket) = sql::insert_run(tx, &run, now)? {
+                effects.count(RUNS_STARTED);
+                runs.push(ticket.run_id.clone());
+                effects.changed_runs.push(ticket.run_seq);
+                effects.tickets.push(ticket);
+            }
+        }
+        Ok(Ingested {
+            id,
+            duplicate: false,
+            runs,
+        })
+    }
+}
