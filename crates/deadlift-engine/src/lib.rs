@@ -30,6 +30,7 @@ pub mod error;
 pub(crate) mod executor;
 pub mod grant;
 pub mod host;
+pub mod names;
 pub mod registry;
 pub mod subject;
 

@@ -314,14 +314,6 @@ pub fn inspect(bytes: &[u8]) -> Result<Inspection, ModuleError> {
     })
 }
 
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
-}
-
 /// Storage of module metadata (per tenant) and bytes (shared by content).
 pub trait ModuleStore: Send + Sync + 'static {
     /// Stores a new record and its bytes. The registry has already checked conflicts.
@@ -419,7 +411,12 @@ impl Registry {
         tenant: &str,
         module: &NewModule,
     ) -> Result<(Inspection, Option<ModuleInfo>), ModuleError> {
-        if !valid_name(&module.name) || module.version.as_deref().is_some_and(|v| !valid_name(v)) {
+        if crate::names::module_name(&module.name).is_err()
+            || module
+                .version
+                .as_deref()
+                .is_some_and(|v| crate::names::module_name(v).is_err())
+        {
             return Err(ModuleError::InvalidName);
         }
         let inspection = inspect(&module.bytes)?;

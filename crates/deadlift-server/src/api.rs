@@ -322,14 +322,6 @@ struct NewTenant {
     name: String,
 }
 
-fn valid_tenant(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
-}
-
 #[utoipa::path(post, path = "/v1/tenants", tag = "tenants", security(("bearer" = [])), request_body = NewTenant,
     responses((status = 201, description = "Created"), (status = 400, description = "Invalid name or body", body = ErrorBody),
         (status = 409, description = "Exists", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
@@ -340,10 +332,10 @@ async fn create_tenant(
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
     let NewTenant { name } = parse_json(&body)?;
-    if !valid_tenant(&name) {
+    if let Err(reason) = deadlift_engine::names::tenant_name(&name) {
         return Err(ApiError::new(
             Code::TenantInvalid,
-            "tenant names are 1-64 characters of a-z, 0-9, '-' or '_'",
+            format!("a tenant name {reason}"),
         ));
     }
     let db = agent.db().clone();

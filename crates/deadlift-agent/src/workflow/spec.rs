@@ -13,10 +13,11 @@ use serde::{Deserialize, Serialize};
 use super::expr::Expression;
 use deadlift_engine::error::CallError;
 use deadlift_engine::grant::Grant;
+use deadlift_engine::names;
 use deadlift_engine::subject::{SubjectPattern, validate_subject};
 
 /// Longest workflow name, in bytes.
-pub const MAX_NAME_BYTES: usize = 64;
+pub use deadlift_engine::names::MAX_NAME_BYTES;
 /// Most steps one workflow may have.
 pub const MAX_STEPS: usize = 64;
 /// Most attempts a retry policy may ask for.
@@ -276,18 +277,9 @@ impl WorkflowSpec {
     }
 }
 
-/// Checks a workflow or tenant name: 1 to 64 bytes of letters, digits, `-`, `_`, `.`.
+/// Checks a workflow's or a peer's name (see [`names::resource_name`]).
 pub fn validate_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > MAX_NAME_BYTES {
-        return Err(format!("must be 1 to {MAX_NAME_BYTES} bytes long"));
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        return Err("may contain only ASCII letters, digits, `-`, `_` and `.`".into());
-    }
-    Ok(())
+    names::resource_name(name)
 }
 
 fn is_identifier(id: &str) -> bool {
