@@ -3,6 +3,8 @@
 //! embedding application declares. The [`Agent`] façade is what the server and
 //! embedders drive; it knows no HTTP serving.
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod clock;
 pub mod federation;

@@ -1,9 +1,11 @@
 //! The HTTP server: the JSON API under `/v1` (`api` for modules, tenants, tokens and
 //! KV; `workflows` for workflows, events and runs), the original Deadlift v1 routes
-//! (`v1`), health, readiness and Prometheus metrics. Only this module knows HTTP.
+//! (`v1`), health, readiness and Prometheus metrics. Only this crate serves HTTP.
 //!
 //! [`serve`] takes its listener and shutdown signal from the caller, so tests bind
 //! port 0 and stop the server when they like.
+
+#![forbid(unsafe_code)]
 
 mod api;
 pub mod error;
