@@ -37,6 +37,35 @@ pub enum AgentError {
     NoRuntime,
     #[error(transparent)]
     Identity(#[from] crate::federation::IdentityError),
+    #[error(
+        "the admin token is too easy to guess (about {bits} bits); use at least {MIN_TOKEN_BITS} bits, e.g. 32 random characters"
+    )]
+    WeakToken { bits: u32 },
+}
+
+/// The least guessing entropy, in bits, an admin token given by the operator must have.
+pub const MIN_TOKEN_BITS: u32 = 128;
+
+/// A rough upper bound of a secret's entropy in bits: its length times the bits of the
+/// smaller of the alphabet its character classes span and the characters it uses.
+fn estimated_bits(secret: &str) -> u32 {
+    let has = |class: fn(&char) -> bool| secret.chars().any(|c| class(&c));
+    let alphabet = [
+        (has(char::is_ascii_lowercase), 26),
+        (has(char::is_ascii_uppercase), 26),
+        (has(char::is_ascii_digit), 10),
+        (has(|c| !c.is_ascii_alphanumeric()), 33),
+    ]
+    .iter()
+    .filter(|(present, _)| *present)
+    .map(|(_, size)| size)
+    .sum::<u32>();
+    let distinct = secret
+        .chars()
+        .collect::<std::collections::HashSet<_>>()
+        .len() as u32;
+    let per_char = f64::from(alphabet.min(distinct).max(1)).log2();
+    (secret.chars().count() as f64 * per_char) as u32
 }
 
 /// Builds an [`Agent`].
@@ -150,7 +179,13 @@ impl AgentBuilder {
     /// Opens the data directory and starts the engine. Returns the agent and, when an
     /// admin token was generated now (first start), that token: it is shown only once.
     pub fn build(self) -> Result<(Agent, Option<String>), AgentError> {
-        std::fs::create_dir_all(&self.data_dir).map_err(|source| AgentError::DataDir {
+        if let Some(token) = &self.admin_token {
+            let bits = estimated_bits(token);
+            if bits < MIN_TOKEN_BITS {
+                return Err(AgentError::WeakToken { bits });
+            }
+        }
+        private_dir(&self.data_dir).map_err(|source| AgentError::DataDir {
             path: self.data_dir.clone(),
             source,
         })?;
@@ -177,9 +212,7 @@ impl AgentBuilder {
         let engine = engine.build()?;
         let new_admin_token = match self.admin_token {
             Some(token) => {
-                if db.authenticate(&token)? != Some(Principal::Admin) {
-                    db.add_token(&token, &Principal::Admin, Some("given at start"))?;
-                }
+                db.replace_admin_tokens(&token, "given at start")?;
                 None
             }
             None if db.has_admin_token()? => None,
@@ -224,6 +257,18 @@ impl AgentBuilder {
         };
         Ok((agent, new_admin_token))
     }
+}
+
+/// Creates the data directory (and its parents) and makes it the owner's alone: it
+/// holds the database, the signing key and compiled code.
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// A fresh random API token (`dl_` and 32 random bytes in hex).
@@ -305,5 +350,25 @@ impl Agent {
 
     pub fn max_body_bytes(&self) -> usize {
         self.max_body_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weak_secrets_score_below_the_minimum_and_random_ones_above() {
+        for weak in [
+            "x",
+            "admin",
+            "test-admin-token",
+            &"a".repeat(64),
+            "password1234567890",
+        ] {
+            assert!(estimated_bits(weak) < MIN_TOKEN_BITS, "{weak}");
+        }
+        assert!(estimated_bits(&new_token().unwrap()) >= MIN_TOKEN_BITS);
+        assert!(estimated_bits("Zq3xV9pL2mR7tK4wY8nB6cH1jF5gD0sA") >= MIN_TOKEN_BITS);
     }
 }

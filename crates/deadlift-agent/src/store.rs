@@ -7,7 +7,7 @@
 //! mode with foreign keys on. All calls block: async code reaches them through
 //! `spawn_blocking` (the server does), engine workers call them directly.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
@@ -162,6 +162,11 @@ CREATE TABLE hook_bindings (
     PRIMARY KEY (tenant, hook)
 ) WITHOUT ROWID;
 "#,
+    // Each execution of a run (the first, then one per retry) has its number, so that an
+    // execution that outlived a cancel cannot journal into the retry that followed.
+    r#"
+ALTER TABLE runs ADD COLUMN execution INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// Errors of the database layer.
@@ -180,6 +185,8 @@ pub enum DbError {
     Task(String),
     #[error("cannot start the journal writer: {0}")]
     Start(std::io::Error),
+    #[error("cannot make the database files private: {0}")]
+    Files(String),
     #[error("the agent is shutting down")]
     Closed,
 }
@@ -209,6 +216,30 @@ impl From<DbError> for KvError {
     fn from(e: DbError) -> Self {
         KvError::Storage(e.to_string())
     }
+}
+
+/// Makes the database file, and its -wal and -shm files where they exist, readable and
+/// writable by the owner only (creating an empty database file if there is none).
+#[cfg(unix)]
+fn owner_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        if file.exists() {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn owner_only(_path: &Path) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// What a committed write survives.
@@ -268,6 +299,8 @@ impl Database {
 
     /// Opens the database with the given durability of commits.
     pub fn open_with(path: &Path, durability: Durability) -> Result<Self, DbError> {
+        // Owner-only: SQLite gives its -wal and -shm files the database file's mode.
+        owner_only(path).map_err(|e| DbError::Files(format!("{}: {e}", path.display())))?;
         let conn = Connection::open(path)?;
         let mut db = Self::prepare(conn, durability)?;
         // A second connection for reads: in WAL mode it reads the last commit without
@@ -280,6 +313,24 @@ impl Database {
         reader.pragma_update(None, "cache_size", -16 * 1024)?;
         db.reader = Arc::new(Mutex::new(reader));
         Ok(db)
+    }
+
+    /// Replaces every admin token with `secret` (stored hashed; kept if it is one
+    /// already): an operator who gives a new admin token at start revokes the old one.
+    pub fn replace_admin_tokens(&self, secret: &str, description: &str) -> Result<(), DbError> {
+        let hash = Sha256::digest(secret.as_bytes()).to_vec();
+        let removed = self
+            .conn()
+            .execute("DELETE FROM tokens WHERE admin = 1 AND hash != ?1", [&hash])?;
+        if removed > 0 {
+            self.known()
+                .tokens
+                .retain(|known, principal| *known == hash || *principal != Principal::Admin);
+        }
+        if self.authenticate(secret)? != Some(Principal::Admin) {
+            self.add_token(secret, &Principal::Admin, Some(description))?;
+        }
+        Ok(())
     }
 
     /// A private in-memory database, for tests.

@@ -22,9 +22,14 @@ pub struct ServeConfig {
     /// Directory for the database and compiled modules [default: ./deadlift-data]
     #[arg(long, env = "DEADLIFT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Admin token to use instead of generating one at first start
+    /// Admin token to use instead of generating one at first start (prefer
+    /// --admin-token-file: a flag's value is visible to every user in `ps`). A new one
+    /// revokes the previous; it must have at least 128 bits of entropy
     #[arg(long, env = "DEADLIFT_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// File holding the admin token (its first line)
+    #[arg(long, env = "DEADLIFT_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Require a token on the Deadlift v1 routes [default: false]
     #[arg(long, env = "DEADLIFT_V1_REQUIRE_TOKEN")]
     pub v1_require_token: Option<bool>,
@@ -100,6 +105,7 @@ impl ServeConfig {
             listen: self.listen.or(file.listen),
             data_dir: self.data_dir.or(file.data_dir),
             admin_token: self.admin_token.or(file.admin_token),
+            admin_token_file: self.admin_token_file.or(file.admin_token_file),
             v1_require_token: self.v1_require_token.or(file.v1_require_token),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
             workers: self.workers.or(file.workers),
@@ -114,7 +120,28 @@ impl ServeConfig {
         }
     }
 
-    pub fn resolve(self) -> Resolved {
+    pub fn resolve(self) -> anyhow::Result<Resolved> {
+        let admin_token = match (
+            self.admin_token.filter(|t| !t.is_empty()),
+            &self.admin_token_file,
+        ) {
+            (Some(_), Some(_)) => {
+                anyhow::bail!("give the admin token or the admin token file, not both")
+            }
+            (given, None) => given,
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!("cannot read the admin token file {}", path.display())
+                })?;
+                let token = text.lines().next().unwrap_or_default().trim().to_owned();
+                anyhow::ensure!(
+                    !token.is_empty(),
+                    "the admin token file {} is empty",
+                    path.display()
+                );
+                Some(token)
+            }
+        };
         let mut grant = deadlift::Grant::default();
         if let Some(ms) = self.call_timeout_ms {
             grant.timeout = std::time::Duration::from_millis(ms);
@@ -140,7 +167,7 @@ impl ServeConfig {
                 .dedupe_window_hours
                 .map_or(defaults.dedupe_window_ms, hours),
         };
-        Resolved {
+        Ok(Resolved {
             name: self.name.unwrap_or_else(|| "deadlift".to_owned()),
             listen: self
                 .listen
@@ -148,7 +175,7 @@ impl ServeConfig {
             data_dir: self
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from("deadlift-data")),
-            admin_token: self.admin_token.filter(|t| !t.is_empty()),
+            admin_token,
             v1_require_token: self.v1_require_token.unwrap_or(false),
             max_body_bytes: self.max_body_bytes.unwrap_or(16 * 1024 * 1024),
             workers: self.workers,
@@ -156,7 +183,7 @@ impl ServeConfig {
             max_concurrent_runs: self.max_concurrent_runs.unwrap_or(256),
             retention,
             durability: self.durability.unwrap_or_default(),
-        }
+        })
     }
 }
 
@@ -174,7 +201,7 @@ mod tests {
             data_dir: Some(PathBuf::from("/tmp/flag")),
             ..ServeConfig::default()
         };
-        let resolved = flags.over(file).resolve();
+        let resolved = flags.over(file).resolve().unwrap();
         assert_eq!(resolved.listen.to_string(), "127.0.0.1:9000");
         assert_eq!(resolved.data_dir, PathBuf::from("/tmp/flag"));
         assert_eq!(resolved.grant.timeout.as_millis(), 50);
@@ -182,9 +209,36 @@ mod tests {
 
     #[test]
     fn defaults_listen_on_loopback_only() {
-        let resolved = ServeConfig::default().resolve();
+        let resolved = ServeConfig::default().resolve().unwrap();
         assert!(resolved.listen.ip().is_loopback());
         assert!(!resolved.v1_require_token);
+    }
+
+    /// Issue 11: the admin token was only given on the command line, visible in `ps`.
+    #[test]
+    fn the_admin_token_comes_from_a_file_and_not_from_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin-token");
+        std::fs::write(&path, "Zq3xV9pL2mR7tK4wY8nB6cH1jF5gD0sA\n").unwrap();
+        let from_file = ServeConfig {
+            admin_token_file: Some(path.clone()),
+            ..ServeConfig::default()
+        };
+        assert_eq!(
+            from_file.resolve().unwrap().admin_token.as_deref(),
+            Some("Zq3xV9pL2mR7tK4wY8nB6cH1jF5gD0sA")
+        );
+        let both = ServeConfig {
+            admin_token: Some("x".into()),
+            admin_token_file: Some(path),
+            ..ServeConfig::default()
+        };
+        assert!(both.resolve().is_err());
+        let missing = ServeConfig {
+            admin_token_file: Some(dir.path().join("nowhere")),
+            ..ServeConfig::default()
+        };
+        assert!(missing.resolve().is_err());
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub enum PeerCommand {
         #[arg(long, value_delimiter = ',')]
         accept: Vec<String>,
         /// The tenant here whose events go to the peer and into which its events arrive
-        #[arg(long, default_value = "default")]
+        #[arg(long)]
         local_tenant: String,
         #[command(flatten)]
         remote: Remote,

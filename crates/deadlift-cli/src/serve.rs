@@ -15,7 +15,7 @@ pub fn settings(config_file: Option<&Path>, settings: ServeConfig) -> anyhow::Re
         Some(path) => ServeConfig::from_file(path)?,
         None => ServeConfig::default(),
     };
-    Ok(settings.over(file).resolve())
+    settings.over(file).resolve()
 }
 
 pub async fn serve(config: Resolved) -> anyhow::Result<()> {

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorBody;
 use crate::{AgentState, ApiError, Caller, RawBody, json, parse_json};
-use deadlift_agent::federation::{FederationError, OutboxEntry, OutboxStatus, Peer, Webhook};
-use deadlift_agent::workflow::Ingested;
+use deadlift_agent::federation::{
+    FederationError, OutboxEntry, OutboxStatus, Peer, Received, Webhook,
+};
 use deadlift_engine::Code;
 
 impl From<FederationError> for ApiError {
@@ -124,11 +125,6 @@ pub(super) async fn replay(
     Ok(StatusCode::ACCEPTED)
 }
 
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub(super) struct Received {
-    events: Vec<Ingested>,
-}
-
 fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
@@ -146,9 +142,9 @@ pub(super) async fn receive(
 ) -> Result<Response, ApiError> {
     let webhook = Webhook::from_headers(|name| header_text(&headers, name))?;
     let content_type = header_text(&headers, header::CONTENT_TYPE.as_str()).unwrap_or_default();
-    let events = agent
+    let received = agent
         .federation()
         .receive(&webhook, content_type, &body)
         .await?;
-    Ok(json(StatusCode::OK, Received { events }))
+    Ok(json(StatusCode::OK, received))
 }

@@ -29,7 +29,8 @@ pub struct DeliveryConfig {
     pub max_backoff: Duration,
     /// Deliveries in flight at once.
     pub concurrency: usize,
-    /// How long delivered entries are kept, for the record.
+    /// How long delivered entries are kept, for the record. An agent sets it to its
+    /// retention's dedupe window, so entries live as long as the event ids they name.
     pub keep_delivered: Duration,
 }
 
@@ -109,11 +110,26 @@ pub(crate) async fn run(
                 config.clone(),
             );
             sending.spawn(async move {
-                let outcome = attempt(&http, &identity, peer.as_ref(), &batch, &config).await;
+                let (outcome, refused) =
+                    attempt(&http, &identity, peer.as_ref(), &batch, &config).await;
                 if let Attempt::Dead { error } = &outcome {
-                    tracing::warn!(peer = %batch[0].peer, events = batch.len(), %error, "delivery dead-lettered");
+                    tracing::warn!(peer = %batch[0].peer, events = batch.len(), error = %error.escape_debug(), "delivery dead-lettered");
                 }
-                record(&journal, batch.iter().map(|e| e.id).collect(), outcome).await;
+                // Events the peer refused one by one are dead, each with its reason; the
+                // rest of the batch had the batch's outcome.
+                let mut rest = Vec::with_capacity(batch.len());
+                for entry in &batch {
+                    match refused.iter().find(|r| r.id == entry.event_id) {
+                        Some(refusal) => {
+                            let error = format!("refused by the peer: {}", refusal.message);
+                            record(&journal, vec![entry.id], Attempt::Dead { error }).await;
+                        }
+                        None => rest.push(entry.id),
+                    }
+                }
+                if !rest.is_empty() {
+                    record(&journal, rest, outcome).await;
+                }
             });
         }
         while sending.join_next().await.is_some() {}
@@ -192,38 +208,54 @@ fn batches(due: Vec<OutboxEntry>) -> Vec<Vec<OutboxEntry>> {
         .collect()
 }
 
+/// The `webhook-id` of a delivery: the same for every retry of the same events, and
+/// free of `.` (the signed content joins id, timestamp and body with dots).
+fn webhook_id(batch: &[OutboxEntry]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for entry in batch {
+        hash.update(entry.peer.as_bytes());
+        hash.update([0]);
+        hash.update(entry.event_id.as_bytes());
+        hash.update([0]);
+    }
+    format!("msg_{}", hex::encode(&hash.finalize()[..16]))
+}
+
+/// What a peer's successful answer may carry: the events it refused one by one.
+#[derive(Debug, Default, serde::Deserialize)]
+struct Answer {
+    #[serde(default)]
+    refused: Vec<super::Refused>,
+}
+
 /// One delivery attempt of a batch (one event is sent as a structured CloudEvent, more
-/// as a CloudEvents batch).
+/// as a CloudEvents batch): its outcome, and the events the peer refused one by one.
 async fn attempt(
     http: &reqwest::Client,
     identity: &Identity,
     peer: Option<&Peer>,
     batch: &[OutboxEntry],
     config: &DeliveryConfig,
-) -> Attempt {
+) -> (Attempt, Vec<super::Refused>) {
     let Some(entry) = batch.first() else {
-        return Attempt::Delivered;
+        return (Attempt::Delivered, Vec::new());
     };
     let Some(peer) = peer else {
-        return Attempt::Dead {
-            error: format!("no peer named `{}`", entry.peer),
-        };
+        let error = format!("no peer named `{}`", entry.peer);
+        return (Attempt::Dead { error }, Vec::new());
     };
-    let (id, body, content_type) = match batch {
-        [one] => (
-            one.event_id.clone(),
-            one.body.clone(),
-            "application/cloudevents+json",
-        ),
+    let (body, content_type) = match batch {
+        [one] => (one.body.clone(), "application/cloudevents+json"),
         many => {
             let bodies: Vec<&str> = many.iter().map(|e| e.body.as_str()).collect();
             (
-                format!("batch_{}_{}", entry.event_id, many.len()),
                 format!("[{}]", bodies.join(",")),
                 crate::workflow::event::BATCH_CONTENT_TYPE,
             )
         }
     };
+    let id = webhook_id(batch);
     let webhook = Webhook::sign(identity, id, now_ms() / 1000, body.as_bytes());
     let url = format!("{}/v1/peer/events", peer.url.trim_end_matches('/'));
     let mut request = http.post(&url).header("content-type", content_type);
@@ -232,7 +264,10 @@ async fn attempt(
     }
     let sent = request.body(body).send().await;
     let error = match sent {
-        Ok(response) if response.status().is_success() => return Attempt::Delivered,
+        Ok(response) if response.status().is_success() => {
+            let answer: Answer = response.json().await.unwrap_or_default();
+            return (Attempt::Delivered, answer.refused);
+        }
         Ok(response) => {
             let status = response.status().as_u16();
             let body = response.text().await.unwrap_or_default();
@@ -241,7 +276,7 @@ async fn attempt(
                 body.chars().take(300).collect::<String>()
             );
             if matches!(status, 400 | 401 | 403 | 404 | 413) {
-                return Attempt::Dead { error };
+                return (Attempt::Dead { error }, Vec::new());
             }
             error
         }
@@ -255,9 +290,8 @@ async fn attempt(
     let attempts = batch.iter().map(|e| e.attempts).max().unwrap_or(0);
     let age = Duration::from_millis(u64::try_from(now_ms() - oldest).unwrap_or(0));
     if age >= config.horizon {
-        return Attempt::Dead {
-            error: format!("gave up after {} attempts: {error}", attempts + 1),
-        };
+        let error = format!("gave up after {} attempts: {error}", attempts + 1);
+        return (Attempt::Dead { error }, Vec::new());
     }
     let doublings = u32::try_from(attempts).unwrap_or(u32::MAX).min(20);
     let backoff = config
@@ -265,8 +299,9 @@ async fn attempt(
         .saturating_mul(1 << doublings)
         .min(config.max_backoff)
         .mul_f64(0.5 + random_fraction() / 2.0);
-    Attempt::Retry {
+    let retry = Attempt::Retry {
         error,
         next_unix_ms: now_ms() + i64::try_from(backoff.as_millis()).unwrap_or(i64::MAX / 2),
-    }
+    };
+    (retry, Vec::new())
 }

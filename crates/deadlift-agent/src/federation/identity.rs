@@ -99,8 +99,11 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 
 /// Parses a base64 Ed25519 public key.
 pub fn parse_public_key(text: &str) -> Result<VerifyingKey, String> {
+    // Standard Webhooks writes public keys with a `whpk_` prefix.
+    let text = text.trim();
+    let text = text.strip_prefix("whpk_").unwrap_or(text);
     let bytes = BASE64
-        .decode(text.trim())
+        .decode(text)
         .map_err(|_| "the public key is not base64".to_owned())?;
     let bytes: [u8; 32] = bytes
         .try_into()

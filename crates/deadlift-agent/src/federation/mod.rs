@@ -33,6 +33,23 @@ use crate::workflow::event::{EventError, parse_events};
 use crate::workflow::{Ingested, Journal};
 use deadlift_engine::Code;
 
+/// What a delivery from a peer did: the events committed, and those refused.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Received {
+    pub events: Vec<Ingested>,
+    /// Events of the delivery that were not committed, each with its reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<Refused>,
+}
+
+/// An event of a delivery that the receiver refused.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Refused {
+    pub id: String,
+    pub code: Code,
+    pub message: String,
+}
+
 /// Why a federation operation or a delivery from a peer was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum FederationError {
@@ -102,6 +119,18 @@ impl PeerDirectory {
             Some(p) if p.tenant == tenant => Ok(()),
             Some(_) => Err(format!("peer `{peer}` does not serve tenant `{tenant}`")),
             None => Err(format!("no peer named `{peer}`")),
+        }
+    }
+
+    /// Whether `peer` serves `tenant` and is sent events of `event_type` (its send
+    /// patterns hold for events addressed to it too).
+    pub fn check_sends(&self, peer: &str, tenant: &str, event_type: &str) -> Result<(), String> {
+        self.check_serves(peer, tenant)?;
+        match self.get(peer) {
+            Some(p) if p.sends(event_type) => Ok(()),
+            _ => Err(format!(
+                "peer `{peer}` is not sent events of type `{event_type}` (see its send patterns)"
+            )),
         }
     }
 
@@ -236,16 +265,18 @@ impl Federation {
         Ok(())
     }
 
-    /// A delivery from a peer: checked (known sender, fresh timestamp, valid signature,
-    /// accepted event types) before anything is committed; then its events are stored in
-    /// the peer's tenant (deduplicated per peer) and routed like local events, never
-    /// sent back to that peer.
+    /// A delivery from a peer: checked (known sender, fresh timestamp, valid signature)
+    /// before anything is committed; then each event is judged on its own. Events of a
+    /// type the peer may send are stored in the peer's tenant and routed like local
+    /// events (never sent back); the others are refused, each with its reason, so that
+    /// one refused event does not take its batch down with it. A delivery of one event
+    /// that is refused is an error.
     pub async fn receive(
         &self,
         webhook: &Webhook,
         content_type: &str,
         body: &[u8],
-    ) -> Result<Vec<Ingested>, FederationError> {
+    ) -> Result<Received, FederationError> {
         let sender = &webhook.sender;
         let peer = self
             .peers
@@ -263,20 +294,33 @@ impl Federation {
             )));
         }
         let events = parse_events(content_type, body)?;
-        if let [event] = events.as_slice()
-            && event.id != webhook.id
+        let (accepted, refused): (Vec<_>, Vec<_>) = events
+            .into_iter()
+            .partition(|e| peer.accepts(&e.event_type));
+        let not_accepted = |event_type: &str| {
+            format!("peer `{sender}` may not send events of type `{event_type}`")
+        };
+        if accepted.is_empty()
+            && let [event] = refused.as_slice()
         {
-            return Err(FederationError::SignatureInvalid(format!(
-                "{ID_HEADER} differs from the event's id"
+            return Err(FederationError::EventNotAccepted(not_accepted(
+                &event.event_type,
             )));
         }
-        if let Some(refused) = events.iter().find(|e| !peer.accepts(&e.event_type)) {
-            return Err(FederationError::EventNotAccepted(format!(
-                "peer `{sender}` may not send events of type `{}`",
-                refused.event_type
-            )));
-        }
-        Ok(self.journal.receive(&peer, events).await?)
+        let refused = refused
+            .iter()
+            .map(|event| Refused {
+                id: event.id.clone(),
+                code: Code::EventNotAccepted,
+                message: not_accepted(&event.event_type),
+            })
+            .collect();
+        let events = if accepted.is_empty() {
+            Vec::new()
+        } else {
+            self.journal.receive(&peer, accepted).await?
+        };
+        Ok(Received { events, refused })
     }
 
     /// Stops delivering; entries in flight stay pending and go out at the next start.

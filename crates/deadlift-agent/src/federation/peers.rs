@@ -19,8 +19,8 @@ pub struct Peer {
     pub url: String,
     /// Its Ed25519 public key, base64.
     pub public_key: String,
-    /// The tenant whose events are sent to the peer and into which its events arrive.
-    #[serde(default = "default_tenant")]
+    /// The tenant whose events are sent to the peer and into which its events arrive;
+    /// always named (no tenant is special).
     pub tenant: String,
     /// Subject patterns of events sent to the peer.
     #[serde(default)]
@@ -30,10 +30,6 @@ pub struct Peer {
     pub accept: Vec<String>,
     #[serde(default)]
     pub created_unix_ms: i64,
-}
-
-fn default_tenant() -> String {
-    crate::agent::DEFAULT_TENANT.to_owned()
 }
 
 impl Peer {

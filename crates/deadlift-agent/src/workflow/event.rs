@@ -116,6 +116,11 @@ impl CloudEvent {
         if self.data.is_some() && self.data_base64.is_some() {
             return Err("give at most one of data and data_base64".into());
         }
+        if self.extensions.contains_key(TO_EXTENSION) {
+            return Err(format!(
+                "the extension `{TO_EXTENSION}` is reserved: it routes an event to a peer and only an emit step's `to` sets it"
+            ));
+        }
         for (name, value) in &self.extensions {
             let valid_name = !name.is_empty()
                 && name.len() <= 20

@@ -211,8 +211,8 @@ impl Journal {
     }
 
     /// Marks a run running (when its first step takes a while); not waited for.
-    pub(crate) fn mark_running(&self, run_seq: i64) {
-        let _ = self.commands.send(Command::Running { run_seq });
+    pub(crate) fn mark_running(&self, run_seq: i64, execution: i64) {
+        let _ = self.commands.send(Command::Running { run_seq, execution });
     }
 
     /// Journals a finished step (and the events it emitted), and the run's end with it
@@ -238,10 +238,16 @@ impl Journal {
         .await
     }
 
-    /// Ends a run without a step.
-    pub(crate) async fn finish(&self, run_seq: i64, finish: Finish) -> Result<(), DbError> {
+    /// Ends a run without a step (if `execution` is still the run's current one).
+    pub(crate) async fn finish(
+        &self,
+        run_seq: i64,
+        execution: i64,
+        finish: Finish,
+    ) -> Result<(), DbError> {
         self.request(|reply| Command::Finish {
             run_seq,
+            execution,
             finish,
             reply,
         })
@@ -282,8 +288,9 @@ impl Journal {
         .await
     }
 
-    /// Marks a queued or running run cancelled; false when it is not open.
-    pub async fn cancel(&self, tenant: &str, run_id: &str) -> Result<bool, DbError> {
+    /// Marks a queued or running run cancelled; answers the execution it cancelled, or
+    /// `None` when the run is not open.
+    pub async fn cancel(&self, tenant: &str, run_id: &str) -> Result<Option<i64>, DbError> {
         self.request(|reply| Command::Cancel {
             tenant: tenant.to_owned(),
             run_id: run_id.to_owned(),

@@ -429,8 +429,8 @@ impl Runtime {
 
     /// Cancels a queued or running run.
     pub async fn cancel(&self, tenant: &str, run_id: &str) -> Result<(), WorkflowError> {
-        if self.journal.cancel(tenant, run_id).await? {
-            self.runner.cancel(run_id);
+        if let Some(execution) = self.journal.cancel(tenant, run_id).await? {
+            self.runner.cancel(run_id, execution);
             return Ok(());
         }
         self.run(tenant, run_id).await?;

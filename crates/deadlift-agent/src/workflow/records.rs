@@ -197,6 +197,9 @@ pub struct WorkflowVersion {
 pub struct RunTicket {
     pub run_id: String,
     pub run_seq: i64,
+    /// Which execution of the run this is: 0, then one more at each retry. The journal
+    /// takes steps and the end of the run only from its current execution.
+    pub execution: i64,
     pub tenant: String,
     pub workflow: String,
     pub version: i64,
@@ -275,7 +278,7 @@ pub struct Finish {
 }
 
 /// What ingesting one event did.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Ingested {
     pub id: String,
     /// The id was seen before: nothing new happened.

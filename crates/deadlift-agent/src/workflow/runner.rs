@@ -34,8 +34,10 @@ pub(crate) struct Runner {
     /// The URI runs use as the source of the events they emit.
     pub source: String,
     workflows: Mutex<HashMap<(String, String, i64), Arc<Workflow>>>,
-    /// Cancel tokens of the runs executing now.
-    running: Mutex<HashMap<String, CancelToken>>,
+    /// Cancel tokens of the run executions under way (or cancelled while queued), by
+    /// run id and execution: a retry is a new execution with a token of its own, so an
+    /// earlier execution's cancel cannot stop it.
+    running: Mutex<HashMap<(String, i64), CancelToken>>,
 }
 
 impl Runner {
@@ -77,9 +79,12 @@ impl Runner {
     /// Cancels a run: stops it if it is executing, and makes it stop before its first
     /// step if it is still waiting in the queue. (Call after the journal has marked the
     /// run cancelled.)
-    pub fn cancel(&self, run_id: &str) {
+    pub fn cancel(&self, run_id: &str, execution: i64) {
         let mut running = self.running.lock();
-        running.entry(run_id.to_owned()).or_default().cancel();
+        running
+            .entry((run_id.to_owned(), execution))
+            .or_default()
+            .cancel();
     }
 
     /// The compiled workflow version, from memory or the database.
@@ -126,27 +131,24 @@ impl Runner {
     /// Runs (or resumes) one durable run to its end, journaling as it goes.
     pub async fn execute(self: &Arc<Self>, ticket: RunTicket) {
         let ticket = Arc::new(ticket);
+        let key = (ticket.run_id.clone(), ticket.execution);
         // A run cancelled while it was queued finds its token already cancelled.
-        let cancel = self
-            .running
-            .lock()
-            .entry(ticket.run_id.clone())
-            .or_default()
-            .clone();
+        let cancel = self.running.lock().entry(key.clone()).or_default().clone();
         if cancel.is_cancelled() {
-            self.running.lock().remove(&ticket.run_id);
+            self.running.lock().remove(&key);
             return;
         }
         if !ticket.started {
             // A run whose first step is quick is marked running together with that
             // step's record (one commit, one fsync, fewer); a slower one is marked
             // running on its own after a moment, so that watchers see it.
-            let (journal, run_seq) = (self.journal.clone(), ticket.run_seq);
+            let (journal, run_seq, execution) =
+                (self.journal.clone(), ticket.run_seq, ticket.execution);
             let journaled = ticket.journaled.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(MARK_RUNNING_AFTER).await;
                 if !journaled.load(std::sync::atomic::Ordering::Relaxed) {
-                    journal.mark_running(run_seq);
+                    journal.mark_running(run_seq, execution);
                 }
             });
         }
@@ -157,8 +159,9 @@ impl Runner {
             Ok(workflow) if workflow.graph => self.run_graph(&ticket, &workflow, &cancel).await,
             Ok(workflow) => self.run_pipeline(&ticket, &workflow, &cancel).await,
             Err(failure) => {
+                let finish = failed(failure, true);
                 self.journal
-                    .finish(ticket.run_seq, failed(failure, true))
+                    .finish(ticket.run_seq, ticket.execution, finish)
                     .await
             }
         };
@@ -167,7 +170,7 @@ impl Runner {
             // stays open in the database and is resumed at the next start.
             tracing::warn!(run = %ticket.run_id, %error, "run stopped without finishing");
         }
-        self.running.lock().remove(&ticket.run_id);
+        self.running.lock().remove(&key);
     }
 
     /// Where a step of this run executes.
@@ -204,9 +207,10 @@ impl Runner {
             .map_or_else(|| ticket.input.clone(), |last| last.output.clone());
         if start > 0 && (start == workflow.steps.len() || current.is_null()) {
             // Crashed after the last step's journal but before the run's end was.
+            let finish = succeeded(current);
             return self
                 .journal
-                .finish(ticket.run_seq, succeeded(current))
+                .finish(ticket.run_seq, ticket.execution, finish)
                 .await;
         }
         let source = self.event_source(ticket);
@@ -345,7 +349,10 @@ impl Runner {
         if journaled == count && failure.is_none() && ticket.done.len() == count {
             // Resumed after every step was journaled but not the run's end.
             let finish = succeeded(graph_output(workflow, &values));
-            return self.journal.finish(ticket.run_seq, finish).await;
+            return self
+                .journal
+                .finish(ticket.run_seq, ticket.execution, finish)
+                .await;
         }
         Ok(())
     }

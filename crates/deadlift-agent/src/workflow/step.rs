@@ -192,6 +192,9 @@ impl StepExecutor {
                     self.peers
                         .check_serves(peer, at.tenant)
                         .map_err(|message| StepFailure::config(Code::PeerNotFound, message))?;
+                    self.peers
+                        .check_sends(peer, at.tenant, event_type)
+                        .map_err(|message| StepFailure::config(Code::EventNotAccepted, message))?;
                 }
                 let emitted = EmittedEvent {
                     event_type: event_type.clone(),

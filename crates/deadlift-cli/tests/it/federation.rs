@@ -71,6 +71,8 @@ fn agents_deliver_signed_events_and_refuse_bad_deliveries() {
             acme_id["public_key"].as_str().unwrap(),
             "--send",
             "discount.>",
+            "--local-tenant",
+            "default",
         ],
     );
     acme.ok(
@@ -84,6 +86,8 @@ fn agents_deliver_signed_events_and_refuse_bad_deliveries() {
             payments_id["public_key"].as_str().unwrap(),
             "--accept",
             "discount.>",
+            "--local-tenant",
+            "default",
         ],
     );
     let listed = acme.ok(Some(&acme_admin), &["peer", "list"]);

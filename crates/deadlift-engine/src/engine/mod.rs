@@ -424,7 +424,9 @@ impl Inner {
                 .lock()
                 .entry(error.code())
                 .or_default() += 1;
-            tracing::debug!(%module, function, tenant = %ctx.tenant, code = %error.code(), "call failed: {error}");
+            // The error may carry the guest's own text: escaped, as guest log lines are.
+            let error_text = error.to_string();
+            tracing::debug!(%module, function, tenant = %ctx.tenant, code = %error.code(), "call failed: {}", error_text.escape_debug());
         }
         result
     }

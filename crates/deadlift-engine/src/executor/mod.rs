@@ -243,21 +243,26 @@ impl StoreData {
         let time_unix_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        // The agent's own log gets the line escaped (newlines, ANSI escapes and other
+        // control characters), so a guest cannot forge lines of it; the call's record
+        // keeps the line as the guest wrote it.
+        let escaped = message.escape_debug();
+        let tenant = &self.call.ctx.tenant;
         match level {
             LogLevel::Trace => {
-                tracing::trace!(target: "deadlift::guest", tenant = %self.call.ctx.tenant, "{message}")
+                tracing::trace!(target: "deadlift::guest", %tenant, "{escaped}")
             }
             LogLevel::Debug => {
-                tracing::debug!(target: "deadlift::guest", tenant = %self.call.ctx.tenant, "{message}")
+                tracing::debug!(target: "deadlift::guest", %tenant, "{escaped}")
             }
             LogLevel::Info => {
-                tracing::info!(target: "deadlift::guest", tenant = %self.call.ctx.tenant, "{message}")
+                tracing::info!(target: "deadlift::guest", %tenant, "{escaped}")
             }
             LogLevel::Warn => {
-                tracing::warn!(target: "deadlift::guest", tenant = %self.call.ctx.tenant, "{message}")
+                tracing::warn!(target: "deadlift::guest", %tenant, "{escaped}")
             }
             LogLevel::Error => {
-                tracing::error!(target: "deadlift::guest", tenant = %self.call.ctx.tenant, "{message}")
+                tracing::error!(target: "deadlift::guest", %tenant, "{escaped}")
             }
         }
         self.call.logs.push(LogLine {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use wasi_common::dir::{OpenResult, ReaddirCursor, ReaddirEntity, WasiDir};
-use wasi_common::file::{FdFlags, Filestat, OFlags};
+use wasi_common::file::{Advice, FdFlags, FileType, Filestat, OFlags, WasiFile};
 use wasi_common::pipe::WritePipe;
 use wasi_common::{Error, ErrorExt, WasiCtx};
 
@@ -126,7 +126,7 @@ impl WasiDir for ReadOnlyDir {
             .await?
         {
             OpenResult::Dir(dir) => Ok(OpenResult::Dir(Box::new(ReadOnlyDir(dir)))),
-            file => Ok(file),
+            OpenResult::File(file) => Ok(OpenResult::File(Box::new(ReadOnlyFile(file)))),
         }
     }
 
@@ -195,5 +195,98 @@ impl WasiDir for ReadOnlyDir {
         _follow_symlinks: bool,
     ) -> Result<(), Error> {
         Err(Error::perm())
+    }
+}
+
+/// A file opened under a [`ReadOnlyDir`]: it reads, seeks and reports, but refuses
+/// every change, its metadata (times, size, flags) included. A file opened without
+/// write access still carries the methods that change it; they end here.
+pub(crate) struct ReadOnlyFile(Box<dyn WasiFile>);
+
+#[async_trait::async_trait]
+impl WasiFile for ReadOnlyFile {
+    fn as_any(&self) -> &dyn Any {
+        self.0.as_any()
+    }
+
+    async fn get_filetype(&self) -> Result<FileType, Error> {
+        self.0.get_filetype().await
+    }
+
+    #[cfg(unix)]
+    fn pollable(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.0.pollable()
+    }
+
+    fn isatty(&self) -> bool {
+        self.0.isatty()
+    }
+
+    async fn get_fdflags(&self) -> Result<FdFlags, Error> {
+        self.0.get_fdflags().await
+    }
+
+    async fn set_fdflags(&mut self, _flags: FdFlags) -> Result<(), Error> {
+        Err(Error::perm())
+    }
+
+    async fn get_filestat(&self) -> Result<Filestat, Error> {
+        self.0.get_filestat().await
+    }
+
+    async fn set_filestat_size(&self, _size: u64) -> Result<(), Error> {
+        Err(Error::perm())
+    }
+
+    async fn advise(&self, offset: u64, len: u64, advice: Advice) -> Result<(), Error> {
+        self.0.advise(offset, len, advice).await
+    }
+
+    async fn set_times(
+        &self,
+        _atime: Option<wasi_common::SystemTimeSpec>,
+        _mtime: Option<wasi_common::SystemTimeSpec>,
+    ) -> Result<(), Error> {
+        Err(Error::perm())
+    }
+
+    async fn read_vectored<'a>(&self, bufs: &mut [std::io::IoSliceMut<'a>]) -> Result<u64, Error> {
+        self.0.read_vectored(bufs).await
+    }
+
+    async fn read_vectored_at<'a>(
+        &self,
+        bufs: &mut [std::io::IoSliceMut<'a>],
+        offset: u64,
+    ) -> Result<u64, Error> {
+        self.0.read_vectored_at(bufs, offset).await
+    }
+
+    async fn write_vectored<'a>(&self, _bufs: &[std::io::IoSlice<'a>]) -> Result<u64, Error> {
+        Err(Error::perm())
+    }
+
+    async fn write_vectored_at<'a>(
+        &self,
+        _bufs: &[std::io::IoSlice<'a>],
+        _offset: u64,
+    ) -> Result<u64, Error> {
+        Err(Error::perm())
+    }
+
+    async fn seek(&self, pos: std::io::SeekFrom) -> Result<u64, Error> {
+        self.0.seek(pos).await
+    }
+
+    async fn peek(&self, buf: &mut [u8]) -> Result<u64, Error> {
+        self.0.peek(buf).await
+    }
+
+    fn num_ready_bytes(&self) -> Result<u64, Error> {
+        self.0.num_ready_bytes()
+    }
+
+    async fn readable(&self) -> Result<(), Error> {
+        self.0.readable().await
     }
 }

@@ -11,6 +11,7 @@ mod differential;
 mod engine_calls;
 mod isolation;
 mod limits;
+mod logs;
 mod outbound;
 mod registry;
 mod wasi;

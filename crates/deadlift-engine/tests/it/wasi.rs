@@ -135,3 +135,49 @@ fn proc_exit_zero_is_success_and_other_codes_are_exit_codes() {
     // The engine keeps serving the module after a command exited.
     call(&engine, &module, "exit_zero", b"", &grant).unwrap();
 }
+
+/// Opens `hello.txt` in the first mapped directory for reading only, then sets its
+/// modification time to the epoch; returns `fd_filestat_set_times`' errno (or 1000 +
+/// `path_open`'s).
+const TOUCH: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_filestat_set_times"
+    (func $times (param i32 i64 i64 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hello.txt")
+  (func (export "touch") (result i32)
+    (local $errno i32)
+    ;; rights: fd_read | fd_filestat_set_times
+    (local.set $errno
+      (call $open (i32.const 3) (i32.const 0) (i32.const 16) (i32.const 9) (i32.const 0)
+        (i64.const 0x800002) (i64.const 0) (i32.const 0) (i32.const 0)))
+    (if (local.get $errno) (then (return (i32.add (i32.const 1000) (local.get $errno)))))
+    ;; fst_flags: set mtime to the given time (0)
+    (call $times (i32.load (i32.const 0)) (i64.const 0) (i64.const 0) (i32.const 4))))
+"#;
+
+/// Issue 11: a read-only mapping let a guest change a file's times
+/// (`fd_filestat_set_times` on a file opened for reading).
+#[test]
+fn read_only_mappings_refuse_metadata_changes() {
+    let dir = data_dir();
+    let file = dir.path().join("hello.txt");
+    let before = std::fs::metadata(&file).unwrap().modified().unwrap();
+    let engine = common::engine();
+    let module = add_bytes(&engine, TENANT, "toucher", wat(TOUCH));
+    let refused = call(&engine, &module, "touch", b"", &wasi_grant(&dir, true));
+    let after = std::fs::metadata(&file).unwrap().modified().unwrap();
+    assert_eq!(before, after, "the file's time changed: {refused:?}");
+    // EPERM (63), not a failure to open the file (1000 + errno).
+    let error = refused.expect_err("changing times must fail");
+    assert!(format!("{error:?}").contains("63"), "{error:?}");
+    // The same guest may change times under a writable mapping.
+    let writable = call(&engine, &module, "touch", b"", &wasi_grant(&dir, false));
+    assert!(writable.is_ok(), "{writable:?}");
+    assert_ne!(
+        std::fs::metadata(&file).unwrap().modified().unwrap(),
+        before
+    );
+}

@@ -7,6 +7,7 @@
 
 mod common;
 
+mod federation;
 mod server_api;
 mod server_v1;
 mod workflows;

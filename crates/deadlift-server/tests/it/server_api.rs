@@ -493,3 +493,68 @@ async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) 
     .await;
     done.into_iter().map(|v| v.unwrap()).collect()
 }
+
+/// Issue 11: `--admin-token x` was accepted.
+#[tokio::test]
+async fn an_admin_token_below_128_bits_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for weak in ["x", "test-admin-token", &"ab".repeat(40)] {
+        let builder = deadlift_agent::Agent::builder(dir.path()).admin_token(Some(weak.into()));
+        let built = tokio::task::spawn_blocking(move || builder.build())
+            .await
+            .unwrap();
+        assert!(
+            matches!(built, Err(deadlift_agent::AgentError::WeakToken { .. })),
+            "{weak}: {built:?}"
+        );
+    }
+}
+
+/// Issue 11: restarting with a new `--admin-token` left the old one valid.
+#[tokio::test]
+async fn a_new_admin_token_revokes_the_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = TestAgent::start(dir.path()).await;
+    first.stop().await;
+    const NEW: &str = "another-admin-token-Hk8sN2vQ7wE4rT9yU1iO";
+    let agent = TestAgent::start_with(dir.path(), |b| b.admin_token(Some(NEW.to_owned()))).await;
+    let tenants = |token: &'static str| {
+        agent
+            .http
+            .get(agent.url("/v1/tenants"))
+            .bearer_auth(token)
+            .send()
+    };
+    TestAgent::expect_error(tenants(ADMIN).await.unwrap(), 401, "unauthorized").await;
+    assert_eq!(tenants(NEW).await.unwrap().status().as_u16(), 200);
+    agent.stop().await;
+}
+
+/// Issue 11: the data directory was 0755 and `agent.db` 0644.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_data_directory_and_its_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    let data = parent.path().join("data");
+    let agent = TestAgent::start(&data).await;
+    // A write, so that SQLite has made its -wal file too.
+    let created = agent
+        .http
+        .post(agent.url("/v1/tenants"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    for file in ["agent.db", "agent.db-wal", "identity.key"] {
+        let path = data.join(file);
+        assert!(path.exists(), "{file}");
+        assert_eq!(mode(&path), 0o600, "{file}");
+    }
+    agent.stop().await;
+}

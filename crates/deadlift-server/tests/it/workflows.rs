@@ -611,6 +611,58 @@ async fn running_and_queued_runs_can_be_cancelled() {
     agent.stop().await;
 }
 
+/// Issue 11: a run cancelled while its step waited to retry, then retried, was lost:
+/// the retry found the first execution's cancelled token and stopped, and the first
+/// execution, waking from its back-off, marked the run failed.
+#[tokio::test]
+async fn retry_after_cancel_during_backoff_runs_the_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let client = Client::new(&agent);
+    client.push("flaky", "flaky").await;
+    client
+        .applied(
+            "patient",
+            &FLAKY.replace(
+                "initial_ms = 5, max_ms = 20,",
+                "initial_ms = 1500, max_ms = 1500, jitter = false,",
+            ),
+        )
+        .await;
+    let started: Value = client
+        .request(Method::POST, "/v1/workflows/patient/runs")
+        .json(&json!({"key": "cancel-retry", "fail_times": 1, "value": "ok"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = started["run_id"].as_str().unwrap().to_owned();
+    // The first attempt fails at once; the step then waits 1.5 s to try again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cancelled = client.post(&format!("/v1/runs/{id}/cancel")).await;
+    assert_eq!(cancelled.status().as_u16(), 202);
+    let retried = client.post(&format!("/v1/runs/{id}/retry")).await;
+    assert_eq!(retried.status().as_u16(), 202);
+    let mut run = Value::Null;
+    for _ in 0..100 {
+        run = client.run_by_id(&id).await;
+        if run["status"] != "queued" && run["status"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["output"], json!({"attempts": 2, "value": "ok"}));
+    // The first execution wakes from its back-off after this: it must change nothing.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    let later = client.run_by_id(&id).await;
+    assert_eq!(later["status"], "succeeded", "{later}");
+    assert_eq!(later["output"], run["output"]);
+    agent.stop().await;
+}
+
 #[tokio::test]
 async fn bad_documents_are_refused_with_every_field_named() {
     let dir = tempfile::tempdir().unwrap();

@@ -54,6 +54,7 @@ pub(crate) enum Command {
     },
     Running {
         run_seq: i64,
+        execution: i64,
     },
     Step {
         ticket: Arc<RunTicket>,
@@ -67,6 +68,7 @@ pub(crate) enum Command {
     /// last step was journaled).
     Finish {
         run_seq: i64,
+        execution: i64,
         finish: Finish,
         reply: Reply<()>,
     },
@@ -83,10 +85,11 @@ pub(crate) enum Command {
         run_id: String,
         reply: Reply<Option<String>>,
     },
+    /// Answers the execution it cancelled, `None` when the run was not open.
     Cancel {
         tenant: String,
         run_id: String,
-        reply: Reply<bool>,
+        reply: Reply<Option<i64>>,
     },
     Prune {
         retention: Retention,

@@ -11,7 +11,6 @@ pub(crate) mod writer;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::event::{CloudEvent, TraceParent, new_id};
 use super::records::{
@@ -240,6 +239,7 @@ pub(crate) fn insert_run(
     Ok(Some(RunTicket {
         run_id: id,
         run_seq: conn.last_insert_rowid(),
+        execution: 0,
         tenant: run.tenant.clone(),
         workflow: run.workflow.clone(),
         version: run.version,
@@ -284,13 +284,34 @@ pub(crate) fn insert_finished_run(
     Ok((id, conn.last_insert_rowid()))
 }
 
-pub(crate) fn mark_running(conn: &Connection, run_seq: i64, now: i64) -> Result<(), DbError> {
+pub(crate) fn mark_running(
+    conn: &Connection,
+    run_seq: i64,
+    execution: i64,
+    now: i64,
+) -> Result<(), DbError> {
     conn.prepare_cached(
         "UPDATE runs SET status = 'running', started_unix_ms = COALESCE(started_unix_ms, ?2)
-         WHERE seq = ?1 AND status = 'queued'",
+         WHERE seq = ?1 AND status = 'queued' AND execution = ?3",
     )?
-    .execute(params![run_seq, now])?;
+    .execute(params![run_seq, now, execution])?;
     Ok(())
+}
+
+/// Whether `execution` is the run's current one and the run is still open: only then
+/// may it journal steps or end the run.
+pub(crate) fn is_current_execution(
+    conn: &Connection,
+    run_seq: i64,
+    execution: i64,
+) -> Result<bool, DbError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM runs WHERE seq = ?1 AND execution = ?2 AND status IN ('queued', 'running')",
+        )?
+        .query_row(params![run_seq, execution], |_| Ok(()))
+        .optional()?
+        .is_some())
 }
 
 /// Journals a finished step (replacing an earlier failed record of the same step).
@@ -312,26 +333,39 @@ pub(crate) fn insert_step(
     Ok(())
 }
 
-/// Ends a run. A failed run is dead-lettered unless `dead_letter` is false (its caller
-/// saw the failure). Returns false when the run was no longer open (e.g. cancelled).
+/// Ends a run if `execution` is its current one. A failed run is dead-lettered unless
+/// `dead_letter` is false (its caller saw the failure). Returns false when the run was
+/// no longer open (e.g. cancelled) or is another execution's.
 pub(crate) fn finish_run(
     conn: &Connection,
     run_seq: i64,
-    status: RunStatus,
-    output: Option<&Value>,
-    error: Option<&Failure>,
-    dead_letter: bool,
+    execution: i64,
+    finish: &Finish,
     now: i64,
 ) -> Result<bool, DbError> {
-    let output = output.map(json_text).transpose()?;
-    let error_text = error.map(json_text).transpose()?;
+    let Finish {
+        status,
+        output,
+        error,
+        dead_letter,
+    } = finish;
+    let (status, dead_letter) = (*status, *dead_letter);
+    let output = output.as_ref().map(json_text).transpose()?;
+    let error_text = error.as_ref().map(json_text).transpose()?;
     let changed = conn
         .prepare_cached(
             "UPDATE runs SET status = ?2, output = ?3, error = ?4, finished_unix_ms = ?5,
                 started_unix_ms = COALESCE(started_unix_ms, ?5)
-             WHERE seq = ?1 AND status IN ('queued', 'running')",
+             WHERE seq = ?1 AND status IN ('queued', 'running') AND execution = ?6",
         )?
-        .execute(params![run_seq, status.as_str(), output, error_text, now])?;
+        .execute(params![
+            run_seq,
+            status.as_str(),
+            output,
+            error_text,
+            now,
+            execution
+        ])?;
     if changed > 0 && status == RunStatus::Failed && dead_letter {
         conn.prepare_cached(
             "INSERT INTO dead_letters (tenant, run_seq, error, created_unix_ms)
@@ -354,7 +388,8 @@ pub(crate) fn requeue_run(
     now: i64,
 ) -> Result<Option<RunTicket>, DbError> {
     let changed = conn.execute(
-        "UPDATE runs SET status = 'queued', error = NULL, output = NULL, finished_unix_ms = NULL
+        "UPDATE runs SET status = 'queued', error = NULL, output = NULL, finished_unix_ms = NULL,
+            execution = execution + 1
          WHERE id = ?1 AND tenant = ?2 AND status IN ('failed', 'cancelled')",
         params![run_id, tenant],
     )?;
@@ -373,31 +408,38 @@ pub(crate) fn requeue_run(
     open_ticket(conn, run_id)
 }
 
-/// Cancels a queued or running run. Returns whether it was open.
+/// Cancels a queued or running run. Returns the execution it cancelled, `None` when the
+/// run was not open.
 pub(crate) fn cancel_run(
     conn: &Connection,
     tenant: &str,
     run_id: &str,
     now: i64,
-) -> Result<bool, DbError> {
+) -> Result<Option<i64>, DbError> {
     let failure = Failure {
         step: None,
         code: Code::Cancelled,
         kind: None,
         message: "the run was cancelled".into(),
     };
-    Ok(conn.execute(
-        "UPDATE runs SET status = 'cancelled', error = ?3, finished_unix_ms = ?4
-         WHERE id = ?1 AND tenant = ?2 AND status IN ('queued', 'running')",
-        params![run_id, tenant, json_text(&failure)?, now],
-    )? > 0)
+    Ok(conn
+        .prepare_cached(
+            "UPDATE runs SET status = 'cancelled', error = ?3, finished_unix_ms = ?4
+             WHERE id = ?1 AND tenant = ?2 AND status IN ('queued', 'running')
+             RETURNING execution",
+        )?
+        .query_row(params![run_id, tenant, json_text(&failure)?, now], |row| {
+            row.get(0)
+        })
+        .optional()?)
 }
 
 /// The ticket of an open (queued or running) run, with its journaled steps.
 pub(crate) fn open_ticket(conn: &Connection, run_id: &str) -> Result<Option<RunTicket>, DbError> {
     let row = conn
         .prepare_cached(
-            "SELECT r.seq, r.tenant, r.workflow, r.workflow_version, r.input, e.body, r.traceparent, r.depth, r.status
+            "SELECT r.seq, r.tenant, r.workflow, r.workflow_version, r.input, e.body, r.traceparent, r.depth, r.status,
+                r.execution
              FROM runs r LEFT JOIN events e ON e.seq = r.event_seq
              WHERE r.id = ?1 AND r.status IN ('queued', 'running')",
         )?
@@ -412,10 +454,12 @@ pub(crate) fn open_ticket(conn: &Connection, run_id: &str) -> Result<Option<RunT
                 row.get::<_, String>(6)?,
                 row.get::<_, i64>(7)?,
                 row.get::<_, String>(8)?,
+                row.get::<_, i64>(9)?,
             ))
         })
         .optional()?;
-    let Some((seq, tenant, workflow, version, input, event, traceparent, depth, status)) = row
+    let Some((seq, tenant, workflow, version, input, event, traceparent, depth, status, execution)) =
+        row
     else {
         return Ok(None);
     };
@@ -426,6 +470,7 @@ pub(crate) fn open_ticket(conn: &Connection, run_id: &str) -> Result<Option<RunT
     Ok(Some(RunTicket {
         run_id: run_id.to_owned(),
         run_seq: seq,
+        execution,
         tenant,
         workflow,
         version,

@@ -96,12 +96,16 @@ impl Writer {
             let mut outgoing = event.clone();
             outgoing.extensions.remove(TO_EXTENSION);
             let to = to.as_str().unwrap_or_default();
-            if from_peer.is_none() && self.peers.check_serves(to, tenant).is_ok() {
+            let sendable = self
+                .peers
+                .check_sends(to, tenant, &outgoing.event_type)
+                .is_ok();
+            if from_peer.is_none() && sendable {
                 peers::enqueue(tx, to, &outgoing, now)?;
                 effects.outbox_changed = true;
                 effects.count(DELIVERIES_QUEUED);
             } else {
-                tracing::warn!(tenant, event = %id, peer = to, "event addressed to an unknown peer; not sent");
+                tracing::warn!(tenant, event = %id, peer = to, "event addressed to an unknown peer, or one it is not sent to; not sent");
             }
             return Ok(Ingested {
                 id,
@@ -109,16 +113,18 @@ impl Writer {
                 runs: Vec::new(),
             });
         }
-        let recipients: Vec<String> = self.peers.with(|all| {
-            all.iter()
-                .filter(|peer| {
-                    peer.tenant == tenant
-                        && Some(peer.name.as_str()) != from_peer
-                        && peer.sends(&event.event_type)
-                })
-                .map(|peer| peer.name.clone())
-                .collect()
-        });
+        // An event a peer sent is not relayed to other peers: this agent would sign what
+        // it did not author.
+        let recipients: Vec<String> = if from_peer.is_some() {
+            Vec::new()
+        } else {
+            self.peers.with(|all| {
+                all.iter()
+                    .filter(|peer| peer.tenant == tenant && peer.sends(&event.event_type))
+                    .map(|peer| peer.name.clone())
+                    .collect()
+            })
+        };
         for peer in recipients {
             peers::enqueue(tx, &peer, &event, now)?;
             effects.outbox_changed = true;

@@ -339,8 +339,8 @@ impl Writer {
                 }
                 answer(result, reply, effects)
             }
-            Command::Running { run_seq } => {
-                if let Err(error) = sql::mark_running(tx, run_seq, now) {
+            Command::Running { run_seq, execution } => {
+                if let Err(error) = sql::mark_running(tx, run_seq, execution, now) {
                     tracing::warn!(%error, run_seq, "cannot mark run running");
                 }
                 effects.changed_runs.push(run_seq);
@@ -355,22 +355,20 @@ impl Writer {
                 reply,
             } => {
                 let result = (|| {
+                    if !sql::is_current_execution(tx, ticket.run_seq, ticket.execution)? {
+                        // The run was cancelled (and maybe retried) while this execution
+                        // ran: its step, events and end are not the run's any more.
+                        return Ok(());
+                    }
                     // A run's first record also marks it running (if nothing did yet).
-                    sql::mark_running(tx, ticket.run_seq, now)?;
+                    sql::mark_running(tx, ticket.run_seq, ticket.execution, now)?;
                     sql::insert_step(tx, ticket.run_seq, position, &record)?;
                     for event in emitted {
                         self.ingest(tx, &ticket.tenant, event, now, effects)?;
                     }
                     if let Some(end) = &finish {
-                        let ended = sql::finish_run(
-                            tx,
-                            ticket.run_seq,
-                            end.status,
-                            end.output.as_ref(),
-                            end.error.as_ref(),
-                            end.dead_letter,
-                            now,
-                        )?;
+                        let ended =
+                            sql::finish_run(tx, ticket.run_seq, ticket.execution, end, now)?;
                         if ended {
                             effects.count_finish(end.status);
                         }
@@ -382,18 +380,11 @@ impl Writer {
             }
             Command::Finish {
                 run_seq,
+                execution,
                 finish,
                 reply,
             } => {
-                let result = sql::finish_run(
-                    tx,
-                    run_seq,
-                    finish.status,
-                    finish.output.as_ref(),
-                    finish.error.as_ref(),
-                    finish.dead_letter,
-                    now,
-                );
+                let result = sql::finish_run(tx, run_seq, execution, &finish, now);
                 if let Ok(true) = result {
                     effects.count_finish(finish.status);
                 }
@@ -523,9 +514,8 @@ fn fail_command(command: Command, error: DbError) {
         Command::Apply { reply, .. } | Command::ApplyV1 { reply, .. } => {
             Effects::fail(reply, error())
         }
-        Command::Delete { reply, .. } | Command::Cancel { reply, .. } => {
-            Effects::fail(reply, error())
-        }
+        Command::Delete { reply, .. } => Effects::fail(reply, error()),
+        Command::Cancel { reply, .. } => Effects::fail(reply, error()),
         Command::StartRun { reply, .. } => Effects::fail(reply, error()),
         Command::Running { .. } => {}
         Command::Step { reply, .. } | Command::Finish { reply, .. } => {

@@ -7,7 +7,7 @@ use deadlift_agent::{Agent, AgentBuilder};
 use deadlift_engine::Grant;
 use tokio::sync::oneshot;
 
-pub const ADMIN: &str = "test-admin-token";
+pub const ADMIN: &str = "test-admin-token-Zq3xV9pL2mR7tK4wY8nB6cH1";
 
 /// A running agent; dropping it stops the server.
 pub struct TestAgent {

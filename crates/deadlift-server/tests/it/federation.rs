@@ -1,0 +1,132 @@
+//! Federation between two agents in this process, over real HTTP on loopback: what a
+//! tenant or a peer can make an agent send, and how deliveries are judged.
+
+use std::time::Duration;
+
+use deadlift_agent::federation::{OutboxStatus, Peer};
+use serde_json::{Value, json};
+
+use crate::common::server::{ADMIN, TestAgent};
+
+/// Makes `to` a peer of `from` under the name `name` (`to`'s agent name), for tenant
+/// `default`.
+async fn peer(from: &TestAgent, to: &TestAgent, name: &str, send: &[&str], accept: &[&str]) {
+    let identity = to.agent.federation().identity();
+    from.agent
+        .federation()
+        .add_peer(Peer {
+            name: name.into(),
+            url: to.url.clone(),
+            public_key: identity.public_key(),
+            tenant: "default".into(),
+            send: send.iter().map(|s| s.to_string()).collect(),
+            accept: accept.iter().map(|s| s.to_string()).collect(),
+            created_unix_ms: 0,
+        })
+        .await
+        .unwrap();
+}
+
+async fn publish(agent: &TestAgent, events: Value) -> reqwest::Response {
+    agent
+        .http
+        .post(agent.url("/v1/events"))
+        .bearer_auth(ADMIN)
+        .header("x-deadlift-tenant", "default")
+        .header("content-type", "application/cloudevents-batch+json")
+        .json(&events)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn event(id: &str, event_type: &str) -> Value {
+    json!({"specversion": "1.0", "id": id, "source": "/tests", "type": event_type, "data": 1})
+}
+
+/// Waits until `agent` has no pending delivery; returns its outbox.
+async fn settled_outbox(agent: &TestAgent) -> Vec<deadlift_agent::federation::OutboxEntry> {
+    for _ in 0..200 {
+        let outbox = agent.agent.federation().outbox(None, 100).await.unwrap();
+        if outbox.iter().all(|e| e.status != OutboxStatus::Pending) {
+            return outbox;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("deliveries never settled");
+}
+
+/// Issue 11: one event the peer refused dead-lettered the whole batch it was sent in;
+/// and events received from one peer were re-sent to other peers under this agent's
+/// signature.
+#[tokio::test]
+async fn a_refused_event_is_dead_alone_and_received_events_are_not_relayed() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = TestAgent::start_with(a_dir.path(), |builder| builder.name("a")).await;
+    let b = TestAgent::start_with(b_dir.path(), |builder| builder.name("b")).await;
+    peer(&a, &b, "b", &[">"], &[]).await;
+    peer(&b, &a, "a", &[], &["ok.>"]).await;
+    // B has a third peer it sends everything to; nothing A sends may go there.
+    let elsewhere = Peer {
+        name: "c".into(),
+        url: "http://127.0.0.1:9".into(),
+        public_key: a.agent.federation().identity().public_key(),
+        tenant: "default".into(),
+        send: vec![">".into()],
+        accept: Vec::new(),
+        created_unix_ms: 0,
+    };
+    b.agent.federation().add_peer(elsewhere).await.unwrap();
+
+    let published = publish(
+        &a,
+        json!([
+            event("e-1", "ok.one"),
+            event("e-2", "bad.one"),
+            event("e-3", "ok.two")
+        ]),
+    )
+    .await;
+    assert_eq!(published.status().as_u16(), 202);
+    let outbox = settled_outbox(&a).await;
+    let status = |id: &str| {
+        let entry = outbox.iter().find(|e| e.event_id == id).unwrap();
+        (entry.status, entry.last_error.clone().unwrap_or_default())
+    };
+    assert_eq!(status("e-1").0, OutboxStatus::Delivered, "{outbox:?}");
+    assert_eq!(status("e-3").0, OutboxStatus::Delivered, "{outbox:?}");
+    let (refused, reason) = status("e-2");
+    assert_eq!(refused, OutboxStatus::Dead);
+    assert!(reason.contains("bad.one"), "{reason}");
+    // B stored the two accepted events and sent none of them on to C.
+    let stored = &b.agent.workflows().stats().events_stored;
+    assert_eq!(stored.load(std::sync::atomic::Ordering::Relaxed), 2);
+    let relayed = b.agent.federation().outbox(None, 100).await.unwrap();
+    assert!(relayed.is_empty(), "{relayed:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Issue 11: a tenant published an event carrying `deadliftto: "<peer>"` with a type
+/// outside that peer's send patterns, and it was sent.
+#[tokio::test]
+async fn a_tenant_cannot_address_a_peer_with_the_routing_extension() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = TestAgent::start_with(a_dir.path(), |builder| builder.name("a")).await;
+    let b = TestAgent::start_with(b_dir.path(), |builder| builder.name("b")).await;
+    peer(&a, &b, "b", &["public.>"], &[]).await;
+    let mut addressed = event("e-1", "secret.thing");
+    addressed["deadliftto"] = json!("b");
+    let refused = publish(&a, json!([addressed])).await;
+    TestAgent::expect_error(refused, 400, "event_invalid").await;
+    assert!(
+        a.agent
+            .federation()
+            .outbox(None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    a.stop().await;
+    b.stop().await;
+}
