@@ -16,8 +16,25 @@ use deadlift_engine::engine::{Engine, EngineError};
 use deadlift_engine::grant::Grant;
 use deadlift_engine::host::HostFunction;
 
-/// The tenant the Deadlift v1 routes act for.
+/// The tenant every agent starts with, for those who need only one.
 pub const DEFAULT_TENANT: &str = "default";
+
+/// The tenant the Deadlift v1 routes act for: a tenant of their own, so that the
+/// original API's openness never reaches another tenant's modules or workflows.
+pub const V1_TENANT: &str = "v1";
+
+/// Who may use the Deadlift v1 routes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum V1Access {
+    /// Anyone while the agent listens on a loopback address only (as the original,
+    /// which ran next to its callers); otherwise a token of the v1 tenant or an admin's.
+    #[default]
+    OpenOnLoopback,
+    /// Anyone, wherever the agent listens (the original's openness; said at start).
+    Open,
+    /// Always a token of the v1 tenant or an admin's.
+    Token,
+}
 
 /// Failures starting an agent.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +90,7 @@ fn estimated_bits(secret: &str) -> u32 {
 pub struct AgentBuilder {
     data_dir: PathBuf,
     admin_token: Option<String>,
-    v1_requires_token: bool,
+    v1_access: V1Access,
     default_grant: Grant,
     max_body_bytes: usize,
     workers: Option<usize>,
@@ -90,7 +107,7 @@ impl AgentBuilder {
         Self {
             data_dir: data_dir.into(),
             admin_token: None,
-            v1_requires_token: false,
+            v1_access: V1Access::default(),
             default_grant: Grant::default(),
             max_body_bytes: 16 * 1024 * 1024,
             workers: None,
@@ -111,7 +128,15 @@ impl AgentBuilder {
 
     /// Whether the Deadlift v1 routes need a token (the original needed none).
     pub fn v1_requires_token(mut self, required: bool) -> Self {
-        self.v1_requires_token = required;
+        if required {
+            self.v1_access = V1Access::Token;
+        }
+        self
+    }
+
+    /// Who may use the Deadlift v1 routes.
+    pub fn v1_access(mut self, access: V1Access) -> Self {
+        self.v1_access = access;
         self
     }
 
@@ -194,6 +219,7 @@ impl AgentBuilder {
         }
         let db = Database::open_with(&self.data_dir.join("agent.db"), self.durability)?;
         db.create_tenant(DEFAULT_TENANT)?;
+        db.create_tenant(V1_TENANT)?;
         let (journal, journal_receiver) = Journal::new(db.clone());
         let mut engine = Engine::builder()
             .data_dir(&self.data_dir)
@@ -251,7 +277,7 @@ impl AgentBuilder {
             engine,
             db,
             data_dir: self.data_dir,
-            v1_requires_token: self.v1_requires_token,
+            v1_access: self.v1_access,
             default_grant: self.default_grant,
             max_body_bytes: self.max_body_bytes,
         };
@@ -287,7 +313,7 @@ pub struct Agent {
     engine: Engine,
     db: Database,
     data_dir: PathBuf,
-    v1_requires_token: bool,
+    v1_access: V1Access,
     default_grant: Grant,
     max_body_bytes: usize,
 }
@@ -340,8 +366,9 @@ impl Agent {
         &self.data_dir
     }
 
-    pub fn v1_requires_token(&self) -> bool {
-        self.v1_requires_token
+    /// Who may use the Deadlift v1 routes.
+    pub fn v1_access(&self) -> V1Access {
+        self.v1_access
     }
 
     pub fn default_grant(&self) -> &Grant {

@@ -12,5 +12,5 @@ pub mod hooks;
 pub mod store;
 pub mod workflow;
 
-pub use agent::{Agent, AgentBuilder, AgentError, DEFAULT_TENANT};
+pub use agent::{Agent, AgentBuilder, AgentError, DEFAULT_TENANT, V1_TENANT, V1Access};
 pub use workflow::{CloudEvent, Runtime, WorkflowError, WorkflowSpec};

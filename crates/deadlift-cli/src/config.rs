@@ -30,9 +30,14 @@ pub struct ServeConfig {
     /// File holding the admin token (its first line)
     #[arg(long, env = "DEADLIFT_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
-    /// Require a token on the Deadlift v1 routes [default: false]
+    /// Require a token (of tenant `v1`, or an admin's) on the Deadlift v1 routes even
+    /// on loopback [default: false: open on loopback only]
     #[arg(long, env = "DEADLIFT_V1_REQUIRE_TOKEN")]
     pub v1_require_token: Option<bool>,
+    /// Open the Deadlift v1 routes without a token wherever the agent listens, as the
+    /// original was [default: false]
+    #[arg(long, env = "DEADLIFT_V1_OPEN")]
+    pub v1_open: Option<bool>,
     /// Largest request body in bytes [default: 16 MiB]
     #[arg(long, env = "DEADLIFT_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -81,7 +86,7 @@ pub struct Resolved {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub admin_token: Option<String>,
-    pub v1_require_token: bool,
+    pub v1_access: deadlift::V1Access,
     pub max_body_bytes: usize,
     pub workers: Option<usize>,
     pub grant: deadlift::Grant,
@@ -107,6 +112,7 @@ impl ServeConfig {
             admin_token: self.admin_token.or(file.admin_token),
             admin_token_file: self.admin_token_file.or(file.admin_token_file),
             v1_require_token: self.v1_require_token.or(file.v1_require_token),
+            v1_open: self.v1_open.or(file.v1_open),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
             workers: self.workers.or(file.workers),
             call_timeout_ms: self.call_timeout_ms.or(file.call_timeout_ms),
@@ -176,7 +182,15 @@ impl ServeConfig {
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from("deadlift-data")),
             admin_token,
-            v1_require_token: self.v1_require_token.unwrap_or(false),
+            v1_access: match (
+                self.v1_require_token.unwrap_or(false),
+                self.v1_open.unwrap_or(false),
+            ) {
+                (true, true) => anyhow::bail!("give v1_require_token or v1_open, not both"),
+                (true, false) => deadlift::V1Access::Token,
+                (false, true) => deadlift::V1Access::Open,
+                (false, false) => deadlift::V1Access::OpenOnLoopback,
+            },
             max_body_bytes: self.max_body_bytes.unwrap_or(16 * 1024 * 1024),
             workers: self.workers,
             grant,
@@ -211,7 +225,7 @@ mod tests {
     fn defaults_listen_on_loopback_only() {
         let resolved = ServeConfig::default().resolve().unwrap();
         assert!(resolved.listen.ip().is_loopback());
-        assert!(!resolved.v1_require_token);
+        assert_eq!(resolved.v1_access, deadlift::V1Access::OpenOnLoopback);
     }
 
     /// Issue 11: the admin token was only given on the command line, visible in `ps`.

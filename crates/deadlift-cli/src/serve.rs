@@ -21,7 +21,7 @@ pub fn settings(config_file: Option<&Path>, settings: ServeConfig) -> anyhow::Re
 pub async fn serve(config: Resolved) -> anyhow::Result<()> {
     let mut builder = deadlift::Agent::builder(&config.data_dir)
         .admin_token(config.admin_token.clone())
-        .v1_requires_token(config.v1_require_token)
+        .v1_access(config.v1_access)
         .max_body_bytes(config.max_body_bytes)
         .default_grant(config.grant.clone())
         .max_concurrent_runs(config.max_concurrent_runs)
@@ -48,6 +48,18 @@ pub async fn serve(config: Resolved) -> anyhow::Result<()> {
     }
     if let Some(token) = new_admin_token {
         println!("admin token (shown once, keep it safe): {token}");
+    }
+    let loopback = listener.local_addr()?.ip().is_loopback();
+    match config.v1_access {
+        deadlift::V1Access::Open if !loopback => println!(
+            "warning: the Deadlift v1 routes are open without a token to anyone who can reach {} (--v1-open)",
+            config.listen
+        ),
+        deadlift::V1Access::OpenOnLoopback if !loopback => println!(
+            "the Deadlift v1 routes need a token of tenant `{}` or an admin's: the agent listens beyond loopback",
+            deadlift::V1_TENANT
+        ),
+        _ => {}
     }
     // Printed last: once this line is out, the agent accepts connections.
     println!(

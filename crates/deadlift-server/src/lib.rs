@@ -33,8 +33,20 @@ pub use error::ApiError;
 
 type AgentState = Arc<Agent>;
 
-/// The whole router of an agent.
+/// Where the server listens, as far as access rules care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listening {
+    /// Only loopback addresses can reach the server.
+    pub loopback: bool,
+}
+
+/// The whole router of an agent, as if it listened beyond loopback (the stricter rules).
 pub fn router(agent: Arc<Agent>) -> Router {
+    router_listening(agent, Listening { loopback: false })
+}
+
+/// The whole router of an agent that listens as `listening` says.
+pub fn router_listening(agent: Arc<Agent>, listening: Listening) -> Router {
     let limit = agent.max_body_bytes();
     Router::new()
         .route("/healthz", get(healthz))
@@ -48,6 +60,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::Extension(listening))
         .with_state(agent)
 }
 
@@ -64,7 +77,10 @@ pub async fn serve(
         // Live streams never end by themselves; graceful shutdown waits for them.
         closing.workflows().close_streams();
     };
-    axum::serve(listener, router(agent))
+    let listening = Listening {
+        loopback: listener.local_addr()?.ip().is_loopback(),
+    };
+    axum::serve(listener, router_listening(agent, listening))
         .with_graceful_shutdown(shutdown)
         .await
 }

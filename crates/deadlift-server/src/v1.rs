@@ -8,11 +8,12 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Serialize;
 
-use crate::{AgentState, ApiError, RawBody, authenticate, multipart_error};
-use deadlift_agent::agent::DEFAULT_TENANT;
+use crate::{AgentState, ApiError, Listening, RawBody, authenticate, multipart_error};
+use deadlift_agent::agent::{V1_TENANT, V1Access};
+use deadlift_agent::store::Principal;
 use deadlift_agent::workflow::v1::V1_ENTRY;
 use deadlift_engine::Code;
 use deadlift_engine::host::CallContext;
@@ -38,10 +39,11 @@ struct NewV1Workflow {
 
 async fn create_workflow(
     State(agent): State<AgentState>,
+    Extension(listening): Extension<Listening>,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    check_access(&agent, &headers).await?;
+    check_access(&agent, listening, &headers).await?;
     let request: NewV1Workflow = serde_json::from_slice(&body).map_err(|e| {
         let code = if e.is_data() {
             Code::MissingField
@@ -56,7 +58,7 @@ async fn create_workflow(
     let id = agent
         .workflows()
         .create_v1(
-            DEFAULT_TENANT,
+            V1_TENANT,
             &request.name,
             request.description,
             request.pipeline,
@@ -68,11 +70,12 @@ async fn create_workflow(
 
 async fn execute_workflow(
     State(agent): State<AgentState>,
+    Extension(listening): Extension<Listening>,
     Path(id): Path<String>,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    check_access(&agent, &headers).await?;
+    check_access(&agent, listening, &headers).await?;
     let not_found = || {
         ApiError::new(
             Code::WorkflowNotFound,
@@ -83,7 +86,7 @@ async fn execute_workflow(
     let input = json_body(&body)?;
     let output = agent
         .workflows()
-        .execute_v1(DEFAULT_TENANT, id, input)
+        .execute_v1(V1_TENANT, id, input)
         .await
         .map_err(|e| match e {
             deadlift_agent::workflow::WorkflowError::NotFound(_) => not_found(),
@@ -112,20 +115,43 @@ async fn status() -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
-/// The original needed no token; an agent may be configured to require one.
-async fn check_access(agent: &AgentState, headers: &HeaderMap) -> Result<(), ApiError> {
-    if agent.v1_requires_token() {
-        authenticate(agent, headers).await?;
+/// The original needed no token, and ran next to its callers. Without a token these
+/// routes are open only as the agent's `V1Access` says (by default: while it listens on
+/// loopback alone). A token, when given or needed, must be the v1 tenant's or an
+/// admin's: another tenant's token opens nothing here.
+async fn check_access(
+    agent: &AgentState,
+    listening: Listening,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    let open = match agent.v1_access() {
+        V1Access::Open => true,
+        V1Access::OpenOnLoopback => listening.loopback,
+        V1Access::Token => false,
+    };
+    if open && !headers.contains_key(header::AUTHORIZATION) {
+        return Ok(());
     }
-    Ok(())
+    let caller = authenticate(agent, headers).await?;
+    match &caller.principal {
+        Principal::Admin => Ok(()),
+        Principal::Tenant(tenant) if tenant == V1_TENANT => Ok(()),
+        Principal::Tenant(tenant) => Err(ApiError::new(
+            Code::Forbidden,
+            format!(
+                "the v1 routes act for tenant `{V1_TENANT}`; a token of tenant `{tenant}` cannot use them"
+            ),
+        )),
+    }
 }
 
 async fn upload(
     State(agent): State<AgentState>,
+    Extension(listening): Extension<Listening>,
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
-    check_access(&agent, &headers).await?;
+    check_access(&agent, listening, &headers).await?;
     let mut multipart = multipart.map_err(|e| {
         ApiError::new(
             Code::NotMultipart,
@@ -172,8 +198,25 @@ async fn upload(
         description: description.filter(|d| !d.is_empty()),
         bytes: binary.to_vec(),
     };
-    let added =
-        tokio::task::spawn_blocking(move || engine.add_module(DEFAULT_TENANT, module)).await?;
+    let added = tokio::task::spawn_blocking(move || {
+        // A subject, once taken, keeps its bytes (as the v1 contract says): otherwise
+        // anyone who can reach the route could swap the code a workflow runs.
+        let id = registry::ModuleId::of(&module.bytes);
+        if let Some(taken) = engine
+            .registry()
+            .list(V1_TENANT)?
+            .into_iter()
+            .find(|m| m.name == module.name && m.id != id)
+        {
+            return Err(ModuleError::NameConflict {
+                name: module.name,
+                version: None,
+                existing: taken.id,
+            });
+        }
+        engine.add_module(V1_TENANT, module)
+    })
+    .await?;
     match added {
         Ok(info) => Ok((
             StatusCode::CREATED,
@@ -204,11 +247,14 @@ struct V1Module {
     subject: String,
 }
 
-async fn list(State(agent): State<AgentState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    check_access(&agent, &headers).await?;
+async fn list(
+    State(agent): State<AgentState>,
+    Extension(listening): Extension<Listening>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_access(&agent, listening, &headers).await?;
     let engine = agent.engine().clone();
-    let modules =
-        tokio::task::spawn_blocking(move || engine.registry().list(DEFAULT_TENANT)).await??;
+    let modules = tokio::task::spawn_blocking(move || engine.registry().list(V1_TENANT)).await??;
     let listed: Vec<V1Module> = modules
         .into_iter()
         .map(|m| V1Module {
@@ -223,11 +269,12 @@ async fn list(State(agent): State<AgentState>, headers: HeaderMap) -> Result<Res
 
 async fn execute(
     State(agent): State<AgentState>,
+    Extension(listening): Extension<Listening>,
     Path(hash): Path<String>,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    check_access(&agent, &headers).await?;
+    check_access(&agent, listening, &headers).await?;
     let not_found = || {
         ApiError::new(
             Code::ModuleNotFound,
@@ -254,7 +301,7 @@ async fn execute(
             V1_ENTRY,
             &body,
             agent.default_grant(),
-            &CallContext::new(DEFAULT_TENANT),
+            &CallContext::new(V1_TENANT),
         )
         .await
         .map_err(|e| match e {

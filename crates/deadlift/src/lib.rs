@@ -37,8 +37,8 @@ pub use deadlift_engine::{
 pub use deadlift_engine::{engine, error, grant, host, registry, subject};
 
 pub use deadlift_agent::{
-    Agent, AgentBuilder, AgentError, CloudEvent, DEFAULT_TENANT, Runtime, WorkflowError,
-    WorkflowSpec,
+    Agent, AgentBuilder, AgentError, CloudEvent, DEFAULT_TENANT, Runtime, V1_TENANT, V1Access,
+    WorkflowError, WorkflowSpec,
 };
 pub use deadlift_agent::{agent, federation, hooks, store, workflow};
 

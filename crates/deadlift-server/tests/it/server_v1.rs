@@ -2,8 +2,12 @@
 
 use reqwest::multipart::{Form, Part};
 
+use deadlift_agent::{DEFAULT_TENANT, V1_TENANT, V1Access};
+use deadlift_engine::NewModule;
+use serde_json::{Value, json};
+
 use crate::common::fixture;
-use crate::common::server::TestAgent;
+use crate::common::server::{ADMIN, TestAgent};
 
 fn form(binary: Vec<u8>, title: &str, subject: &str) -> Form {
     Form::new()
@@ -235,4 +239,122 @@ async fn looping_modules_are_stopped_and_others_keep_running() {
     TestAgent::expect_error(first, 422, "timeout").await;
     TestAgent::expect_error(second, 422, "timeout").await;
     assert_eq!(ok.text().await.unwrap(), "13");
+}
+
+/// Upload with a bearer token.
+async fn upload_as(agent: &TestAgent, token: &str, form: Form) -> reqwest::Response {
+    agent
+        .http
+        .post(agent.url("/api/v1/modules"))
+        .bearer_auth(token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn list_as(agent: &TestAgent, token: Option<&str>) -> reqwest::Response {
+    let request = agent.http.get(agent.url("/api/v1/modules"));
+    let request = match token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    };
+    request.send().await.unwrap()
+}
+
+/// A token of `tenant` (created if need be), made by the admin.
+async fn tenant_token(agent: &TestAgent, tenant: &str) -> String {
+    let created = agent
+        .http
+        .post(agent.url("/v1/tenants"))
+        .bearer_auth(ADMIN)
+        .json(&json!({ "name": tenant }))
+        .send()
+        .await
+        .unwrap();
+    // The v1 tenant exists from the start.
+    let status = created.status().as_u16();
+    assert!(status == 201 || status == 409, "{status}");
+    let token: Value = agent
+        .http
+        .post(agent.url(&format!("/v1/tenants/{tenant}/tokens")))
+        .bearer_auth(ADMIN)
+        .json(&json!({ "description": "test" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    token["token"].as_str().unwrap().to_owned()
+}
+
+/// Issue 11 (critical): an operator's `adder@1.0` could be replaced by anyone who
+/// reached the port: a v1 upload under subject `adder` wrote into the default tenant,
+/// and the bare name then resolved to the newest upload.
+#[tokio::test]
+async fn a_module_cannot_be_taken_over_through_the_v1_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let operators = |tenant: &str| {
+        agent
+            .agent
+            .engine()
+            .add_module(
+                tenant,
+                NewModule {
+                    name: "adder".into(),
+                    version: Some("1.0".into()),
+                    bytes: fixture("add_ten"),
+                    ..NewModule::default()
+                },
+            )
+            .unwrap()
+            .id
+    };
+    let in_default = operators(DEFAULT_TENANT);
+    let in_v1 = operators(V1_TENANT);
+    let attack = upload(&agent, form(fixture("multiply_by_five"), "Mine", "adder")).await;
+    TestAgent::expect_error(attack, 409, "module_conflict").await;
+    for (tenant, id) in [(DEFAULT_TENANT, in_default), (V1_TENANT, in_v1)] {
+        let resolved = agent.agent.engine().registry().resolve(tenant, "adder");
+        assert_eq!(resolved.unwrap().id, id, "{tenant}");
+    }
+    agent.stop().await;
+}
+
+/// Issue 11: with `--v1-require-token`, any tenant's token could list, execute and
+/// upload on the v1 modules.
+#[tokio::test]
+async fn other_tenants_tokens_cannot_use_the_v1_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start_with(dir.path(), |b| b.v1_access(V1Access::Token)).await;
+    let acme = tenant_token(&agent, "acme").await;
+    TestAgent::expect_error(list_as(&agent, Some(&acme)).await, 403, "forbidden").await;
+    let upload = upload_as(&agent, &acme, form(fixture("add_ten"), "Add", "calc.add")).await;
+    TestAgent::expect_error(upload, 403, "forbidden").await;
+    TestAgent::expect_error(list_as(&agent, None).await, 401, "unauthorized").await;
+    // The v1 tenant's token and the admin's work.
+    let v1 = tenant_token(&agent, V1_TENANT).await;
+    let uploaded = upload_as(&agent, &v1, form(fixture("add_ten"), "Add", "calc.add")).await;
+    assert_eq!(uploaded.status().as_u16(), 201);
+    assert_eq!(list_as(&agent, Some(ADMIN)).await.status().as_u16(), 200);
+    agent.stop().await;
+}
+
+/// Issue 11: the v1 routes were open without a token wherever the agent listened.
+#[tokio::test]
+async fn beyond_loopback_the_v1_routes_need_a_token_unless_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start_on(dir.path(), "0.0.0.0:0", |b| b).await;
+    TestAgent::expect_error(list_as(&agent, None).await, 401, "unauthorized").await;
+    let upload = upload(&agent, form(fixture("add_ten"), "Add", "calc.add")).await;
+    TestAgent::expect_error(upload, 401, "unauthorized").await;
+    assert_eq!(list_as(&agent, Some(ADMIN)).await.status().as_u16(), 200);
+    agent.stop().await;
+
+    let opened =
+        TestAgent::start_on(dir.path(), "0.0.0.0:0", |b| b.v1_access(V1Access::Open)).await;
+    assert_eq!(list_as(&opened, None).await.status().as_u16(), 200);
+    opened.stop().await;
 }

@@ -27,6 +27,15 @@ impl TestAgent {
         dir: &Path,
         configure: impl FnOnce(AgentBuilder) -> AgentBuilder,
     ) -> Self {
+        Self::start_on(dir, "127.0.0.1:0", configure).await
+    }
+
+    /// An agent listening on `address` (reached through 127.0.0.1 all the same).
+    pub async fn start_on(
+        dir: &Path,
+        address: &str,
+        configure: impl FnOnce(AgentBuilder) -> AgentBuilder,
+    ) -> Self {
         let builder = configure(
             Agent::builder(dir)
                 .admin_token(Some(ADMIN.to_owned()))
@@ -40,8 +49,8 @@ impl TestAgent {
             .unwrap()
             .unwrap();
         let agent = Arc::new(agent);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+        let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(deadlift_server::serve(agent.clone(), listener, async {
             let _ = stopped.await;
