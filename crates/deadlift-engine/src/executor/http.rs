@@ -5,12 +5,22 @@
 //! allowed only when it is listed exactly: no glob (not even `*`) reaches an address.
 //! Redirects are followed by hand, at most [`MAX_REDIRECTS`], and every hop is checked
 //! against the same list. A lax redirect policy is how such allow-lists usually fail.
+//!
+//! A name is resolved by [`CheckedResolver`], and the connection goes only to the
+//! addresses it let through: public addresses, and non-public ones (loopback, private,
+//! link-local such as cloud metadata, ...) only when the grant also lists that address
+//! exactly. So `*` does not reach `localhost`, and a name that resolves to a public
+//! address at the check and a private one at the connection cannot exist: there is one
+//! resolution. Guests cannot set `Host` or the hop-by-hop headers.
 //! The request runs on the engine's own small Tokio runtime, within the call's
 //! remaining time. Engine workers wait for it; async threads never block on it.
 
-use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use reqwest::Url;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, LOCATION};
@@ -20,6 +30,89 @@ use crate::error::CallError;
 
 /// Most redirects one request follows.
 pub(crate) const MAX_REDIRECTS: usize = 10;
+
+/// Headers the agent sets (or that only concern one hop), never a guest.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+/// Most HTTP clients kept, one per set of non-public addresses grants name.
+const MAX_CLIENTS: usize = 64;
+
+/// What the resolver says when a name leads only to addresses the grant does not reach.
+const NOT_REACHABLE: &str = "resolves only to addresses this grant does not reach";
+
+/// Whether `address` is on the public internet: not loopback, private, link-local
+/// (cloud metadata lives there), shared, reserved, documentation, multicast or
+/// unspecified.
+pub(crate) fn is_public(address: IpAddr) -> bool {
+    match address {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 198 && (b == 18 || b == 19))
+                || a >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || first == 0x2001 && v6.segments()[1] == 0x0db8
+                || first == 0x0064 && v6.segments()[1] == 0xff9b)
+        }
+    }
+}
+
+/// Resolves names for outbound requests and lets through only public addresses and
+/// the non-public ones a grant lists exactly (`extra`).
+#[derive(Debug)]
+struct CheckedResolver {
+    extra: Arc<[IpAddr]>,
+}
+
+impl reqwest::dns::Resolve for CheckedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let extra = self.extra.clone();
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let reachable: Vec<SocketAddr> = found
+                .iter()
+                .copied()
+                .filter(|a| is_public(a.ip()) || extra.contains(&a.ip()))
+                .collect();
+            if reachable.is_empty() {
+                let message = format!("`{host}` {NOT_REACHABLE}");
+                return Err(message.into());
+            }
+            Ok(Box::new(reachable.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
 
 /// The request a guest sends: the JSON document of `http_request`.
 #[derive(Debug, Deserialize)]
@@ -76,7 +169,46 @@ pub(crate) struct Outbound {
 #[derive(Debug)]
 struct Client {
     runtime: Option<tokio::runtime::Runtime>,
-    http: reqwest::Client,
+    /// A client per set of non-public addresses grants name (each with its own
+    /// resolver and connection pool, so a connection made for one set never serves
+    /// another).
+    http: Mutex<HashMap<Arc<[IpAddr]>, reqwest::Client>>,
+}
+
+impl Client {
+    fn for_grant(&self, allowed: &[String]) -> Result<reqwest::Client, CallError> {
+        let mut extra: Vec<IpAddr> = allowed
+            .iter()
+            .filter_map(|entry| {
+                entry
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse()
+                    .ok()
+            })
+            .filter(|address| !is_public(*address))
+            .collect();
+        extra.sort();
+        extra.dedup();
+        let extra: Arc<[IpAddr]> = extra.into();
+        let mut clients = self.http.lock();
+        if let Some(client) = clients.get(&extra) {
+            return Ok(client.clone());
+        }
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("deadlift/", env!("CARGO_PKG_VERSION")))
+            .dns_resolver(Arc::new(CheckedResolver {
+                extra: extra.clone(),
+            }))
+            .build()
+            .map_err(|e| transport(format!("cannot start the HTTP client: {e}")))?;
+        if clients.len() >= MAX_CLIENTS {
+            clients.clear();
+        }
+        clients.insert(extra, client.clone());
+        Ok(client)
+    }
 }
 
 impl Drop for Client {
@@ -105,14 +237,9 @@ impl Outbound {
                     .enable_all()
                     .build()
                     .map_err(|e| e.to_string())?;
-                let http = reqwest::Client::builder()
-                    .redirect(reqwest::redirect::Policy::none())
-                    .user_agent(concat!("deadlift/", env!("CARGO_PKG_VERSION")))
-                    .build()
-                    .map_err(|e| e.to_string())?;
                 Ok(Client {
                     runtime: Some(runtime),
-                    http,
+                    http: Mutex::new(HashMap::new()),
                 })
             })
             .as_ref()
@@ -162,6 +289,12 @@ impl Outbound {
         for (name, value) in &request.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| transport(format!("`{name}` is not a header name")))?;
+            if RESERVED_HEADERS.contains(&name.as_str()) {
+                return Err(CallError::HttpDenied {
+                    url: request.url.clone(),
+                    reason: format!("the header `{name}` is set by the agent, not by plug-ins"),
+                });
+            }
             let value = HeaderValue::from_str(value)
                 .map_err(|_| transport(format!("the value of header `{name}` is not valid")))?;
             headers.append(name, value);
@@ -171,20 +304,27 @@ impl Outbound {
             .runtime
             .as_ref()
             .ok_or_else(|| transport("the HTTP client is shut down"))?;
+        let http = client.for_grant(allowed)?;
         let mut body = body;
         let work = async {
             for _ in 0..=MAX_REDIRECTS {
-                let mut builder = client
-                    .http
+                let mut builder = http
                     .request(method.clone(), url.clone())
                     .headers(headers.clone());
                 if let Some(bytes) = &body {
                     builder = builder.body(bytes.clone());
                 }
-                let mut response = builder
-                    .send()
-                    .await
-                    .map_err(|e| transport(error_chain(&e)))?;
+                let mut response = builder.send().await.map_err(|e| {
+                    let chain = error_chain(&e);
+                    if chain.contains(NOT_REACHABLE) {
+                        CallError::HttpDenied {
+                            url: url.to_string(),
+                            reason: format!("HTTP request to {url} is not allowed: {chain}"),
+                        }
+                    } else {
+                        transport(chain)
+                    }
+                })?;
                 let status = response.status();
                 if status.is_redirection()
                     && let Some(location) = response.headers().get(LOCATION)
@@ -285,6 +425,31 @@ mod tests {
             "https://evil.test\\@api.example.com/",
             &["api.example.com"]
         ));
+    }
+
+    #[test]
+    fn only_public_addresses_are_public() {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(!is_public(private.parse().unwrap()), "{private}");
+        }
+        for public in ["93.184.216.34", "1.1.1.1", "2606:4700:4700::1111"] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
+        }
     }
 
     #[test]

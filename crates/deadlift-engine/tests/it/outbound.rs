@@ -104,10 +104,81 @@ fn allowed_hosts_are_fetched_with_status_body_and_redirects_on_the_same_host() {
     )
     .unwrap();
     assert_eq!(out["body"], "hello from the test server");
-    // A name matched by a glob.
-    let by_name = grant().allow_host("local*");
+    // A name matched by a glob, whose (loopback) address the grant lists as well.
+    let by_name = grant().allow_host("local*").allow_host("127.0.0.1");
     let out = fetch(&engine, &format!("http://localhost:{port}/hello"), &by_name).unwrap();
     assert_eq!(out["status"], 200);
+}
+
+/// Issue 11: `--allow-host '*'` reached `http://localhost:…`: names were not resolved
+/// and checked, only address literals were.
+#[test]
+fn a_name_that_resolves_to_a_non_public_address_is_not_reached_by_a_glob() {
+    let port = server();
+    let engine = common::engine();
+    for grant in [grant().allow_host("*"), grant().allow_host("localhost")] {
+        match fetch(&engine, &format!("http://localhost:{port}/hello"), &grant) {
+            Err(CallError::HttpDenied { reason, .. }) => {
+                assert!(reason.contains("does not reach"), "{reason}")
+            }
+            other => panic!("localhost must not be reached: {other:?}"),
+        }
+    }
+}
+
+/// A guest that sends its input as the `http_request` document; 0 when the answer was
+/// 200, 1 otherwise.
+const RAW_REQUEST: &str = r#"
+(module
+  (import "extism:host/env" "input_offset" (func $input (result i64)))
+  (import "extism:host/env" "http_request" (func $http (param i64 i64) (result i64)))
+  (import "extism:host/env" "http_status_code" (func $status (result i32)))
+  (memory (export "memory") 1)
+  (func (export "send") (result i32)
+    (drop (call $http (call $input) (i64.const 0)))
+    (if (result i32) (i32.eq (call $status) (i32.const 200))
+      (then (i32.const 0))
+      (else (i32.const 1)))))
+"#;
+
+/// Issue 11: a guest could set any `Host` header (and the hop-by-hop ones).
+#[test]
+fn guests_cannot_set_the_host_or_hop_by_hop_headers() {
+    let port = server();
+    let engine = common::engine();
+    let module = common::add_bytes(&engine, TENANT, "raw_request", common::wat(RAW_REQUEST));
+    let allowed = grant().allow_host("127.0.0.1");
+    for header in ["Host", "transfer-encoding", "Connection"] {
+        let request = json!({
+            "url": format!("http://127.0.0.1:{port}/hello"),
+            "headers": { header: "internal.example" },
+        });
+        match call(
+            &engine,
+            &module,
+            "send",
+            request.to_string().as_bytes(),
+            &allowed,
+        ) {
+            Err(CallError::HttpDenied { reason, .. }) => {
+                assert!(reason.contains("set by the agent"), "{reason}")
+            }
+            other => panic!("{header} must be refused: {other:?}"),
+        }
+    }
+    // Other headers are fine.
+    let request = json!({
+        "url": format!("http://127.0.0.1:{port}/hello"),
+        "headers": { "x-request-id": "abc" },
+    });
+    let sent = call(
+        &engine,
+        &module,
+        "send",
+        request.to_string().as_bytes(),
+        &allowed,
+    );
+    assert!(sent.is_ok(), "{sent:?}");
 }
 
 #[test]
