@@ -166,6 +166,8 @@ CREATE TABLE hook_bindings (
     // execution that outlived a cancel cannot journal into the retry that followed.
     r#"
 ALTER TABLE runs ADD COLUMN execution INTEGER NOT NULL DEFAULT 0;
+-- The module a binding's reference resolved to when it was bound: what calls run.
+ALTER TABLE hook_bindings ADD COLUMN module_id TEXT;
 "#,
 ];
 

@@ -62,6 +62,7 @@ pub(super) async fn bind(
                 hook: name,
                 module: request.module,
                 function: request.function,
+                pinned: None,
                 updated_unix_ms: 0,
             },
         )

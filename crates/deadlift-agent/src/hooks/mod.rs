@@ -51,6 +51,10 @@ pub struct Binding {
     /// Module reference: name, `name@version` or `sha256:...`.
     pub module: String,
     pub function: String,
+    /// The module `module` resolved to when bound (`sha256:...`): what every call runs
+    /// until the tenant binds again. Set by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
     #[serde(default)]
     pub updated_unix_ms: i64,
 }
@@ -153,7 +157,7 @@ impl Hooks {
 
     /// Binds a tenant's module function to a declared hook, after checking that the
     /// module exports it and imports only host functions the hook offers.
-    pub async fn bind(&self, tenant: &str, binding: Binding) -> Result<(), HookError> {
+    pub async fn bind(&self, tenant: &str, mut binding: Binding) -> Result<(), HookError> {
         let declared = self
             .declared
             .get(&binding.hook)
@@ -185,6 +189,7 @@ impl Hooks {
                     binding.module, import.name, binding.hook
                 )));
             }
+            binding.pinned = Some(module.id.to_string());
             Ok(store::upsert(&db.lock(), &tenant, &binding, now_ms())?)
         })
         .await?
@@ -247,7 +252,8 @@ impl Hook<'_> {
             input: None,
             needs: Vec::new(),
             action: Action::Call {
-                module: binding.module,
+                // Bindings made before pinning existed resolve the reference now.
+                module: binding.pinned.unwrap_or(binding.module),
                 function: binding.function,
                 grant: declared.grant.clone(),
                 // A hook's caller is waiting: one attempt.

@@ -288,6 +288,14 @@ impl Runtime {
         let engine = self.engine.clone();
         let owner = tenant.to_owned();
         let workflow = tokio::task::spawn_blocking(move || {
+            // Pin each call to the module its reference names now: a later upload under
+            // the same name changes nothing until the workflow is applied again.
+            for step in &mut spec.steps {
+                step.pinned = step.call.as_deref().and_then(|reference| {
+                    let info = engine.registry().resolve(&owner, reference).ok()?;
+                    Some(info.id.to_string())
+                });
+            }
             let checks = Checks {
                 engine: &engine,
                 tenant: &owner,
@@ -356,9 +364,10 @@ impl Runtime {
         let versioned = module.version.as_ref().map(|v| format!("{name}@{v}"));
         for workflow in self.workflows(tenant).await? {
             let uses = workflow.spec.steps.iter().any(|step| {
-                step.call.as_deref().is_some_and(|call| {
-                    call == id || call == name || Some(call) == versioned.as_deref()
-                })
+                step.pinned.as_deref() == Some(id.as_str())
+                    || step.call.as_deref().is_some_and(|call| {
+                        call == id || call == name || Some(call) == versioned.as_deref()
+                    })
             });
             if uses {
                 return Ok(Some(workflow.name));

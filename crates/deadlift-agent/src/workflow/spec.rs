@@ -74,6 +74,11 @@ pub struct StepSpec {
     /// Module reference: `name`, `name@version` or `sha256:<hex>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call: Option<String>,
+    /// The module `call` resolved to when this version was applied (`sha256:<hex>`):
+    /// what every run of the version calls. Set by the agent; a document's value is
+    /// replaced at apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
     /// The exported function to call; `_main` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub function: Option<String>,
@@ -551,7 +556,9 @@ impl Workflow {
                         }
                     }
                     Action::Call {
-                        module: module.clone(),
+                        // Versions applied before pinning existed resolve the name
+                        // at run time.
+                        module: step.pinned.clone().unwrap_or_else(|| module.clone()),
                         function,
                         grant,
                         retry,

@@ -197,6 +197,7 @@ fn v1_spec(
             input: None,
             needs: Vec::new(),
             call: Some(module.clone()),
+            pinned: Some(module.clone()),
             function: Some(V1_ENTRY.into()),
             grant: Some(grant.clone()),
             timeout_ms: None,

@@ -669,6 +669,93 @@ async fn retry_after_cancel_during_backoff_runs_the_retry() {
     agent.stop().await;
 }
 
+/// Issue 11: a bare module name resolved to the newest upload whatever its version,
+/// so anyone who could upload under the name changed what a workflow ran. A version
+/// now runs the module its names resolved to when it was applied.
+#[tokio::test]
+async fn a_workflow_version_runs_the_module_it_was_applied_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let client = Client::new(&agent);
+    client.push("adder", "add_ten").await;
+    let applied = client
+        .applied("pinned", "[[steps]]\nid = \"add\"\ncall = \"adder\"\n")
+        .await;
+    let add_ten = applied["spec"]["steps"][0]["pinned"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(add_ten.starts_with("sha256:"), "{applied}");
+    // Other bytes under the same name, as a newer version.
+    agent
+        .agent
+        .engine()
+        .add_module(
+            "default",
+            deadlift_engine::NewModule {
+                name: "adder".into(),
+                version: Some("2.0".into()),
+                bytes: fixture("multiply_by_five"),
+                ..deadlift_engine::NewModule::default()
+            },
+        )
+        .unwrap();
+    let run = client.run("pinned", json!(5)).await;
+    assert_eq!(run["output"], json!(15), "{run}");
+    assert_eq!(run["steps"][0]["module"], add_ten.as_str());
+    // Applying again moves the version to what the name means now.
+    client
+        .applied("pinned", "[[steps]]\nid = \"add\"\ncall = \"adder\"\n")
+        .await;
+    let run = client.run("pinned", json!(5)).await;
+    assert_eq!(run["output"], json!(25), "{run}");
+    agent.stop().await;
+}
+
+/// Issue 11: the same for hook bindings: a call runs the module the binding resolved to
+/// when it was made.
+#[tokio::test]
+async fn a_hook_binding_runs_the_module_it_was_bound_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start_with(dir.path(), |b| {
+        b.hook(deadlift_agent::hooks::HookDecl::new(
+            "before_charge",
+            deadlift_engine::Grant::default(),
+        ))
+    })
+    .await;
+    let client = Client::new(&agent);
+    client.push("adder", "add_ten").await;
+    let bound = client
+        .request(Method::PUT, "/v1/hooks/before_charge/binding")
+        .json(&json!({"module": "adder", "function": "_main"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bound.status().as_u16(), 204);
+    agent
+        .agent
+        .engine()
+        .add_module(
+            "default",
+            deadlift_engine::NewModule {
+                name: "adder".into(),
+                version: Some("2.0".into()),
+                bytes: fixture("multiply_by_five"),
+                ..deadlift_engine::NewModule::default()
+            },
+        )
+        .unwrap();
+    let called = agent
+        .agent
+        .hook("before_charge")
+        .call("default", json!(5))
+        .await
+        .unwrap();
+    assert_eq!(called.output, json!(15));
+    agent.stop().await;
+}
+
 #[tokio::test]
 async fn bad_documents_are_refused_with_every_field_named() {
     let dir = tempfile::tempdir().unwrap();
