@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::federation::{DeliveryConfig, Federation, Identity, PeerDirectory, peers};
 use crate::hooks::{Hook, HookDecl, Hooks};
+use crate::policy::{Policy, PolicyHandle};
 use crate::store::{Database, DbError, Durability, Principal};
 use crate::workflow::{Journal, JournalSink, Retention, Runtime, RuntimeConfig};
 use deadlift_engine::engine::{Engine, EngineError};
@@ -100,6 +101,7 @@ pub struct AgentBuilder {
     durability: Durability,
     name: String,
     hooks: Vec<HookDecl>,
+    policy: Policy,
 }
 
 impl AgentBuilder {
@@ -117,7 +119,14 @@ impl AgentBuilder {
             durability: Durability::default(),
             name: "deadlift".into(),
             hooks: Vec::new(),
+            policy: Policy::default(),
         }
+    }
+
+    /// The operator's ceilings on the grants tenants write.
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Use this admin token instead of generating one at first start.
@@ -255,11 +264,13 @@ impl AgentBuilder {
         delivery.keep_delivered = Duration::from_millis(
             u64::try_from(self.runtime.retention.dedupe_window_ms).unwrap_or(0),
         );
+        let policy = PolicyHandle::new(self.policy);
         let workflows = Runtime::start(
             engine.clone(),
             journal.clone(),
             journal_receiver,
             peers.clone(),
+            policy.clone(),
             self.runtime,
         )?;
         let federation = Federation::start(
@@ -272,6 +283,7 @@ impl AgentBuilder {
         );
         let agent = Agent {
             hooks: Hooks::new(self.hooks, db.clone(), engine.clone()),
+            policy,
             workflows,
             federation,
             engine,
@@ -308,6 +320,7 @@ pub fn new_token() -> Result<String, AgentError> {
 #[derive(Debug)]
 pub struct Agent {
     hooks: Hooks,
+    policy: PolicyHandle,
     workflows: Runtime,
     federation: Federation,
     engine: Engine,
@@ -335,6 +348,11 @@ impl Agent {
     /// Identity, peers, the outbox and receipt of other agents' deliveries.
     pub fn federation(&self) -> &Federation {
         &self.federation
+    }
+
+    /// The operator's policy in force (replaceable at run time).
+    pub fn policy(&self) -> &PolicyHandle {
+        &self.policy
     }
 
     /// The hooks this agent declares and its tenants' bindings.

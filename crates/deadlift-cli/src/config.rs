@@ -69,6 +69,10 @@ pub struct ServeConfig {
     /// [default: power-loss]
     #[arg(long, env = "DEADLIFT_DURABILITY", value_parser = parse_durability)]
     pub durability: Option<deadlift::store::Durability>,
+    /// The operator's ceilings on the grants tenants write: the config file's `[policy]`
+    /// section only (`examples/agent.toml`)
+    #[arg(skip)]
+    pub policy: Option<deadlift::policy::Policy>,
 }
 
 fn parse_durability(text: &str) -> Result<deadlift::store::Durability, String> {
@@ -93,6 +97,7 @@ pub struct Resolved {
     pub max_concurrent_runs: usize,
     pub retention: deadlift::workflow::Retention,
     pub durability: deadlift::store::Durability,
+    pub policy: deadlift::policy::Policy,
 }
 
 impl ServeConfig {
@@ -123,6 +128,7 @@ impl ServeConfig {
             run_retention_count: self.run_retention_count.or(file.run_retention_count),
             dedupe_window_hours: self.dedupe_window_hours.or(file.dedupe_window_hours),
             durability: self.durability.or(file.durability),
+            policy: self.policy.or(file.policy),
         }
     }
 
@@ -197,6 +203,7 @@ impl ServeConfig {
             max_concurrent_runs: self.max_concurrent_runs.unwrap_or(256),
             retention,
             durability: self.durability.unwrap_or_default(),
+            policy: self.policy.unwrap_or_default(),
         })
     }
 }
@@ -253,6 +260,21 @@ mod tests {
             ..ServeConfig::default()
         };
         assert!(missing.resolve().is_err());
+    }
+
+    #[test]
+    fn the_example_configuration_reads_with_its_policy() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/agent.toml");
+        let resolved = ServeConfig::from_file(&path).unwrap().resolve().unwrap();
+        assert_eq!(resolved.policy.default.max_timeout_ms, 10_000);
+        let acme = resolved.policy.limits("acme");
+        assert_eq!(acme.max_fuel, Some(50_000_000));
+        assert_eq!(acme.allowed_hosts, ["api.acme.example"]);
+        // Unlisted fields of a tenant take the built-in defaults.
+        assert_eq!(
+            acme.max_memory_bytes,
+            deadlift::policy::Limits::default().max_memory_bytes
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub async fn serve(config: Resolved) -> anyhow::Result<()> {
     let mut builder = deadlift::Agent::builder(&config.data_dir)
         .admin_token(config.admin_token.clone())
         .v1_access(config.v1_access)
+        .policy(config.policy.clone())
         .max_body_bytes(config.max_body_bytes)
         .default_grant(config.grant.clone())
         .max_concurrent_runs(config.max_concurrent_runs)

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorBody;
 use crate::{AgentState, ApiError, Caller, RawBody, json, multipart_error, parse_json};
-use crate::{hooks, peers, workflows};
+use crate::{hooks, peers, policy, workflows};
 use deadlift_agent::agent::new_token;
 use deadlift_agent::store::{Principal, TokenInfo};
 use deadlift_engine::Code;
@@ -52,7 +52,8 @@ pub(super) fn routes() -> Router<AgentState> {
         workflows::live_runs, workflows::list_dead_letters, workflows::replay_dead_letter,
         peers::identity, peers::list_peers, peers::add_peer, peers::remove_peer,
         peers::outbox, peers::replay, peers::receive,
-        hooks::list, hooks::bind, hooks::unbind
+        hooks::list, hooks::bind, hooks::unbind,
+        policy::get_policy, policy::put_policy
     ),
     components(schemas(ErrorBody, ModuleInfo, CallResponse, LogLine, TokenInfo, CreatedToken, NewTenant, NewToken)),
     modifiers(&BearerAuth)

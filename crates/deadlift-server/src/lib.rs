@@ -11,6 +11,7 @@ mod api;
 pub mod error;
 mod hooks;
 mod peers;
+mod policy;
 mod v1;
 mod workflows;
 
@@ -57,6 +58,7 @@ pub fn router_listening(agent: Arc<Agent>, listening: Listening) -> Router {
         .merge(workflows::routes())
         .merge(peers::routes())
         .merge(hooks::routes())
+        .merge(policy::routes())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -40,7 +40,7 @@ pub use deadlift_agent::{
     Agent, AgentBuilder, AgentError, CloudEvent, DEFAULT_TENANT, Runtime, V1_TENANT, V1Access,
     WorkflowError, WorkflowSpec,
 };
-pub use deadlift_agent::{agent, federation, hooks, store, workflow};
+pub use deadlift_agent::{agent, federation, hooks, policy, store, workflow};
 
 /// The HTTP server over an [`Agent`].
 pub use deadlift_server as server;

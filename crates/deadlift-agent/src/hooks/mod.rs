@@ -270,6 +270,8 @@ impl Hook<'_> {
             depth: 0,
             event_source: self.runtime.source(),
             cancel: &cancel,
+            // The embedder declared the hook's grant: the operator's, not a tenant's.
+            tenant_grant: false,
         };
         let outcome = self.runtime.run_step(at, &step, input.clone()).await;
         let failure = outcome.failure().cloned();

@@ -38,6 +38,7 @@ pub use step::StepOutcome;
 pub(crate) use step::StepScope;
 
 use crate::federation::PeerDirectory;
+use crate::policy::{Policy, PolicyHandle};
 use crate::store::DbError;
 use deadlift_engine::{Code, Engine, ModuleInfo};
 use runner::Runner;
@@ -140,11 +141,14 @@ pub struct Runtime {
     outbox_ready: Arc<Notify>,
     /// Bounds v1 executes answered but not yet recorded.
     v1_unrecorded: Arc<Semaphore>,
+    /// The operator's ceilings on tenants' grants.
+    policy: PolicyHandle,
 }
 
 struct Checks<'a> {
     engine: &'a Engine,
     tenant: &'a str,
+    policy: &'a Policy,
 }
 
 impl ApplyChecks for Checks<'_> {
@@ -173,6 +177,14 @@ impl ApplyChecks for Checks<'_> {
     fn offers_host_function(&self, name: &str) -> bool {
         self.engine.offers_host_function(name)
     }
+
+    fn grant_excess(&self, grant: &deadlift_engine::Grant) -> Vec<(&'static str, String)> {
+        self.policy
+            .check(self.tenant, grant)
+            .into_iter()
+            .map(|excess| (excess.field, excess.message))
+            .collect()
+    }
 }
 
 impl Runtime {
@@ -183,6 +195,7 @@ impl Runtime {
         journal: Journal,
         receiver: JournalReceiver,
         peers: PeerDirectory,
+        policy: PolicyHandle,
         config: RuntimeConfig,
     ) -> Result<Self, DbError> {
         let (run_sender, run_receiver) = mpsc::unbounded_channel();
@@ -211,7 +224,7 @@ impl Runtime {
             peers.clone(),
             outlets.clone(),
         )?;
-        let steps = Arc::new(StepExecutor::new(engine.clone(), peers));
+        let steps = Arc::new(StepExecutor::new(engine.clone(), peers, policy.clone()));
         let runner = Arc::new(Runner::new(
             journal.clone(),
             steps.clone(),
@@ -246,6 +259,7 @@ impl Runtime {
             heads: Mutex::new(HashMap::new()),
             outbox_ready: outlets.outbox.clone(),
             v1_unrecorded: v1::unrecorded(),
+            policy,
         })
     }
 
@@ -287,6 +301,7 @@ impl Runtime {
         }
         let engine = self.engine.clone();
         let owner = tenant.to_owned();
+        let policy = self.policy.current();
         let workflow = tokio::task::spawn_blocking(move || {
             // Pin each call to the module its reference names now: a later upload under
             // the same name changes nothing until the workflow is applied again.
@@ -299,6 +314,7 @@ impl Runtime {
             let checks = Checks {
                 engine: &engine,
                 tenant: &owner,
+                policy: &policy,
             };
             Workflow::compile(spec, Some(&checks))
         })

@@ -130,6 +130,10 @@ pub struct StepRecord {
     /// Ids of the events this step emitted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub emitted: Vec<String>,
+    /// Grant fields the operator's policy narrowed for this step (a policy tightened
+    /// after the workflow was applied).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clamped: Vec<String>,
 }
 
 /// A run as listed.

@@ -186,6 +186,7 @@ impl Runner {
             depth: ticket.depth,
             event_source: source,
             cancel,
+            tenant_grant: true,
         }
     }
 

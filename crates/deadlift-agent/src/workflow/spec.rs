@@ -342,6 +342,9 @@ pub trait ApplyChecks {
     fn module(&self, reference: &str) -> Result<ModuleFacts, String>;
     /// Whether this agent offers the host function.
     fn offers_host_function(&self, name: &str) -> bool;
+    /// How the grant asks for more than the operator's policy lets this tenant grant:
+    /// (grant field, why).
+    fn grant_excess(&self, grant: &Grant) -> Vec<(&'static str, String)>;
 }
 
 /// The exports and host-function imports of a module, for apply-time checks.
@@ -495,6 +498,14 @@ impl Workflow {
                             );
                         }
                         grant.timeout = Duration::from_millis(ms);
+                    }
+                    if let Some(checks) = checks {
+                        for (field, message) in checks.grant_excess(&grant) {
+                            // Directories are refused below, in words of their own.
+                            if field != "allowed_paths" {
+                                fail(at(&format!("grant.{field}")), message);
+                            }
+                        }
                     }
                     if !grant.allowed_paths.is_empty() {
                         // A workflow is a tenant's document; the host's file system is

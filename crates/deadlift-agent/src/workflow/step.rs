@@ -18,6 +18,7 @@ use super::records::{Failure, StepRecord, StepStatus};
 use super::spec::{Action, ErrorKind, RetrySpec, Step};
 use crate::clock::now_ms;
 use crate::federation::PeerDirectory;
+use crate::policy::PolicyHandle;
 use deadlift_engine::{
     CallContext, CallError, CancelToken, Code, EmittedEvent, Engine, Grant, LogLine, ModuleId,
 };
@@ -40,6 +41,9 @@ pub(crate) struct StepScope<'a> {
     /// The `source` of the events the step emits.
     pub event_source: &'a str,
     pub cancel: &'a CancelToken,
+    /// Whether the tenant wrote the step's grant (a workflow's), so that it is held to
+    /// the operator's policy; the embedder's hook grants are not.
+    pub tenant_grant: bool,
 }
 
 /// A finished step: its journal record (succeeded, skipped or failed, with the
@@ -63,6 +67,8 @@ struct StepFailure {
     attempts: u32,
     attempt_errors: Vec<Failure>,
     module: Option<String>,
+    /// Grant fields the policy narrowed for this step.
+    clamped: Vec<&'static str>,
 }
 
 impl StepFailure {
@@ -77,6 +83,7 @@ impl StepFailure {
             attempts: 1,
             attempt_errors: Vec::new(),
             module: None,
+            clamped: Vec::new(),
         }
     }
 }
@@ -94,14 +101,16 @@ struct Called {
 pub(crate) struct StepExecutor {
     engine: Engine,
     peers: PeerDirectory,
+    policy: PolicyHandle,
     resolved: Mutex<HashMap<(String, String), (ModuleId, Instant)>>,
 }
 
 impl StepExecutor {
-    pub fn new(engine: Engine, peers: PeerDirectory) -> Self {
+    pub fn new(engine: Engine, peers: PeerDirectory, policy: PolicyHandle) -> Self {
         Self {
             engine,
             peers,
+            policy,
             resolved: Mutex::new(HashMap::new()),
         }
     }
@@ -135,6 +144,7 @@ impl StepExecutor {
                         finished_unix_ms: now_ms(),
                         error: Some(failure),
                         emitted: Vec::new(),
+                        clamped: failed.clamped.into_iter().map(str::to_owned).collect(),
                     },
                     emitted: Vec::new(),
                 }
@@ -177,6 +187,7 @@ impl StepExecutor {
                 finished_unix_ms: now_ms(),
                 error: None,
                 emitted: emitted.iter().map(|e: &CloudEvent| e.id.clone()).collect(),
+                clamped: Vec::new(),
             };
         match &step.action {
             Action::Emit {
@@ -205,6 +216,7 @@ impl StepExecutor {
                     attempts: 1,
                     attempt_errors: Vec::new(),
                     module: None,
+                    clamped: Vec::new(),
                 })?;
                 if let Some(peer) = to {
                     event
@@ -231,10 +243,20 @@ impl StepExecutor {
                 retry,
             } => {
                 let bytes = serde_json::to_vec(&input).unwrap_or_default();
+                // The policy in force now, not when the workflow was applied.
+                let (held, clamped) = if at.tenant_grant {
+                    self.policy.current().clamp(at.tenant, grant)
+                } else {
+                    (grant.clone(), Vec::new())
+                };
                 let (called, attempts, attempt_errors) = self
-                    .call_with_retries(at, module, function, grant, retry, &bytes)
-                    .await?;
-                let record = record(
+                    .call_with_retries(at, module, function, &held, retry, &bytes)
+                    .await
+                    .map_err(|mut failed| {
+                        failed.clamped.clone_from(&clamped);
+                        failed
+                    })?;
+                let mut record = record(
                     StepStatus::Succeeded,
                     Some(called.module),
                     called.output,
@@ -243,6 +265,7 @@ impl StepExecutor {
                     attempt_errors,
                     &called.emitted,
                 );
+                record.clamped = clamped.into_iter().map(str::to_owned).collect();
                 Ok(StepOutcome {
                     record,
                     emitted: called.emitted,
@@ -279,6 +302,7 @@ impl StepExecutor {
                     attempts: attempt,
                     attempt_errors,
                     module: module_id,
+                    clamped: Vec::new(),
                 });
             }
             attempt_errors.push(error);
@@ -423,6 +447,7 @@ pub(crate) fn skipped(step: &Step, output: Value) -> StepOutcome {
             finished_unix_ms: now,
             error: None,
             emitted: Vec::new(),
+            clamped: Vec::new(),
         },
         emitted: Vec::new(),
     }

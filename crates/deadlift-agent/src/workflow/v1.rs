@@ -129,6 +129,8 @@ impl Runtime {
             depth: 0,
             event_source: &source,
             cancel: &cancel,
+            // The agent's default grant, copied when the v1 workflow was created.
+            tenant_grant: false,
         };
         let mut outputs = Value::Object(Default::default());
         let mut current = run.input.clone();

@@ -756,6 +756,100 @@ async fn a_hook_binding_runs_the_module_it_was_bound_to() {
     agent.stop().await;
 }
 
+/// Issue 11: tenants chose their own workflow grants with no ceiling: runs without a
+/// deadline, loopback reachable, the embedder's host functions granted anywhere.
+#[tokio::test]
+async fn a_workflow_grant_over_the_policy_is_refused_field_by_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let client = Client::new(&agent);
+    client.push("flaky", "flaky").await;
+    let refused = client
+        .apply(
+            "greedy",
+            r#"
+            [[steps]]
+            id = "try"
+            call = "flaky"
+            function = "attempt"
+            grant = { host_functions = ["kv_get", "kv_set"], timeout_ms = 18446744073709551615, allowed_hosts = ["127.0.0.1"], max_var_bytes = 18446744073709551615 }
+            "#,
+        )
+        .await;
+    assert_eq!(refused.status().as_u16(), 400);
+    let body: Value = refused.json().await.unwrap();
+    let fields: Vec<&str> = body["error"]["details"]["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    for field in [
+        "steps[0].grant.timeout_ms",
+        "steps[0].grant.max_var_bytes",
+        "steps[0].grant.allowed_hosts",
+    ] {
+        assert!(fields.contains(&field), "{field} in {body}");
+    }
+    agent.stop().await;
+}
+
+/// A policy tightened after a workflow was applied holds for its next runs, and the
+/// run says what was narrowed.
+#[tokio::test]
+async fn a_tightened_policy_clamps_the_grants_of_applied_workflows() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let client = Client::new(&agent);
+    client.push("flaky", "flaky").await;
+    client.applied("flaky", FLAKY).await;
+    let mut policy: Value = client.get("/v1/policy").await;
+    policy["default"]["host_functions"] = json!(["emit"]);
+    let replaced = client
+        .request(Method::PUT, "/v1/policy")
+        .json(&policy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replaced.status().as_u16(), 200);
+    let run = client
+        .run("flaky", json!({"key": "clamped", "fail_times": 0}))
+        .await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["error"]["code"], "host_function_denied");
+    assert_eq!(run["steps"][0]["clamped"], json!(["host_functions"]));
+    // Tenants cannot read or change the policy.
+    let tenant = client
+        .request(Method::POST, "/v1/tenants")
+        .json(&json!({"name": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tenant.status().as_u16(), 201);
+    let token: Value = client
+        .request(Method::POST, "/v1/tenants/acme/tokens")
+        .json(&json!({"description": "acme"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["token"].as_str().unwrap();
+    for method in [Method::GET, Method::PUT] {
+        let denied = agent
+            .http
+            .request(method, agent.url("/v1/policy"))
+            .bearer_auth(token)
+            .json(&policy)
+            .send()
+            .await
+            .unwrap();
+        TestAgent::expect_error(denied, 403, "forbidden").await;
+    }
+    agent.stop().await;
+}
+
 #[tokio::test]
 async fn bad_documents_are_refused_with_every_field_named() {
     let dir = tempfile::tempdir().unwrap();
