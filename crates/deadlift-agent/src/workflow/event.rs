@@ -105,6 +105,9 @@ impl CloudEvent {
         if self.id.is_empty() || self.id.len() > 256 {
             return Err("id must be 1 to 256 bytes long".into());
         }
+        if self.id.chars().any(char::is_control) {
+            return Err("id must not contain control characters".into());
+        }
         if self.source.is_empty() || self.source.len() > 1024 {
             return Err("source must be 1 to 1024 bytes long".into());
         }

@@ -130,3 +130,43 @@ async fn a_tenant_cannot_address_a_peer_with_the_routing_extension() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Issue 11: dedupe was per (tenant, id), so peer `evil` sending id `X` first
+/// suppressed peer `good`'s event `X`.
+#[tokio::test]
+async fn one_peers_event_id_does_not_suppress_anothers() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let good = TestAgent::start_with(dirs[0].path(), |b| b.name("good")).await;
+    let evil = TestAgent::start_with(dirs[1].path(), |b| b.name("evil")).await;
+    let receiver = TestAgent::start_with(dirs[2].path(), |b| b.name("receiver")).await;
+    for sender in [&good, &evil] {
+        peer(sender, &receiver, "receiver", &["orders.>"], &[]).await;
+    }
+    peer(&receiver, &good, "good", &[], &["orders.>"]).await;
+    peer(&receiver, &evil, "evil", &[], &["orders.>"]).await;
+    // Evil's first, then good's, with the same id.
+    for sender in [&evil, &good] {
+        let published = publish(sender, json!([event("X", "orders.created")])).await;
+        assert_eq!(published.status().as_u16(), 202);
+        let outbox = settled_outbox(sender).await;
+        assert_eq!(outbox[0].status, OutboxStatus::Delivered, "{outbox:?}");
+    }
+    let stats = receiver.agent.workflows().stats();
+    assert_eq!(
+        stats
+            .events_stored
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    assert_eq!(
+        stats
+            .events_duplicate
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    // (A peer's own redelivery of an id stays a duplicate: the CLI's federation test
+    // replays a delivery and sees one effect.)
+    for agent in [good, evil, receiver] {
+        agent.stop().await;
+    }
+}

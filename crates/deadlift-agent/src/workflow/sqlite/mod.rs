@@ -183,17 +183,27 @@ pub(crate) fn new_v1_workflow(conn: &Connection, tenant: &str) -> Result<i64, Db
 // ---- events and runs -------------------------------------------------------------
 
 /// Stores an event unless its id was seen; `None` for a duplicate, else its `seq`.
+///
+/// Ids are unique per tenant and origin: the tenant's own events share one space, and
+/// each peer has its own, so one peer's id can never suppress another's (or the
+/// tenant's). A peer's events are keyed `\u{1}<peer>\u{1}<id>`, which no valid event
+/// id can spell (ids have no control characters).
 pub(crate) fn insert_event(
     conn: &Connection,
     tenant: &str,
+    from_peer: Option<&str>,
     event: &CloudEvent,
     now: i64,
 ) -> Result<Option<i64>, DbError> {
+    let key = match from_peer {
+        Some(peer) => format!("\u{1}{peer}\u{1}{}", event.id),
+        None => event.id.clone(),
+    };
     let inserted = conn
         .prepare_cached(
             "INSERT OR IGNORE INTO events (tenant, id, type, body, received_unix_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
-        .execute(params![tenant, event.id, event.event_type, json_text(event)?, now])?;
+        .execute(params![tenant, key, event.event_type, json_text(event)?, now])?;
     Ok((inserted > 0).then(|| conn.last_insert_rowid()))
 }
 

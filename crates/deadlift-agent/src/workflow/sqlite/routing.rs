@@ -82,7 +82,7 @@ impl Writer {
     ) -> Result<Ingested, DbError> {
         event.complete();
         let id = event.id.clone();
-        let Some(seq) = sql::insert_event(tx, tenant, &event, now)? else {
+        let Some(seq) = sql::insert_event(tx, tenant, from_peer, &event, now)? else {
             effects.count(EVENTS_DUPLICATE);
             return Ok(Ingested {
                 id,

@@ -457,7 +457,7 @@ impl Writer {
                     );
                     event.id = format!("schedule:{workflow}:{fire_unix_ms}");
                     event.complete();
-                    let Some(seq) = sql::insert_event(tx, &tenant, &event, now)? else {
+                    let Some(seq) = sql::insert_event(tx, &tenant, None, &event, now)? else {
                         return Ok(());
                     };
                     let run = NewRun {
