@@ -9,6 +9,7 @@ pub mod agent;
 pub mod clock;
 pub mod federation;
 pub mod hooks;
+pub mod manifest;
 pub mod policy;
 pub mod store;
 pub mod workflow;

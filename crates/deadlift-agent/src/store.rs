@@ -168,6 +168,14 @@ CREATE TABLE hook_bindings (
 ALTER TABLE runs ADD COLUMN execution INTEGER NOT NULL DEFAULT 0;
 -- The module a binding's reference resolved to when it was bound: what calls run.
 ALTER TABLE hook_bindings ADD COLUMN module_id TEXT;
+-- The Extism manifest options a tenant stores with a module, for direct calls.
+CREATE TABLE module_manifests (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    module_id TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    updated_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, module_id)
+) WITHOUT ROWID;
 "#,
 ];
 

@@ -1,4 +1,5 @@
-//! The module and key-value commands: `module` (push, list, show, call, delete) and
+//! The module and key-value commands: `module` (push, manifest, list, show, call,
+//! delete) and
 //! `kv` (list, get, set, delete), thin clients of the agent's `/v1/modules` and `/v1/kv`
 //! routes, acting for the caller's tenant.
 
@@ -23,6 +24,16 @@ pub enum ModuleCommand {
         version: Option<String>,
         #[arg(long)]
         description: Option<String>,
+        #[command(flatten)]
+        manifest: ManifestArgs,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show a module's manifest, or store one (any option given replaces it whole)
+    Manifest {
+        module: String,
+        #[command(flatten)]
+        manifest: ManifestArgs,
         #[command(flatten)]
         remote: Remote,
     },
@@ -53,6 +64,69 @@ pub enum ModuleCommand {
         #[command(flatten)]
         remote: Remote,
     },
+}
+
+/// The Extism manifest options stored with a module: direct calls run with them.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ManifestArgs {
+    /// A config value the module reads (repeatable)
+    #[arg(long = "config", value_name = "KEY=VALUE")]
+    config: Vec<String>,
+    /// A host `http_request` may reach (repeatable; globs over names)
+    #[arg(long = "allow-host", value_name = "HOST")]
+    allowed_hosts: Vec<String>,
+    /// Let the module import WASI (no directories)
+    #[arg(long)]
+    wasi: bool,
+    /// A host function the module is granted (repeatable)
+    #[arg(long = "host-function", value_name = "NAME")]
+    host_functions: Vec<String>,
+    /// Most 64 KiB pages of memory, as the SDK's `max_pages`
+    #[arg(long)]
+    max_pages: Option<u32>,
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    #[arg(long)]
+    fuel: Option<u64>,
+}
+
+impl ManifestArgs {
+    /// The manifest document, or `None` when no option was given.
+    fn document(&self) -> anyhow::Result<Option<Value>> {
+        let given = !self.config.is_empty()
+            || !self.allowed_hosts.is_empty()
+            || self.wasi
+            || !self.host_functions.is_empty()
+            || self.max_pages.is_some()
+            || self.timeout_ms.is_some()
+            || self.fuel.is_some();
+        if !given {
+            return Ok(None);
+        }
+        let mut config = serde_json::Map::new();
+        for pair in &self.config {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--config takes KEY=VALUE, not `{pair}`"))?;
+            config.insert(key.to_owned(), Value::String(value.to_owned()));
+        }
+        let mut manifest = json!({
+            "config": config,
+            "allowed_hosts": self.allowed_hosts,
+            "wasi": self.wasi,
+            "host_functions": self.host_functions,
+        });
+        if let Some(pages) = self.max_pages {
+            manifest["memory"] = json!({ "max_pages": pages });
+        }
+        if let Some(ms) = self.timeout_ms {
+            manifest["timeout_ms"] = json!(ms);
+        }
+        if let Some(fuel) = self.fuel {
+            manifest["fuel"] = json!(fuel);
+        }
+        Ok(Some(manifest))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,9 +190,11 @@ pub async fn module(command: ModuleCommand) -> anyhow::Result<()> {
             name,
             version,
             description,
+            manifest,
             remote,
         } => {
             let client = remote.client()?;
+            let manifest = manifest.document()?;
             let bytes = read_module(&file)?;
             let mut query = vec![("name", name)];
             query.extend(version.map(|v| ("version", v)));
@@ -131,10 +207,33 @@ pub async fn module(command: ModuleCommand) -> anyhow::Result<()> {
                         .body(bytes),
                 )
                 .await?;
+            if let Some(manifest) = manifest {
+                let path = format!("/v1/modules/{}/manifest", path_segment(&cell(&info["id"])));
+                client
+                    .json(client.request(Method::PUT, &path).json(&manifest))
+                    .await?;
+            }
             if remote.json {
                 return print_json(&info);
             }
             println!("pushed {} as {}", cell(&info["id"]), cell(&info["name"]));
+        }
+        ModuleCommand::Manifest {
+            module,
+            manifest,
+            remote,
+        } => {
+            let client = remote.client()?;
+            let path = format!("/v1/modules/{}/manifest", path_segment(&module));
+            let shown = match manifest.document()? {
+                Some(manifest) => {
+                    client
+                        .json(client.request(Method::PUT, &path).json(&manifest))
+                        .await?
+                }
+                None => client.json(client.request(Method::GET, &path)).await?,
+            };
+            print_json(&shown)?;
         }
         ModuleCommand::List { remote } => {
             let client = remote.client()?;

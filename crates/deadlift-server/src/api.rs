@@ -15,6 +15,7 @@ use crate::error::ErrorBody;
 use crate::{AgentState, ApiError, Caller, RawBody, json, multipart_error, parse_json};
 use crate::{hooks, peers, policy, workflows};
 use deadlift_agent::agent::new_token;
+use deadlift_agent::manifest::{Manifest, ManifestError};
 use deadlift_agent::store::{Principal, TokenInfo};
 use deadlift_engine::Code;
 use deadlift_engine::LogLine;
@@ -29,6 +30,10 @@ pub(super) fn routes() -> Router<AgentState> {
             get(get_module).delete(delete_module),
         )
         .route("/v1/modules/{reference}/call/{function}", post(call_module))
+        .route(
+            "/v1/modules/{reference}/manifest",
+            get(get_manifest).put(put_manifest),
+        )
         .route("/v1/tenants", get(list_tenants).post(create_tenant))
         .route("/v1/tenants/{tenant}/tokens", post(create_token))
         .route("/v1/tokens", get(list_tokens))
@@ -44,6 +49,7 @@ pub(super) fn routes() -> Router<AgentState> {
     info(title = "Deadlift agent API", description = "Run Extism plug-ins next to your data."),
     paths(
         list_modules, upload_module, get_module, delete_module, call_module,
+        put_manifest, get_manifest,
         create_tenant, list_tenants, create_token, list_tokens, revoke_token,
         list_kv, get_kv, put_kv, delete_kv,
         workflows::apply_workflow, workflows::list_workflows, workflows::get_workflow,
@@ -197,6 +203,65 @@ async fn resolve(
     blocking(move || Ok(engine.registry().resolve(&tenant, &reference)?)).await
 }
 
+#[utoipa::path(put, path = "/v1/modules/{reference}/manifest", tag = "modules", security(("bearer" = [])),
+    params(("reference" = String, Path, description = "`name`, `name@version` or `sha256:<hex>`")),
+    request_body = Manifest,
+    responses((status = 200, description = "Stored: direct calls of the module run with it", body = Manifest),
+        (status = 400, description = "Not a manifest, or over the operator's policy (each field in `details.errors`)", body = ErrorBody),
+        (status = 404, description = "No such module", body = ErrorBody)))]
+async fn put_manifest(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path(reference): Path<String>,
+    RawBody(body): RawBody,
+) -> Result<Json<Manifest>, ApiError> {
+    let tenant = caller.tenant()?;
+    let manifest: Manifest = parse_json(&body)?;
+    agent
+        .set_manifest(&tenant, &reference, manifest.clone())
+        .await?;
+    Ok(Json(manifest))
+}
+
+#[utoipa::path(get, path = "/v1/modules/{reference}/manifest", tag = "modules", security(("bearer" = [])),
+    params(("reference" = String, Path, description = "`name`, `name@version` or `sha256:<hex>`")),
+    responses((status = 200, description = "The module's manifest", body = Manifest),
+        (status = 404, description = "No such module, or none stored", body = ErrorBody)))]
+async fn get_manifest(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path(reference): Path<String>,
+) -> Result<Json<Manifest>, ApiError> {
+    let tenant = caller.tenant()?;
+    let info = resolve(&agent, tenant.clone(), reference.clone()).await?;
+    agent
+        .manifest(&tenant, &info.id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::new(
+                Code::ModuleNotFound,
+                format!("module `{reference}` has no manifest"),
+            )
+        })
+}
+
+impl From<ManifestError> for ApiError {
+    fn from(e: ManifestError) -> Self {
+        match &e {
+            ManifestError::OverPolicy(excess) => {
+                let errors: Vec<serde_json::Value> = excess
+                    .iter()
+                    .map(|x| serde_json::json!({ "field": x.field, "message": x.message }))
+                    .collect();
+                Self::new(e.code(), e.to_string())
+                    .with_details(serde_json::json!({ "errors": errors }))
+            }
+            _ => Self::new(e.code(), e.to_string()),
+        }
+    }
+}
+
 #[utoipa::path(get, path = "/v1/modules/{reference}", tag = "modules", security(("bearer" = [])),
     params(("reference" = String, Path, description = "`name`, `name@version` or `sha256:<hex>`")),
     responses((status = 200, description = "The module", body = ModuleInfo), (status = 404, description = "No such module", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
@@ -271,13 +336,15 @@ async fn call_module(
 ) -> Result<Response, ApiError> {
     let tenant = caller.tenant()?;
     let info = resolve(&agent, tenant.clone(), reference).await?;
+    // The module's manifest when it has one (held to the policy), else the default.
+    let grant = agent.call_grant(&tenant, &info.id).await?;
     let out = agent
         .engine()
         .call(
             &info.id,
             &function,
             &body,
-            agent.default_grant(),
+            &grant,
             &CallContext::new(tenant),
         )
         .await?;

@@ -162,6 +162,26 @@ fn serve_and_drive_it_with_the_cli() {
         &["module", "call", "adder", "_main", "--input", "5"],
     );
     assert_eq!(out.trim(), "15");
+    // A manifest stored at push gives direct calls their config.
+    server.ok(
+        Some(&token),
+        &[
+            "module",
+            "push",
+            &fixture("vars_config"),
+            "--name",
+            "greeter",
+            "--config",
+            "greeting=Hi",
+        ],
+    );
+    let greeted = server.ok(
+        Some(&token),
+        &["module", "call", "greeter", "greet", "--input", "Ada"],
+    );
+    assert_eq!(greeted.trim(), "Hi, Ada!");
+    let manifest = server.ok(Some(&token), &["module", "manifest", "greeter"]);
+    assert!(manifest.contains("\"greeting\": \"Hi\""), "{manifest}");
     server.ok(Some(&token), &["kv", "set", "greeting", "hello"]);
     assert_eq!(
         server.ok(Some(&token), &["kv", "get", "greeting"]).trim(),

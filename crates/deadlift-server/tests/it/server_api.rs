@@ -558,3 +558,83 @@ async fn the_data_directory_and_its_files_are_private() {
     }
     agent.stop().await;
 }
+
+/// Issue 11: direct calls ran with one agent-wide grant, so plug-ins that need config,
+/// hosts or host functions could not be called over HTTP. A module's manifest now gives
+/// its calls their options, held to the operator's policy.
+#[tokio::test]
+async fn a_modules_manifest_gives_its_direct_calls_their_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let acme = Api {
+        agent: &agent,
+        token: tenant_token(&agent, "acme").await,
+    };
+    acme.push("greeter", "vars_config").await;
+    let greet = || async {
+        acme.request(reqwest::Method::POST, "/v1/modules/greeter/call/greet")
+            .body("Ada")
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    assert_eq!(greet().await["output_text"], "Hello, Ada!");
+    let stored = acme
+        .request(reqwest::Method::PUT, "/v1/modules/greeter/manifest")
+        .json(&json!({"config": {"greeting": "Hi"}, "memory": {"max_pages": 64}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stored.status().as_u16(), 200);
+    assert_eq!(greet().await["output_text"], "Hi, Ada!");
+    let shown = acme
+        .json(reqwest::Method::GET, "/v1/modules/greeter/manifest")
+        .await;
+    assert_eq!(shown["config"]["greeting"], "Hi");
+
+    // Over the operator's policy: refused, field by field.
+    let greedy = acme
+        .request(reqwest::Method::PUT, "/v1/modules/greeter/manifest")
+        .json(&json!({"allowed_hosts": ["169.254.169.254"], "host_functions": ["send_email"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(greedy.status().as_u16(), 400);
+    let body: Value = greedy.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "grant_invalid");
+    let fields: Vec<&str> = body["error"]["details"]["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["host_functions", "allowed_hosts"], "{body}");
+
+    // A module that needs KV host functions runs with them once its manifest says so.
+    acme.push("counter", "kv_counter").await;
+    let denied = acme
+        .request(reqwest::Method::POST, "/v1/modules/counter/call/increment")
+        .body("visits")
+        .send()
+        .await
+        .unwrap();
+    TestAgent::expect_error(denied, 422, "host_function_denied").await;
+    let granted = acme
+        .request(reqwest::Method::PUT, "/v1/modules/counter/manifest")
+        .json(&json!({"host_functions": ["kv_get", "kv_set", "kv_delete"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(granted.status().as_u16(), 200);
+    let counted = acme
+        .request(reqwest::Method::POST, "/v1/modules/counter/call/increment")
+        .body("visits")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(counted.status().as_u16(), 200);
+    agent.stop().await;
+}
