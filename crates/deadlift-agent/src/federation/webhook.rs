@@ -188,6 +188,7 @@ mod tests {
         ));
     }
 
+    /// Issue 11: a `webhook-timestamp` near `i64::MIN` overflowed the skew check.
     #[test]
     fn timestamps_far_off_or_at_the_ends_of_the_range_are_refused() {
         let (_dir, me) = identity("a");

@@ -170,3 +170,23 @@ async fn one_peers_event_id_does_not_suppress_anothers() {
         agent.stop().await;
     }
 }
+
+/// Issue 11: peers registered without a tenant landed in `default`, which the v1 routes
+/// opened without a token. Every peer now names its tenant.
+#[tokio::test]
+async fn a_peer_must_name_its_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let key = agent.agent.federation().identity().public_key();
+    let refused = agent
+        .http
+        .post(agent.url("/v1/peers"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "acme", "url": "http://127.0.0.1:9", "public_key": key}))
+        .send()
+        .await
+        .unwrap();
+    let message = TestAgent::expect_error(refused, 400, "invalid_json").await;
+    assert!(message.contains("tenant"), "{message}");
+    agent.stop().await;
+}
