@@ -53,39 +53,12 @@ impl Api<'_> {
     }
 }
 
-async fn tenant_token(agent: &TestAgent, tenant: &str) -> String {
-    let admin = Api {
-        agent,
-        token: ADMIN.into(),
-    };
-    let created = admin
-        .request(reqwest::Method::POST, "/v1/tenants")
-        .json(&json!({ "name": tenant }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status().as_u16(), 201);
-    let token: Value = admin
-        .request(
-            reqwest::Method::POST,
-            &format!("/v1/tenants/{tenant}/tokens"),
-        )
-        .json(&json!({ "description": "test" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    token["token"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn modules_upload_list_show_call_delete() {
     let dir = tempfile::tempdir().unwrap();
     let agent = TestAgent::start(dir.path()).await;
     let api = Api {
-        token: tenant_token(&agent, "acme").await,
+        token: agent.tenant_token("acme").await,
         agent: &agent,
     };
     let info = api.push("adder", "add_ten").await;
@@ -185,7 +158,7 @@ async fn tokens_are_required_and_scoped() {
         .unwrap();
     TestAgent::expect_error(malformed, 401, "unauthorized").await;
 
-    let token = tenant_token(&agent, "acme").await;
+    let token = agent.tenant_token("acme").await;
     let tenant = Api {
         agent: &agent,
         token,
@@ -272,11 +245,11 @@ async fn tenants_cannot_see_call_change_or_delete_each_others_things() {
     let dir = tempfile::tempdir().unwrap();
     let agent = TestAgent::start(dir.path()).await;
     let a = Api {
-        token: tenant_token(&agent, "a").await,
+        token: agent.tenant_token("a").await,
         agent: &agent,
     };
     let b = Api {
-        token: tenant_token(&agent, "b").await,
+        token: agent.tenant_token("b").await,
         agent: &agent,
     };
     let info = a.push("adder", "add_ten").await;
@@ -316,7 +289,7 @@ async fn kv_written_by_a_module_is_visible_through_the_api() {
     let grant = deadlift_engine::Grant::default().allow(["kv_get", "kv_set", "kv_delete"]);
     let agent = TestAgent::start_with(dir.path(), |b| b.default_grant(grant)).await;
     let api = Api {
-        token: tenant_token(&agent, "acme").await,
+        token: agent.tenant_token("acme").await,
         agent: &agent,
     };
     api.push("counter", "kv_counter").await;
@@ -358,7 +331,7 @@ async fn health_readiness_and_metrics() {
         );
     }
     let api = Api {
-        token: tenant_token(&agent, "acme").await,
+        token: agent.tenant_token("acme").await,
         agent: &agent,
     };
     api.push("adder", "add_ten").await;
@@ -393,7 +366,7 @@ async fn a_restart_keeps_state_and_does_not_recompile() {
     let dir = tempfile::tempdir().unwrap();
     let grant = deadlift_engine::Grant::default().allow(["kv_get", "kv_set", "kv_delete"]);
     let agent = TestAgent::start_with(dir.path(), |b| b.default_grant(grant.clone())).await;
-    let token = tenant_token(&agent, "acme").await;
+    let token = agent.tenant_token("acme").await;
     {
         let api = Api {
             token: token.clone(),
@@ -459,7 +432,7 @@ async fn concurrent_identical_uploads_are_idempotent() {
     let dir = tempfile::tempdir().unwrap();
     let agent = TestAgent::start(dir.path()).await;
     let api = Api {
-        token: tenant_token(&agent, "acme").await,
+        token: agent.tenant_token("acme").await,
         agent: &agent,
     };
     let uploads = (0..8).map(|_| api.push("adder", "add_ten"));
@@ -568,7 +541,7 @@ async fn a_modules_manifest_gives_its_direct_calls_their_options() {
     let agent = TestAgent::start(dir.path()).await;
     let acme = Api {
         agent: &agent,
-        token: tenant_token(&agent, "acme").await,
+        token: agent.tenant_token("acme").await,
     };
     acme.push("greeter", "vars_config").await;
     let greet = || async {

@@ -4,7 +4,6 @@ use reqwest::multipart::{Form, Part};
 
 use deadlift_agent::{DEFAULT_TENANT, V1_TENANT, V1Access};
 use deadlift_engine::NewModule;
-use serde_json::{Value, json};
 
 use crate::common::fixture;
 use crate::common::server::{ADMIN, TestAgent};
@@ -262,33 +261,6 @@ async fn list_as(agent: &TestAgent, token: Option<&str>) -> reqwest::Response {
     request.send().await.unwrap()
 }
 
-/// A token of `tenant` (created if need be), made by the admin.
-async fn tenant_token(agent: &TestAgent, tenant: &str) -> String {
-    let created = agent
-        .http
-        .post(agent.url("/v1/tenants"))
-        .bearer_auth(ADMIN)
-        .json(&json!({ "name": tenant }))
-        .send()
-        .await
-        .unwrap();
-    // The v1 tenant exists from the start.
-    let status = created.status().as_u16();
-    assert!(status == 201 || status == 409, "{status}");
-    let token: Value = agent
-        .http
-        .post(agent.url(&format!("/v1/tenants/{tenant}/tokens")))
-        .bearer_auth(ADMIN)
-        .json(&json!({ "description": "test" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    token["token"].as_str().unwrap().to_owned()
-}
-
 /// Issue 11 (critical): an operator's `adder@1.0` could be replaced by anyone who
 /// reached the port: a v1 upload under subject `adder` wrote into the default tenant,
 /// and the bare name then resolved to the newest upload.
@@ -329,13 +301,13 @@ async fn a_module_cannot_be_taken_over_through_the_v1_routes() {
 async fn other_tenants_tokens_cannot_use_the_v1_routes() {
     let dir = tempfile::tempdir().unwrap();
     let agent = TestAgent::start_with(dir.path(), |b| b.v1_access(V1Access::Token)).await;
-    let acme = tenant_token(&agent, "acme").await;
+    let acme = agent.tenant_token("acme").await;
     TestAgent::expect_error(list_as(&agent, Some(&acme)).await, 403, "forbidden").await;
     let upload = upload_as(&agent, &acme, form(fixture("add_ten"), "Add", "calc.add")).await;
     TestAgent::expect_error(upload, 403, "forbidden").await;
     TestAgent::expect_error(list_as(&agent, None).await, 401, "unauthorized").await;
     // The v1 tenant's token and the admin's work.
-    let v1 = tenant_token(&agent, V1_TENANT).await;
+    let v1 = agent.tenant_token(V1_TENANT).await;
     let uploaded = upload_as(&agent, &v1, form(fixture("add_ten"), "Add", "calc.add")).await;
     assert_eq!(uploaded.status().as_u16(), 201);
     assert_eq!(list_as(&agent, Some(ADMIN)).await.status().as_u16(), 200);

@@ -75,6 +75,33 @@ impl TestAgent {
         self.agent.shutdown().await;
     }
 
+    /// A fresh token of `tenant` (created first if need be), made by the admin.
+    pub async fn tenant_token(&self, tenant: &str) -> String {
+        let created = self
+            .http
+            .post(self.url("/v1/tenants"))
+            .bearer_auth(ADMIN)
+            .json(&serde_json::json!({ "name": tenant }))
+            .send()
+            .await
+            .unwrap();
+        // Tenants `default` and `v1` exist from the start.
+        let status = created.status().as_u16();
+        assert!(status == 201 || status == 409, "{status}");
+        let token: serde_json::Value = self
+            .http
+            .post(self.url(&format!("/v1/tenants/{tenant}/tokens")))
+            .bearer_auth(ADMIN)
+            .json(&serde_json::json!({ "description": "test" }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        token["token"].as_str().unwrap().to_owned()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.url)
     }
