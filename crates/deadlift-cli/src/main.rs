@@ -134,8 +134,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { file, json } => local::inspect(&file, json),
         Command::Run(args) => local::run(args),
         Command::Serve { config, settings } => {
-            let config = serve::settings(config.as_deref(), settings)?;
-            runtime()?.block_on(serve::serve(config))
+            let resolved = serve::settings(config.as_deref(), settings)?;
+            runtime()?.block_on(serve::serve(resolved, config))
         }
         Command::Module(command) => runtime()?.block_on(modules::module(command)),
         Command::Kv(command) => runtime()?.block_on(modules::kv(command)),

@@ -1,8 +1,10 @@
 //! `deadlift serve`: the agent itself. It resolves the settings, builds an `Agent` on its
-//! data directory and runs the HTTP server until SIGINT or SIGTERM. What it prints at
-//! start is read by people and by the integration tests (the last line says it listens).
+//! data directory and runs the HTTP server until SIGINT or SIGTERM; SIGHUP reads the
+//! config file's policy again. What it prints at start is read by people and by the
+//! integration tests (the last line says it listens).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 
@@ -18,7 +20,7 @@ pub fn settings(config_file: Option<&Path>, settings: ServeConfig) -> anyhow::Re
     settings.over(file).resolve()
 }
 
-pub async fn serve(config: Resolved) -> anyhow::Result<()> {
+pub async fn serve(config: Resolved, config_file: Option<PathBuf>) -> anyhow::Result<()> {
     let mut builder = deadlift::Agent::builder(&config.data_dir)
         .admin_token(config.admin_token.clone())
         .v1_access(config.v1_access)
@@ -67,11 +69,42 @@ pub async fn serve(config: Resolved) -> anyhow::Result<()> {
         "deadlift agent listening on http://{}",
         listener.local_addr()?
     );
-    let agent = std::sync::Arc::new(agent);
+    let agent = Arc::new(agent);
+    let reload = config_file.map(|path| tokio::spawn(reload_policy_on_hangup(agent.clone(), path)));
     deadlift::server::serve(agent.clone(), listener, shutdown_signal()).await?;
+    if let Some(reload) = reload {
+        reload.abort();
+    }
     agent.shutdown().await;
     println!("deadlift agent stopped");
     Ok(())
+}
+
+/// On every SIGHUP, puts the config file's policy in force (from the next call on). A
+/// file that no longer reads keeps the policy in force, and says why.
+async fn reload_policy_on_hangup(agent: Arc<deadlift::Agent>, path: PathBuf) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match ServeConfig::from_file(&path) {
+                Ok(file) => {
+                    agent.policy().replace(file.policy.unwrap_or_default());
+                    println!("policy reloaded from {}", path.display());
+                }
+                Err(error) => {
+                    println!("policy not reloaded, the one in force stays: {error:#}")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (agent, path);
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -316,6 +316,12 @@ struct CallQuery {
     /// `raw` answers with the output bytes themselves.
     #[serde(default)]
     format: Option<String>,
+    /// Narrows this call's time limit (ms); never widens the module's grant.
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    /// Narrows this call's fuel budget; never widens the module's grant.
+    #[serde(default)]
+    fuel: Option<u64>,
 }
 
 #[utoipa::path(post, path = "/v1/modules/{reference}/call/{function}", tag = "modules", security(("bearer" = [])),
@@ -336,8 +342,15 @@ async fn call_module(
 ) -> Result<Response, ApiError> {
     let tenant = caller.tenant()?;
     let info = resolve(&agent, tenant.clone(), reference).await?;
-    // The module's manifest when it has one (held to the policy), else the default.
-    let grant = agent.call_grant(&tenant, &info.id).await?;
+    // The module's manifest when it has one (held to the policy), else the default;
+    // the call itself may only narrow it.
+    let mut grant = agent.call_grant(&tenant, &info.id).await?;
+    if let Some(ms) = query.timeout_ms {
+        grant.timeout = grant.timeout.min(std::time::Duration::from_millis(ms));
+    }
+    if let Some(fuel) = query.fuel {
+        grant.fuel = Some(grant.fuel.map_or(fuel, |granted| granted.min(fuel)));
+    }
     let out = agent
         .engine()
         .call(

@@ -245,3 +245,50 @@ fn unreachable_agent_is_a_clear_error() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("cannot reach the agent"), "{stderr}");
 }
+
+/// The admin's view of the policy in force.
+fn policy(server: &Server, admin: &str) -> serde_json::Value {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        reqwest::Client::new()
+            .get(format!("{}/v1/policy", server.url))
+            .bearer_auth(admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    })
+}
+
+/// Issue 11: the operator's policy is reloadable; SIGHUP reads the config file again.
+#[cfg(unix)]
+#[test]
+fn a_hangup_reloads_the_policy_from_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "[policy.default]\nmax_timeout_ms = 1000\n").unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start_with(&data, &[("DEADLIFT_CONFIG", config.to_str().unwrap())]);
+    let admin = server.admin_token.clone().unwrap();
+    assert_eq!(policy(&server, &admin)["default"]["max_timeout_ms"], 1000);
+    std::fs::write(&config, "[policy.default]\nmax_timeout_ms = 2000\n").unwrap();
+    let hangup = Command::new("kill")
+        .args(["-HUP", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hangup.success());
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..100 {
+        seen = policy(&server, &admin)["default"]["max_timeout_ms"].clone();
+        if seen == 2000 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(seen, 2000);
+}

@@ -609,5 +609,29 @@ async fn a_modules_manifest_gives_its_direct_calls_their_options() {
         .await
         .unwrap();
     assert_eq!(counted.status().as_u16(), 200);
+
+    // A call may narrow its grant, never widen it.
+    acme.push("looper", "looper").await;
+    let narrowed = acme
+        .request(
+            reqwest::Method::POST,
+            "/v1/modules/looper/call/loop_forever?timeout_ms=50",
+        )
+        .send()
+        .await
+        .unwrap();
+    let message = TestAgent::expect_error(narrowed, 422, "timeout").await;
+    assert!(message.contains("50 ms"), "{message}");
+    let widened = acme
+        .request(
+            reqwest::Method::POST,
+            "/v1/modules/looper/call/loop_forever?timeout_ms=600000",
+        )
+        .send()
+        .await
+        .unwrap();
+    // The default grant's limit (300 ms in these tests) still holds.
+    let message = TestAgent::expect_error(widened, 422, "timeout").await;
+    assert!(message.contains("300 ms"), "{message}");
     agent.stop().await;
 }
