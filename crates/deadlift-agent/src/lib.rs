@@ -11,6 +11,7 @@ pub mod federation;
 pub mod hooks;
 pub mod manifest;
 pub mod policy;
+mod schema;
 pub mod store;
 pub mod workflow;
 

@@ -1,0 +1,160 @@
+//! The agent database's schema: embedded migrations, applied in order at open. Each
+//! entry is one schema version; never edit one that has shipped, add the next.
+
+/// Schema versions, applied in order; the index + 1 is the `user_version` they lead to.
+pub(crate) const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE tenants (
+    name TEXT PRIMARY KEY,
+    created_unix_ms INTEGER NOT NULL
+);
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY,
+    hash BLOB NOT NULL UNIQUE,
+    tenant TEXT REFERENCES tenants(name) ON DELETE CASCADE,
+    admin INTEGER NOT NULL,
+    description TEXT,
+    created_unix_ms INTEGER NOT NULL,
+    CHECK (admin = 1 OR tenant IS NOT NULL)
+);
+CREATE TABLE module_blobs (
+    id TEXT PRIMARY KEY,
+    bytes BLOB NOT NULL
+);
+CREATE TABLE modules (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    id TEXT NOT NULL REFERENCES module_blobs(id),
+    info TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, id),
+    UNIQUE (tenant, name, version)
+);
+CREATE TABLE kv (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (tenant, key)
+) WITHOUT ROWID;
+"#,
+    r#"
+CREATE TABLE workflow_versions (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, name, version)
+) WITHOUT ROWID;
+CREATE TABLE workflows (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    updated_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, name)
+) WITHOUT ROWID;
+CREATE TABLE v1_workflows (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    workflow TEXT NOT NULL
+);
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    received_unix_ms INTEGER NOT NULL,
+    UNIQUE (tenant, id)
+);
+CREATE TABLE runs (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    workflow TEXT NOT NULL,
+    workflow_version INTEGER NOT NULL,
+    trigger TEXT NOT NULL,
+    event_seq INTEGER REFERENCES events(seq),
+    event_id TEXT,
+    status TEXT NOT NULL,
+    input TEXT NOT NULL,
+    output TEXT,
+    error TEXT,
+    traceparent TEXT NOT NULL,
+    trace_id TEXT NOT NULL,
+    depth INTEGER NOT NULL,
+    created_unix_ms INTEGER NOT NULL,
+    started_unix_ms INTEGER,
+    finished_unix_ms INTEGER,
+    UNIQUE (event_seq, workflow)
+);
+CREATE INDEX runs_by_tenant ON runs (tenant, seq);
+CREATE INDEX runs_open ON runs (status) WHERE status IN ('queued', 'running');
+CREATE TABLE run_steps (
+    run_seq INTEGER NOT NULL REFERENCES runs(seq) ON DELETE CASCADE,
+    step TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (run_seq, step)
+) WITHOUT ROWID;
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    run_seq INTEGER NOT NULL UNIQUE REFERENCES runs(seq) ON DELETE CASCADE,
+    error TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL,
+    replayed_unix_ms INTEGER
+);
+CREATE INDEX dead_letters_by_tenant ON dead_letters (tenant, id);
+"#,
+    r#"
+CREATE TABLE peers (
+    name TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    send TEXT NOT NULL,
+    accept TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL
+);
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY,
+    peer TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_unix_ms INTEGER NOT NULL,
+    last_error TEXT,
+    created_unix_ms INTEGER NOT NULL,
+    delivered_unix_ms INTEGER,
+    UNIQUE (peer, event_id)
+);
+CREATE INDEX outbox_due ON outbox (next_attempt_unix_ms) WHERE status = 'pending';
+CREATE TABLE hook_bindings (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    hook TEXT NOT NULL,
+    module TEXT NOT NULL,
+    function TEXT NOT NULL,
+    updated_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, hook)
+) WITHOUT ROWID;
+"#,
+    // Each execution of a run (the first, then one per retry) has its number, so that an
+    // execution that outlived a cancel cannot journal into the retry that followed.
+    r#"
+ALTER TABLE runs ADD COLUMN execution INTEGER NOT NULL DEFAULT 0;
+-- The module a binding's reference resolved to when it was bound: what calls run.
+ALTER TABLE hook_bindings ADD COLUMN module_id TEXT;
+-- The Extism manifest options a tenant stores with a module, for direct calls.
+CREATE TABLE module_manifests (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    module_id TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    updated_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, module_id)
+) WITHOUT ROWID;
+"#,
+];
