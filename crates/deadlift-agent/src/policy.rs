@@ -31,6 +31,9 @@ pub struct Limits {
     pub max_output_bytes: u64,
     pub max_var_bytes: u64,
     pub max_http_response_bytes: u64,
+    /// Most log lines, and bytes of them, one call may keep.
+    pub max_log_lines: u64,
+    pub max_log_bytes: u64,
     /// Host patterns a grant's `allowed_hosts` must fall within (globs over names).
     /// Addresses, and so any loopback, private or link-local one, must be listed here
     /// exactly to be grantable.
@@ -52,6 +55,8 @@ impl Default for Limits {
             max_output_bytes: 64 << 20,
             max_var_bytes: 16 << 20,
             max_http_response_bytes: 64 << 20,
+            max_log_lines: 10_000,
+            max_log_bytes: 1 << 20,
             allowed_hosts: vec!["*".into()],
             host_functions: ["kv_get", "kv_set", "kv_delete", "emit"]
                 .into_iter()
@@ -130,6 +135,18 @@ impl Policy {
             "max_http_response_bytes",
             grant.max_http_response_bytes,
             limits.max_http_response_bytes,
+            " bytes",
+        );
+        over(
+            "max_log_lines",
+            grant.max_log_lines,
+            limits.max_log_lines,
+            "",
+        );
+        over(
+            "max_log_bytes",
+            grant.max_log_bytes,
+            limits.max_log_bytes,
             " bytes",
         );
         if let Some(max) = limits.max_fuel {
@@ -213,6 +230,16 @@ impl Policy {
             "max_http_response_bytes",
             &mut held.max_http_response_bytes,
             limits.max_http_response_bytes,
+        );
+        narrow(
+            "max_log_lines",
+            &mut held.max_log_lines,
+            limits.max_log_lines,
+        );
+        narrow(
+            "max_log_bytes",
+            &mut held.max_log_bytes,
+            limits.max_log_bytes,
         );
         if let Some(max) = limits.max_fuel
             && held.fuel.is_none_or(|fuel| fuel > max)

@@ -119,6 +119,9 @@ pub struct StepRecord {
     pub output: Value,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logs: Vec<LogLine>,
+    /// Log lines dropped over the step's caps (the last of `logs` says so too).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub logs_dropped: u64,
     pub attempts: u32,
     /// The errors of failed attempts, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -296,4 +299,8 @@ pub struct Ingested {
 pub struct RunUpdate {
     pub tenant: String,
     pub run: RunSummary,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

@@ -93,6 +93,7 @@ struct Called {
     module: String,
     output: Value,
     logs: Vec<LogLine>,
+    logs_dropped: u64,
     emitted: Vec<CloudEvent>,
 }
 
@@ -138,6 +139,7 @@ impl StepExecutor {
                         input: flow_input,
                         output: Value::Null,
                         logs: Vec::new(),
+                        logs_dropped: 0,
                         attempts: failed.attempts,
                         attempt_errors: failed.attempt_errors,
                         started_unix_ms: started,
@@ -181,6 +183,7 @@ impl StepExecutor {
                 input: input.clone(),
                 output,
                 logs,
+                logs_dropped: 0,
                 attempts,
                 attempt_errors,
                 started_unix_ms: started,
@@ -266,6 +269,7 @@ impl StepExecutor {
                     &called.emitted,
                 );
                 record.clamped = clamped.into_iter().map(str::to_owned).collect();
+                record.logs_dropped = called.logs_dropped;
                 Ok(StepOutcome {
                     record,
                     emitted: called.emitted,
@@ -369,6 +373,7 @@ impl StepExecutor {
             module: module_id,
             output,
             logs: out.logs,
+            logs_dropped: out.logs_dropped,
             emitted,
         })
     }
@@ -441,6 +446,7 @@ pub(crate) fn skipped(step: &Step, output: Value) -> StepOutcome {
             input: Value::Null,
             output,
             logs: Vec::new(),
+            logs_dropped: 0,
             attempts: 0,
             attempt_errors: Vec::new(),
             started_unix_ms: now,

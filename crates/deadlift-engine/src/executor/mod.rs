@@ -170,6 +170,12 @@ pub(crate) struct CallState {
     deadline: Option<Instant>,
     timeout: Duration,
     logs: Vec<LogLine>,
+    /// Bytes of the lines in `logs`, against `max_log_bytes`.
+    log_bytes: u64,
+    max_log_lines: u64,
+    max_log_bytes: u64,
+    /// Lines dropped over the caps.
+    logs_dropped: u64,
 }
 
 impl CallState {
@@ -240,6 +246,16 @@ impl StoreData {
     }
 
     pub(crate) fn push_log(&mut self, level: LogLevel, message: String) {
+        let call = &mut self.call;
+        let size = message.len() as u64;
+        if call.logs.len() as u64 >= call.max_log_lines
+            || call.log_bytes.saturating_add(size) > call.max_log_bytes
+        {
+            // Over the call's caps: neither kept nor written to the agent's log.
+            call.logs_dropped += 1;
+            return;
+        }
+        call.log_bytes += size;
         let time_unix_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -360,12 +376,20 @@ enum Export {
 pub struct CallOutput {
     /// The bytes the guest set as its output.
     pub output: Vec<u8>,
-    /// What the guest logged, in order.
+    /// What the guest logged, in order (within the grant's caps, then a line saying
+    /// how many were dropped).
     pub logs: Vec<LogLine>,
+    /// Log lines dropped over the grant's caps.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub logs_dropped: u64,
     /// Instructions consumed (Wasmtime fuel units).
     pub fuel_used: u64,
     #[serde(with = "duration_us", rename = "duration_us")]
     pub duration: Duration,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 mod duration_us {
@@ -455,7 +479,11 @@ impl Instance {
             spent: false,
         };
         this.initialise().map_err(|e| classify(e, grant))?;
-        this.store.data_mut().call.logs.clear();
+        // Lines an initialiser logged are not the call's (and do not count against it).
+        let call = &mut this.store.data_mut().call;
+        call.logs.clear();
+        call.log_bytes = 0;
+        call.logs_dropped = 0;
         Ok(this)
     }
 
@@ -576,7 +604,18 @@ impl Instance {
         let fuel_used = fuel_budget.saturating_sub(self.store.get_fuel().unwrap_or(0));
         let data = self.store.data_mut();
         data.collect_wasi_output();
-        let logs = std::mem::take(&mut data.call.logs);
+        let mut logs = std::mem::take(&mut data.call.logs);
+        let logs_dropped = data.call.logs_dropped;
+        if logs_dropped > 0 {
+            logs.push(LogLine {
+                level: LogLevel::Warn,
+                time_unix_ms: logs.last().map_or(0, |line| line.time_unix_ms),
+                message: format!(
+                    "({logs_dropped} log lines dropped: over this call's cap of {} lines or {} bytes)",
+                    data.call.max_log_lines, data.call.max_log_bytes
+                ),
+            });
+        }
         data.call.deadline = None;
         let guest_error = data
             .memory
@@ -612,6 +651,7 @@ impl Instance {
                 Ok(CallOutput {
                     output: output.to_vec(),
                     logs,
+                    logs_dropped,
                     fuel_used,
                     duration: Duration::ZERO,
                 })
@@ -647,6 +687,10 @@ fn begin_call(
     call.timeout = grant.timeout;
     call.deadline = started.checked_add(grant.timeout);
     call.logs.clear();
+    call.log_bytes = 0;
+    call.logs_dropped = 0;
+    call.max_log_lines = grant.max_log_lines;
+    call.max_log_bytes = grant.max_log_bytes;
     Ok(())
 }
 

@@ -78,3 +78,67 @@ fn guest_log_lines_cannot_forge_lines_of_the_agent_log() {
         "{text}"
     );
 }
+
+/// A guest that logs a line of 100 `x` as many times as its input is long (each line
+/// in a block of its own: logging consumes the block).
+const CHATTY: &str = r#"
+(module
+  (import "extism:host/env" "input_length" (func $length (result i64)))
+  (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
+  (import "extism:host/env" "store_u8" (func $store (param i64 i32)))
+  (import "extism:host/env" "log_info" (func $info (param i64)))
+  (memory (export "memory") 1)
+  (func (export "chatter") (result i32)
+    (local $left i64)
+    (local $line i64)
+    (local $at i64)
+    (local.set $left (call $length))
+    (block $done
+      (loop $again
+        (br_if $done (i64.eqz (local.get $left)))
+        (local.set $line (call $alloc (i64.const 100)))
+        (local.set $at (i64.const 0))
+        (block $filled
+          (loop $fill
+            (br_if $filled (i64.eq (local.get $at) (i64.const 100)))
+            (call $store (i64.add (local.get $line) (local.get $at)) (i32.const 120))
+            (local.set $at (i64.add (local.get $at) (i64.const 1)))
+            (br $fill)))
+        (call $info (local.get $line))
+        (local.set $left (i64.sub (local.get $left) (i64.const 1)))
+        (br $again)))
+    (i32.const 0)))
+"#;
+
+/// Issue 12 (its log part): guest logs were uncapped; 50 MiB of log lines became a
+/// 315 MB answer. A call keeps at most the grant's lines and bytes, then says how many
+/// it dropped.
+#[test]
+fn a_calls_logs_are_capped_in_lines_and_bytes_with_a_count_of_the_rest() {
+    let engine = common::engine();
+    let module = add_bytes(&engine, TENANT, "chatty", common::wat(CHATTY));
+    let input = vec![b'x'; 100];
+    let by_lines = Grant {
+        max_log_lines: 10,
+        ..Grant::default()
+    };
+    let out = call(&engine, &module, "chatter", &input, &by_lines).unwrap();
+    assert_eq!(out.logs.len(), 11);
+    assert_eq!(out.logs_dropped, 90);
+    assert!(
+        out.logs[10].message.contains("90 log lines dropped"),
+        "{:?}",
+        out.logs[10]
+    );
+    let by_bytes = Grant {
+        max_log_bytes: 250,
+        ..Grant::default()
+    };
+    let out = call(&engine, &module, "chatter", &input, &by_bytes).unwrap();
+    // Two lines of 100 bytes fit in 250; the third does not.
+    assert_eq!(out.logs.len(), 3);
+    assert_eq!(out.logs_dropped, 98);
+    // The next call on the same (warm) instance starts from nothing.
+    let out = call(&engine, &module, "chatter", b"xy", &by_bytes).unwrap();
+    assert_eq!((out.logs.len(), out.logs_dropped), (2, 0));
+}
