@@ -31,6 +31,9 @@ pub struct Limits {
     pub max_output_bytes: u64,
     pub max_var_bytes: u64,
     pub max_http_response_bytes: u64,
+    /// Most events, and bytes of them, one call may emit.
+    pub max_emits: u64,
+    pub max_emit_bytes: u64,
     /// Most log lines, and bytes of them, one call may keep.
     pub max_log_lines: u64,
     pub max_log_bytes: u64,
@@ -55,6 +58,8 @@ impl Default for Limits {
             max_output_bytes: 64 << 20,
             max_var_bytes: 16 << 20,
             max_http_response_bytes: 64 << 20,
+            max_emits: 1_000,
+            max_emit_bytes: 16 << 20,
             max_log_lines: 10_000,
             max_log_bytes: 1 << 20,
             allowed_hosts: vec!["*".into()],
@@ -135,6 +140,13 @@ impl Policy {
             "max_http_response_bytes",
             grant.max_http_response_bytes,
             limits.max_http_response_bytes,
+            " bytes",
+        );
+        over("max_emits", grant.max_emits, limits.max_emits, "");
+        over(
+            "max_emit_bytes",
+            grant.max_emit_bytes,
+            limits.max_emit_bytes,
             " bytes",
         );
         over(
@@ -230,6 +242,12 @@ impl Policy {
             "max_http_response_bytes",
             &mut held.max_http_response_bytes,
             limits.max_http_response_bytes,
+        );
+        narrow("max_emits", &mut held.max_emits, limits.max_emits);
+        narrow(
+            "max_emit_bytes",
+            &mut held.max_emit_bytes,
+            limits.max_emit_bytes,
         );
         narrow(
             "max_log_lines",

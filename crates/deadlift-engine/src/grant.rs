@@ -19,6 +19,9 @@ pub const DEFAULT_MAX_IO_BYTES: u64 = 4 * 1024 * 1024;
 pub const DEFAULT_MAX_VAR_BYTES: u64 = 1024 * 1024;
 /// Default cap on an HTTP response body.
 pub const DEFAULT_MAX_HTTP_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
+/// Default cap on what one call emits: events, and their bytes.
+pub const DEFAULT_MAX_EMITS: u64 = 100;
+pub const DEFAULT_MAX_EMIT_BYTES: u64 = 1024 * 1024;
 /// Default cap on what one call logs: lines, and their bytes.
 pub const DEFAULT_MAX_LOG_LINES: u64 = 1000;
 pub const DEFAULT_MAX_LOG_BYTES: u64 = 64 * 1024;
@@ -41,6 +44,10 @@ pub struct Grant {
     pub max_output_bytes: u64,
     /// Cap on the total size of the instance's vars; 0 disables vars.
     pub max_var_bytes: u64,
+    /// Most events one call may emit; one more fails the call.
+    pub max_emits: u64,
+    /// Most bytes of events one call may emit.
+    pub max_emit_bytes: u64,
     /// Most log lines one call keeps; the rest are dropped and counted.
     pub max_log_lines: u64,
     /// Most bytes of log lines one call keeps; the rest are dropped and counted.
@@ -71,6 +78,8 @@ impl Default for Grant {
             max_input_bytes: DEFAULT_MAX_IO_BYTES,
             max_output_bytes: DEFAULT_MAX_IO_BYTES,
             max_var_bytes: DEFAULT_MAX_VAR_BYTES,
+            max_emits: DEFAULT_MAX_EMITS,
+            max_emit_bytes: DEFAULT_MAX_EMIT_BYTES,
             max_log_lines: DEFAULT_MAX_LOG_LINES,
             max_log_bytes: DEFAULT_MAX_LOG_BYTES,
             config: BTreeMap::new(),

@@ -26,6 +26,48 @@ pub struct CallContext {
     /// workflow step commits them together with its result (and drops them if the
     /// attempt fails).
     pub emitted: Option<EmitBuffer>,
+    /// What the call may still emit, reset from its grant when the call starts.
+    pub(crate) emit_budget: EmitBudget,
+}
+
+/// Events (and their bytes) a call may still emit: each instance keeps one, and every
+/// call starts it afresh from the grant. Without a call (a host function run by hand)
+/// nothing is counted.
+#[derive(Debug, Clone)]
+pub(crate) struct EmitBudget(Arc<[std::sync::atomic::AtomicU64; 2]>);
+
+impl Default for EmitBudget {
+    fn default() -> Self {
+        use std::sync::atomic::AtomicU64;
+        Self(Arc::new([
+            AtomicU64::new(u64::MAX),
+            AtomicU64::new(u64::MAX),
+        ]))
+    }
+}
+
+impl EmitBudget {
+    pub(crate) fn reset(&self, events: u64, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.0[0].store(events, Relaxed);
+        self.0[1].store(bytes, Relaxed);
+    }
+
+    /// Takes one event of `size` bytes from the budget, or says what it allows.
+    fn take(&self, size: u64) -> Result<(), String> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let [events, bytes] = &*self.0;
+        let (events_left, bytes_left) = (events.load(Relaxed), bytes.load(Relaxed));
+        if events_left == 0 || bytes_left < size {
+            return Err(format!(
+                "this call has emitted all its grant allows (max_emits, max_emit_bytes); {events_left} events and {bytes_left} bytes were left, this event is {size} bytes"
+            ));
+        }
+        // One call runs on one thread at a time: no other taker races these.
+        events.store(events_left - 1, Relaxed);
+        bytes.store(bytes_left - size, Relaxed);
+        Ok(())
+    }
 }
 
 /// Events a call emitted, held until its caller commits them.
@@ -311,6 +353,9 @@ pub fn builtins(kv: Arc<dyn KvStore>, sink: Arc<dyn EventSink>) -> Vec<HostFunct
             })?;
             crate::subject::validate_subject(&event.event_type)
                 .map_err(|e| HostError::new(format!("event type: {e}")))?;
+            ctx.emit_budget
+                .take(args[0].len() as u64)
+                .map_err(HostError::new)?;
             match &ctx.emitted {
                 Some(buffer) => buffer.lock().push(event),
                 None => sink

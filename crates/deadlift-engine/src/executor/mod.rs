@@ -679,6 +679,9 @@ fn begin_call(
     call.ctx.run_id.clone_from(&ctx.run_id);
     call.ctx.cancel = ctx.cancel.clone();
     call.ctx.emitted.clone_from(&ctx.emitted);
+    call.ctx
+        .emit_budget
+        .reset(grant.max_emits, grant.max_emit_bytes);
     call.config.clone_from(&grant.config);
     call.allowed_hosts.clone_from(&grant.allowed_hosts);
     call.max_http_response_bytes = grant.max_http_response_bytes;

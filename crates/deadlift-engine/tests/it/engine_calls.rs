@@ -419,3 +419,79 @@ fn emit_publishes_to_the_sink_with_the_tenant() {
     assert_eq!(events[0].1.data, serde_json::json!({"customer": "c1"}));
     assert!(call(&engine, &module, "emit_event", br#"{"data":1}"#, &grant).is_err());
 }
+
+/// A guest that emits `{"type":"a.b","data":1}` as many times as its input is long
+/// (each event in a block of its own).
+const EMITS: &str = r#"
+(module
+  (import "extism:host/env" "input_length" (func $length (result i64)))
+  (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
+  (import "extism:host/env" "store_u8" (func $store (param i64 i32)))
+  (import "extism:host/user" "emit" (func $emit (param i64)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "{\22type\22:\22a.b\22,\22data\22:1}")
+  (func (export "burst") (result i32)
+    (local $left i64)
+    (local $event i64)
+    (local $at i32)
+    (local.set $left (call $length))
+    (block $done
+      (loop $again
+        (br_if $done (i64.eqz (local.get $left)))
+        (local.set $event (call $alloc (i64.const 23)))
+        (local.set $at (i32.const 0))
+        (block $copied
+          (loop $copy
+            (br_if $copied (i32.eq (local.get $at) (i32.const 23)))
+            (call $store
+              (i64.add (local.get $event) (i64.extend_i32_u (local.get $at)))
+              (i32.load8_u (local.get $at)))
+            (local.set $at (i32.add (local.get $at) (i32.const 1)))
+            (br $copy)))
+        (call $emit (local.get $event))
+        (local.set $left (i64.sub (local.get $left) (i64.const 1)))
+        (br $again)))
+    (i32.const 0)))
+"#;
+
+/// Issue 12 (its emit part): one call emitted 50,000 events, committed in one
+/// transaction. A call may emit at most its grant's `max_emits` (and bytes).
+#[test]
+fn a_call_emits_at_most_what_its_grant_allows() {
+    let engine = common::engine();
+    let module = common::add_bytes(&engine, TENANT, "burst", common::wat(EMITS));
+    let grant = Grant {
+        max_emits: 5,
+        ..Grant::default().allow(["emit"])
+    };
+    let buffer = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let ctx = common::ctx(TENANT).with_emit_buffer(buffer.clone());
+    engine
+        .call_blocking(&module, "burst", b"12345", &grant, &ctx)
+        .unwrap();
+    assert_eq!(buffer.lock().len(), 5);
+    let over = engine.call_blocking(&module, "burst", b"123456", &grant, &ctx);
+    match over {
+        Err(CallError::HostFunction { name, message }) => {
+            assert_eq!(name, "emit");
+            assert!(message.contains("max_emits"), "{message}");
+        }
+        other => panic!("the sixth event must fail the call: {other:?}"),
+    }
+    // Bytes count too: 23 bytes an event.
+    let by_bytes = Grant {
+        max_emit_bytes: 50,
+        ..Grant::default().allow(["emit"])
+    };
+    let fresh = common::ctx(TENANT).with_emit_buffer(Default::default());
+    assert!(
+        engine
+            .call_blocking(&module, "burst", b"12", &by_bytes, &fresh)
+            .is_ok()
+    );
+    assert!(
+        engine
+            .call_blocking(&module, "burst", b"123", &by_bytes, &fresh)
+            .is_err()
+    );
+}
