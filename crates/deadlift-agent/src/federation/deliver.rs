@@ -209,9 +209,15 @@ fn batches(due: Vec<OutboxEntry>) -> Vec<Vec<OutboxEntry>> {
 }
 
 /// The `webhook-id` of a delivery: the same for every retry of the same events, and
-/// free of `.` (the signed content joins id, timestamp and body with dots).
+/// free of `.` (the signed content joins id, timestamp and body with dots). One event
+/// whose id has no dot keeps its id, as agents before this rule expect.
 fn webhook_id(batch: &[OutboxEntry]) -> String {
     use sha2::{Digest, Sha256};
+    if let [one] = batch
+        && !one.event_id.contains('.')
+    {
+        return one.event_id.clone();
+    }
     let mut hash = Sha256::new();
     for entry in batch {
         hash.update(entry.peer.as_bytes());
@@ -304,4 +310,38 @@ async fn attempt(
         next_unix_ms: now_ms() + i64::try_from(backoff.as_millis()).unwrap_or(i64::MAX / 2),
     };
     (retry, Vec::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(event_id: &str) -> OutboxEntry {
+        OutboxEntry {
+            id: 1,
+            peer: "acme".into(),
+            event_id: event_id.into(),
+            status: super::super::OutboxStatus::Pending,
+            attempts: 0,
+            next_attempt_unix_ms: 0,
+            last_error: None,
+            created_unix_ms: 0,
+            body: String::new(),
+        }
+    }
+
+    /// Issue 11: the webhook-id changed across retries and could hold a dot.
+    #[test]
+    fn webhook_ids_are_stable_and_dot_free() {
+        assert_eq!(webhook_id(&[entry("evt_1")]), "evt_1");
+        let dotted = webhook_id(&[entry("order.1")]);
+        assert!(
+            !dotted.contains('.') && dotted.starts_with("msg_"),
+            "{dotted}"
+        );
+        let batch = [entry("a"), entry("b")];
+        assert_eq!(webhook_id(&batch), webhook_id(&batch));
+        assert_ne!(webhook_id(&batch), webhook_id(&[entry("a"), entry("c")]));
+        assert!(!webhook_id(&batch).contains('.'));
+    }
 }
