@@ -14,6 +14,10 @@
 
 /// Offset of the first block: handles are never 0, and 8 keeps `u64` access aligned.
 const BASE: u64 = 8;
+/// What an idle instance's Extism memory keeps between calls: enough for the common
+/// small call not to allocate, no more.
+const RETAINED_BYTES: usize = 64 * 1024;
+const RETAINED_BLOCKS: usize = 64;
 /// Wasm page size: growth of this memory is charged to the budget in these units.
 pub const PAGE_SIZE: u64 = 65_536;
 /// A freed block is split when reuse would waste at least this many bytes (as the kernel).
@@ -79,6 +83,21 @@ impl ExtismMemory {
         self.input = (0, 0);
         self.output = (0, 0);
         self.error = 0;
+    }
+
+    /// Between calls: like [`reset`](Self::reset), and gives back to the allocator what
+    /// the last call needed beyond a small floor, so that an idle warm instance does not
+    /// keep the peak of its busiest call.
+    pub fn release(&mut self) {
+        self.reset();
+        self.data.shrink_to(RETAINED_BYTES);
+        self.blocks.shrink_to(RETAINED_BLOCKS);
+    }
+
+    /// Bytes this memory holds from the allocator.
+    #[cfg(test)]
+    pub fn retained_bytes(&self) -> usize {
+        self.data.capacity() + self.blocks.capacity() * std::mem::size_of::<Block>()
     }
 
     /// Pages charged to the budget by this memory so far.
@@ -369,6 +388,21 @@ mod tests {
         let again = mem.alloc(6, &mut unlimited()).unwrap();
         assert_eq!(again, h);
         assert_eq!(mem.block(again).unwrap(), &[0; 6]);
+    }
+
+    #[test]
+    fn release_gives_back_what_a_big_call_needed() {
+        let mut memory = ExtismMemory::new();
+        let mut budget = unlimited();
+        for _ in 0..10_000 {
+            memory.alloc(100, &mut budget).unwrap();
+        }
+        assert!(memory.retained_bytes() > 1_000_000);
+        memory.release();
+        assert!(memory.retained_bytes() <= RETAINED_BYTES + RETAINED_BLOCKS * 64);
+        // And it works as before afterwards.
+        let handle = memory.alloc(3, &mut budget).unwrap();
+        assert_eq!(handle, BASE);
     }
 
     #[test]

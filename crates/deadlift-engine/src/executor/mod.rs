@@ -621,6 +621,12 @@ impl Instance {
             .memory
             .error()
             .map(|bytes| String::from_utf8_lossy(bytes).into_owned());
+        let output = matches!(result, Ok(0))
+            .then(|| data.memory.output().to_vec())
+            .unwrap_or_default();
+        // What the call needed beyond a small floor goes back now, not at the next call:
+        // an idle warm instance must not keep the peak of its busiest call.
+        data.memory.release();
         match result {
             Err(e) => {
                 let error = classify(e, grant);
@@ -641,7 +647,6 @@ impl Instance {
                 if code != 0 {
                     return Err(CallError::ExitCode { code });
                 }
-                let output = data.memory.output();
                 if output.len() as u64 > grant.max_output_bytes {
                     return Err(CallError::OutputTooLarge {
                         size: output.len() as u64,
@@ -649,7 +654,7 @@ impl Instance {
                     });
                 }
                 Ok(CallOutput {
-                    output: output.to_vec(),
+                    output,
                     logs,
                     logs_dropped,
                     fuel_used,
