@@ -116,48 +116,53 @@ pub(crate) async fn run(
                     tracing::warn!(peer = %batch[0].peer, events = batch.len(), error = %error.escape_debug(), "delivery dead-lettered");
                 }
                 // Events the peer refused one by one are dead, each with its reason; the
-                // rest of the batch had the batch's outcome.
-                let mut rest = Vec::with_capacity(batch.len());
-                for entry in &batch {
-                    match refused.iter().find(|r| r.id == entry.event_id) {
-                        Some(refusal) => {
-                            let error = format!("refused by the peer: {}", refusal.message);
-                            record(&journal, vec![entry.id], Attempt::Dead { error }).await;
-                        }
-                        None => rest.push(entry.id),
-                    }
-                }
-                if !rest.is_empty() {
-                    record(&journal, rest, outcome).await;
-                }
+                // rest of the batch had the batch's outcome. One write for all of them.
+                let outcomes = batch
+                    .iter()
+                    .map(|entry| {
+                        let attempt = match refused.iter().find(|r| r.id == entry.event_id) {
+                            Some(refusal) => Attempt::Dead {
+                                error: format!("refused by the peer: {}", refusal.message),
+                            },
+                            None => outcome.clone(),
+                        };
+                        (entry.id, attempt)
+                    })
+                    .collect();
+                record(&journal, outcomes).await;
             });
         }
         while sending.join_next().await.is_some() {}
     }
 }
 
-/// Records an attempt's outcome for each entry of its batch, then counts it.
-async fn record(journal: &Journal, ids: Vec<i64>, outcome: Attempt) {
+/// Records each entry's attempt outcome in one write, then counts them.
+async fn record(journal: &Journal, outcomes: Vec<(i64, Attempt)>) {
     let now = now_ms();
-    let count = ids.len() as u64;
-    let attempt = outcome.clone();
     let written = journal
         .write(move |tx| {
-            ids.into_iter()
-                .try_for_each(|id| peers::record_attempt(tx, id, &attempt, now))
+            for (id, attempt) in &outcomes {
+                peers::record_attempt(tx, *id, attempt, now)?;
+            }
+            Ok(outcomes)
         })
         .await;
-    if let Err(error) = written {
-        tracing::warn!(%error, "cannot record a delivery attempt");
-        return;
-    }
-    let stats = journal.stats();
-    let counter = match outcome {
-        Attempt::Delivered => &stats.deliveries_done,
-        Attempt::Retry { .. } => &stats.deliveries_retried,
-        Attempt::Dead { .. } => &stats.deliveries_dead,
+    let outcomes = match written {
+        Ok(outcomes) => outcomes,
+        Err(error) => {
+            tracing::warn!(%error, "cannot record a delivery attempt");
+            return;
+        }
     };
-    counter.fetch_add(count, Ordering::Relaxed);
+    let stats = journal.stats();
+    for (_, attempt) in outcomes {
+        let counter = match attempt {
+            Attempt::Delivered => &stats.deliveries_done,
+            Attempt::Retry { .. } => &stats.deliveries_retried,
+            Attempt::Dead { .. } => &stats.deliveries_dead,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Forgets delivered entries older than the keeping time.

@@ -113,24 +113,29 @@ impl PeerDirectory {
         self.0.read().iter().find(|p| p.name == name).cloned()
     }
 
-    /// Whether `peer` exists and serves `tenant` (an `emit` step's `to`).
-    pub fn check_serves(&self, peer: &str, tenant: &str) -> Result<(), String> {
+    /// `peer`, if it exists and serves `tenant` (an `emit` step's `to`).
+    fn serving(&self, peer: &str, tenant: &str) -> Result<Peer, String> {
         match self.get(peer) {
-            Some(p) if p.tenant == tenant => Ok(()),
+            Some(p) if p.tenant == tenant => Ok(p),
             Some(_) => Err(format!("peer `{peer}` does not serve tenant `{tenant}`")),
             None => Err(format!("no peer named `{peer}`")),
         }
     }
 
+    /// Whether `peer` exists and serves `tenant`.
+    pub fn check_serves(&self, peer: &str, tenant: &str) -> Result<(), String> {
+        self.serving(peer, tenant).map(drop)
+    }
+
     /// Whether `peer` serves `tenant` and is sent events of `event_type` (its send
     /// patterns hold for events addressed to it too).
     pub fn check_sends(&self, peer: &str, tenant: &str, event_type: &str) -> Result<(), String> {
-        self.check_serves(peer, tenant)?;
-        match self.get(peer) {
-            Some(p) if p.sends(event_type) => Ok(()),
-            _ => Err(format!(
+        if self.serving(peer, tenant)?.sends(event_type) {
+            Ok(())
+        } else {
+            Err(format!(
                 "peer `{peer}` is not sent events of type `{event_type}` (see its send patterns)"
-            )),
+            ))
         }
     }
 

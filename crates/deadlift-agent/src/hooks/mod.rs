@@ -268,7 +268,8 @@ impl Hook<'_> {
             run_id: None,
             trace: &trace,
             depth: 0,
-            event_source: self.runtime.source(),
+            source: self.runtime.source(),
+            workflow: None,
             cancel: &cancel,
             // The embedder declared the hook's grant: the operator's, not a tenant's.
             tenant_grant: false,

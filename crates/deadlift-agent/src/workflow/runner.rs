@@ -174,24 +174,17 @@ impl Runner {
     }
 
     /// Where a step of this run executes.
-    fn scope_of<'a>(
-        ticket: &'a RunTicket,
-        source: &'a str,
-        cancel: &'a CancelToken,
-    ) -> StepScope<'a> {
+    fn scope_of<'a>(&'a self, ticket: &'a RunTicket, cancel: &'a CancelToken) -> StepScope<'a> {
         StepScope {
             tenant: &ticket.tenant,
             run_id: Some(&ticket.run_id),
             trace: &ticket.trace,
             depth: ticket.depth,
-            event_source: source,
+            source: &self.source,
+            workflow: Some(&ticket.workflow),
             cancel,
             tenant_grant: true,
         }
-    }
-
-    fn event_source(&self, ticket: &RunTicket) -> String {
-        format!("{}/workflows/{}", self.source, ticket.workflow)
     }
 
     async fn run_pipeline(
@@ -214,7 +207,6 @@ impl Runner {
                 .finish(ticket.run_seq, ticket.execution, finish)
                 .await;
         }
-        let source = self.event_source(ticket);
         for (position, step) in workflow.steps.iter().enumerate().skip(start) {
             if cancel.is_cancelled() {
                 return Ok(());
@@ -225,7 +217,7 @@ impl Runner {
                 input: &ticket.input,
                 steps: &outputs,
             };
-            let at = Self::scope_of(ticket, &source, cancel);
+            let at = self.scope_of(ticket, cancel);
             let outcome = self.steps.run(at, step, current.clone(), scope).await;
             let finish = match outcome.failure() {
                 Some(failure) => Some(failed(failure.clone(), true)),
@@ -315,8 +307,7 @@ impl Runner {
                         input: &ticket.input,
                         steps: &outputs,
                     };
-                    let source = runner.event_source(&ticket);
-                    let at = Self::scope_of(&ticket, &source, &cancel);
+                    let at = runner.scope_of(&ticket, &cancel);
                     (index, runner.steps.run(at, step, input, scope).await)
                 });
             }

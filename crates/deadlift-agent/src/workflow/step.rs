@@ -38,8 +38,10 @@ pub(crate) struct StepScope<'a> {
     pub trace: &'a TraceParent,
     /// How many events caused this run, one after the other.
     pub depth: u64,
-    /// The `source` of the events the step emits.
-    pub event_source: &'a str,
+    /// The agent's event source (`deadlift://<agent>`).
+    pub source: &'a str,
+    /// The workflow the step belongs to, if any: its events' source names it.
+    pub workflow: Option<&'a str>,
     pub cancel: &'a CancelToken,
     /// Whether the tenant wrote the step's grant (a workflow's), so that it is held to
     /// the operator's policy; the embedder's hook grants are not.
@@ -424,7 +426,12 @@ fn new_event(at: StepScope<'_>, emitted: EmittedEvent) -> Result<CloudEvent, Fai
             ),
         });
     }
-    let mut event = CloudEvent::new(emitted.event_type, at.event_source, emitted.data);
+    // Built here, when an event is emitted, not for every step.
+    let source = match at.workflow {
+        Some(workflow) => format!("{}/workflows/{workflow}", at.source),
+        None => at.source.to_owned(),
+    };
+    let mut event = CloudEvent::new(emitted.event_type, source, emitted.data);
     event.extensions.insert(
         "traceparent".into(),
         Value::String(at.trace.child().to_string()),

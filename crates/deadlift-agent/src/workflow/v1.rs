@@ -121,13 +121,13 @@ impl Runtime {
         workflow: &Workflow,
     ) -> Result<Result<Value, super::Failure>, DbError> {
         let cancel = CancelToken::new();
-        let source = format!("{}/workflows/{}", self.runner.source, run.workflow);
         let at = StepScope {
             tenant: &run.tenant,
             run_id: None,
             trace: &run.trace,
             depth: 0,
-            event_source: &source,
+            source: &self.runner.source,
+            workflow: Some(&run.workflow),
             cancel: &cancel,
             // The agent's default grant, copied when the v1 workflow was created.
             tenant_grant: false,

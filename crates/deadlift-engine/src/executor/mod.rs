@@ -12,6 +12,7 @@
 
 pub(crate) mod abi;
 pub(crate) mod http;
+mod logs;
 pub mod memory;
 pub(crate) mod wasi;
 
@@ -19,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use wasmtime::{
@@ -30,6 +31,8 @@ use wasmtime::{
 use crate::error::CallError;
 use crate::grant::Grant;
 use crate::host::{CallContext, HostFunction};
+use logs::CallLogs;
+pub use logs::{LogLevel, LogLine};
 use memory::{ExtismMemory, GrowthBudget, PAGE_SIZE};
 
 pub(crate) const ENV: &str = "extism:host/env";
@@ -51,58 +54,6 @@ impl std::fmt::Display for Abort {
 }
 
 impl std::error::Error for Abort {}
-
-/// Severity of a guest log line; the numbers are the ABI's `get_log_level` values.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    Deserialize,
-    utoipa::ToSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum LogLevel {
-    Trace = 0,
-    Debug = 1,
-    Info = 2,
-    Warn = 3,
-    Error = 4,
-}
-
-impl LogLevel {
-    pub(crate) const ALL: [LogLevel; 5] = [
-        Self::Trace,
-        Self::Debug,
-        Self::Info,
-        Self::Warn,
-        Self::Error,
-    ];
-
-    pub(crate) fn import_name(self) -> &'static str {
-        match self {
-            Self::Trace => "log_trace",
-            Self::Debug => "log_debug",
-            Self::Info => "log_info",
-            Self::Warn => "log_warn",
-            Self::Error => "log_error",
-        }
-    }
-}
-
-/// One line a guest logged during a call.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct LogLine {
-    pub level: LogLevel,
-    /// Milliseconds since the Unix epoch.
-    pub time_unix_ms: u64,
-    pub message: String,
-}
 
 /// The memory budget of one instance, charged by linear-memory growth (through
 /// wasmtime's `ResourceLimiter`) and by Extism-memory growth (through `GrowthBudget`).
@@ -169,13 +120,7 @@ pub(crate) struct CallState {
     pub http_headers: BTreeMap<String, String>,
     deadline: Option<Instant>,
     timeout: Duration,
-    logs: Vec<LogLine>,
-    /// Bytes of the lines in `logs`, against `max_log_bytes`.
-    log_bytes: u64,
-    max_log_lines: u64,
-    max_log_bytes: u64,
-    /// Lines dropped over the caps.
-    logs_dropped: u64,
+    logs: CallLogs,
 }
 
 impl CallState {
@@ -247,45 +192,7 @@ impl StoreData {
 
     pub(crate) fn push_log(&mut self, level: LogLevel, message: String) {
         let call = &mut self.call;
-        let size = message.len() as u64;
-        if call.logs.len() as u64 >= call.max_log_lines
-            || call.log_bytes.saturating_add(size) > call.max_log_bytes
-        {
-            // Over the call's caps: neither kept nor written to the agent's log.
-            call.logs_dropped += 1;
-            return;
-        }
-        call.log_bytes += size;
-        let time_unix_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        // The agent's own log gets the line escaped (newlines, ANSI escapes and other
-        // control characters), so a guest cannot forge lines of it; the call's record
-        // keeps the line as the guest wrote it.
-        let escaped = message.escape_debug();
-        let tenant = &self.call.ctx.tenant;
-        match level {
-            LogLevel::Trace => {
-                tracing::trace!(target: "deadlift::guest", %tenant, "{escaped}")
-            }
-            LogLevel::Debug => {
-                tracing::debug!(target: "deadlift::guest", %tenant, "{escaped}")
-            }
-            LogLevel::Info => {
-                tracing::info!(target: "deadlift::guest", %tenant, "{escaped}")
-            }
-            LogLevel::Warn => {
-                tracing::warn!(target: "deadlift::guest", %tenant, "{escaped}")
-            }
-            LogLevel::Error => {
-                tracing::error!(target: "deadlift::guest", %tenant, "{escaped}")
-            }
-        }
-        self.call.logs.push(LogLine {
-            level,
-            time_unix_ms,
-            message,
-        });
+        call.logs.push(&call.ctx.tenant, level, message);
     }
 }
 
@@ -480,10 +387,7 @@ impl Instance {
         };
         this.initialise().map_err(|e| classify(e, grant))?;
         // Lines an initialiser logged are not the call's (and do not count against it).
-        let call = &mut this.store.data_mut().call;
-        call.logs.clear();
-        call.log_bytes = 0;
-        call.logs_dropped = 0;
+        this.store.data_mut().call.logs.discard();
         Ok(this)
     }
 
@@ -604,18 +508,7 @@ impl Instance {
         let fuel_used = fuel_budget.saturating_sub(self.store.get_fuel().unwrap_or(0));
         let data = self.store.data_mut();
         data.collect_wasi_output();
-        let mut logs = std::mem::take(&mut data.call.logs);
-        let logs_dropped = data.call.logs_dropped;
-        if logs_dropped > 0 {
-            logs.push(LogLine {
-                level: LogLevel::Warn,
-                time_unix_ms: logs.last().map_or(0, |line| line.time_unix_ms),
-                message: format!(
-                    "({logs_dropped} log lines dropped: over this call's cap of {} lines or {} bytes)",
-                    data.call.max_log_lines, data.call.max_log_bytes
-                ),
-            });
-        }
+        let (logs, logs_dropped) = data.call.logs.finish();
         data.call.deadline = None;
         let guest_error = data
             .memory
@@ -694,11 +587,7 @@ fn begin_call(
     call.http_headers.clear();
     call.timeout = grant.timeout;
     call.deadline = started.checked_add(grant.timeout);
-    call.logs.clear();
-    call.log_bytes = 0;
-    call.logs_dropped = 0;
-    call.max_log_lines = grant.max_log_lines;
-    call.max_log_bytes = grant.max_log_bytes;
+    call.logs.start(grant.max_log_lines, grant.max_log_bytes);
     Ok(())
 }
 
