@@ -157,4 +157,29 @@ CREATE TABLE module_manifests (
     PRIMARY KEY (tenant, module_id)
 ) WITHOUT ROWID;
 "#,
+    // v1 routes used to act on tenant `default`; they now have tenant `v1`. A database
+    // from before (it has `default` and no `v1`) keeps what its v1 clients saw: `v1`
+    // gets a copy of `default`'s modules (the bytes are shared, `default` keeps its
+    // own) and the workflows made through v1 routes move to it. Their past runs stay
+    // in `default`'s history. A newer or a fresh database is left as it is.
+    r#"
+CREATE TEMP TABLE v1_split AS SELECT 1 AS due
+    WHERE EXISTS (SELECT 1 FROM tenants WHERE name = 'default')
+    AND NOT EXISTS (SELECT 1 FROM tenants WHERE name = 'v1');
+INSERT INTO tenants (name, created_unix_ms)
+    SELECT 'v1', created_unix_ms FROM tenants
+    WHERE name = 'default' AND EXISTS (SELECT 1 FROM temp.v1_split);
+INSERT INTO modules (tenant, id, info, name, version, created_unix_ms)
+    SELECT 'v1', id, json_set(info, '$.tenant', 'v1'), name, version, created_unix_ms
+    FROM modules WHERE tenant = 'default' AND EXISTS (SELECT 1 FROM temp.v1_split);
+UPDATE workflow_versions SET tenant = 'v1'
+    WHERE tenant = 'default' AND EXISTS (SELECT 1 FROM temp.v1_split)
+    AND name IN (SELECT workflow FROM v1_workflows WHERE tenant = 'default');
+UPDATE workflows SET tenant = 'v1'
+    WHERE tenant = 'default' AND EXISTS (SELECT 1 FROM temp.v1_split)
+    AND name IN (SELECT workflow FROM v1_workflows WHERE tenant = 'default');
+UPDATE v1_workflows SET tenant = 'v1'
+    WHERE tenant = 'default' AND EXISTS (SELECT 1 FROM temp.v1_split);
+DROP TABLE temp.v1_split;
+"#,
 ];

@@ -481,6 +481,13 @@ impl ModuleStore for Database {
                 params![tenant, id],
             )
             .map_err(DbError::from)?;
+        // The tenant's manifest goes with its module: a later upload of the same bytes
+        // starts with no options rather than inheriting forgotten ones.
+        tx.execute(
+            "DELETE FROM module_manifests WHERE tenant = ?1 AND module_id = ?2",
+            params![tenant, id],
+        )
+        .map_err(DbError::from)?;
         tx.execute(
             "DELETE FROM module_blobs WHERE id = ?1
              AND NOT EXISTS (SELECT 1 FROM modules WHERE id = ?1)",
@@ -618,6 +625,99 @@ mod tests {
         assert!(ModuleStore::delete(&db, "b", &b.id).unwrap());
         assert!(ModuleStore::bytes(&db, &a.id).unwrap().is_none());
         assert!(registry::inspect(bytes).is_ok());
+    }
+
+    /// Issue 11: v1 routes moved from tenant `default` to `v1`; a database from before
+    /// must not lose what its v1 clients made, nor hand `default`'s other workflows
+    /// to the v1 tenant.
+    #[test]
+    fn a_database_from_before_the_v1_tenant_keeps_its_v1_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let before_split = MIGRATIONS.len() - 1;
+        {
+            let conn = Connection::open(&path).unwrap();
+            for migration in &MIGRATIONS[..before_split] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.pragma_update(None, "user_version", before_split as i64)
+                .unwrap();
+            let bytes = b"\0asm\x01\0\0\0";
+            let info = module_info("default", "adder", bytes);
+            conn.execute_batch(&format!(
+                "INSERT INTO tenants VALUES ('default', 1);
+                 INSERT INTO module_blobs VALUES ('{id}', x'0061736d01000000');
+                 INSERT INTO modules VALUES ('default', '{id}', '{info}', 'adder', '', 1);
+                 INSERT INTO v1_workflows (tenant, workflow) VALUES ('default', 'v1-workflow-1');
+                 INSERT INTO workflow_versions VALUES ('default', 'v1-workflow-1', 1, '{{}}', 1);
+                 INSERT INTO workflows VALUES ('default', 'v1-workflow-1', 1, 1);
+                 INSERT INTO workflow_versions VALUES ('default', 'orders', 1, '{{}}', 1);
+                 INSERT INTO workflows VALUES ('default', 'orders', 1, 1);",
+                id = info.id,
+                info = serde_json::to_string(&info).unwrap(),
+            ))
+            .unwrap();
+        }
+        let db = Database::open(&path).unwrap();
+        let v1 = ModuleStore::list(&db, "v1").unwrap();
+        assert_eq!(v1.len(), 1);
+        assert_eq!(
+            (v1[0].tenant.as_str(), v1[0].name.as_str()),
+            ("v1", "adder")
+        );
+        assert_eq!(ModuleStore::list(&db, "default").unwrap().len(), 1);
+        let owners: Vec<(String, String)> = db
+            .conn()
+            .prepare("SELECT tenant, name FROM workflows ORDER BY name")
+            .unwrap()
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            owners,
+            [
+                ("default".to_owned(), "orders".to_owned()),
+                ("v1".to_owned(), "v1-workflow-1".to_owned())
+            ]
+        );
+        let v1_tenant: String = db
+            .conn()
+            .query_row("SELECT tenant FROM v1_workflows", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(v1_tenant, "v1");
+        drop(db);
+        // Opening again changes nothing more.
+        let db = Database::open(&path).unwrap();
+        assert_eq!(ModuleStore::list(&db, "v1").unwrap().len(), 1);
+    }
+
+    /// Issue 11: a module's manifest outlived the module, so uploading the same bytes
+    /// again revived options the tenant had forgotten.
+    #[test]
+    fn a_manifest_is_deleted_with_its_module() {
+        use crate::manifest::{self, Manifest};
+        let db = Database::in_memory().unwrap();
+        let bytes = b"\0asm\x01\0\0\0";
+        let id = ModuleId::of(bytes);
+        let manifest = Manifest {
+            timeout_ms: Some(5),
+            ..Manifest::default()
+        };
+        for tenant in ["a", "b"] {
+            db.create_tenant(tenant).unwrap();
+            ModuleStore::insert(&db, &module_info(tenant, "m", bytes), bytes).unwrap();
+            manifest::upsert(&db.lock(), tenant, &id.to_string(), &manifest, 0).unwrap();
+        }
+        assert!(ModuleStore::delete(&db, "a", &id).unwrap());
+        assert_eq!(
+            manifest::get(&db.read(), "a", &id.to_string()).unwrap(),
+            None
+        );
+        assert_eq!(
+            manifest::get(&db.read(), "b", &id.to_string()).unwrap(),
+            Some(manifest)
+        );
     }
 
     #[test]

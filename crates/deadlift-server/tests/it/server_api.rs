@@ -635,3 +635,111 @@ async fn a_modules_manifest_gives_its_direct_calls_their_options() {
     assert!(message.contains("300 ms"), "{message}");
     agent.stop().await;
 }
+
+/// Issue 11: plug-ins that need config, WASI, memory limits, time limits or fuel run over
+/// HTTP with a stored manifest and give what the `extism` SDK gives with the same
+/// manifest document.
+#[tokio::test]
+async fn manifest_options_over_http_give_the_sdks_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let acme = Api {
+        agent: &agent,
+        token: agent.tenant_token("acme").await,
+    };
+    let cases: &[(&str, Value, &str, &str)] = &[
+        (
+            "vars_config",
+            json!({"config": {"greeting": "Hi"}}),
+            "greet",
+            "Ada",
+        ),
+        (
+            "count_vowels",
+            json!({"config": {"vowels": "xyz"}}),
+            "count_vowels",
+            "xylophone yz",
+        ),
+        (
+            "allocator",
+            json!({"memory": {"max_pages": 64}}),
+            "alloc_mib",
+            "2",
+        ),
+        (
+            "allocator",
+            json!({"memory": {"max_pages": 17}}),
+            "alloc_mib",
+            "2",
+        ),
+        ("looper", json!({"timeout_ms": 100}), "loop_forever", ""),
+        ("looper", json!({"fuel": 200000}), "spin", "100000000"),
+        ("looper", json!({"fuel": 200000}), "spin", "10"),
+        ("zig_guest", json!({"wasi": true}), "greet", "Ada"),
+    ];
+    let mut pushed = std::collections::HashSet::new();
+    for (fixture_name, manifest, function, input) in cases {
+        // One module per fixture; each case replaces its manifest.
+        let name = fixture_name.replace('_', "-");
+        if pushed.insert(name.clone()) {
+            acme.push(&name, fixture_name).await;
+        }
+        let stored = acme
+            .request(
+                reqwest::Method::PUT,
+                &format!("/v1/modules/{name}/manifest"),
+            )
+            .json(manifest)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stored.status().as_u16(), 200, "{fixture_name} {manifest}");
+        let response = acme
+            .request(
+                reqwest::Method::POST,
+                &format!("/v1/modules/{name}/call/{function}?format=raw"),
+            )
+            .body(input.to_string())
+            .send()
+            .await
+            .unwrap();
+        let ours = match response.status().as_u16() {
+            200 => Ok(response.bytes().await.unwrap().to_vec()),
+            status => Err(format!("{status}: {}", response.text().await.unwrap())),
+        };
+        let sdk = sdk_call(fixture_name, manifest, function, input.as_bytes());
+        match (&ours, &sdk) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "{fixture_name} {manifest}"),
+            (Err(ours), Err(_)) => assert!(ours.starts_with("422"), "{ours}"),
+            _ => panic!("{fixture_name} {manifest}: ours {ours:?}, the SDK's {sdk:?}"),
+        }
+    }
+    agent.stop().await;
+}
+
+/// One call through the SDK, with `manifest` (our JSON, which is the SDK's manifest
+/// plus `wasi` and `fuel`, which the SDK takes from its builder).
+fn sdk_call(
+    fixture_name: &str,
+    manifest: &Value,
+    function: &str,
+    input: &[u8],
+) -> Result<Vec<u8>, String> {
+    let mut document = manifest.clone();
+    let options = document.as_object_mut().unwrap();
+    let wasi = options.remove("wasi").is_some_and(|v| v == true);
+    let fuel = options.remove("fuel").and_then(|v| v.as_u64());
+    options.insert("wasm".into(), json!([]));
+    let mut sdk_manifest: extism::Manifest = serde_json::from_value(document).unwrap();
+    sdk_manifest.wasm = vec![extism::Wasm::data(fixture(fixture_name))];
+    let mut builder = extism::PluginBuilder::new(sdk_manifest)
+        .with_wasi(wasi)
+        .with_cache_disabled();
+    if let Some(fuel) = fuel {
+        builder = builder.with_fuel_limit(fuel);
+    }
+    let mut plugin = builder.build().map_err(|e| e.to_string())?;
+    plugin
+        .call::<&[u8], Vec<u8>>(function, input)
+        .map_err(|e| e.to_string())
+}
