@@ -111,6 +111,7 @@ codes! {
     OutputNotJson = "output_not_json" => UNPROCESSABLE_ENTITY,
     HttpDenied = "http_denied" => UNPROCESSABLE_ENTITY,
     ExpressionFailed = "expression_failed" => UNPROCESSABLE_ENTITY,
+    ExpressionBudgetExceeded = "expression_budget_exceeded" => UNPROCESSABLE_ENTITY,
     EventChainTooDeep = "event_chain_too_deep" => UNPROCESSABLE_ENTITY,
     RunFailed = "run_failed" => UNPROCESSABLE_ENTITY,
     // The agent cannot take the work now; trying later may succeed.

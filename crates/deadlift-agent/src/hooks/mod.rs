@@ -255,7 +255,7 @@ impl Hook<'_> {
                 // Bindings made before pinning existed resolve the reference now.
                 module: binding.pinned.unwrap_or(binding.module),
                 function: binding.function,
-                grant: declared.grant.clone(),
+                grant: Box::new(declared.grant.clone()),
                 // A hook's caller is waiting: one attempt.
                 retry: RetrySpec::default(),
             },

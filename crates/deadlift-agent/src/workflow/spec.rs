@@ -302,7 +302,7 @@ pub enum Action {
     Call {
         module: String,
         function: String,
-        grant: Grant,
+        grant: Box<Grant>,
         retry: RetrySpec,
     },
     Emit {
@@ -571,7 +571,7 @@ impl Workflow {
                         // at run time.
                         module: step.pinned.clone().unwrap_or_else(|| module.clone()),
                         function,
-                        grant,
+                        grant: Box::new(grant),
                         retry,
                     }
                 }

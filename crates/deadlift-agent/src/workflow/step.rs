@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use serde_json::{Value, json};
 
 use super::event::{CloudEvent, DEPTH_EXTENSION, MAX_DEPTH, TO_EXTENSION, TraceParent};
-use super::expr::Scope;
+use super::expr::{ExpressionError, Scope};
 use super::records::{Failure, StepRecord, StepStatus};
 use super::spec::{Action, ErrorKind, RetrySpec, Step};
 use crate::clock::now_ms;
@@ -164,17 +164,23 @@ impl StepExecutor {
         scope: Scope<'_>,
         started: i64,
     ) -> Result<StepOutcome, StepFailure> {
-        let expression_failed = |message| StepFailure {
+        let expression_failed = |error: ExpressionError| StepFailure {
             attempts: 0,
-            ..StepFailure::config(Code::ExpressionFailed, message)
+            ..StepFailure::config(error.code(), error.to_string())
         };
         if let Some(condition) = &step.condition
-            && !condition.condition(scope).map_err(expression_failed)?
+            && !condition
+                .condition(scope)
+                .await
+                .map_err(expression_failed)?
         {
             return Ok(skipped(step, flow_input.clone()));
         }
         let input = match &step.input {
-            Some(mapping) => mapping.evaluate(scope).map_err(expression_failed)?,
+            Some(mapping) => mapping
+                .evaluate_off_async(scope)
+                .await
+                .map_err(expression_failed)?,
             None => flow_input.clone(),
         };
         let record =
@@ -201,7 +207,10 @@ impl StepExecutor {
                 to,
             } => {
                 let data = match data {
-                    Some(expression) => expression.evaluate(scope).map_err(expression_failed)?,
+                    Some(expression) => expression
+                        .evaluate_off_async(scope)
+                        .await
+                        .map_err(expression_failed)?,
                     None => input.clone(),
                 };
                 if let Some(peer) = to {
@@ -252,7 +261,7 @@ impl StepExecutor {
                 let (held, clamped) = if at.tenant_grant {
                     self.policy.current().clamp(at.tenant, grant)
                 } else {
-                    (grant.clone(), Vec::new())
+                    (grant.as_ref().clone(), Vec::new())
                 };
                 let (called, attempts, attempt_errors) = self
                     .call_with_retries(at, module, function, &held, retry, &bytes)

@@ -301,6 +301,45 @@ async fn a_null_output_ends_a_pipeline_successfully() {
     agent.stop().await;
 }
 
+/// Issue 12: a condition iterating 10^7 times froze the HTTP server. It now fails its
+/// run with a typed code once over its budget, and the agent keeps answering.
+#[tokio::test]
+async fn an_expression_over_its_budget_fails_the_run_with_its_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let client = Client::new(&agent);
+    client.push("echo", "echo").await;
+    let hundred = format!(
+        "[{}]",
+        (0..100)
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let condition =
+        format!("{hundred}.all(a, {hundred}.all(b, {hundred}.all(c, {hundred}.all(d, true))))");
+    client
+        .applied(
+            "costly",
+            &format!(
+                r#"
+                [[steps]]
+                id = "guarded"
+                call = "echo"
+                function = "echo"
+                if = "{condition}"
+                "#
+            ),
+        )
+        .await;
+    let run = client.run("costly", json!(1)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["error"]["code"], "expression_budget_exceeded", "{run}");
+    let health = agent.http.get(agent.url("/healthz")).send().await.unwrap();
+    assert!(health.status().is_success());
+    agent.stop().await;
+}
+
 #[tokio::test]
 async fn a_graph_runs_independent_steps_and_feeds_a_join() {
     let dir = tempfile::tempdir().unwrap();
