@@ -95,6 +95,9 @@ pub struct AgentBuilder {
     default_grant: Grant,
     max_body_bytes: usize,
     workers: Option<usize>,
+    tenant_in_flight: Option<usize>,
+    tenant_queue: Option<usize>,
+    max_queue_wait: Option<std::time::Duration>,
     host_functions: Vec<HostFunction>,
     runtime: RuntimeConfig,
     delivery: DeliveryConfig,
@@ -113,6 +116,9 @@ impl AgentBuilder {
             default_grant: Grant::default(),
             max_body_bytes: 16 * 1024 * 1024,
             workers: None,
+            tenant_in_flight: None,
+            tenant_queue: None,
+            max_queue_wait: None,
             host_functions: Vec::new(),
             runtime: RuntimeConfig::default(),
             delivery: DeliveryConfig::default(),
@@ -163,6 +169,24 @@ impl AgentBuilder {
 
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = Some(workers);
+        self
+    }
+
+    /// Calls of one tenant running at once (`EngineBuilder::tenant_in_flight`).
+    pub fn tenant_in_flight(mut self, calls: usize) -> Self {
+        self.tenant_in_flight = Some(calls);
+        self
+    }
+
+    /// Calls of one tenant waiting at once; more are shed (`EngineBuilder::tenant_queue`).
+    pub fn tenant_queue(mut self, calls: usize) -> Self {
+        self.tenant_queue = Some(calls);
+        self
+    }
+
+    /// A call that waited this long for a worker is shed (`EngineBuilder::max_queue_wait`).
+    pub fn max_queue_wait(mut self, wait: std::time::Duration) -> Self {
+        self.max_queue_wait = Some(wait);
         self
     }
 
@@ -240,6 +264,15 @@ impl AgentBuilder {
             )));
         if let Some(workers) = self.workers {
             engine = engine.workers(workers);
+        }
+        if let Some(calls) = self.tenant_in_flight {
+            engine = engine.tenant_in_flight(calls);
+        }
+        if let Some(calls) = self.tenant_queue {
+            engine = engine.tenant_queue(calls);
+        }
+        if let Some(wait) = self.max_queue_wait {
+            engine = engine.max_queue_wait(wait);
         }
         for function in self.host_functions {
             engine = engine.host_function(function);

@@ -41,9 +41,20 @@ pub struct ServeConfig {
     /// Largest request body in bytes [default: 16 MiB]
     #[arg(long, env = "DEADLIFT_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
-    /// Threads that run plug-in calls [default: number of CPUs]
+    /// Threads that run plug-in calls [default: number of CPUs + 1, the one more kept
+    /// for tenants with nothing running]
     #[arg(long, env = "DEADLIFT_WORKERS")]
     pub workers: Option<usize>,
+    /// Calls of one tenant running at once [default: every worker]
+    #[arg(long, env = "DEADLIFT_TENANT_IN_FLIGHT")]
+    pub tenant_in_flight: Option<usize>,
+    /// Calls of one tenant waiting for a worker at once; more are answered 429
+    /// [default: 1024]
+    #[arg(long, env = "DEADLIFT_TENANT_QUEUE")]
+    pub tenant_queue: Option<usize>,
+    /// A call that waited this many ms for a worker is answered 429 [default: 2000]
+    #[arg(long, env = "DEADLIFT_MAX_QUEUE_WAIT_MS")]
+    pub max_queue_wait_ms: Option<u64>,
     /// Wall-clock limit of one call through the API, in ms [default: 1000]
     #[arg(long, env = "DEADLIFT_CALL_TIMEOUT_MS")]
     pub call_timeout_ms: Option<u64>,
@@ -93,6 +104,9 @@ pub struct Resolved {
     pub v1_access: deadlift::V1Access,
     pub max_body_bytes: usize,
     pub workers: Option<usize>,
+    pub tenant_in_flight: Option<usize>,
+    pub tenant_queue: Option<usize>,
+    pub max_queue_wait: Option<std::time::Duration>,
     pub grant: deadlift::Grant,
     pub max_concurrent_runs: usize,
     pub retention: deadlift::workflow::Retention,
@@ -120,6 +134,9 @@ impl ServeConfig {
             v1_open: self.v1_open.or(file.v1_open),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
             workers: self.workers.or(file.workers),
+            tenant_in_flight: self.tenant_in_flight.or(file.tenant_in_flight),
+            tenant_queue: self.tenant_queue.or(file.tenant_queue),
+            max_queue_wait_ms: self.max_queue_wait_ms.or(file.max_queue_wait_ms),
             call_timeout_ms: self.call_timeout_ms.or(file.call_timeout_ms),
             call_memory_bytes: self.call_memory_bytes.or(file.call_memory_bytes),
             call_fuel: self.call_fuel.or(file.call_fuel),
@@ -199,6 +216,9 @@ impl ServeConfig {
             },
             max_body_bytes: self.max_body_bytes.unwrap_or(16 * 1024 * 1024),
             workers: self.workers,
+            tenant_in_flight: self.tenant_in_flight,
+            tenant_queue: self.tenant_queue,
+            max_queue_wait: self.max_queue_wait_ms.map(std::time::Duration::from_millis),
             grant,
             max_concurrent_runs: self.max_concurrent_runs.unwrap_or(256),
             retention,

@@ -51,7 +51,7 @@ enum Command {
         #[arg(long, env = "DEADLIFT_CONFIG")]
         config: Option<PathBuf>,
         #[command(flatten)]
-        settings: config::ServeConfig,
+        settings: Box<config::ServeConfig>,
     },
     /// Manage modules on an agent
     #[command(subcommand)]
@@ -134,7 +134,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { file, json } => local::inspect(&file, json),
         Command::Run(args) => local::run(args),
         Command::Serve { config, settings } => {
-            let resolved = serve::settings(config.as_deref(), settings)?;
+            let resolved = serve::settings(config.as_deref(), *settings)?;
             runtime()?.block_on(serve::serve(resolved, config))
         }
         Command::Module(command) => runtime()?.block_on(modules::module(command)),

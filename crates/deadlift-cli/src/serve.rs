@@ -34,6 +34,15 @@ pub async fn serve(config: Resolved, config_file: Option<PathBuf>) -> anyhow::Re
     if let Some(workers) = config.workers {
         builder = builder.workers(workers);
     }
+    if let Some(calls) = config.tenant_in_flight {
+        builder = builder.tenant_in_flight(calls);
+    }
+    if let Some(calls) = config.tenant_queue {
+        builder = builder.tenant_queue(calls);
+    }
+    if let Some(wait) = config.max_queue_wait {
+        builder = builder.max_queue_wait(wait);
+    }
     let (agent, new_admin_token) = tokio::task::spawn_blocking(move || builder.build()).await??;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -116,6 +116,7 @@ codes! {
     RunFailed = "run_failed" => UNPROCESSABLE_ENTITY,
     // The agent cannot take the work now; trying later may succeed.
     Overloaded = "overloaded" => SERVICE_UNAVAILABLE,
+    TenantOverloaded = "tenant_overloaded" => TOO_MANY_REQUESTS,
     ShuttingDown = "shutting_down" => SERVICE_UNAVAILABLE,
     // Our fault, not the caller's.
     Storage = "storage" => INTERNAL_SERVER_ERROR,

@@ -55,6 +55,13 @@ pub enum CallError {
     GrantInvalid { reason: String },
     #[error("the engine is at capacity: {reason}")]
     Overloaded { reason: String },
+    /// The call was not run, to keep its tenant from delaying others: try again after
+    /// `retry_after`.
+    #[error("call shed: {reason}; retry after {} s", retry_after.as_secs())]
+    Shed {
+        reason: String,
+        retry_after: std::time::Duration,
+    },
     #[error("internal engine error: {message}")]
     Internal { message: String },
 }
@@ -83,6 +90,7 @@ impl CallError {
             Self::HttpDenied { .. } => Code::HttpDenied,
             Self::GrantInvalid { .. } => Code::GrantInvalid,
             Self::Overloaded { .. } => Code::Overloaded,
+            Self::Shed { .. } => Code::TenantOverloaded,
             Self::Internal { .. } => Code::Internal,
         }
     }

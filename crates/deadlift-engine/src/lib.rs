@@ -35,7 +35,7 @@ pub mod registry;
 pub mod subject;
 
 pub use code::Code;
-pub use engine::{Engine, EngineBuilder, EngineError, EngineStats};
+pub use engine::{Engine, EngineBuilder, EngineError, EngineStats, Fairness};
 pub use error::CallError;
 pub use executor::{CallOutput, LogLevel, LogLine};
 pub use grant::Grant;

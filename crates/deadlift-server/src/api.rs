@@ -332,6 +332,7 @@ struct CallQuery {
         (status = 404, description = "No such module or function", body = ErrorBody),
         (status = 413, description = "Input over the limit", body = ErrorBody),
         (status = 422, description = "The plug-in failed: trap, guest error, time, fuel or memory limit, denied import", body = ErrorBody),
+        (status = 429, description = "The tenant has too many calls waiting, or they waited too long: shed; retry after `Retry-After` seconds", body = ErrorBody),
         (status = 503, description = "The engine is at capacity", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn call_module(
     State(agent): State<AgentState>,

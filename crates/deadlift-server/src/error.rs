@@ -22,6 +22,8 @@ pub struct ApiError {
     pub message: String,
     /// Structured detail, e.g. the fields of a refused workflow document.
     pub details: Option<serde_json::Value>,
+    /// Seconds after which trying again may succeed (`Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -30,6 +32,7 @@ impl ApiError {
             code,
             message: message.into(),
             details: None,
+            retry_after: None,
         }
     }
 
@@ -74,13 +77,23 @@ impl IntoResponse for ApiError {
                 details: self.details,
             },
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
 impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
-        Self::new(e.code(), e.to_string())
+        let mut error = Self::new(e.code(), e.to_string());
+        if let CallError::Shed { retry_after, .. } = &e {
+            error.retry_after = Some(retry_after.as_secs().max(1));
+        }
+        error
     }
 }
 

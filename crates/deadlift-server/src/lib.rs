@@ -155,6 +155,12 @@ async fn metrics(State(agent): State<AgentState>) -> Response {
         "counter",
         stats.instances_discarded,
     );
+    counter(
+        "deadlift_calls_shed_total",
+        "Calls not run because their tenant had too many waiting or waited too long.",
+        "counter",
+        stats.calls_shed,
+    );
     for (name, help, value) in agent.workflows().stats().counters() {
         counter(name, help, "counter", value);
     }

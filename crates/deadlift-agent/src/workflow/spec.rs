@@ -214,6 +214,7 @@ impl ErrorKind {
             CallError::Timeout { .. } => Self::Timeout,
             CallError::HostFunction { .. }
             | CallError::Overloaded { .. }
+            | CallError::Shed { .. }
             | CallError::Internal { .. }
             | CallError::Cancelled => Self::Host,
             CallError::Guest { .. } | CallError::ExitCode { .. } => Self::Guest,

@@ -26,6 +26,7 @@ mod shard;
 mod workers;
 
 pub use shard::{DURATION_BUCKETS_US, EngineStats};
+pub use workers::Fairness;
 
 use crate::error::CallError;
 use crate::executor::{
@@ -38,7 +39,7 @@ use crate::registry::{
 };
 use compiled::{Compiled, compatibility_key};
 use shard::{Counters, Shard, thread_slot};
-use workers::WorkerPool;
+use workers::{Admission, WorkerPool};
 
 /// Failures building an engine.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,9 @@ pub enum EngineError {
 pub struct EngineBuilder {
     data_dir: Option<PathBuf>,
     workers: usize,
+    tenant_in_flight: Option<usize>,
+    tenant_queue: Option<usize>,
+    max_queue_wait: Option<std::time::Duration>,
     max_instances: u32,
     max_memory_bytes: u64,
     max_idle_per_pool: usize,
@@ -84,7 +88,12 @@ impl Default for EngineBuilder {
     fn default() -> Self {
         Self {
             data_dir: None,
-            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            // One more than the cores: the spare is kept for tenants with nothing
+            // running (see `workers.rs`).
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()) + 1,
+            tenant_in_flight: None,
+            tenant_queue: None,
+            max_queue_wait: None,
             max_instances: 256,
             max_memory_bytes: 512 * 1024 * 1024,
             max_idle_per_pool: 8,
@@ -105,9 +114,36 @@ impl EngineBuilder {
         self
     }
 
-    /// Threads that run calls for the async API.
+    /// Threads that run calls for the async API (default: the cores, plus one kept for
+    /// tenants with nothing running).
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = workers.max(1);
+        self
+    }
+
+    /// How calls are shared out between tenants, all at once.
+    pub fn fairness(self, fairness: Fairness) -> Self {
+        self.tenant_in_flight(fairness.tenant_in_flight)
+            .tenant_queue(fairness.tenant_queue)
+            .max_queue_wait(fairness.max_queue_wait)
+    }
+
+    /// Calls of one tenant running at once (default: every worker; while it has one
+    /// running, a tenant never takes the last free worker).
+    pub fn tenant_in_flight(mut self, calls: usize) -> Self {
+        self.tenant_in_flight = Some(calls.max(1));
+        self
+    }
+
+    /// Calls of one tenant waiting at once; more are shed (default 1,024).
+    pub fn tenant_queue(mut self, calls: usize) -> Self {
+        self.tenant_queue = Some(calls);
+        self
+    }
+
+    /// A call that waited this long for a worker is shed (default 2 s).
+    pub fn max_queue_wait(mut self, wait: std::time::Duration) -> Self {
+        self.max_queue_wait = Some(wait);
         self
     }
 
@@ -211,7 +247,13 @@ impl EngineBuilder {
             stats: Counters::default(),
             _ticker: ticker,
         });
-        let workers = WorkerPool::start(self.workers).map_err(EngineError::Threads)?;
+        let defaults = Fairness::for_workers(self.workers);
+        let fairness = Fairness {
+            tenant_in_flight: self.tenant_in_flight.unwrap_or(defaults.tenant_in_flight),
+            tenant_queue: self.tenant_queue.unwrap_or(defaults.tenant_queue),
+            max_queue_wait: self.max_queue_wait.unwrap_or(defaults.max_queue_wait),
+        };
+        let workers = WorkerPool::start(self.workers, fairness).map_err(EngineError::Threads)?;
         Ok(Engine { inner, workers })
     }
 }
@@ -311,11 +353,27 @@ impl Engine {
         let ctx = ctx.clone();
         let cancel_on_drop = CancelOnDrop(Some(ctx.cancel.clone()));
         let (reply, result) = tokio::sync::oneshot::channel();
+        let tenant = ctx.tenant.clone();
+        let counted = self.inner.clone();
         self.workers
-            .submit(Box::new(move || {
-                let _ = reply.send(inner.call_blocking(&module, &function, &input, &grant, &ctx));
-            }))
-            .await?;
+            .submit(
+                &tenant,
+                Box::new(move |admission| {
+                    let outcome = match admission {
+                        // A caller that went away while its call waited is not run.
+                        Admission::Run if ctx.cancel.is_cancelled() => Err(CallError::Cancelled),
+                        Admission::Run => {
+                            inner.call_blocking(&module, &function, &input, &grant, &ctx)
+                        }
+                        Admission::Shed(error) => {
+                            inner.count_error(&error);
+                            Err(error)
+                        }
+                    };
+                    let _ = reply.send(outcome);
+                }),
+            )
+            .inspect_err(|error| counted.count_error(error))?;
         let outcome = result.await.unwrap_or_else(|_| {
             Err(CallError::Internal {
                 message: "the worker running the call stopped".into(),
@@ -369,6 +427,7 @@ impl Engine {
             calls: sum(|s| &s.calls),
             call_errors: c.call_errors.load(Ordering::Relaxed),
             idle_instances: idle,
+            calls_shed: self.workers.shed(),
             errors_by_code: c.errors_by_code.lock().clone(),
             duration_buckets: (0..=DURATION_BUCKETS_US.len())
                 .map(|i| {
@@ -417,18 +476,22 @@ impl Inner {
             out.duration = elapsed;
         }
         if let Err(error) = &result {
-            self.stats.call_errors.fetch_add(1, Ordering::Relaxed);
-            *self
-                .stats
-                .errors_by_code
-                .lock()
-                .entry(error.code())
-                .or_default() += 1;
+            self.count_error(error);
             // The error may carry the guest's own text: escaped, as guest log lines are.
             let error_text = error.to_string();
             tracing::debug!(%module, function, tenant = %ctx.tenant, code = %error.code(), "call failed: {}", error_text.escape_debug());
         }
         result
+    }
+
+    fn count_error(&self, error: &CallError) {
+        self.stats.call_errors.fetch_add(1, Ordering::Relaxed);
+        *self
+            .stats
+            .errors_by_code
+            .lock()
+            .entry(error.code())
+            .or_default() += 1;
     }
 
     /// This thread's shard.

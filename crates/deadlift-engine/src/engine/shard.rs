@@ -90,6 +90,8 @@ pub struct EngineStats {
     pub call_errors: u64,
     /// Warm instances waiting in pools right now.
     pub idle_instances: u64,
+    /// Calls not run because their tenant's queue was full or waited too long.
+    pub calls_shed: u64,
     /// Failed calls by `CallError::code`.
     pub errors_by_code: BTreeMap<Code, u64>,
     /// Calls per bucket of [`DURATION_BUCKETS_US`] (not cumulative; one extra slot for

@@ -1,58 +1,306 @@
-//! The worker threads behind the async `Engine::call`: a fixed set of plain threads fed
-//! by a bounded queue, so a burst of calls waits instead of spawning without limit, and
-//! no guest ever runs on an async thread.
+//! The worker threads behind the async `Engine::call`, and how they share out calls
+//! between tenants. No guest ever runs on an async thread.
+//!
+//! Each tenant has its own queue; workers take the next call from the tenants in turn
+//! (round robin), so a flood from one tenant waits behind itself, not in front of
+//! others. A tenant has at most [`Fairness::tenant_in_flight`] calls running, and while
+//! it has any running it may not take the last free worker: that one is kept for a
+//! tenant with nothing running, so a newcomer's call starts at once even when another
+//! tenant's long calls hold every other worker. Calls are never preempted: how long a
+//! call can keep a worker is bounded by its grant's timeout.
+//!
+//! A call that waited longer than [`Fairness::max_queue_wait`], or that finds its
+//! tenant's queue full, is shed with [`CallError::Shed`] instead of waiting on.
 
-use std::sync::Arc;
-use std::thread::JoinHandle;
-
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::error::CallError;
 
-pub(super) type Job = Box<dyn FnOnce() + Send + 'static>;
+/// What a queued job is told when a worker reaches it.
+pub(super) enum Admission {
+    Run,
+    /// It is not run: the caller gets this error.
+    Shed(CallError),
+}
 
-/// A fixed set of threads that run calls, fed by a bounded queue.
+pub(super) type Job = Box<dyn FnOnce(Admission) + Send + 'static>;
+
+/// How the workers share out calls between tenants.
+#[derive(Debug, Clone)]
+pub struct Fairness {
+    /// Calls of one tenant running at once.
+    pub tenant_in_flight: usize,
+    /// Calls of one tenant waiting at once; more are shed.
+    pub tenant_queue: usize,
+    /// A call that waited this long for a worker is shed.
+    pub max_queue_wait: Duration,
+}
+
+impl Fairness {
+    pub(super) fn for_workers(workers: usize) -> Self {
+        Self {
+            tenant_in_flight: workers,
+            tenant_queue: 1024,
+            max_queue_wait: Duration::from_secs(2),
+        }
+    }
+}
+
+struct Queued {
+    job: Job,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct TenantQueue {
+    waiting: VecDeque<Queued>,
+    running: usize,
+    /// Whether the tenant is in the ring of tenants with a call ready to start.
+    ready: bool,
+}
+
+#[derive(Default)]
+struct State {
+    tenants: HashMap<Arc<str>, TenantQueue>,
+    /// Tenants with a waiting call they may start, in turn order.
+    ring: VecDeque<Arc<str>>,
+    running: usize,
+    closed: bool,
+}
+
+impl State {
+    /// Puts a tenant in the ring if it has a call waiting and room to run it.
+    fn offer(&mut self, tenant: &Arc<str>, in_flight: usize) -> bool {
+        let Some(queue) = self.tenants.get_mut(tenant) else {
+            return false;
+        };
+        if queue.ready || queue.waiting.is_empty() || queue.running >= in_flight {
+            return false;
+        }
+        queue.ready = true;
+        self.ring.push_back(tenant.clone());
+        true
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    fairness: Fairness,
+    workers: usize,
+    shed: AtomicU64,
+}
+
+impl Shared {
+    fn shed_error(&self, tenant: &str, why: &str) -> CallError {
+        self.shed.fetch_add(1, Ordering::Relaxed);
+        CallError::Shed {
+            reason: format!("tenant `{tenant}` {why}"),
+            retry_after: self.fairness.max_queue_wait.max(Duration::from_secs(1)),
+        }
+    }
+
+    /// The next job a worker may start and the jobs it found too old to start; `None`
+    /// once closed with nothing ready.
+    fn next(&self) -> Option<Taken> {
+        let mut state = self.state.lock();
+        loop {
+            if let Some(taken) = self.take(&mut state) {
+                return Some(taken);
+            }
+            if state.closed {
+                return None;
+            }
+            self.wake.wait(&mut state);
+        }
+    }
+
+    fn take(&self, state: &mut State) -> Option<Taken> {
+        let now = Instant::now();
+        let mut passed = 0;
+        while passed < state.ring.len() {
+            let tenant = state.ring.pop_front()?;
+            let free = self.workers - state.running;
+            let queue = state.tenants.get_mut(&tenant)?;
+            // The last free worker is kept for a tenant with nothing running.
+            if queue.running > 0 && free <= 1 && self.workers > 1 {
+                state.ring.push_back(tenant);
+                passed += 1;
+                continue;
+            }
+            queue.ready = false;
+            let mut expired = Vec::new();
+            while queue
+                .waiting
+                .front()
+                .is_some_and(|q| now.duration_since(q.since) > self.fairness.max_queue_wait)
+            {
+                expired.extend(queue.waiting.pop_front());
+            }
+            let Some(job) = queue.waiting.pop_front() else {
+                if queue.running == 0 {
+                    state.tenants.remove(&tenant);
+                }
+                if expired.is_empty() {
+                    continue;
+                }
+                return Some(Taken {
+                    tenant,
+                    job: None,
+                    expired,
+                });
+            };
+            queue.running += 1;
+            state.running += 1;
+            state.offer(&tenant, self.fairness.tenant_in_flight);
+            return Some(Taken {
+                tenant,
+                job: Some(job),
+                expired,
+            });
+        }
+        None
+    }
+
+    fn finished(&self, tenant: &Arc<str>) {
+        let mut state = self.state.lock();
+        state.running -= 1;
+        let Some(queue) = state.tenants.get_mut(tenant) else {
+            return;
+        };
+        queue.running -= 1;
+        if queue.running == 0 && queue.waiting.is_empty() {
+            state.tenants.remove(tenant);
+        } else {
+            state.offer(tenant, self.fairness.tenant_in_flight);
+        }
+        // A worker freed: whoever waited for the last free one may go now.
+        if !state.ring.is_empty() {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// What a worker took from a tenant's queue.
+struct Taken {
+    tenant: Arc<str>,
+    /// The job to run (counted as running until `finished`).
+    job: Option<Queued>,
+    /// Jobs that waited too long: shed.
+    expired: Vec<Queued>,
+}
+
+/// The worker threads and the tenants' queues in front of them.
 #[derive(Clone)]
 pub(super) struct WorkerPool {
-    jobs: tokio::sync::mpsc::Sender<Job>,
-    _threads: Arc<Vec<JoinHandle<()>>>,
+    shared: Arc<Shared>,
+    _threads: Arc<Threads>,
+}
+
+/// Closes the queues when the last handle goes: each worker ends once it has nothing
+/// ready (they are not joined, so dropping an engine never waits for a call).
+struct Threads {
+    shared: Arc<Shared>,
+    _handles: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        self.shared.state.lock().closed = true;
+        self.shared.wake.notify_all();
+    }
 }
 
 impl WorkerPool {
-    pub(super) fn start(workers: usize) -> std::io::Result<Self> {
-        let (jobs, queue) = tokio::sync::mpsc::channel::<Job>(workers * 256);
-        let queue = Arc::new(Mutex::new(queue));
-        let threads = (0..workers)
+    pub(super) fn start(workers: usize, fairness: Fairness) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            fairness,
+            workers,
+            shed: AtomicU64::new(0),
+        });
+        let handles = (0..workers)
             .map(|n| {
-                let queue = queue.clone();
+                let shared = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("deadlift-worker-{n}"))
-                    .spawn(move || {
-                        loop {
-                            let job = queue.lock().blocking_recv();
-                            let Some(job) = job else { break };
-                            // A panic is a bug, but it must not take a worker with it.
-                            if std::panic::catch_unwind(AssertUnwindSafe(job)).is_err() {
-                                tracing::error!("a call panicked; the worker carries on");
-                            }
-                        }
-                    })
+                    .spawn(move || work(&shared))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self {
-            jobs,
-            _threads: Arc::new(threads),
+            _threads: Arc::new(Threads {
+                shared: shared.clone(),
+                _handles: handles,
+            }),
+            shared,
         })
     }
 
-    pub(super) async fn submit(&self, job: Job) -> Result<(), CallError> {
-        self.jobs
-            .send(job)
-            .await
-            .map_err(|_| CallError::Overloaded {
+    /// Queues a job for `tenant`; it is refused at once when the tenant's queue is full
+    /// or its oldest call has waited too long already.
+    pub(super) fn submit(&self, tenant: &str, job: Job) -> Result<(), CallError> {
+        let shared = &self.shared;
+        let mut state = shared.state.lock();
+        if state.closed {
+            return Err(CallError::Overloaded {
                 reason: "the engine is shutting down".into(),
-            })
+            });
+        }
+        let key: Arc<str> = match state.tenants.get_key_value(tenant) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(tenant),
+        };
+        let queue = state.tenants.entry(key.clone()).or_default();
+        let now = Instant::now();
+        if queue.waiting.len() >= shared.fairness.tenant_queue {
+            drop(state);
+            return Err(shared.shed_error(tenant, "has too many calls waiting"));
+        }
+        if queue
+            .waiting
+            .front()
+            .is_some_and(|q| now.duration_since(q.since) > shared.fairness.max_queue_wait)
+        {
+            drop(state);
+            return Err(shared.shed_error(tenant, "has calls waiting longer than the bound"));
+        }
+        queue.waiting.push_back(Queued { job, since: now });
+        if state.offer(&key, shared.fairness.tenant_in_flight) {
+            shared.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Calls shed so far.
+    pub(super) fn shed(&self) -> u64 {
+        self.shared.shed.load(Ordering::Relaxed)
+    }
+}
+
+fn work(shared: &Shared) {
+    while let Some(Taken {
+        tenant,
+        job,
+        expired,
+    }) = shared.next()
+    {
+        for queued in expired {
+            let error = shared.shed_error(&tenant, "waited longer than the bound for a worker");
+            (queued.job)(Admission::Shed(error));
+        }
+        let Some(job) = job else { continue };
+        // A panic is a bug, but it must not take a worker with it.
+        if std::panic::catch_unwind(AssertUnwindSafe(|| (job.job)(Admission::Run))).is_err() {
+            tracing::error!("a call panicked; the worker carries on");
+        }
+        shared.finished(&tenant);
     }
 }

@@ -9,6 +9,7 @@ mod common;
 mod cache;
 mod differential;
 mod engine_calls;
+mod fairness;
 mod isolation;
 mod limits;
 mod logs;

@@ -1,0 +1,138 @@
+//! Calls are shared out between tenants: a flood from one tenant does not queue in front
+//! of another's call, and calls that would wait too long are shed with a typed error.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use deadlift_engine::{CallError, Code, Engine, Fairness, Grant};
+
+use crate::common::{self, add, ctx};
+
+fn slow_grant() -> Grant {
+    Grant::default().with_timeout(Duration::from_millis(150))
+}
+
+/// Issue 12: 40 one-second calls from one tenant delayed another tenant's trivial call
+/// by 18.8 s (one FIFO queue). Tenant B's call now finishes while A's flood has barely
+/// started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_one_tenant_does_not_queue_in_front_of_another() {
+    let engine = common::builder().workers(2).build().unwrap();
+    let looper = add(&engine, "tenant-a", "looper");
+    let adder = add(&engine, "tenant-b", "add_ten");
+    let finished_a = Arc::new(AtomicUsize::new(0));
+    let mut flood = Vec::new();
+    for _ in 0..8 {
+        let (engine, finished_a) = (engine.clone(), finished_a.clone());
+        flood.push(tokio::spawn(async move {
+            let result = engine
+                .call(
+                    &looper,
+                    "loop_forever",
+                    b"",
+                    &slow_grant(),
+                    &ctx("tenant-a"),
+                )
+                .await;
+            // A's calls time out, or wait too long behind each other and are shed.
+            assert!(
+                matches!(
+                    result,
+                    Err(CallError::Timeout { .. } | CallError::Shed { .. })
+                ),
+                "{result:?}"
+            );
+            finished_a.fetch_add(1, Ordering::SeqCst);
+        }));
+    }
+    // Let the flood queue up first.
+    while engine.stats().calls == 0 && finished_a.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let out = engine
+        .call(&adder, "_main", b"1", &Grant::default(), &ctx("tenant-b"))
+        .await
+        .unwrap();
+    assert_eq!(out.output, b"11");
+    let a_done = finished_a.load(Ordering::SeqCst);
+    assert!(a_done <= 2, "B waited behind {a_done} of A's calls");
+    for call in flood {
+        call.await.unwrap();
+    }
+}
+
+async fn call_looper(
+    engine: &Engine,
+    tenant: &str,
+    module: &deadlift_engine::ModuleId,
+) -> Result<(), CallError> {
+    engine
+        .call(module, "loop_forever", b"", &slow_grant(), &ctx(tenant))
+        .await
+        .map(|_| ())
+}
+
+/// A tenant's queue is bounded: beyond it calls are shed at once, with their own code,
+/// and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_beyond_a_tenants_queue_are_shed() {
+    let engine = common::builder()
+        .workers(2)
+        .fairness(Fairness {
+            tenant_in_flight: 1,
+            tenant_queue: 2,
+            max_queue_wait: Duration::from_secs(30),
+        })
+        .build()
+        .unwrap();
+    let looper = add(&engine, "tenant-a", "looper");
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let (engine, looper) = (engine.clone(), looper);
+            tokio::spawn(async move { call_looper(&engine, "tenant-a", &looper).await })
+        })
+        .collect();
+    let mut shed = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Err(error @ CallError::Shed { .. }) => {
+                assert_eq!(error.code(), Code::TenantOverloaded);
+                shed += 1;
+            }
+            other => assert!(matches!(other, Err(CallError::Timeout { .. })), "{other:?}"),
+        }
+    }
+    // One running, two waiting; the other three are shed.
+    assert_eq!(shed, 3);
+    assert_eq!(engine.stats().calls_shed, 3);
+    assert_eq!(engine.stats().errors_by_code[&Code::TenantOverloaded], 3);
+}
+
+/// A call that waited longer than the bound for a worker is shed rather than run late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_waited_too_long_is_shed() {
+    let engine = common::builder()
+        .workers(1)
+        .fairness(Fairness {
+            tenant_in_flight: 1,
+            tenant_queue: 10,
+            max_queue_wait: Duration::from_millis(50),
+        })
+        .build()
+        .unwrap();
+    let looper = add(&engine, "tenant-a", "looper");
+    // Whichever of the two runs first (150 ms), the other waits longer than 50 ms.
+    let (one, other) = tokio::join!(
+        call_looper(&engine, "tenant-a", &looper),
+        call_looper(&engine, "tenant-a", &looper)
+    );
+    let mut outcomes = [one, other].map(|r| match r {
+        Err(CallError::Timeout { .. }) => "ran",
+        Err(CallError::Shed { .. }) => "shed",
+        other => panic!("{other:?}"),
+    });
+    outcomes.sort();
+    assert_eq!(outcomes, ["ran", "shed"]);
+}
