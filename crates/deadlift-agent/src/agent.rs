@@ -98,6 +98,8 @@ pub struct AgentBuilder {
     tenant_in_flight: Option<usize>,
     tenant_queue: Option<usize>,
     max_queue_wait: Option<std::time::Duration>,
+    module_cache_bytes: Option<u64>,
+    max_module_bytes: Option<u64>,
     host_functions: Vec<HostFunction>,
     runtime: RuntimeConfig,
     delivery: DeliveryConfig,
@@ -119,6 +121,8 @@ impl AgentBuilder {
             tenant_in_flight: None,
             tenant_queue: None,
             max_queue_wait: None,
+            module_cache_bytes: None,
+            max_module_bytes: None,
             host_functions: Vec::new(),
             runtime: RuntimeConfig::default(),
             delivery: DeliveryConfig::default(),
@@ -187,6 +191,18 @@ impl AgentBuilder {
     /// A call that waited this long for a worker is shed (`EngineBuilder::max_queue_wait`).
     pub fn max_queue_wait(mut self, wait: std::time::Duration) -> Self {
         self.max_queue_wait = Some(wait);
+        self
+    }
+
+    /// Compiled code kept in memory (`EngineBuilder::module_cache_bytes`).
+    pub fn module_cache_bytes(mut self, bytes: u64) -> Self {
+        self.module_cache_bytes = Some(bytes);
+        self
+    }
+
+    /// The largest module accepted (`EngineBuilder::max_module_bytes`).
+    pub fn max_module_bytes(mut self, bytes: u64) -> Self {
+        self.max_module_bytes = Some(bytes);
         self
     }
 
@@ -273,6 +289,12 @@ impl AgentBuilder {
         }
         if let Some(wait) = self.max_queue_wait {
             engine = engine.max_queue_wait(wait);
+        }
+        if let Some(bytes) = self.module_cache_bytes {
+            engine = engine.module_cache_bytes(bytes);
+        }
+        if let Some(bytes) = self.max_module_bytes {
+            engine = engine.max_module_bytes(bytes);
         }
         for function in self.host_functions {
             engine = engine.host_function(function);

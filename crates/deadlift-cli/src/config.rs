@@ -55,6 +55,14 @@ pub struct ServeConfig {
     /// A call that waited this many ms for a worker is answered 429 [default: 2000]
     #[arg(long, env = "DEADLIFT_MAX_QUEUE_WAIT_MS")]
     pub max_queue_wait_ms: Option<u64>,
+    /// Compiled code kept in memory, in bytes; the least recently used modules beyond it
+    /// are reloaded from the disk cache when called [default: 256 MiB]
+    #[arg(long, env = "DEADLIFT_MODULE_CACHE_BYTES")]
+    pub module_cache_bytes: Option<u64>,
+    /// The largest module accepted, in bytes; larger uploads are answered 413
+    /// [default: 8 MiB]
+    #[arg(long, env = "DEADLIFT_MAX_MODULE_BYTES")]
+    pub max_module_bytes: Option<u64>,
     /// Wall-clock limit of one call through the API, in ms [default: 1000]
     #[arg(long, env = "DEADLIFT_CALL_TIMEOUT_MS")]
     pub call_timeout_ms: Option<u64>,
@@ -107,6 +115,8 @@ pub struct Resolved {
     pub tenant_in_flight: Option<usize>,
     pub tenant_queue: Option<usize>,
     pub max_queue_wait: Option<std::time::Duration>,
+    pub module_cache_bytes: Option<u64>,
+    pub max_module_bytes: Option<u64>,
     pub grant: deadlift::Grant,
     pub max_concurrent_runs: usize,
     pub retention: deadlift::workflow::Retention,
@@ -137,6 +147,8 @@ impl ServeConfig {
             tenant_in_flight: self.tenant_in_flight.or(file.tenant_in_flight),
             tenant_queue: self.tenant_queue.or(file.tenant_queue),
             max_queue_wait_ms: self.max_queue_wait_ms.or(file.max_queue_wait_ms),
+            module_cache_bytes: self.module_cache_bytes.or(file.module_cache_bytes),
+            max_module_bytes: self.max_module_bytes.or(file.max_module_bytes),
             call_timeout_ms: self.call_timeout_ms.or(file.call_timeout_ms),
             call_memory_bytes: self.call_memory_bytes.or(file.call_memory_bytes),
             call_fuel: self.call_fuel.or(file.call_fuel),
@@ -219,6 +231,8 @@ impl ServeConfig {
             tenant_in_flight: self.tenant_in_flight,
             tenant_queue: self.tenant_queue,
             max_queue_wait: self.max_queue_wait_ms.map(std::time::Duration::from_millis),
+            module_cache_bytes: self.module_cache_bytes,
+            max_module_bytes: self.max_module_bytes,
             grant,
             max_concurrent_runs: self.max_concurrent_runs.unwrap_or(256),
             retention,

@@ -43,6 +43,12 @@ pub async fn serve(config: Resolved, config_file: Option<PathBuf>) -> anyhow::Re
     if let Some(wait) = config.max_queue_wait {
         builder = builder.max_queue_wait(wait);
     }
+    if let Some(bytes) = config.module_cache_bytes {
+        builder = builder.module_cache_bytes(bytes);
+    }
+    if let Some(bytes) = config.max_module_bytes {
+        builder = builder.max_module_bytes(bytes);
+    }
     let (agent, new_admin_token) = tokio::task::spawn_blocking(move || builder.build()).await??;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

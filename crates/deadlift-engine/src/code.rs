@@ -92,6 +92,7 @@ codes! {
     DeliveryNotDead = "delivery_not_dead" => CONFLICT,
     PayloadTooLarge = "payload_too_large" => PAYLOAD_TOO_LARGE,
     InputTooLarge = "input_too_large" => PAYLOAD_TOO_LARGE,
+    ModuleTooLarge = "module_too_large" => PAYLOAD_TOO_LARGE,
     UnsupportedMediaType = "unsupported_media_type" => UNSUPPORTED_MEDIA_TYPE,
     // The plug-in (or the run around it) failed: the request was fine, its effect not.
     Trap = "trap" => UNPROCESSABLE_ENTITY,

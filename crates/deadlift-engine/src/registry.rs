@@ -166,6 +166,12 @@ pub enum ModuleError {
     UnsupportedImport { module: String, name: String },
     #[error("the module could not be compiled: {reason}")]
     Compile { reason: String },
+    #[error("the module is {size} bytes, over the limit of {limit}")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("tenant `{tenant}` is still compiling another module; try again when it is done")]
+    TenantCompiling { tenant: String },
+    #[error("no compile slot came free within {} s; try again later", waited.as_secs())]
+    CompilerBusy { waited: std::time::Duration },
     #[error("module name must be 1-128 characters of letters, digits, '.', '-' or '_'")]
     InvalidName,
     #[error("`{id}` is not a module id (expected sha256:<64 hex digits>)")]
@@ -189,6 +195,9 @@ impl ModuleError {
     pub fn code(&self) -> Code {
         match self {
             Self::Invalid { .. } | Self::Component | Self::Compile { .. } => Code::ModuleInvalid,
+            Self::TooLarge { .. } => Code::ModuleTooLarge,
+            Self::TenantCompiling { .. } => Code::TenantOverloaded,
+            Self::CompilerBusy { .. } => Code::Overloaded,
             Self::UnknownEnvImport { .. }
             | Self::EnvImportNotFunction { .. }
             | Self::EnvImportSignature { .. }

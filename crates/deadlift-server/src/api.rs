@@ -120,7 +120,9 @@ struct UploadQuery {
     responses((status = 201, description = "Registered (or already registered identically)", body = ModuleInfo),
         (status = 400, description = "Not a valid Extism plug-in, or metadata missing", body = ErrorBody),
         (status = 409, description = "Name and version taken by other bytes", body = ErrorBody),
-        (status = 413, description = "Body over the size limit", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+        (status = 413, description = "Body over the size limit, or the module over the module size cap (`module_too_large`)", body = ErrorBody),
+        (status = 429, description = "The tenant is already compiling a module", body = ErrorBody),
+        (status = 503, description = "No compile slot came free in time", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn upload_module(
     State(agent): State<AgentState>,
     caller: Caller,

@@ -156,6 +156,24 @@ async fn metrics(State(agent): State<AgentState>) -> Response {
         stats.instances_discarded,
     );
     counter(
+        "deadlift_code_bytes",
+        "Compiled code held in memory (reckoned bytes).",
+        "gauge",
+        stats.code_bytes,
+    );
+    counter(
+        "deadlift_code_modules",
+        "Modules whose compiled code is in memory.",
+        "gauge",
+        stats.code_modules,
+    );
+    counter(
+        "deadlift_code_evicted_total",
+        "Compiled modules dropped from memory to stay under the code cache's budget.",
+        "counter",
+        stats.code_evicted,
+    );
+    counter(
         "deadlift_calls_shed_total",
         "Calls not run because their tenant had too many waiting or waited too long.",
         "counter",

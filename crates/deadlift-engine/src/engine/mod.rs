@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 
 use wasmtime::{InstancePre, Linker};
 
@@ -37,7 +37,7 @@ use crate::host::{self, CallContext, EventSink, HostFunction, KvStore, MemoryKv,
 use crate::registry::{
     MemoryModuleStore, ModuleError, ModuleId, ModuleInfo, ModuleStore, NewModule, Registry,
 };
-use compiled::{Compiled, compatibility_key};
+use compiled::{CodeCache, CompileGate, Compiled, compatibility_key};
 use shard::{Counters, Shard, thread_slot};
 use workers::{Admission, WorkerPool};
 
@@ -67,6 +67,9 @@ pub struct EngineBuilder {
     max_instances: u32,
     max_memory_bytes: u64,
     max_idle_per_pool: usize,
+    module_cache_bytes: u64,
+    max_module_bytes: u64,
+    compile_slots: usize,
     log_level: LogLevel,
     kv: Option<Arc<dyn KvStore>>,
     sink: Option<Arc<dyn EventSink>>,
@@ -97,6 +100,9 @@ impl Default for EngineBuilder {
             max_instances: 256,
             max_memory_bytes: 512 * 1024 * 1024,
             max_idle_per_pool: 8,
+            module_cache_bytes: 256 * 1024 * 1024,
+            max_module_bytes: 8 * 1024 * 1024,
+            compile_slots: 1,
             log_level: LogLevel::Info,
             kv: None,
             sink: None,
@@ -163,6 +169,27 @@ impl EngineBuilder {
     /// (there is one shard per worker; other threads share them).
     pub fn max_idle_per_pool(mut self, max: usize) -> Self {
         self.max_idle_per_pool = max;
+        self
+    }
+
+    /// Compiled code kept in memory, in bytes (default 256 MiB); beyond it the modules
+    /// least recently used are dropped and reloaded from the disk cache when called.
+    pub fn module_cache_bytes(mut self, bytes: u64) -> Self {
+        self.module_cache_bytes = bytes;
+        self
+    }
+
+    /// The largest module accepted, in bytes (default 8 MiB): compile time and memory
+    /// grow with size.
+    pub fn max_module_bytes(mut self, bytes: u64) -> Self {
+        self.max_module_bytes = bytes;
+        self
+    }
+
+    /// Modules compiled at once across the engine (default 1); each tenant compiles one
+    /// at a time.
+    pub fn compile_slots(mut self, slots: usize) -> Self {
+        self.compile_slots = slots.max(1);
         self
     }
 
@@ -238,7 +265,9 @@ impl EngineBuilder {
             host_names,
             http: Arc::default(),
             registry: Registry::new(modules),
-            compiled: RwLock::new(HashMap::new()),
+            code: CodeCache::new(self.module_cache_bytes),
+            compile_gate: CompileGate::new(self.compile_slots, std::time::Duration::from_secs(60)),
+            max_module_bytes: self.max_module_bytes,
             shards: (0..self.workers).map(|_| Shard::default()).collect(),
             cache_dir,
             log_level: self.log_level,
@@ -262,6 +291,8 @@ impl EngineBuilder {
 struct InstancePool {
     tenant: String,
     shape: InstanceShape,
+    /// Kept for the code cache's use marks.
+    compiled: Arc<Compiled>,
     pre: InstancePre<StoreData>,
     idle: Mutex<Vec<Instance>>,
 }
@@ -279,7 +310,9 @@ struct Inner {
     /// Outbound HTTP for `http_request`, shared by every instance.
     http: Arc<executor::http::Outbound>,
     registry: Registry,
-    compiled: RwLock<HashMap<ModuleId, Arc<Compiled>>>,
+    code: CodeCache,
+    compile_gate: CompileGate,
+    max_module_bytes: u64,
     shards: Box<[Shard]>,
     cache_dir: Option<PathBuf>,
     log_level: LogLevel,
@@ -314,24 +347,41 @@ impl Engine {
     }
 
     /// Validates, compiles and registers a module for `tenant`. A module that does not
-    /// compile is refused and nothing is stored.
+    /// compile is refused and nothing is stored. Validation answers before any wait for
+    /// a compile slot; a tenant compiles one module at a time.
     pub fn add_module(&self, tenant: &str, module: NewModule) -> Result<ModuleInfo, ModuleError> {
+        let size = module.bytes.len() as u64;
+        if size > self.inner.max_module_bytes {
+            return Err(ModuleError::TooLarge {
+                size,
+                limit: self.inner.max_module_bytes,
+            });
+        }
         let registry = &self.inner.registry;
         let (inspection, existing) = registry.check(tenant, &module)?;
         if let Some(existing) = existing {
             return Ok(existing);
         }
-        self.inner.compiled(&inspection.id, &module.bytes)?;
+        self.inner
+            .compiled(&inspection.id, &module.bytes, Some(tenant))?;
         registry.insert_checked(tenant, module, inspection)
     }
 
-    /// Unregisters a tenant's module and drops that tenant's warm instances of it.
+    /// Unregisters a tenant's module and drops that tenant's warm instances of it. When
+    /// no tenant has the module any more, its compiled code leaves memory and the disk
+    /// cache.
     pub fn delete_module(&self, tenant: &str, id: &ModuleId) -> Result<(), ModuleError> {
         self.inner.registry.delete(tenant, id)?;
         for shard in &self.inner.shards {
             if let Some(pools) = shard.pools_mut().get_mut(id) {
                 pools.retain(|pool| pool.tenant != tenant);
             }
+        }
+        if matches!(
+            self.inner.registry.bytes(id),
+            Err(ModuleError::NotFound { .. })
+        ) {
+            self.inner.forget(id);
         }
         Ok(())
     }
@@ -428,6 +478,9 @@ impl Engine {
             call_errors: c.call_errors.load(Ordering::Relaxed),
             idle_instances: idle,
             calls_shed: self.workers.shed(),
+            code_evicted: c.code_evicted.load(Ordering::Relaxed),
+            code_bytes: self.inner.code.usage().0,
+            code_modules: self.inner.code.usage().1,
             errors_by_code: c.errors_by_code.lock().clone(),
             duration_buckets: (0..=DURATION_BUCKETS_US.len())
                 .map(|i| {
@@ -484,6 +537,29 @@ impl Inner {
         result
     }
 
+    /// Drops every warm instance of these modules, in every shard.
+    fn drop_pools(&self, modules: &[ModuleId]) {
+        for shard in &self.shards {
+            let mut pools = shard.pools_mut();
+            for id in modules {
+                pools.remove(id);
+            }
+        }
+    }
+
+    /// Forgets a module no tenant has any more: its code in memory, its instances and
+    /// its compiled artifact on disk.
+    fn forget(&self, id: &ModuleId) {
+        self.code.remove(id);
+        self.drop_pools(std::slice::from_ref(id));
+        if let Some(path) = self.cache_path(id)
+            && let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(module = %id, path = %path.display(), "could not remove compiled artifact: {e}");
+        }
+    }
+
     fn count_error(&self, error: &CallError) {
         self.stats.call_errors.fetch_add(1, Ordering::Relaxed);
         *self
@@ -523,6 +599,7 @@ impl Inner {
             });
         }
         let pool = self.pool(self.shard(), module, grant, ctx)?;
+        pool.compiled.touch();
         let idle = pool.idle.lock().pop();
         let mut instance = match idle {
             Some(instance) => instance,
@@ -602,7 +679,7 @@ impl Inner {
                     message: other.to_string(),
                 },
             })?;
-        let cached = self.compiled.read().get(module).cloned();
+        let cached = self.code.get(module);
         let compiled = match cached {
             Some(compiled) => compiled,
             None => {
@@ -610,7 +687,7 @@ impl Inner {
                     .registry
                     .bytes(&registered.id)
                     .map_err(|_| not_found())?;
-                self.compiled(module, &bytes)
+                self.compiled(module, &bytes, None)
                     .map_err(|e| CallError::Internal {
                         message: e.to_string(),
                     })?
@@ -646,6 +723,7 @@ impl Inner {
         let pool = Arc::new(InstancePool {
             tenant: ctx.tenant.clone(),
             shape: grant.instance_shape(),
+            compiled,
             pre,
             idle: Mutex::new(Vec::new()),
         });

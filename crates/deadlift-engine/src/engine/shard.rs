@@ -23,6 +23,7 @@ pub const DURATION_BUCKETS_US: [u64; 10] = [
 #[derive(Debug, Default)]
 pub(super) struct Counters {
     pub(super) compiled: AtomicU64,
+    pub(super) code_evicted: AtomicU64,
     pub(super) loaded_from_cache: AtomicU64,
     pub(super) instances_created: AtomicU64,
     pub(super) instances_discarded: AtomicU64,
@@ -90,6 +91,11 @@ pub struct EngineStats {
     pub call_errors: u64,
     /// Warm instances waiting in pools right now.
     pub idle_instances: u64,
+    /// Compiled modules dropped from memory to stay under the code cache's budget.
+    pub code_evicted: u64,
+    /// Compiled code held in memory (reckoned bytes) and the modules it belongs to.
+    pub code_bytes: u64,
+    pub code_modules: u64,
     /// Calls not run because their tenant's queue was full or waited too long.
     pub calls_shed: u64,
     /// Failed calls by `CallError::code`.

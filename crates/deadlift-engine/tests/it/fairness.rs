@@ -88,15 +88,13 @@ async fn calls_beyond_a_tenants_queue_are_shed() {
         .build()
         .unwrap();
     let looper = add(&engine, "tenant-a", "looper");
-    let calls: Vec<_> = (0..6)
-        .map(|_| {
-            let (engine, looper) = (engine.clone(), looper);
-            tokio::spawn(async move { call_looper(&engine, "tenant-a", &looper).await })
-        })
-        .collect();
+    // Submitted together (one poll submits all six), long before the first ends.
+    let calls =
+        futures_util::future::join_all((0..6).map(|_| call_looper(&engine, "tenant-a", &looper)))
+            .await;
     let mut shed = 0;
     for call in calls {
-        match call.await.unwrap() {
+        match call {
             Err(error @ CallError::Shed { .. }) => {
                 assert_eq!(error.code(), Code::TenantOverloaded);
                 shed += 1;

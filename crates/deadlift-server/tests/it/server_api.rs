@@ -797,3 +797,26 @@ async fn a_flooding_tenant_is_answered_429_and_others_are_served() {
     assert!(metrics.contains("deadlift_calls_shed_total 2"), "{metrics}");
     agent.stop().await;
 }
+
+/// Issue 12: a 15 MB module was accepted without a token or a limit and compiled for
+/// 25 s. Modules over the cap are answered 413 before any compiling.
+#[tokio::test]
+async fn a_module_over_the_size_cap_is_answered_413() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start_with(dir.path(), |b| b.max_module_bytes(4096)).await;
+    let acme = Api {
+        agent: &agent,
+        token: agent.tenant_token("acme").await,
+    };
+    let response = acme
+        .request(reqwest::Method::POST, "/v1/modules")
+        .query(&[("name", "big")])
+        .body(fixture("count_vowels"))
+        .send()
+        .await
+        .unwrap();
+    let message = TestAgent::expect_error(response, 413, "module_too_large").await;
+    assert!(message.contains("4096"), "{message}");
+    assert_eq!(agent.agent.engine().stats().compiled, 0);
+    agent.stop().await;
+}
