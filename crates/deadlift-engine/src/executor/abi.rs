@@ -323,6 +323,15 @@ fn var_set(mut c: Ctx<'_>, key: i64, value: i64) -> Res<()> {
     if size > data.max_var_bytes {
         return Err(env_failure("var_set", "variable store is full"));
     }
+    // Held on the host: charged to the instance's memory budget like guest memory.
+    let held = existing
+        - data
+            .vars
+            .get(&key)
+            .map_or(0, |old| (key.len() + old.len()) as u64 + VAR_OVERHEAD)
+        + (key.len() + value.len()) as u64
+        + VAR_OVERHEAD;
+    data.budget.charge_vars(held).map_err(wasmtime::Error::new)?;
     let value = value.to_vec();
     data.memory.free(value_handle);
     data.memory.free(key_handle);

@@ -11,6 +11,10 @@
 //!
 //! Growth is reported in whole Wasm pages so that the caller can charge it against the
 //! instance's memory budget, as the SDK's limiter charges the kernel's `memory.grow`.
+//! What is charged is everything this memory holds from the allocator: the bytes and the
+//! block list (a guest making millions of one-byte blocks pays for their bookkeeping),
+//! grown by a quarter at a time and never beyond what was charged. As the SDK does not
+//! charge the kernel's initial memory, the first [`FREE_PAGES`] are not charged.
 
 /// Offset of the first block: handles are never 0, and 8 keeps `u64` access aligned.
 const BASE: u64 = 8;
@@ -22,6 +26,11 @@ const RETAINED_BLOCKS: usize = 64;
 pub const PAGE_SIZE: u64 = 65_536;
 /// A freed block is split when reuse would waste at least this many bytes (as the kernel).
 const SPLIT_THRESHOLD: u64 = 128;
+/// The Extism kernel's initial memory (16 pages), which the SDK's `max_pages` does not
+/// count: this memory's first pages are not charged either.
+pub const FREE_PAGES: u64 = 16;
+/// What one block's bookkeeping holds.
+const BLOCK_BYTES: u64 = std::mem::size_of::<Block>() as u64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Block {
@@ -47,7 +56,8 @@ pub struct ExtismMemory {
     blocks: Vec<Block>,
     /// How many blocks are free (not live): lets `alloc` skip the first-fit scan.
     free_blocks: usize,
-    /// Pages charged to the budget so far; like the kernel's memory it never shrinks.
+    /// The most pages this memory has held (bytes and bookkeeping); what beyond
+    /// [`FREE_PAGES`] was charged. Like the kernel's memory it never shrinks.
     pages: u64,
     input: (u64, u64),
     output: (u64, u64),
@@ -100,9 +110,44 @@ impl ExtismMemory {
         self.data.capacity() + self.blocks.capacity() * std::mem::size_of::<Block>()
     }
 
-    /// Pages charged to the budget by this memory so far.
+    /// The most pages this memory has held so far.
     pub fn pages(&self) -> u64 {
         self.pages
+    }
+
+    /// Makes room for `data_len` bytes and `blocks` blocks, charging the budget first for
+    /// whatever that makes this memory hold beyond its high-water mark.
+    fn reserve<B: GrowthBudget>(
+        &mut self,
+        data_len: usize,
+        blocks: usize,
+        budget: &mut B,
+    ) -> Result<(), B::Error> {
+        // Whole pages at a time, as the kernel grows: never more charged than a page
+        // beyond what is used (large reallocations are remaps, not copies).
+        let page = PAGE_SIZE as usize;
+        let grown = |capacity: usize, needed: usize, unit: usize| {
+            if needed <= capacity {
+                capacity
+            } else {
+                needed.next_multiple_of(unit)
+            }
+        };
+        let data_capacity = grown(self.data.capacity(), data_len, page);
+        let block_capacity = grown(self.blocks.capacity(), blocks, page / BLOCK_BYTES as usize);
+        let footprint = data_capacity as u64 + block_capacity as u64 * BLOCK_BYTES;
+        let pages = footprint.div_ceil(PAGE_SIZE);
+        if pages > self.pages {
+            let charged = pages.saturating_sub(FREE_PAGES) - self.pages.saturating_sub(FREE_PAGES);
+            if charged > 0 {
+                budget.grow(charged)?;
+            }
+            self.pages = pages;
+        }
+        self.data.reserve_exact(data_capacity - self.data.len());
+        self.blocks
+            .reserve_exact(block_capacity - self.blocks.len());
+        Ok(())
     }
 
     /// `alloc(len)`: a handle to a fresh block of `len` bytes, or 0 for `len == 0`.
@@ -111,18 +156,23 @@ impl ExtismMemory {
             return Ok(0);
         }
         if self.free_blocks > 0
-            && let Some(handle) = self.reuse_free_block(len)
+            && let Some(index) = self.blocks.iter().position(|b| !b.live && b.size >= len)
         {
-            return Ok(handle);
+            // A split adds a block: room for it first.
+            self.reserve(self.data.len(), self.blocks.len() + 1, budget)?;
+            return Ok(self.reuse_free_block(index, len));
         }
         let offset = self.data.len() as u64;
-        let end = offset.saturating_add(len);
-        let pages_needed = end.div_ceil(PAGE_SIZE);
-        if pages_needed > self.pages {
-            budget.grow(pages_needed - self.pages)?;
-            self.pages = pages_needed;
-        }
-        self.data.resize(end as usize, 0);
+        let Some(end) = offset
+            .checked_add(len)
+            .and_then(|end| usize::try_from(end).ok())
+        else {
+            // No memory this large can be held: refused as any growth over budget is.
+            budget.grow(u64::MAX)?;
+            return Ok(0);
+        };
+        self.reserve(end, self.blocks.len() + 1, budget)?;
+        self.data.resize(end, 0);
         self.blocks.push(Block {
             offset,
             size: len,
@@ -132,8 +182,7 @@ impl ExtismMemory {
         Ok(offset)
     }
 
-    fn reuse_free_block(&mut self, len: u64) -> Option<u64> {
-        let index = self.blocks.iter().position(|b| !b.live && b.size >= len)?;
+    fn reuse_free_block(&mut self, index: usize, len: u64) -> u64 {
         let block = &mut self.blocks[index];
         let spare = block.size - len;
         block.live = true;
@@ -155,7 +204,7 @@ impl ExtismMemory {
         }
         // A reused block starts zeroed, as a fresh one does.
         self.data[offset as usize..(offset + len) as usize].fill(0);
-        Some(offset)
+        offset
     }
 
     fn live_block(&self, handle: u64) -> Option<usize> {
@@ -409,6 +458,7 @@ mod tests {
     fn reset_releases_and_zeroes_everything() {
         let mut mem = ExtismMemory::new();
         let h = mem.write_new(b"input", &mut unlimited()).unwrap();
+        let pages = mem.pages();
         mem.set_input(h, 5);
         mem.set_output(h, 5);
         mem.set_error(h);
@@ -418,7 +468,7 @@ mod tests {
         assert_eq!(mem.error(), None);
         assert_eq!(mem.length(h), 0);
         assert_eq!(mem.load_u8(h), 0);
-        assert_eq!(mem.pages(), 1, "charged pages are never returned");
+        assert_eq!(mem.pages(), pages, "charged pages are never returned");
     }
 
     #[test]
@@ -460,9 +510,35 @@ mod tests {
     fn growth_is_charged_in_pages_and_refused_over_budget() {
         let mut mem = ExtismMemory::new();
         let mut budget = Pages(2);
+        // The first pages are free, as the kernel's initial memory is in the SDK.
+        mem.alloc((FREE_PAGES - 2) * PAGE_SIZE, &mut budget)
+            .unwrap();
+        assert_eq!(budget.0, 2);
         mem.alloc(PAGE_SIZE, &mut budget).unwrap();
-        assert_eq!(mem.pages(), 2, "BASE + one page spans two pages");
-        assert_eq!(mem.alloc(PAGE_SIZE, &mut budget), Err("over budget"));
+        assert!(budget.0 < 2, "growth past the free pages is charged");
+        assert_eq!(mem.alloc(4 * PAGE_SIZE, &mut budget), Err("over budget"));
         assert_eq!(mem.alloc(10, &mut budget).map(|h| h > 0), Ok(true));
+        assert_eq!(mem.alloc(u64::MAX - 1, &mut budget), Err("over budget"));
+    }
+
+    /// Issue 12: 16 million `alloc(1)` under a 16 MiB budget grew the agent by ~520 MB:
+    /// the blocks' bookkeeping was not charged. Everything held counts now.
+    #[test]
+    fn the_bookkeeping_of_many_small_blocks_is_charged() {
+        let mut mem = ExtismMemory::new();
+        let mut budget = Pages(16);
+        let mut blocks = 0u64;
+        while mem.alloc(1, &mut budget).is_ok() {
+            blocks += 1;
+        }
+        let held = mem.retained_bytes() as u64;
+        assert!(
+            held <= (16 + FREE_PAGES) * PAGE_SIZE,
+            "{blocks} blocks hold {held} bytes"
+        );
+        assert!(
+            blocks * (1 + BLOCK_BYTES) <= held,
+            "{blocks} blocks in {held} bytes"
+        );
     }
 }

@@ -61,9 +61,21 @@ impl std::error::Error for Abort {}
 pub(crate) struct MemoryBudget {
     limit: u64,
     used: u64,
+    /// The most bytes the instance's vars have held: vars live on the host, so their
+    /// growth is charged here as the guest's own memory is.
+    vars_high_water: u64,
 }
 
 impl MemoryBudget {
+    /// Charges vars growing to `bytes` in all, beyond their high-water mark.
+    pub(crate) fn charge_vars(&mut self, bytes: u64) -> Result<(), Abort> {
+        if bytes > self.vars_high_water {
+            self.charge(bytes - self.vars_high_water)?;
+            self.vars_high_water = bytes;
+        }
+        Ok(())
+    }
+
     fn charge(&mut self, bytes: u64) -> Result<(), Abort> {
         let used = self.used.saturating_add(bytes);
         if used > self.limit {
@@ -352,6 +364,7 @@ impl Instance {
             budget: MemoryBudget {
                 limit: grant.memory_bytes,
                 used: 0,
+                vars_high_water: 0,
             },
             vars: BTreeMap::new(),
             max_var_bytes: grant.max_var_bytes,
@@ -379,6 +392,10 @@ impl Instance {
         let instance = pre
             .instantiate(&mut store)
             .map_err(|e| classify_instantiation(e, grant))?;
+        // As the SDK's `max_pages`: the initial memories must fit the budget, and then the
+        // budget starts again for what the instance grows (guest and Extism memory), so a
+        // plug-in tuned against the SDK needs the same number of pages here.
+        store.data_mut().budget.used = 0;
         let mut this = Self {
             store,
             instance,

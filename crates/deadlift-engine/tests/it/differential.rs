@@ -471,3 +471,51 @@ fn guests_in_c_and_zig_match() {
         compare("zig_guest", &wasi, &calls);
     }
 }
+
+/// Issue 12: `count_vowels` needed 17 pages under the SDK's `max_pages` and 19–26 here
+/// (the budget charged the initial memory and every later growth as one total), so
+/// plug-ins tuned against the SDK failed. The budget now has the SDK's meaning: the
+/// initial memory must fit, then growth is counted afresh.
+#[test]
+fn the_fewest_pages_a_plugin_needs_are_the_sdks() {
+    let bytes = crate::common::fixture("count_vowels");
+    let engine = our_engine();
+    let module = crate::common::add_bytes(
+        &engine,
+        crate::common::TENANT,
+        "count_vowels",
+        bytes.clone(),
+    );
+    for input in [b"Hello, World!".to_vec(), vec![b'a'; 300_000]] {
+        for pages in [16, 17] {
+            let setup = Setup {
+                memory_pages: pages,
+                ..Setup::default()
+            };
+            // Twice: the second call meets the memory the first left.
+            let ours = (0..2)
+                .map(|_| {
+                    engine
+                        .call_blocking(
+                            &module,
+                            "count_vowels",
+                            &input,
+                            &setup.grant(),
+                            &crate::common::ctx(crate::common::TENANT),
+                        )
+                        .is_ok()
+                })
+                .collect::<Vec<_>>();
+            let mut plugin = setup.sdk_plugin(&bytes);
+            let sdk = (0..2)
+                .map(|_| {
+                    plugin
+                        .call::<&[u8], Vec<u8>>("count_vowels", &input)
+                        .is_ok()
+                })
+                .collect::<Vec<_>>();
+            assert_eq!(ours, sdk, "{pages} pages, {} bytes of input", input.len());
+            assert_eq!(ours, [pages >= 17; 2], "{pages} pages");
+        }
+    }
+}

@@ -199,3 +199,29 @@ async fn dropping_an_async_call_cancels_it() {
         .unwrap();
     assert_eq!(out.output, b"12");
 }
+
+/// Issue 12: vars live on the host heap and were not charged (six runs with a large
+/// var budget kept +1.2 GB). Their growth now counts against the instance's memory
+/// budget, whatever the var cap says.
+#[test]
+fn vars_are_charged_to_the_memory_budget() {
+    let engine = common::engine();
+    let module = add(&engine, TENANT, "vars_config");
+    let grant = Grant::default()
+        .with_memory_bytes(3 * 1024 * 1024)
+        .with_max_var_bytes(64 * 1024 * 1024)
+        .with_max_input_bytes(1 << 20);
+    let mut failure = None;
+    for n in 0..12 {
+        let mut input = format!("key{n}=").into_bytes();
+        input.resize(512 * 1024, b'v');
+        if let Err(error) = call(&engine, &module, "set_var", &input, &grant) {
+            failure = Some((n, error));
+            break;
+        }
+    }
+    let (n, error) = failure.expect("6 MiB of vars fit a 3 MiB budget");
+    assert!(matches!(error, CallError::MemoryLimit { .. }), "{error:?}");
+    assert!(n >= 2, "failed after {n} vars");
+    still_serving(&engine);
+}
