@@ -274,6 +274,7 @@ impl EngineBuilder {
             max_idle_per_pool: self.max_idle_per_pool,
             max_memory_bytes: self.max_memory_bytes,
             stats: Counters::default(),
+            started: std::time::Instant::now(),
             _ticker: ticker,
         });
         let defaults = Fairness::for_workers(self.workers);
@@ -293,6 +294,9 @@ struct InstancePool {
     shape: InstanceShape,
     /// Kept for the code cache's use marks.
     compiled: Arc<Compiled>,
+    /// When a call last started here (µs since the engine started): which warm
+    /// instances go first when slots run out.
+    last_used_us: AtomicU64,
     pre: InstancePre<StoreData>,
     idle: Mutex<Vec<Instance>>,
 }
@@ -319,6 +323,7 @@ struct Inner {
     max_idle_per_pool: usize,
     max_memory_bytes: u64,
     stats: Counters,
+    started: std::time::Instant,
     _ticker: EpochTicker,
 }
 
@@ -600,6 +605,10 @@ impl Inner {
         }
         let pool = self.pool(self.shard(), module, grant, ctx)?;
         pool.compiled.touch();
+        pool.last_used_us.store(
+            u64::try_from(started.duration_since(self.started).as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         let idle = pool.idle.lock().pop();
         let mut instance = match idle {
             Some(instance) => instance,
@@ -630,7 +639,8 @@ impl Inner {
         let created = match Instance::new(&pool.pre, grant, self.log_level, ctx, self.http.clone())
         {
             Err(CallError::Overloaded { .. }) => {
-                // Every slot is taken: give up warm instances everywhere and try once more.
+                // Every slot is taken: give up the least recently used warm instances
+                // and try once more.
                 self.evict_idle();
                 Instance::new(&pool.pre, grant, self.log_level, ctx, self.http.clone())
             }
@@ -640,11 +650,29 @@ impl Inner {
         Ok(created)
     }
 
+    /// Drops the warm instances of the least recently used pools: at least half of all
+    /// idle instances.
     fn evict_idle(&self) {
+        let mut pools: Vec<(u64, Arc<InstancePool>)> = Vec::new();
+        let mut idle = 0;
         for shard in &self.shards {
             for pool in shard.pools().values().flatten() {
-                pool.idle.lock().clear();
+                let count = pool.idle.lock().len();
+                if count > 0 {
+                    idle += count;
+                    pools.push((pool.last_used_us.load(Ordering::Relaxed), pool.clone()));
+                }
             }
+        }
+        pools.sort_unstable_by_key(|(last_used, _)| *last_used);
+        let mut dropped = 0;
+        for (_, pool) in pools {
+            if dropped * 2 >= idle {
+                break;
+            }
+            let mut instances = pool.idle.lock();
+            dropped += instances.len();
+            instances.clear();
         }
     }
 
@@ -724,6 +752,7 @@ impl Inner {
             tenant: ctx.tenant.clone(),
             shape: grant.instance_shape(),
             compiled,
+            last_used_us: AtomicU64::new(0),
             pre,
             idle: Mutex::new(Vec::new()),
         });

@@ -331,7 +331,9 @@ fn var_set(mut c: Ctx<'_>, key: i64, value: i64) -> Res<()> {
             .map_or(0, |old| (key.len() + old.len()) as u64 + VAR_OVERHEAD)
         + (key.len() + value.len()) as u64
         + VAR_OVERHEAD;
-    data.budget.charge_vars(held).map_err(wasmtime::Error::new)?;
+    data.budget
+        .charge_vars(held)
+        .map_err(wasmtime::Error::new)?;
     let value = value.to_vec();
     data.memory.free(value_handle);
     data.memory.free(key_handle);

@@ -168,3 +168,43 @@ fn a_full_instance_pool_evicts_idle_instances_instead_of_failing() {
         }
     }
 }
+
+/// Issue 12: when the instance slots ran out, every warm instance everywhere was
+/// dropped, the busiest ones too. Now the least recently used go first.
+#[test]
+fn a_full_instance_pool_evicts_the_least_recently_used_first() {
+    let engine = common::builder().max_instances(4).build().unwrap();
+    let echo = |name: &str| {
+        let bytes = common::fixture("echo");
+        // Distinct modules: the same guest under distinct tenants.
+        let tenant = format!("tenant-{name}");
+        let module = common::add_bytes(&engine, &tenant, "echo", bytes);
+        (module, tenant)
+    };
+    let modules: Vec<_> = ["a", "b", "c", "d", "e"].iter().map(|n| echo(n)).collect();
+    let run = |(module, tenant): &(deadlift_engine::ModuleId, String)| {
+        engine
+            .call_blocking(
+                module,
+                "echo",
+                b"x",
+                &Grant::default(),
+                &common::ctx(tenant),
+            )
+            .unwrap();
+    };
+    for module in &modules[..4] {
+        run(module);
+    }
+    run(&modules[0]);
+    let created = engine.stats().instances_created;
+    run(&modules[4]);
+    assert_eq!(engine.stats().instances_created, created + 1);
+    // `a` was used most recently before `e`: still warm.
+    run(&modules[0]);
+    assert_eq!(
+        engine.stats().instances_created,
+        created + 1,
+        "a lost its warm instance"
+    );
+}
