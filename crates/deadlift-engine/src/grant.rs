@@ -171,6 +171,7 @@ impl Grant {
     /// share warm instances; the rest (time, fuel, sizes, config) applies per call.
     pub(crate) fn instance_shape(&self) -> InstanceShape {
         InstanceShape {
+            metered: self.fuel.is_some(),
             host_functions: self.host_functions.clone(),
             memory_bytes: self.memory_bytes,
             max_var_bytes: self.max_var_bytes,
@@ -183,6 +184,9 @@ impl Grant {
 /// See [`Grant::instance_shape`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct InstanceShape {
+    /// Instances that count fuel come from the metered runtime, the others from the
+    /// plain one (metering costs about a third of guest speed).
+    pub metered: bool,
     pub host_functions: BTreeSet<String>,
     pub memory_bytes: u64,
     pub max_var_bytes: u64,
@@ -194,7 +198,8 @@ impl InstanceShape {
     /// Whether instances of this shape serve calls under `grant` (compared in place,
     /// without building the grant's shape).
     pub(crate) fn admits(&self, grant: &Grant) -> bool {
-        self.memory_bytes == grant.memory_bytes
+        self.metered == grant.fuel.is_some()
+            && self.memory_bytes == grant.memory_bytes
             && self.max_var_bytes == grant.max_var_bytes
             && self.host_functions == grant.host_functions
             && self.wasi == grant.wasi

@@ -67,6 +67,9 @@ impl Compiled {
 /// metadata, the import lists, the map entry (measured with `benches/density.rs`).
 const PER_MODULE_OVERHEAD: u64 = 16 * 1024;
 
+/// A module compiled for one of the two runtimes (plain, metered).
+pub(super) type CodeKey = (ModuleId, bool);
+
 /// Compiled modules in memory, under a byte budget.
 pub(super) struct CodeCache {
     budget: u64,
@@ -75,9 +78,9 @@ pub(super) struct CodeCache {
 
 #[derive(Default)]
 struct CacheState {
-    modules: HashMap<ModuleId, Arc<Compiled>>,
+    modules: HashMap<CodeKey, Arc<Compiled>>,
     /// The sweep's order: oldest insertion first, second chances to the back.
-    ring: VecDeque<ModuleId>,
+    ring: VecDeque<CodeKey>,
     bytes: u64,
 }
 
@@ -89,13 +92,13 @@ impl CodeCache {
         }
     }
 
-    pub(super) fn get(&self, id: &ModuleId) -> Option<Arc<Compiled>> {
+    pub(super) fn get(&self, id: &CodeKey) -> Option<Arc<Compiled>> {
         self.state.lock().modules.get(id).cloned()
     }
 
     /// Keeps `compiled`; returns the modules dropped to stay under the budget (never
     /// the one just kept), whose warm instances the caller drops too.
-    pub(super) fn insert(&self, id: ModuleId, compiled: Arc<Compiled>) -> Vec<ModuleId> {
+    pub(super) fn insert(&self, id: CodeKey, compiled: Arc<Compiled>) -> Vec<CodeKey> {
         let mut state = self.state.lock();
         if let Some(old) = state.modules.insert(id, compiled.clone()) {
             state.bytes -= old.size;
@@ -132,7 +135,7 @@ impl CodeCache {
     }
 
     /// Forgets a module (deleted by its last owner).
-    pub(super) fn remove(&self, id: &ModuleId) -> bool {
+    pub(super) fn remove(&self, id: &CodeKey) -> bool {
         let mut state = self.state.lock();
         let Some(entry) = state.modules.remove(id) else {
             return false;
@@ -234,25 +237,28 @@ impl Inner {
         id: &ModuleId,
         bytes: &[u8],
         tenant: Option<&str>,
+        metered: bool,
     ) -> Result<Arc<Compiled>, ModuleError> {
-        if let Some(compiled) = self.code.get(id) {
+        let key = (*id, metered);
+        if let Some(compiled) = self.code.get(&key) {
             return Ok(compiled);
         }
-        let module = match self.load_cached(id) {
+        let module = match self.load_cached(id, metered) {
             Some(module) => module,
             None => {
                 let _slot = self.compile_gate.enter(tenant)?;
                 // Another call may have compiled it while this one waited.
-                if let Some(compiled) = self.code.get(id) {
+                if let Some(compiled) = self.code.get(&key) {
                     return Ok(compiled);
                 }
-                let module =
-                    Module::new(&self.wasmtime, bytes).map_err(|e| ModuleError::Compile {
+                let module = Module::new(&self.runtime(metered).wasmtime, bytes).map_err(|e| {
+                    ModuleError::Compile {
                         reason: format!("{e:#}"),
-                    })?;
+                    }
+                })?;
                 self.stats.compiled.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(module = %id, "compiled module");
-                self.store_cached(id, &module);
+                tracing::info!(module = %id, metered, "compiled module");
+                self.store_cached(id, metered, &module);
                 module
             }
         };
@@ -272,9 +278,10 @@ impl Inner {
             used: AtomicBool::new(true),
             module,
         });
-        let evicted = self.code.insert(*id, compiled.clone());
+        let evicted = self.code.insert(key, compiled.clone());
         if !evicted.is_empty() {
-            self.drop_pools(&evicted);
+            let ids: Vec<ModuleId> = evicted.iter().map(|(id, _)| *id).collect();
+            self.drop_pools(&ids);
             self.stats
                 .code_evicted
                 .fetch_add(evicted.len() as u64, Ordering::Relaxed);
@@ -282,16 +289,17 @@ impl Inner {
         Ok(compiled)
     }
 
-    pub(super) fn cache_path(&self, id: &ModuleId) -> Option<PathBuf> {
-        Some(self.cache_dir.as_ref()?.join(format!("{}.cwasm", id.hex())))
+    pub(super) fn cache_path(&self, id: &ModuleId, metered: bool) -> Option<PathBuf> {
+        let dir = self.runtime(metered).cache_dir.as_ref()?;
+        Some(dir.join(format!("{}.cwasm", id.hex())))
     }
 
-    pub(super) fn load_cached(&self, id: &ModuleId) -> Option<Module> {
-        let path = self.cache_path(id)?;
+    pub(super) fn load_cached(&self, id: &ModuleId, metered: bool) -> Option<Module> {
+        let path = self.cache_path(id, metered)?;
         if !path.exists() {
             return None;
         }
-        match load_artifact(&self.wasmtime, &path) {
+        match load_artifact(&self.runtime(metered).wasmtime, &path) {
             Ok(module) => {
                 self.stats.loaded_from_cache.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(module = %id, "loaded compiled module from cache");
@@ -304,8 +312,8 @@ impl Inner {
         }
     }
 
-    pub(super) fn store_cached(&self, id: &ModuleId, module: &Module) {
-        let Some(path) = self.cache_path(id) else {
+    pub(super) fn store_cached(&self, id: &ModuleId, metered: bool, module: &Module) {
+        let Some(path) = self.cache_path(id, metered) else {
             return;
         };
         let written = module.serialize().and_then(|bytes| {
@@ -371,7 +379,7 @@ mod tests {
                 used: AtomicBool::new(false),
             })
         };
-        let id = |n: u8| ModuleId::of(&[n]);
+        let id = |n: u8| (ModuleId::of(&[n]), false);
         let cache = CodeCache::new(100);
         let second = entry(30);
         assert!(cache.insert(id(1), entry(30)).is_empty());

@@ -228,8 +228,6 @@ impl EngineBuilder {
             max_instances: self.max_instances,
             max_memory_bytes: self.max_memory_bytes,
         };
-        let wasmtime = wasmtime::Engine::new(&executor::wasmtime_config(&limits))
-            .map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
 
         let kv = self.kv.unwrap_or_else(|| Arc::new(MemoryKv::new()));
         let sink = self.sink.unwrap_or_else(|| Arc::new(MemorySink::new()));
@@ -241,27 +239,17 @@ impl EngineBuilder {
                 return Err(EngineError::DuplicateHostFunction(function.name.clone()));
             }
         }
-        let linker = executor::linker(&wasmtime, &functions)
-            .map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
-
-        let cache_dir = match self.data_dir {
-            Some(dir) => {
-                let path = dir.join("compiled").join(compatibility_key(&wasmtime));
-                std::fs::create_dir_all(&path).map_err(|source| EngineError::DataDir {
-                    path: path.clone(),
-                    source,
-                })?;
-                Some(path)
-            }
-            None => None,
-        };
-        let ticker = EpochTicker::start(wasmtime.clone()).map_err(EngineError::Threads)?;
+        let runtimes = [false, true]
+            .map(|metered| Runtime::new(&limits, metered, &functions, self.data_dir.as_deref()));
+        let [plain, metered] = runtimes;
+        let runtimes = [plain?, metered?];
+        let ticker = EpochTicker::start(runtimes.iter().map(|r| r.wasmtime.clone()).collect())
+            .map_err(EngineError::Threads)?;
         let modules = self
             .modules
             .unwrap_or_else(|| Arc::new(MemoryModuleStore::new()));
         let inner = Arc::new(Inner {
-            wasmtime,
-            linker,
+            runtimes,
             host_names,
             http: Arc::default(),
             registry: Registry::new(modules),
@@ -269,7 +257,6 @@ impl EngineBuilder {
             compile_gate: CompileGate::new(self.compile_slots, std::time::Duration::from_secs(60)),
             max_module_bytes: self.max_module_bytes,
             shards: (0..self.workers).map(|_| Shard::default()).collect(),
-            cache_dir,
             log_level: self.log_level,
             max_idle_per_pool: self.max_idle_per_pool,
             max_memory_bytes: self.max_memory_bytes,
@@ -307,9 +294,50 @@ impl InstancePool {
     }
 }
 
-struct Inner {
+/// One wasmtime engine and what is made with it: its linker and its disk cache. There
+/// are two, because fuel metering is a setting of the whole engine and costs about a
+/// third of guest speed: grants with fuel run on the metered one, the others on the
+/// plain one. A module is compiled for each only when a call needs it.
+struct Runtime {
     wasmtime: wasmtime::Engine,
     linker: Linker<StoreData>,
+    cache_dir: Option<PathBuf>,
+}
+
+impl Runtime {
+    fn new(
+        limits: &ExecutorLimits,
+        metered: bool,
+        functions: &[HostFunction],
+        data_dir: Option<&std::path::Path>,
+    ) -> Result<Self, EngineError> {
+        let wasmtime = wasmtime::Engine::new(&executor::wasmtime_config(limits, metered))
+            .map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
+        let linker = executor::linker(&wasmtime, functions)
+            .map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
+        let cache_dir = match data_dir {
+            Some(dir) => {
+                // The key differs between the two runtimes: their code differs.
+                let path = dir.join("compiled").join(compatibility_key(&wasmtime));
+                std::fs::create_dir_all(&path).map_err(|source| EngineError::DataDir {
+                    path: path.clone(),
+                    source,
+                })?;
+                Some(path)
+            }
+            None => None,
+        };
+        Ok(Self {
+            wasmtime,
+            linker,
+            cache_dir,
+        })
+    }
+}
+
+struct Inner {
+    /// Plain, then metered: index with `usize::from(metered)`.
+    runtimes: [Runtime; 2],
     host_names: HashSet<String>,
     /// Outbound HTTP for `http_request`, shared by every instance.
     http: Arc<executor::http::Outbound>,
@@ -318,7 +346,6 @@ struct Inner {
     compile_gate: CompileGate,
     max_module_bytes: u64,
     shards: Box<[Shard]>,
-    cache_dir: Option<PathBuf>,
     log_level: LogLevel,
     max_idle_per_pool: usize,
     max_memory_bytes: u64,
@@ -368,7 +395,7 @@ impl Engine {
             return Ok(existing);
         }
         self.inner
-            .compiled(&inspection.id, &module.bytes, Some(tenant))?;
+            .compiled(&inspection.id, &module.bytes, Some(tenant), false)?;
         registry.insert_checked(tenant, module, inspection)
     }
 
@@ -555,14 +582,20 @@ impl Inner {
     /// Forgets a module no tenant has any more: its code in memory, its instances and
     /// its compiled artifact on disk.
     fn forget(&self, id: &ModuleId) {
-        self.code.remove(id);
-        self.drop_pools(std::slice::from_ref(id));
-        if let Some(path) = self.cache_path(id)
-            && let Err(e) = std::fs::remove_file(&path)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(module = %id, path = %path.display(), "could not remove compiled artifact: {e}");
+        for metered in [false, true] {
+            self.code.remove(&(*id, metered));
+            if let Some(path) = self.cache_path(id, metered)
+                && let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(module = %id, path = %path.display(), "could not remove compiled artifact: {e}");
+            }
         }
+        self.drop_pools(std::slice::from_ref(id));
+    }
+
+    fn runtime(&self, metered: bool) -> &Runtime {
+        &self.runtimes[usize::from(metered)]
     }
 
     fn count_error(&self, error: &CallError) {
@@ -707,7 +740,8 @@ impl Inner {
                     message: other.to_string(),
                 },
             })?;
-        let cached = self.code.get(module);
+        let metered = grant.fuel.is_some();
+        let cached = self.code.get(&(*module, metered));
         let compiled = match cached {
             Some(compiled) => compiled,
             None => {
@@ -715,7 +749,7 @@ impl Inner {
                     .registry
                     .bytes(&registered.id)
                     .map_err(|_| not_found())?;
-                self.compiled(module, &bytes, None)
+                self.compiled(module, &bytes, None, metered)
                     .map_err(|e| CallError::Internal {
                         message: e.to_string(),
                     })?
@@ -739,6 +773,7 @@ impl Inner {
             });
         }
         let pre = self
+            .runtime(metered)
             .linker
             .instantiate_pre(&compiled.module)
             .map_err(|e| CallError::Link {

@@ -217,8 +217,8 @@ pub(crate) struct ExecutorLimits {
     pub max_memory_bytes: u64,
 }
 
-/// The wasmtime configuration every Deadlift engine uses.
-pub(crate) fn wasmtime_config(limits: &ExecutorLimits) -> Config {
+/// The wasmtime configuration every Deadlift engine uses; `metered` turns fuel on.
+pub(crate) fn wasmtime_config(limits: &ExecutorLimits, metered: bool) -> Config {
     let mut pool = PoolingAllocationConfig::new();
     pool.total_core_instances(limits.max_instances)
         .total_memories(limits.max_instances)
@@ -227,7 +227,7 @@ pub(crate) fn wasmtime_config(limits: &ExecutorLimits) -> Config {
     let mut config = Config::new();
     config
         .epoch_interruption(true)
-        .consume_fuel(true)
+        .consume_fuel(metered)
         .wasm_tail_call(true)
         .wasm_function_references(true)
         .cache(None)
@@ -243,7 +243,7 @@ pub(crate) struct EpochTicker {
 }
 
 impl EpochTicker {
-    pub(crate) fn start(engine: wasmtime::Engine) -> std::io::Result<Self> {
+    pub(crate) fn start(engines: Vec<wasmtime::Engine>) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -251,7 +251,9 @@ impl EpochTicker {
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
+                    for engine in &engines {
+                        engine.increment_epoch();
+                    }
                 }
             })?;
         Ok(Self {
@@ -582,11 +584,12 @@ fn begin_call(
     ctx: &CallContext,
     started: Instant,
 ) -> Result<(), CallError> {
-    store
-        .set_fuel(grant.fuel.unwrap_or(u64::MAX))
-        .map_err(|e| CallError::Internal {
-            message: e.to_string(),
+    if let Some(fuel) = grant.fuel {
+        // Only instances of the metered runtime serve grants with fuel.
+        store.set_fuel(fuel).map_err(|e| CallError::Internal {
+            message: format!("{e:#}"),
         })?;
+    }
     store.set_epoch_deadline(1);
     let call = &mut store.data_mut().call;
     // Field by field, so that a warm instance reuses the tenant string's allocation.
