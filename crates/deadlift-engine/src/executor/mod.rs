@@ -504,7 +504,14 @@ impl Instance {
                 .map_err(|e| classify(e, grant))?;
             memory.set_input(handle, input.len() as u64);
         }
-        let fuel_budget = self.store.get_fuel().unwrap_or(0);
+        // Only a metered store has fuel to read (asking an unmetered one makes an error,
+        // with a backtrace when those are on: microseconds per call).
+        let metered = grant.fuel.is_some();
+        let fuel_budget = if metered {
+            self.store.get_fuel().unwrap_or(0)
+        } else {
+            0
+        };
         let result = match &self.exports[function] {
             Export::Code(f) => f.call(&mut self.store, ()),
             Export::Unit(f) => f.call(&mut self.store, ()).map(|()| 0),
@@ -524,7 +531,11 @@ impl Instance {
             },
             ok => ok,
         };
-        let fuel_used = fuel_budget.saturating_sub(self.store.get_fuel().unwrap_or(0));
+        let fuel_used = if metered {
+            fuel_budget.saturating_sub(self.store.get_fuel().unwrap_or(0))
+        } else {
+            0
+        };
         let data = self.store.data_mut();
         data.collect_wasi_output();
         let (logs, logs_dropped) = data.call.logs.finish();
