@@ -356,7 +356,7 @@ async fn call_module(
     }
     let out = agent
         .engine()
-        .call(
+        .call_direct(
             &info.id,
             &function,
             &body,

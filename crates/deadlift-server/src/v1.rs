@@ -296,7 +296,7 @@ async fn execute(
     })?;
     let out = agent
         .engine()
-        .call(
+        .call_direct(
             &id,
             V1_ENTRY,
             &body,

@@ -188,6 +188,18 @@ impl Shared {
     }
 }
 
+/// A worker's place taken by a call its caller runs (see `WorkerPool::try_run_here`).
+pub(super) struct HereSlot {
+    shared: Arc<Shared>,
+    tenant: Arc<str>,
+}
+
+impl Drop for HereSlot {
+    fn drop(&mut self) {
+        self.shared.finished(&self.tenant);
+    }
+}
+
 /// What a worker took from a tenant's queue.
 struct Taken {
     tenant: Arc<str>,
@@ -277,6 +289,42 @@ impl WorkerPool {
             shared.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// Takes a worker's place for a call the caller runs itself, when the workers are
+    /// all idle (so the call would start at once anyway). The
+    /// same limits hold as for queued calls; the place is given back when the slot
+    /// drops.
+    pub(super) fn try_run_here(&self, tenant: &str) -> Option<HereSlot> {
+        let shared = &self.shared;
+        let mut state = shared.state.lock();
+        // Only when no call runs at all: under load, handing the async thread's work
+        // elsewhere costs more than the hop it saves.
+        if state.closed || state.running > 0 {
+            return None;
+        }
+        let free = shared.workers - state.running;
+        let key: Arc<str> = match state.tenants.get_key_value(tenant) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(tenant),
+        };
+        let queue = state.tenants.entry(key.clone()).or_default();
+        let keeps_spare = queue.running > 0 && free <= 1 && shared.workers > 1;
+        if !queue.waiting.is_empty()
+            || queue.running >= shared.fairness.tenant_in_flight
+            || keeps_spare
+        {
+            if queue.running == 0 && queue.waiting.is_empty() {
+                state.tenants.remove(&key);
+            }
+            return None;
+        }
+        queue.running += 1;
+        state.running += 1;
+        Some(HereSlot {
+            shared: shared.clone(),
+            tenant: key,
+        })
     }
 
     /// Calls shed so far.

@@ -134,3 +134,62 @@ async fn a_call_that_waited_too_long_is_shed() {
     outcomes.sort();
     assert_eq!(outcomes, ["ran", "shed"]);
 }
+
+/// `call_direct` runs a call on the caller's own thread when every worker is idle (no
+/// hand-over), and on a worker otherwise; the answer is the same either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_call_runs_here_only_while_the_workers_are_idle() {
+    // `reflect` answers the name of the thread it runs on; given `hold`, it first says
+    // it started and waits to be released.
+    let (started_tx, started) = std::sync::mpsc::channel::<()>();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let hold = std::sync::Mutex::new((started_tx, release_rx));
+    let engine = Engine::builder()
+        .workers(2)
+        .host_function(deadlift_engine::HostFunction::bytes(
+            "reflect",
+            move |_ctx, input| {
+                if input == b"hold" {
+                    let hold = hold.lock().unwrap();
+                    hold.0.send(()).unwrap();
+                    hold.1.recv().unwrap();
+                }
+                Ok(std::thread::current()
+                    .name()
+                    .unwrap_or_default()
+                    .as_bytes()
+                    .to_vec())
+            },
+        ))
+        .build()
+        .unwrap();
+    let caller = add(&engine, "tenant-a", "host_caller");
+    let grant = Grant::default().allow(["reflect"]);
+    let thread_of = |out: deadlift_engine::CallOutput| String::from_utf8(out.output).unwrap();
+    let tenant_a = ctx("tenant-a");
+    let call_direct = || engine.call_direct(&caller, "call_reflect", b"", &grant, &tenant_a);
+    let here = thread_of(call_direct().await.unwrap());
+    assert!(!here.starts_with("deadlift-worker"), "{here}");
+    let queued = engine
+        .call(&caller, "call_reflect", b"", &grant, &ctx("tenant-a"))
+        .await
+        .unwrap();
+    assert!(thread_of(queued).starts_with("deadlift-worker"));
+    // While another tenant's call runs, a direct call goes to a worker like any other.
+    let other = add(&engine, "tenant-b", "host_caller");
+    let busy = {
+        let (engine, grant) = (engine.clone(), grant.clone());
+        tokio::spawn(async move {
+            engine
+                .call(&other, "call_reflect", b"hold", &grant, &ctx("tenant-b"))
+                .await
+        })
+    };
+    tokio::task::spawn_blocking(move || started.recv().unwrap())
+        .await
+        .unwrap();
+    let during = thread_of(call_direct().await.unwrap());
+    release.send(()).unwrap();
+    busy.await.unwrap().unwrap();
+    assert!(during.starts_with("deadlift-worker"), "{during}");
+}
