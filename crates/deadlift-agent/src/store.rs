@@ -458,6 +458,42 @@ impl ModuleStore for Database {
             .collect::<Result<_, _>>()?)
     }
 
+    fn named(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<ModuleInfo>, StoreError> {
+        let text: Option<String> = self
+            .read()
+            .prepare_cached(
+                "SELECT info FROM modules WHERE tenant = ?1 AND name = ?2 AND version = ?3",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![tenant, name, version.unwrap_or("")], |row| {
+                    row.get(0)
+                })
+                .optional()
+            })
+            .map_err(DbError::from)?;
+        Ok(text.map(|t| Self::decode_info(&t)).transpose()?)
+    }
+
+    fn newest(&self, tenant: &str, name: &str) -> Result<Option<ModuleInfo>, StoreError> {
+        let text: Option<String> = self
+            .read()
+            .prepare_cached(
+                "SELECT info FROM modules WHERE tenant = ?1 AND name = ?2
+                 ORDER BY created_unix_ms DESC, rowid DESC LIMIT 1",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![tenant, name], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(DbError::from)?;
+        Ok(text.map(|t| Self::decode_info(&t)).transpose()?)
+    }
+
     fn bytes(&self, id: &ModuleId) -> Result<Option<Arc<[u8]>>, StoreError> {
         let bytes: Option<Vec<u8>> = self
             .conn()
@@ -690,6 +726,34 @@ mod tests {
         // Opening again changes nothing more.
         let db = Database::open(&path).unwrap();
         assert_eq!(ModuleStore::list(&db, "v1").unwrap().len(), 1);
+    }
+
+    /// Issue 12: a call by name listed (and decoded) every module of the tenant; names
+    /// are now looked up by the index, with the same answers.
+    #[test]
+    fn names_resolve_through_the_index_as_the_list_would() {
+        let db = Database::in_memory().unwrap();
+        db.create_tenant("a").unwrap();
+        for (n, version) in [None, Some("1"), Some("2")].into_iter().enumerate() {
+            let bytes = [0u8, 97, 115, 109, 1, 0, 0, 0, n as u8];
+            let mut info = module_info("a", "m", &bytes);
+            info.version = version.map(str::to_owned);
+            info.created_unix_ms = 10 + n as u64;
+            ModuleStore::insert(&db, &info, &bytes).unwrap();
+        }
+        let version = |m: Option<ModuleInfo>| m.map(|m| m.version);
+        assert_eq!(
+            version(db.newest("a", "m").unwrap()),
+            Some(Some("2".into()))
+        );
+        assert_eq!(version(db.named("a", "m", None).unwrap()), Some(None));
+        assert_eq!(
+            version(db.named("a", "m", Some("1")).unwrap()),
+            Some(Some("1".into()))
+        );
+        assert_eq!(db.named("a", "m", Some("3")).unwrap(), None);
+        assert_eq!(db.newest("a", "other").unwrap(), None);
+        assert_eq!(db.newest("b", "m").unwrap(), None);
     }
 
     /// Issue 11: a module's manifest outlived the module, so uploading the same bytes

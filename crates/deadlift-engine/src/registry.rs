@@ -330,6 +330,27 @@ pub trait ModuleStore: Send + Sync + 'static {
     fn get(&self, tenant: &str, id: &ModuleId) -> Result<Option<ModuleInfo>, StoreError>;
     /// All of a tenant's modules, by name then version.
     fn list(&self, tenant: &str) -> Result<Vec<ModuleInfo>, StoreError>;
+    /// The tenant's module of this name and version (`None`: registered without one).
+    /// Stores with an index override it: calls resolve names on every request.
+    fn named(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<ModuleInfo>, StoreError> {
+        Ok(self
+            .list(tenant)?
+            .into_iter()
+            .find(|m| m.name == name && m.version.as_deref() == version))
+    }
+    /// The tenant's newest registration of this name, whatever its version.
+    fn newest(&self, tenant: &str, name: &str) -> Result<Option<ModuleInfo>, StoreError> {
+        Ok(self
+            .list(tenant)?
+            .into_iter()
+            .filter(|m| m.name == name)
+            .max_by_key(|m| m.created_unix_ms))
+    }
     fn bytes(&self, id: &ModuleId) -> Result<Option<Arc<[u8]>>, StoreError>;
     /// Removes a tenant's record (bytes go when no tenant refers to them). Returns
     /// whether there was one.
@@ -440,9 +461,7 @@ impl Registry {
         }
         if let Some(other) = self
             .store
-            .list(tenant)?
-            .into_iter()
-            .find(|m| m.name == module.name && m.version == module.version)
+            .named(tenant, &module.name, module.version.as_deref())?
         {
             return Err(ModuleError::NameConflict {
                 name: module.name.clone(),
@@ -524,14 +543,13 @@ impl Registry {
             Some((name, version)) => (name, Some(version)),
             None => (reference, None),
         };
-        self.store
-            .list(tenant)?
-            .into_iter()
-            .filter(|m| m.name == name && (version.is_none() || m.version.as_deref() == version))
-            .max_by_key(|m| m.created_unix_ms)
-            .ok_or_else(|| ModuleError::NotFound {
-                reference: reference.to_owned(),
-            })
+        let found = match version {
+            Some(version) => self.store.named(tenant, name, Some(version))?,
+            None => self.store.newest(tenant, name)?,
+        };
+        found.ok_or_else(|| ModuleError::NotFound {
+            reference: reference.to_owned(),
+        })
     }
 
     pub fn bytes(&self, id: &ModuleId) -> Result<Arc<[u8]>, ModuleError> {
