@@ -169,7 +169,9 @@ impl Shared {
         None
     }
 
-    fn finished(&self, tenant: &Arc<str>) {
+    /// A call of `tenant` ended. A worker that ran it goes straight on to the next
+    /// ready call itself, so only a call that ran elsewhere (`HereSlot`) wakes one.
+    fn finished(&self, tenant: &Arc<str>, wake: bool) {
         let mut state = self.state.lock();
         state.running -= 1;
         let Some(queue) = state.tenants.get_mut(tenant) else {
@@ -181,8 +183,7 @@ impl Shared {
         } else {
             state.offer(tenant, self.fairness.tenant_in_flight);
         }
-        // A worker freed: whoever waited for the last free one may go now.
-        if !state.ring.is_empty() {
+        if wake && !state.ring.is_empty() {
             self.wake.notify_one();
         }
     }
@@ -196,7 +197,7 @@ pub(super) struct HereSlot {
 
 impl Drop for HereSlot {
     fn drop(&mut self) {
-        self.shared.finished(&self.tenant);
+        self.shared.finished(&self.tenant, true);
     }
 }
 
@@ -285,7 +286,13 @@ impl WorkerPool {
             return Err(shared.shed_error(tenant, "has calls waiting longer than the bound"));
         }
         queue.waiting.push_back(Queued { job, since: now });
-        if state.offer(&key, shared.fairness.tenant_in_flight) {
+        let busy_tenant = queue.running > 0;
+        // Wake a worker only if one could start the call now: otherwise (every worker
+        // busy, or only the spare free and the tenant already running) the next worker
+        // to finish takes it.
+        let free = shared.workers - state.running;
+        let startable = free > 0 && !(busy_tenant && free <= 1 && shared.workers > 1);
+        if state.offer(&key, shared.fairness.tenant_in_flight) && startable {
             shared.wake.notify_one();
         }
         Ok(())
@@ -349,6 +356,6 @@ fn work(shared: &Shared) {
         if std::panic::catch_unwind(AssertUnwindSafe(|| (job.job)(Admission::Run))).is_err() {
             tracing::error!("a call panicked; the worker carries on");
         }
-        shared.finished(&tenant);
+        shared.finished(&tenant, false);
     }
 }
