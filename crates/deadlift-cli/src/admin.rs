@@ -12,6 +12,7 @@ use crate::client::{Remote, cell, path_segment, print_json, table};
 pub enum TenantCommand {
     /// Create a tenant
     Create {
+        /// The tenant's name (lowercase letters, digits, `-`)
         name: String,
         #[command(flatten)]
         remote: Remote,
@@ -30,6 +31,7 @@ pub enum TokenCommand {
         /// The tenant the token acts for
         #[arg(value_name = "TENANT")]
         owner: String,
+        /// What the token is for, shown in `token list`
         #[arg(long)]
         description: Option<String>,
         #[command(flatten)]
@@ -42,6 +44,7 @@ pub enum TokenCommand {
     },
     /// Revoke a token by id
     Revoke {
+        /// The token's id, as `token list` shows it
         id: String,
         #[command(flatten)]
         remote: Remote,

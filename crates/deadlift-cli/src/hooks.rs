@@ -17,9 +17,11 @@ pub enum HookCommand {
     },
     /// Bind one of your modules' functions to a hook
     Bind {
+        /// The hook's name, as `hook list` shows it
         hook: String,
         /// Module reference: name, name@version or sha256:...
         module: String,
+        /// The module's exported function to bind
         #[arg(long)]
         function: String,
         #[command(flatten)]
@@ -27,6 +29,7 @@ pub enum HookCommand {
     },
     /// Remove your binding from a hook
     Unbind {
+        /// The hook's name
         hook: String,
         #[command(flatten)]
         remote: Remote,

@@ -17,11 +17,15 @@ use crate::local::read_module;
 pub enum ModuleCommand {
     /// Upload a .wasm file
     Push {
+        /// The .wasm file
         file: PathBuf,
+        /// The module's name: calls and workflows refer to it
         #[arg(long)]
         name: String,
+        /// A version; `name@version` then refers to exactly these bytes
         #[arg(long)]
         version: Option<String>,
+        /// What the module does, for people
         #[arg(long)]
         description: Option<String>,
         #[command(flatten)]
@@ -31,6 +35,7 @@ pub enum ModuleCommand {
     },
     /// Show a module's manifest, or store one (any option given replaces it whole)
     Manifest {
+        /// Module reference: name, name@version or sha256:...
         module: String,
         #[command(flatten)]
         manifest: ManifestArgs,
@@ -44,13 +49,16 @@ pub enum ModuleCommand {
     },
     /// Show one module (by name, name@version or sha256:...)
     Show {
+        /// Module reference: name, name@version or sha256:...
         module: String,
         #[command(flatten)]
         remote: Remote,
     },
     /// Call a module's function
     Call {
+        /// Module reference: name, name@version or sha256:...
         module: String,
+        /// The exported function to call
         function: String,
         /// Input (JSON or any text)
         #[arg(long, default_value = "")]
@@ -60,6 +68,7 @@ pub enum ModuleCommand {
     },
     /// Delete a module
     Delete {
+        /// Module reference: name, name@version or sha256:...
         module: String,
         #[command(flatten)]
         remote: Remote,
@@ -84,8 +93,10 @@ pub struct ManifestArgs {
     /// Most 64 KiB pages of memory, as the SDK's `max_pages`
     #[arg(long)]
     max_pages: Option<u32>,
+    /// Wall-clock limit of one call, in ms
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// Instruction budget of one call
     #[arg(long)]
     fuel: Option<u64>,
 }
@@ -133,6 +144,7 @@ impl ManifestArgs {
 pub enum KvCommand {
     /// List keys
     List {
+        /// Only keys that start with this
         #[arg(long, default_value = "")]
         prefix: String,
         #[command(flatten)]
@@ -140,19 +152,23 @@ pub enum KvCommand {
     },
     /// Print a value
     Get {
+        /// The key
         key: String,
         #[command(flatten)]
         remote: Remote,
     },
     /// Set a value
     Set {
+        /// The key
         key: String,
+        /// The value (stored as these bytes)
         value: String,
         #[command(flatten)]
         remote: Remote,
     },
     /// Delete a key
     Delete {
+        /// The key
         key: String,
         #[command(flatten)]
         remote: Remote,

@@ -12,6 +12,7 @@ use crate::client::{Remote, cell, joined, path_segment, print_json, rows, table}
 pub enum PeerCommand {
     /// Register (or replace) a peer agent (admin)
     Add {
+        /// The peer's name here (its agent's name)
         name: String,
         /// The peer's base URL, e.g. http://127.0.0.1:8081
         url: String,
@@ -37,12 +38,14 @@ pub enum PeerCommand {
     },
     /// Remove a peer (admin)
     Remove {
+        /// The peer's name
         name: String,
         #[command(flatten)]
         remote: Remote,
     },
     /// Deliveries to peers: pending, delivered or dead (admin)
     Outbox {
+        /// pending, delivered or dead
         #[arg(long)]
         status: Option<String>,
         #[command(flatten)]
@@ -50,6 +53,7 @@ pub enum PeerCommand {
     },
     /// Send a dead delivery again (admin)
     Replay {
+        /// The delivery's id, as `peer outbox` shows it
         id: i64,
         #[command(flatten)]
         remote: Remote,

@@ -13,6 +13,7 @@ use crate::client::{Remote, SseDecoder, cell, path_segment, print_json, rows, ta
 pub enum RunsCommand {
     /// List runs, newest first
     List {
+        /// Runs of this workflow
         #[arg(long)]
         workflow: Option<String>,
         /// queued, running, succeeded, failed or cancelled
@@ -33,6 +34,7 @@ pub enum RunsCommand {
         /// Older than this position (the `next` of the previous page)
         #[arg(long)]
         before: Option<i64>,
+        /// At most this many runs
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[command(flatten)]
@@ -40,24 +42,28 @@ pub enum RunsCommand {
     },
     /// Show a run with every step, its logs and errors
     Show {
+        /// The run's id
         id: String,
         #[command(flatten)]
         remote: Remote,
     },
     /// Run a failed or cancelled run again from its failed step
     Retry {
+        /// The run's id
         id: String,
         #[command(flatten)]
         remote: Remote,
     },
     /// Cancel a queued or running run
     Cancel {
+        /// The run's id
         id: String,
         #[command(flatten)]
         remote: Remote,
     },
     /// Follow runs live as they start and finish
     Tail {
+        /// Only runs of this workflow
         #[arg(long)]
         workflow: Option<String>,
         #[command(flatten)]
@@ -77,6 +83,7 @@ pub enum DlqCommand {
     },
     /// Replay a dead letter: its run runs again from the failed step
     Replay {
+        /// The dead letter's id, as `dlq list` shows it
         id: i64,
         #[command(flatten)]
         remote: Remote,

@@ -16,6 +16,7 @@ use crate::runs::print_run;
 pub enum WorkflowCommand {
     /// Apply a workflow file (TOML, or JSON when it ends in .json): a new version
     Apply {
+        /// The workflow file
         file: PathBuf,
         /// The workflow's name, when the file does not give one (default: the file stem)
         #[arg(long)]
@@ -30,18 +31,21 @@ pub enum WorkflowCommand {
     },
     /// Show a workflow's current version (as TOML)
     Show {
+        /// The workflow's name
         name: String,
         #[command(flatten)]
         remote: Remote,
     },
     /// Delete a workflow (its runs stay in the history)
     Delete {
+        /// The workflow's name
         name: String,
         #[command(flatten)]
         remote: Remote,
     },
     /// Start a run
     Run {
+        /// The workflow's name
         name: String,
         /// The run's input, as JSON
         #[arg(long, default_value = "null")]
@@ -67,6 +71,7 @@ pub enum EventCommand {
         /// The event id (default: a new one); the same id twice has no second effect
         #[arg(long)]
         id: Option<String>,
+        /// The event's source (CloudEvents `source`)
         #[arg(long, default_value = "deadlift-cli")]
         source: String,
         #[command(flatten)]
