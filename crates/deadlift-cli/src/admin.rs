@@ -6,7 +6,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::client::{Remote, cell, path_segment, print_json, table};
+use crate::client::{Remote, cell, path_segment, print_json, report, table};
 
 #[derive(Debug, Subcommand)]
 pub enum TenantCommand {
@@ -139,6 +139,11 @@ pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
             client
                 .send(client.request(Method::DELETE, &format!("/v1/tokens/{}", path_segment(&id))))
                 .await?;
+            report(
+                &remote,
+                json!({ "revoked": id }),
+                format!("token {id} revoked"),
+            )?;
         }
     }
     Ok(())

@@ -121,6 +121,15 @@ pub fn print_json(value: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What an action that answers no document did: `json` with `--json`, else `text`.
+pub fn report(remote: &Remote, json: Value, text: impl std::fmt::Display) -> anyhow::Result<()> {
+    if remote.json {
+        return print_json(&json);
+    }
+    println!("{text}");
+    Ok(())
+}
+
 /// One message of a Server-Sent Events stream.
 #[derive(Debug, PartialEq, Eq)]
 pub struct SseMessage {

@@ -6,7 +6,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::client::{Remote, cell, joined, path_segment, print_json, rows, table};
+use crate::client::{Remote, cell, joined, path_segment, print_json, report, rows, table};
 
 #[derive(Debug, Subcommand)]
 pub enum HookCommand {
@@ -83,7 +83,11 @@ pub async fn hook(command: HookCommand) -> anyhow::Result<()> {
                     &format!("/v1/hooks/{}/binding", path_segment(&hook)),
                 ))
                 .await?;
-            println!("unbound from {hook}");
+            report(
+                &remote,
+                json!({ "hook": hook, "unbound": true }),
+                format!("unbound from {hook}"),
+            )?;
         }
     }
     Ok(())

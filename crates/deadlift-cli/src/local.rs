@@ -153,6 +153,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     grant.config.extend(args.config);
     let ctx = CallContext::new(args.tenant);
     let mut stdout = std::io::stdout().lock();
+    // The output's bytes exactly; a newline after them only for a person at a terminal.
+    let terminal = std::io::IsTerminal::is_terminal(&stdout);
     for _ in 0..args.repeat.max(1) {
         let out = match engine.call_blocking(&module.id, &args.function, &input, &grant, &ctx) {
             Ok(out) => out,
@@ -162,7 +164,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             eprintln!("[guest {:?}] {}", line.level, line.message);
         }
         stdout.write_all(&out.output)?;
-        writeln!(stdout)?;
+        if terminal {
+            writeln!(stdout)?;
+        }
+        stdout.flush()?;
         eprintln!(
             "module {}: {} in {:?}, {} fuel",
             module.id, args.function, out.duration, out.fuel_used

@@ -10,7 +10,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::client::{Remote, cell, path_segment, print_json, table};
+use crate::client::{Remote, cell, path_segment, print_json, report, table};
 use crate::local::read_module;
 
 #[derive(Debug, Subcommand)]
@@ -335,9 +335,11 @@ pub async fn module(command: ModuleCommand) -> anyhow::Result<()> {
                     &format!("/v1/modules/{}", path_segment(&module)),
                 ))
                 .await?;
-            if !remote.json {
-                println!("deleted {module}");
-            }
+            report(
+                &remote,
+                json!({ "deleted": module }),
+                format!("deleted {module}"),
+            )?;
         }
     }
     Ok(())
@@ -384,12 +386,22 @@ pub async fn kv(command: KvCommand) -> anyhow::Result<()> {
                         .body(value),
                 )
                 .await?;
+            report(
+                &remote,
+                json!({ "key": key, "stored": true }),
+                format!("stored {key}"),
+            )?;
         }
         KvCommand::Delete { key, remote } => {
             let client = remote.client()?;
             client
                 .send(client.request(Method::DELETE, &format!("/v1/kv/{}", path_segment(&key))))
                 .await?;
+            report(
+                &remote,
+                json!({ "key": key, "deleted": true }),
+                format!("deleted {key}"),
+            )?;
         }
     }
     Ok(())

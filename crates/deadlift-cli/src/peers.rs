@@ -6,7 +6,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::client::{Remote, cell, joined, path_segment, print_json, rows, table};
+use crate::client::{Remote, cell, joined, path_segment, print_json, report, rows, table};
 
 #[derive(Debug, Subcommand)]
 pub enum PeerCommand {
@@ -128,7 +128,11 @@ pub async fn peer(command: PeerCommand) -> anyhow::Result<()> {
                     &format!("/v1/peers/{}", path_segment(&name)),
                 ))
                 .await?;
-            println!("peer {name} removed");
+            report(
+                &remote,
+                json!({ "removed": name }),
+                format!("peer {name} removed"),
+            )?;
         }
         PeerCommand::Outbox { status, remote } => {
             let client = remote.client()?;
@@ -160,7 +164,11 @@ pub async fn peer(command: PeerCommand) -> anyhow::Result<()> {
             client
                 .send(client.request(Method::POST, &format!("/v1/outbox/{id}/replay")))
                 .await?;
-            println!("delivery {id} queued again");
+            report(
+                &remote,
+                json!({ "delivery": id, "queued": true }),
+                format!("delivery {id} queued again"),
+            )?;
         }
     }
     Ok(())

@@ -5,9 +5,11 @@
 use anyhow::Context;
 use clap::Subcommand;
 use reqwest::Method;
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::client::{Remote, SseDecoder, cell, path_segment, print_json, rows, table, time};
+use crate::client::{
+    Remote, SseDecoder, cell, path_segment, print_json, report, rows, table, time,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum RunsCommand {
@@ -268,7 +270,11 @@ pub async fn runs(command: RunsCommand) -> anyhow::Result<()> {
                     &format!("/v1/runs/{}/retry", path_segment(&id)),
                 ))
                 .await?;
-            println!("run {id} queued again from its failed step");
+            report(
+                &remote,
+                json!({ "run": id, "queued": true }),
+                format!("run {id} queued again from its failed step"),
+            )?;
         }
         RunsCommand::Cancel { id, remote } => {
             let client = remote.client()?;
@@ -278,7 +284,11 @@ pub async fn runs(command: RunsCommand) -> anyhow::Result<()> {
                     &format!("/v1/runs/{}/cancel", path_segment(&id)),
                 ))
                 .await?;
-            println!("run {id} cancelled");
+            report(
+                &remote,
+                json!({ "run": id, "cancelled": true }),
+                format!("run {id} cancelled"),
+            )?;
         }
         RunsCommand::Tail { workflow, remote } => tail(remote, workflow).await?,
     }

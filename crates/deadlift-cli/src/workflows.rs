@@ -212,12 +212,19 @@ pub async fn workflow(command: WorkflowCommand) -> anyhow::Result<()> {
             }
             let answer = client.json(request).await?;
             if remote.json {
-                return print_json(&answer);
-            }
-            if answer.get("steps").is_some() {
+                print_json(&answer)?;
+            } else if answer.get("steps").is_some() {
                 print_run(&answer);
             } else {
                 println!("run {} queued", cell(&answer["run_id"]));
+            }
+            // A waited run that did not succeed fails the command, for scripts.
+            if wait && answer["status"] != "succeeded" {
+                anyhow::bail!(
+                    "run {} ended {}",
+                    cell(&answer["id"]),
+                    cell(&answer["status"])
+                );
             }
         }
     }

@@ -233,13 +233,15 @@ fn agents_deliver_signed_events_and_refuse_bad_deliveries() {
             "default",
         ],
     );
-    let failed = json_out(
-        &payments,
-        &payments_admin,
+    // The waited run fails: the command prints it and exits 1.
+    let out = payments.cli(
+        Some(&payments_admin),
         &[
-            "workflow", "run", "nowhere", "--wait", "--tenant", "default",
+            "workflow", "run", "nowhere", "--wait", "--tenant", "default", "--json",
         ],
     );
+    assert!(!out.status.success());
+    let failed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(failed["error"]["code"], "peer_not_found", "{failed}");
 
     // Hand-made deliveries, signed with payments' own key (read from its data dir).

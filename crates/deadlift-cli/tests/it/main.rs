@@ -292,3 +292,53 @@ fn a_hangup_reloads_the_policy_from_the_config_file() {
     }
     assert_eq!(seen, 2000);
 }
+
+/// Issue 14: `module delete`, `kv set`, `kv delete`, `runs retry` and `peer remove`
+/// printed nothing with `--json`; every action now answers a JSON document with it.
+#[test]
+fn actions_answer_json_with_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let admin = server.admin_token.clone().unwrap();
+    server.ok(Some(&admin), &["tenant", "create", "acme"]);
+    let created = server.ok(Some(&admin), &["token", "create", "acme", "--json"]);
+    let token: serde_json::Value = serde_json::from_str(&created).unwrap();
+    let token = token["token"].as_str().unwrap().to_owned();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = server.ok(Some(&token), args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed {out:?}: {e}"))
+    };
+    server.ok(
+        Some(&token),
+        &["module", "push", &fixture("add_ten"), "--name", "adder"],
+    );
+    assert_eq!(json(&["kv", "set", "k", "v", "--json"])["stored"], true);
+    assert_eq!(json(&["kv", "delete", "k", "--json"])["deleted"], true);
+    assert_eq!(
+        json(&["module", "delete", "adder", "--json"])["deleted"],
+        "adder"
+    );
+}
+
+/// Issue 14: `deadlift run` added a newline to the plug-in's output (`ff fe` became
+/// `ff fe 0a`), and log lines carried colour escapes into files and pipes.
+#[test]
+fn run_prints_the_output_bytes_exactly_and_no_colour_into_a_pipe() {
+    let out = Command::new(BIN)
+        .args(["run", &fixture("echo"), "echo", "--input", "no newline"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"no newline");
+    assert!(!out.stderr.is_empty(), "info lines were logged");
+    assert!(
+        !out.stderr.contains(&0x1b),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

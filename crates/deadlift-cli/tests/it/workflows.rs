@@ -160,11 +160,21 @@ fn a_user_drives_workflows_events_runs_and_dead_letters_from_the_cli() {
     );
 
     // A run with a bad input fails, is dead-lettered, and replays after a fix.
-    let waited = ok(&["workflow", "run", "load", "--input", "\"x\"", "--wait"]);
-    assert!(
-        waited.contains("status     failed") && waited.contains("guest_error"),
-        "{waited}"
+    // Issue 14: a waited run that failed exited 0. It prints the run and exits 1.
+    let waited = server.cli(
+        Some(&admin),
+        &with(&["workflow", "run", "load", "--input", "\"x\"", "--wait"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
     );
+    assert!(!waited.status.success());
+    let printed = String::from_utf8_lossy(&waited.stdout);
+    assert!(
+        printed.contains("status     failed") && printed.contains("guest_error"),
+        "{printed}"
+    );
+    assert!(String::from_utf8_lossy(&waited.stderr).contains("ended failed"));
     let letters: Value = serde_json::from_str(&ok(&["dlq", "list", "--json"])).unwrap();
     let letter = letters[0]["id"].to_string();
     let failed_run = letters[0]["run_id"].as_str().unwrap().to_owned();
