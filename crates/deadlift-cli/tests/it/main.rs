@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 
 mod federation;
+mod readme;
 mod workflows;
 
 const BIN: &str = env!("CARGO_BIN_EXE_deadlift");
