@@ -80,6 +80,11 @@ impl Client {
         }
         let status = response.status();
         let body: Value = response.json().await.unwrap_or(Value::Null);
+        if body["error"]["details"]["needs"] == "tenant" && self.tenant.is_none() {
+            bail!(
+                "an admin token acts on a tenant's data only for a named tenant: add --tenant <name> (or set DEADLIFT_TENANT)"
+            );
+        }
         match (
             body["error"]["message"].as_str(),
             body["error"]["code"].as_str(),

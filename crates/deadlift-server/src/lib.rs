@@ -327,6 +327,8 @@ impl Caller {
                 Code::Forbidden,
                 "an admin token acts on a tenant's data only with an X-Deadlift-Tenant header",
             )
+            // Lets a client name its own way of giving the tenant (the CLI's `--tenant`).
+            .with_details(serde_json::json!({ "needs": "tenant" }))
         })
     }
 

@@ -319,6 +319,11 @@ fn actions_answer_json_with_json() {
         json(&["module", "delete", "adder", "--json"])["deleted"],
         "adder"
     );
+    // Issue 14: an admin without --tenant was told about an HTTP header.
+    let out = server.cli(Some(&admin), &["module", "list"]);
+    assert!(!out.status.success());
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(message.contains("--tenant"), "{message}");
 }
 
 /// Issue 14: `deadlift run` added a newline to the plug-in's output (`ff fe` became
