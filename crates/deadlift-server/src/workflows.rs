@@ -16,9 +16,10 @@ use serde_json::Value;
 
 use crate::error::ErrorBody;
 use crate::{AgentState, ApiError, Caller, RawBody, json};
-use deadlift_agent::workflow::event::parse_events;
+use deadlift_agent::workflow::event::{BATCH_CONTENT_TYPE, parse_binary, parse_events};
 use deadlift_agent::workflow::{
-    DeadLetter, Ingested, Run, RunFilter, RunSummary, TraceParent, WorkflowSpec, WorkflowVersion,
+    DeadLetter, Ingested, Run, RunFilter, RunSummary, TraceParent, WorkflowError, WorkflowSpec,
+    WorkflowVersion,
 };
 use deadlift_engine::Code;
 
@@ -185,8 +186,33 @@ pub(super) async fn publish_events(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let events =
-        parse_events(content_type, &body).map_err(deadlift_agent::workflow::WorkflowError::from)?;
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    // Binary mode: the attributes in `ce-*` headers, the data in the body.
+    let binary = headers.contains_key("ce-specversion")
+        && !essence.eq_ignore_ascii_case("application/cloudevents+json")
+        && !essence.eq_ignore_ascii_case(BATCH_CONTENT_TYPE);
+    let mut events = if binary {
+        let attributes = headers
+            .iter()
+            .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)));
+        vec![parse_binary(attributes, content_type, &body).map_err(WorkflowError::from)?]
+    } else {
+        parse_events(content_type, &body).map_err(WorkflowError::from)?
+    };
+    // The request's own trace context (W3C `traceparent` header) is the trace of the
+    // events that carry none.
+    if let Some(traceparent) = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|text| TraceParent::parse(text).is_some())
+    {
+        for event in &mut events {
+            event
+                .extensions
+                .entry("traceparent".to_owned())
+                .or_insert_with(|| serde_json::Value::String(traceparent.to_owned()));
+        }
+    }
     let ingested = agent.workflows().publish(&tenant, events).await?;
     Ok(json(
         StatusCode::ACCEPTED,

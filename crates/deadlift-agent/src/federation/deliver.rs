@@ -273,6 +273,14 @@ async fn attempt(
     for (name, value) in webhook.headers() {
         request = request.header(name, value);
     }
+    // The trace travels as an HTTP header too (W3C Trace Context), for the tools in
+    // between; a batch carries its first event's, each event keeps its own inside.
+    if let Some(traceparent) = serde_json::from_str::<serde_json::Value>(&entry.body)
+        .ok()
+        .and_then(|event| event.get("traceparent")?.as_str().map(str::to_owned))
+    {
+        request = request.header("traceparent", traceparent);
+    }
     let sent = request.body(body).send().await;
     let error = match sent {
         Ok(response) if response.status().is_success() => {

@@ -59,8 +59,10 @@ pub enum EventError {
     Syntax(String),
     #[error("event {index}: {message}")]
     Invalid { index: usize, message: String },
-    #[error("a batch must hold 1 to {MAX_BATCH} events")]
+    #[error("a batch holds at most {MAX_BATCH} events")]
     BatchSize,
+    #[error("binary mode: {0}")]
+    Binary(String),
     #[error(
         "content type `{0}` is not accepted; send application/cloudevents+json, application/json or application/cloudevents-batch+json"
     )]
@@ -141,11 +143,8 @@ impl CloudEvent {
                 ));
             }
         }
-        if let Some(traceparent) = self.extensions.get("traceparent") {
-            let text = traceparent.as_str().unwrap_or_default();
-            TraceParent::parse(text)
-                .ok_or_else(|| format!("traceparent `{traceparent}` is not W3C trace context"))?;
-        }
+        // A `traceparent` that is not W3C trace context is no reason to refuse the
+        // event: as W3C says, the trace restarts (`complete`).
         Ok(())
     }
 
@@ -154,12 +153,16 @@ impl CloudEvent {
         if self.time.is_none() {
             self.time = Some(now_rfc3339());
         }
-        if !self.extensions.contains_key("traceparent") {
-            self.extensions.insert(
-                "traceparent".into(),
-                Value::String(TraceParent::new_root().to_string()),
-            );
-        }
+        // Absent or invalid: a new trace. A later version's is kept as the version we
+        // speak, as W3C asks of a receiver that understands its first fields.
+        let trace = self
+            .extensions
+            .get("traceparent")
+            .and_then(Value::as_str)
+            .and_then(TraceParent::parse)
+            .unwrap_or_else(TraceParent::new_root);
+        self.extensions
+            .insert("traceparent".into(), Value::String(trace.to_string()));
     }
 
     /// The trace this event belongs to.
@@ -206,7 +209,8 @@ pub fn parse_events(content_type: &str, body: &[u8]) -> Result<Vec<CloudEvent>, 
         }
         _ => return Err(EventError::ContentType(essence)),
     };
-    if events.is_empty() || events.len() > MAX_BATCH {
+    // An empty batch is allowed (the HTTP binding allows it): nothing happens.
+    if events.len() > MAX_BATCH {
         return Err(EventError::BatchSize);
     }
     for (index, event) in events.iter().enumerate() {
@@ -215,6 +219,63 @@ pub fn parse_events(content_type: &str, body: &[u8]) -> Result<Vec<CloudEvent>, 
             .map_err(|message| EventError::Invalid { index, message })?;
     }
     Ok(events)
+}
+
+/// One event in the HTTP binding's binary mode: its attributes in `ce-*` headers (values
+/// percent-encoded), its data the body, typed by `content_type`. `headers` are the
+/// request's, names lower-case.
+pub fn parse_binary<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+    content_type: &str,
+    body: &[u8],
+) -> Result<CloudEvent, EventError> {
+    let mut attributes = serde_json::Map::new();
+    for (name, value) in headers {
+        let Some(attribute) = name.strip_prefix("ce-") else {
+            continue;
+        };
+        let value = percent_encoding::percent_decode_str(value)
+            .decode_utf8()
+            .map_err(|_| EventError::Binary(format!("header `{name}` is not UTF-8")))?;
+        attributes.insert(attribute.to_owned(), Value::String(value.into_owned()));
+    }
+    if !content_type.is_empty() {
+        attributes.insert(
+            "datacontenttype".into(),
+            Value::String(content_type.to_owned()),
+        );
+    }
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if !body.is_empty() {
+        let json = essence == "application/json" || essence.ends_with("+json");
+        let (key, data) = if json {
+            let data = serde_json::from_slice(body)
+                .map_err(|e| EventError::Binary(format!("the body is not JSON: {e}")))?;
+            ("data", data)
+        } else if essence.starts_with("text/")
+            && let Ok(text) = std::str::from_utf8(body)
+        {
+            ("data", Value::String(text.to_owned()))
+        } else {
+            use base64::Engine as _;
+            (
+                "data_base64",
+                Value::String(base64::engine::general_purpose::STANDARD.encode(body)),
+            )
+        };
+        attributes.insert(key.into(), data);
+    }
+    let event: CloudEvent = serde_json::from_value(Value::Object(attributes))
+        .map_err(|e| EventError::Binary(e.to_string()))?;
+    event
+        .validate()
+        .map_err(|message| EventError::Invalid { index: 0, message })?;
+    Ok(event)
 }
 
 /// W3C trace context: `00-<trace id>-<parent span id>-<flags>`.
@@ -226,11 +287,25 @@ pub struct TraceParent {
 }
 
 impl TraceParent {
+    /// Parses a `traceparent` as W3C Trace Context says: version 00 exactly; a later
+    /// version by its first four fields (what follows them is ignored); `ff`, upper-case
+    /// hex, wrong lengths and all-zero ids are invalid.
     pub fn parse(text: &str) -> Option<Self> {
         let mut parts = text.split('-');
         let (version, trace, span, flags) =
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || version != "00" {
+        let lower_hex = |s: &str, len: usize| {
+            s.len() == len
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        if !lower_hex(version, 2) || version == "ff" {
+            return None;
+        }
+        if version == "00" && parts.next().is_some() {
+            return None;
+        }
+        if !lower_hex(trace, 32) || !lower_hex(span, 16) || !lower_hex(flags, 2) {
             return None;
         }
         let mut trace_id = [0u8; 16];
@@ -239,8 +314,7 @@ impl TraceParent {
         hex::decode_to_slice(trace, &mut trace_id).ok()?;
         hex::decode_to_slice(span, &mut span_id).ok()?;
         hex::decode_to_slice(flags, &mut flag).ok()?;
-        let lowercase = |s: &str| !s.chars().any(|c| c.is_ascii_uppercase());
-        if trace_id == [0; 16] || span_id == [0; 8] || !lowercase(trace) || !lowercase(span) {
+        if trace_id == [0; 16] || span_id == [0; 8] {
             return None;
         }
         Some(Self {
@@ -367,10 +441,6 @@ mod tests {
                 json!({"specversion":"1.0","id":"e","source":"s","type":"a","Bad_Ext":"1"}),
                 "Bad_Ext",
             ),
-            (
-                json!({"specversion":"1.0","id":"e","source":"s","type":"a","traceparent":"00-00-00-00"}),
-                "traceparent",
-            ),
         ];
         for (event, word) in cases {
             let error = parse_events("application/json", event.to_string().as_bytes()).unwrap_err();
@@ -379,8 +449,13 @@ mod tests {
                 "{error} should mention {word}"
             );
         }
+        let too_many = serde_json::to_string(&vec![
+            json!({"specversion": "1.0", "id": "e", "source": "s", "type": "a"});
+            MAX_BATCH + 1
+        ])
+        .unwrap();
         assert_eq!(
-            parse_events(BATCH_CONTENT_TYPE, b"[]").unwrap_err(),
+            parse_events(BATCH_CONTENT_TYPE, too_many.as_bytes()).unwrap_err(),
             EventError::BatchSize
         );
         assert!(matches!(
@@ -409,5 +484,67 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(2));
         let b = new_id("run_");
         assert!(a < b && a.len() == 36);
+    }
+
+    /// Issue 14: a `traceparent` of a later version, or with upper-case hex, failed the
+    /// whole event with 400. W3C says to parse later versions by their first fields and
+    /// to restart the trace on invalid input.
+    #[test]
+    fn trace_context_is_parsed_forward_compatibly_and_invalid_input_restarts_the_trace() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let later = format!("cc-{trace}-00f067aa0ba902b7-01-what-comes-next");
+        let parsed = TraceParent::parse(&later).unwrap();
+        assert_eq!(
+            parsed.to_string(),
+            format!("00-{trace}-00f067aa0ba902b7-01")
+        );
+        for invalid in [
+            format!("00-{}-00f067aa0ba902b7-01", trace.to_uppercase()),
+            format!("ff-{trace}-00f067aa0ba902b7-01"),
+            format!("00-{trace}-00f067aa0ba902b7-01-extra"),
+            format!("00-{trace}-0000000000000000-01"),
+            "00-00-00-00".to_owned(),
+        ] {
+            assert_eq!(TraceParent::parse(&invalid), None, "{invalid}");
+            let body = json!({"specversion": "1.0", "id": "e", "source": "s", "type": "a", "traceparent": invalid});
+            let mut events = parse_events("application/json", body.to_string().as_bytes()).unwrap();
+            events[0].complete();
+            let restarted = events[0].extensions["traceparent"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            assert!(TraceParent::parse(&restarted).is_some(), "{restarted}");
+            assert_ne!(restarted, invalid);
+        }
+    }
+
+    /// Issue 14: binary mode (`ce-*` headers) was refused, and so was an empty batch;
+    /// the CloudEvents HTTP binding has receivers take both.
+    #[test]
+    fn binary_mode_and_empty_batches_are_accepted() {
+        let headers = [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "b-1"),
+            ("ce-source", "/orders"),
+            ("ce-type", "orders.created"),
+            ("ce-subject", "caf%C3%A9"),
+            ("ce-shard", "7"),
+            ("content-length", "9"),
+        ];
+        let event = parse_binary(headers, "application/json", br#"{"n": 15}"#).unwrap();
+        assert_eq!(event.id, "b-1");
+        assert_eq!(event.data, Some(json!({"n": 15})));
+        assert_eq!(event.subject.as_deref(), Some("café"));
+        assert_eq!(event.extensions["shard"], "7");
+        let text = parse_binary(headers, "text/plain", b"hello").unwrap();
+        assert_eq!(text.data, Some(json!("hello")));
+        let bytes = parse_binary(headers, "application/octet-stream", &[0xff, 0xfe]).unwrap();
+        assert_eq!(bytes.data_base64.as_deref(), Some("//4="));
+        assert!(parse_binary(headers[1..].iter().copied(), "application/json", b"1").is_err());
+        assert!(parse_binary(headers, "application/json", b"{").is_err());
+        assert_eq!(
+            parse_events(BATCH_CONTENT_TYPE, b"[]").unwrap(),
+            Vec::<CloudEvent>::new()
+        );
     }
 }

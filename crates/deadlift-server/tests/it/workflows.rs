@@ -1185,3 +1185,67 @@ async fn ticker_runs(client: &Client<'_>) -> usize {
     let page = client.get("/v1/runs?workflow=ticker&limit=500").await;
     page["runs"].as_array().unwrap().len()
 }
+
+/// Issue 14: binary-mode CloudEvents and empty batches were refused; a `traceparent`
+/// header was ignored; a later-version or upper-case `traceparent` failed the event.
+#[tokio::test]
+async fn events_arrive_in_binary_mode_and_carry_the_requests_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let client = Client::new(&agent);
+    client.push("add-ten", "add_ten").await;
+    client
+        .applied(
+            "bin",
+            r#"
+            [trigger]
+            event = "bin.*"
+            [[steps]]
+            id = "add"
+            call = "add-ten"
+            "#,
+        )
+        .await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let binary = client
+        .request(Method::POST, "/v1/events")
+        .header("content-type", "application/json")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "bin-1")
+        .header("ce-source", "/tests")
+        .header("ce-type", "bin.created")
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .body("5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(binary.status().as_u16(), 202);
+    let runs = client.runs_until("event_id=bin-1", finished).await;
+    assert_eq!(runs[0]["status"], "succeeded", "{runs:?}");
+    assert_eq!(runs[0]["trace_id"], trace);
+    let run = client.run_by_id(runs[0]["id"].as_str().unwrap()).await;
+    assert_eq!(run["output"], 15);
+
+    // A later version is understood by its first fields; upper case restarts the trace.
+    let later = format!("cc-{trace}-00f067aa0ba902b7-01-more");
+    let mut with_later = event("bin-2", "bin.created", json!(1));
+    with_later["traceparent"] = json!(later);
+    client.publish(with_later).await;
+    let mut upper = event("bin-3", "bin.created", json!(1));
+    upper["traceparent"] = json!(format!("00-{}-00f067aa0ba902b7-01", trace.to_uppercase()));
+    client.publish(upper).await;
+    let later_run = client.runs_until("event_id=bin-2", finished).await;
+    assert_eq!(later_run[0]["trace_id"], trace);
+    let restarted = client.runs_until("event_id=bin-3", finished).await;
+    assert_ne!(restarted[0]["trace_id"], trace);
+
+    let empty = client
+        .request(Method::POST, "/v1/events")
+        .header("content-type", "application/cloudevents-batch+json")
+        .body("[]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(empty.status().as_u16(), 202);
+    agent.stop().await;
+}
