@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use crate::{Path, Query};
+use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -127,7 +128,7 @@ async fn upload_module(
     State(agent): State<AgentState>,
     caller: Caller,
     headers: HeaderMap,
-    query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<axum::extract::Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
     request: Request,
 ) -> Result<Response, ApiError> {
     let tenant = caller.tenant()?;
@@ -141,7 +142,7 @@ async fn upload_module(
             .map_err(|e| ApiError::new(Code::NotMultipart, e.body_text()))?;
         module_from_form(form).await?
     } else {
-        let Query(query) = query.map_err(|e| {
+        let axum::extract::Query(query) = query.map_err(|e| {
             ApiError::new(
                 Code::MissingField,
                 format!(

@@ -1,7 +1,8 @@
 //! The `/v1/hooks` routes: the extension points the embedding application declared, and
 //! the caller's tenant binding one of its module functions to one of them.
 
-use axum::extract::{Path, State};
+use crate::Path;
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, put};
 use axum::{Json, Router};

@@ -391,3 +391,42 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result
 pub(crate) fn json<T: serde::Serialize>(status: StatusCode, value: T) -> Response {
     (status, Json(value)).into_response()
 }
+
+/// `axum::extract::Path` answering a bad segment (`/v1/outbox/abc/replay`) with the
+/// JSON error shape, not axum's plain text.
+pub(crate) struct Path<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| Path(value))
+            .map_err(|rejection| {
+                ApiError::new(
+                    Code::BadRequest,
+                    format!("bad path: {}", rejection.body_text()),
+                )
+            })
+    }
+}
+
+/// `axum::extract::Query`, likewise answering bad parameters with the JSON error shape.
+pub(crate) struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(value)| Query(value))
+            .map_err(|rejection| {
+                ApiError::new(
+                    Code::BadRequest,
+                    format!("bad query: {}", rejection.body_text()),
+                )
+            })
+    }
+}

@@ -4,7 +4,8 @@
 //! → 401; an event type the peer may not send → 403; otherwise it is committed
 //! (deduplicated by id) and answered 200.
 
-use axum::extract::{Path, Query, State};
+use crate::{Path, Query};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
@@ -16,7 +17,6 @@ use crate::{AgentState, ApiError, Caller, RawBody, json, parse_json};
 use deadlift_agent::federation::{
     FederationError, OutboxEntry, OutboxStatus, Peer, Received, Webhook,
 };
-use deadlift_engine::Code;
 
 impl From<FederationError> for ApiError {
     fn from(e: FederationError) -> Self {
@@ -101,10 +101,9 @@ pub(super) struct OutboxQuery {
 pub(super) async fn outbox(
     State(agent): State<AgentState>,
     caller: Caller,
-    query: Result<Query<OutboxQuery>, axum::extract::rejection::QueryRejection>,
+    Query(query): Query<OutboxQuery>,
 ) -> Result<Json<Vec<OutboxEntry>>, ApiError> {
     caller.require_admin()?;
-    let Query(query) = query.map_err(|e| ApiError::new(Code::BadRequest, e.body_text()))?;
     Ok(Json(
         agent
             .federation()

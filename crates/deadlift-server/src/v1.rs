@@ -3,8 +3,9 @@
 //! (pipelines of subjects, run by the workflow runtime and recorded as runs), acting for
 //! the default tenant, with the contract's "must" error behaviour (JSON errors, 404/409/413/422).
 
+use crate::Path;
+use axum::extract::State;
 use axum::extract::multipart::{Multipart, MultipartRejection};
-use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};

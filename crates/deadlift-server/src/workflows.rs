@@ -5,7 +5,8 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use crate::{Path, Query};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -136,12 +137,11 @@ pub(super) async fn start_run(
     State(agent): State<AgentState>,
     caller: Caller,
     Path(name): Path<String>,
-    query: Result<Query<StartQuery>, axum::extract::rejection::QueryRejection>,
+    Query(query): Query<StartQuery>,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let tenant = caller.tenant()?;
-    let Query(query) = query.map_err(|e| ApiError::new(Code::BadRequest, e.body_text()))?;
     let input: Value = if body.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
@@ -236,10 +236,9 @@ pub(super) struct RunPage {
 pub(super) async fn list_runs(
     State(agent): State<AgentState>,
     caller: Caller,
-    query: Result<Query<RunFilter>, axum::extract::rejection::QueryRejection>,
+    Query(filter): Query<RunFilter>,
 ) -> Result<Json<RunPage>, ApiError> {
     let tenant = caller.tenant()?;
-    let Query(filter) = query.map_err(|e| ApiError::new(Code::BadRequest, e.body_text()))?;
     let limit = filter.limit.unwrap_or(50).clamp(1, 500) as usize;
     let runs = agent.workflows().runs(&tenant, filter).await?;
     let next = (runs.len() == limit)
@@ -352,10 +351,9 @@ pub(super) struct DeadLetterQuery {
 pub(super) async fn list_dead_letters(
     State(agent): State<AgentState>,
     caller: Caller,
-    query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
+    Query(query): Query<DeadLetterQuery>,
 ) -> Result<Json<Vec<DeadLetter>>, ApiError> {
     let tenant = caller.tenant()?;
-    let Query(query) = query.map_err(|e| ApiError::new(Code::BadRequest, e.body_text()))?;
     Ok(Json(
         agent
             .workflows()

@@ -820,3 +820,32 @@ async fn a_module_over_the_size_cap_is_answered_413() {
     assert_eq!(agent.agent.engine().stats().compiled, 0);
     agent.stop().await;
 }
+
+/// Issue 14: a bad integer in a path answered `text/plain`, not the JSON error shape.
+#[tokio::test]
+async fn bad_path_and_query_values_answer_the_json_error_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    for (method, path) in [
+        (reqwest::Method::POST, "/v1/outbox/abc/replay"),
+        (reqwest::Method::POST, "/v1/dead-letters/1e9x/replay"),
+        (reqwest::Method::GET, "/v1/runs?limit=many"),
+        (reqwest::Method::GET, "/v1/runs?status=sideways"),
+    ] {
+        let response = agent
+            .http
+            .request(method, agent.url(path))
+            .bearer_auth(ADMIN)
+            .header("x-deadlift-tenant", "default")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/json",
+            "{path}"
+        );
+        TestAgent::expect_error(response, 400, "bad_request").await;
+    }
+    agent.stop().await;
+}
