@@ -182,6 +182,32 @@ async fn metrics(State(agent): State<AgentState>) -> Response {
     for (name, help, value) in agent.workflows().stats().counters() {
         counter(name, help, "counter", value);
     }
+    // Backlogs: what waits. (An event is routed in the transaction that stores it, so
+    // no event ever waits for routing.)
+    let (queued, running) = agent
+        .workflows()
+        .journal()
+        .open_runs()
+        .await
+        .unwrap_or_default();
+    counter(
+        "deadlift_runs_queued",
+        "Runs waiting to start.",
+        "gauge",
+        queued,
+    );
+    counter("deadlift_runs_running", "Runs under way.", "gauge", running);
+    let pending = agent
+        .federation()
+        .outbox_pending()
+        .await
+        .unwrap_or_default();
+    counter(
+        "deadlift_outbox_pending",
+        "Deliveries to peers waiting to be sent.",
+        "gauge",
+        pending,
+    );
     counter(
         "deadlift_idle_instances",
         "Warm instances in pools.",

@@ -256,6 +256,12 @@ impl Federation {
         Ok(tokio::task::spawn_blocking(move || peers::list(&db.read(), status, limit)).await??)
     }
 
+    /// Deliveries waiting to be sent, to every peer.
+    pub async fn outbox_pending(&self) -> Result<u64, FederationError> {
+        let db = self.db.clone();
+        Ok(tokio::task::spawn_blocking(move || peers::pending(&db.read())).await??)
+    }
+
     /// Sends a dead delivery again.
     pub async fn replay(&self, id: i64) -> Result<(), FederationError> {
         let now = now_ms();

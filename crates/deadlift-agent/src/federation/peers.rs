@@ -92,6 +92,13 @@ pub(crate) fn remove_peer(conn: &Connection, name: &str) -> Result<bool, DbError
     Ok(conn.execute("DELETE FROM peers WHERE name = ?1", [name])? > 0)
 }
 
+/// Deliveries waiting to be sent, to every peer.
+pub(crate) fn pending(conn: &Connection) -> Result<u64, DbError> {
+    Ok(conn
+        .prepare_cached("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")?
+        .query_row([], |row| row.get(0))?)
+}
+
 pub(crate) fn list_peers(conn: &Connection) -> Result<Vec<Peer>, DbError> {
     let mut statement = conn.prepare_cached(
         "SELECT name, url, public_key, tenant, send, accept, created_unix_ms FROM peers ORDER BY name",

@@ -328,6 +328,11 @@ impl Journal {
         self.request(|reply| Command::Flush { reply }).await
     }
 
+    /// Runs queued and runs running now, across tenants.
+    pub async fn open_runs(&self) -> Result<(u64, u64), DbError> {
+        self.read(sqlite::open_run_counts).await
+    }
+
     pub async fn runs(&self, tenant: &str, filter: RunFilter) -> Result<Vec<RunSummary>, DbError> {
         let tenant = tenant.to_owned();
         self.read(move |conn| sqlite::list_runs(conn, &tenant, &filter))

@@ -190,3 +190,46 @@ async fn a_peer_must_name_its_tenant() {
     assert!(message.contains("tenant"), "{message}");
     agent.stop().await;
 }
+
+/// Issue 14: `/metrics` had no backlog gauges. A delivery to a peer that cannot be
+/// reached waits in the outbox, and the gauge says so.
+#[tokio::test]
+async fn metrics_show_the_backlogs() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    agent
+        .agent
+        .federation()
+        .add_peer(Peer {
+            name: "gone".into(),
+            // Nothing listens on the discard port.
+            url: "http://127.0.0.1:9".into(),
+            public_key: agent.agent.federation().identity().public_key(),
+            tenant: "default".into(),
+            send: vec!["gone.>".into()],
+            accept: Vec::new(),
+            created_unix_ms: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        publish(&agent, json!([event("g-1", "gone.out")]))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+    let metrics = agent
+        .http
+        .get(agent.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("deadlift_outbox_pending 1"), "{metrics}");
+    assert!(metrics.contains("deadlift_runs_queued 0"), "{metrics}");
+    assert!(metrics.contains("deadlift_runs_running 0"), "{metrics}");
+    agent.stop().await;
+}

@@ -202,3 +202,14 @@ pub(crate) fn dead_letter_run(
         )
         .optional()?)
 }
+
+/// Runs waiting to start and runs under way, across tenants: the runner's backlog.
+pub(crate) fn open_run_counts(conn: &Connection) -> Result<(u64, u64), DbError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT COUNT(*) FILTER (WHERE status = 'queued'),
+                    COUNT(*) FILTER (WHERE status = 'running')
+             FROM runs WHERE status IN ('queued', 'running')",
+        )?
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))?)
+}
