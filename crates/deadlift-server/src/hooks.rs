@@ -42,7 +42,7 @@ pub(super) struct BindRequest {
     function: String,
 }
 
-#[utoipa::path(put, path = "/v1/hooks/{name}/binding", tag = "hooks", security(("bearer" = [])),
+#[utoipa::path(put, path = "/v1/hooks/{name}/binding", tag = "hooks", security(("bearer" = [])), params(("name" = String, Path, description = "The hook's name")),
     request_body = BindRequest,
     responses((status = 204, description = "Bound"),
         (status = 400, description = "The module does not fit the hook", body = ErrorBody),
@@ -71,7 +71,7 @@ pub(super) async fn bind(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(delete, path = "/v1/hooks/{name}/binding", tag = "hooks", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/v1/hooks/{name}/binding", tag = "hooks", security(("bearer" = [])), params(("name" = String, Path, description = "The hook's name")),
     responses((status = 204, description = "Unbound"), (status = 404, description = "Not bound", body = ErrorBody)))]
 pub(super) async fn unbind(
     State(agent): State<AgentState>,

@@ -76,7 +76,7 @@ pub(super) async fn add_peer(
     Ok(json(StatusCode::CREATED, stored))
 }
 
-#[utoipa::path(delete, path = "/v1/peers/{name}", tag = "federation", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/v1/peers/{name}", tag = "federation", security(("bearer" = [])), params(("name" = String, Path, description = "The peer's name")),
     responses((status = 204, description = "Removed"), (status = 404, description = "No such peer", body = ErrorBody)))]
 pub(super) async fn remove_peer(
     State(agent): State<AgentState>,
@@ -112,7 +112,7 @@ pub(super) async fn outbox(
     ))
 }
 
-#[utoipa::path(post, path = "/v1/outbox/{id}/replay", tag = "federation", security(("bearer" = [])),
+#[utoipa::path(post, path = "/v1/outbox/{id}/replay", tag = "federation", security(("bearer" = [])), params(("id" = i64, Path, description = "The delivery's id")),
     responses((status = 202, description = "Queued again"), (status = 409, description = "Not dead", body = ErrorBody)))]
 pub(super) async fn replay(
     State(agent): State<AgentState>,

@@ -48,7 +48,7 @@ pub(super) fn routes() -> Router<AgentState> {
 }
 
 /// Applies a workflow document: JSON, or TOML with a TOML content type.
-#[utoipa::path(put, path = "/v1/workflows/{name}", tag = "workflows", security(("bearer" = [])),
+#[utoipa::path(put, path = "/v1/workflows/{name}", tag = "workflows", security(("bearer" = [])), params(("name" = String, Path, description = "The workflow's name")),
     request_body(content = WorkflowSpec, description = "The workflow document (JSON; TOML with `Content-Type: application/toml`)"),
     responses((status = 200, description = "Stored as a new version", body = WorkflowVersion),
         (status = 400, description = "Invalid: `error.details.errors` lists each field and why", body = ErrorBody)))]
@@ -86,7 +86,7 @@ pub(super) async fn list_workflows(
     Ok(Json(agent.workflows().workflows(&tenant).await?))
 }
 
-#[utoipa::path(get, path = "/v1/workflows/{name}", tag = "workflows", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/workflows/{name}", tag = "workflows", security(("bearer" = [])), params(("name" = String, Path, description = "The workflow's name")),
     responses((status = 200, description = "The workflow's current version", body = WorkflowVersion),
         (status = 404, description = "No such workflow", body = ErrorBody)))]
 pub(super) async fn get_workflow(
@@ -98,7 +98,7 @@ pub(super) async fn get_workflow(
     Ok(Json(agent.workflows().workflow(&tenant, &name).await?))
 }
 
-#[utoipa::path(delete, path = "/v1/workflows/{name}", tag = "workflows", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/v1/workflows/{name}", tag = "workflows", security(("bearer" = [])), params(("name" = String, Path, description = "The workflow's name")),
     responses((status = 204, description = "Deleted; its runs and versions stay in the history"),
         (status = 404, description = "No such workflow", body = ErrorBody)))]
 pub(super) async fn delete_workflow(
@@ -128,7 +128,7 @@ pub(super) struct StartedRun {
 }
 
 /// Starts a run over HTTP; the body (JSON, may be empty for null) is its input.
-#[utoipa::path(post, path = "/v1/workflows/{name}/runs", tag = "runs", security(("bearer" = [])), params(StartQuery),
+#[utoipa::path(post, path = "/v1/workflows/{name}/runs", tag = "runs", security(("bearer" = [])), params(("name" = String, Path, description = "The workflow's name"), StartQuery),
     request_body(content = Object, description = "The run's input"),
     responses((status = 202, description = "Queued (or, with wait, not finished in time)", body = StartedRun),
         (status = 200, description = "With wait: the finished run", body = Run),
@@ -247,7 +247,7 @@ pub(super) async fn list_runs(
     Ok(Json(RunPage { runs, next }))
 }
 
-#[utoipa::path(get, path = "/v1/runs/{id}", tag = "runs", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/runs/{id}", tag = "runs", security(("bearer" = [])), params(("id" = String, Path, description = "The run's id")),
     responses((status = 200, description = "The run with every journaled step", body = Run),
         (status = 404, description = "No such run", body = ErrorBody)))]
 pub(super) async fn get_run(
@@ -259,7 +259,7 @@ pub(super) async fn get_run(
     Ok(Json(agent.workflows().run(&tenant, &id).await?))
 }
 
-#[utoipa::path(post, path = "/v1/runs/{id}/retry", tag = "runs", security(("bearer" = [])),
+#[utoipa::path(post, path = "/v1/runs/{id}/retry", tag = "runs", security(("bearer" = [])), params(("id" = String, Path, description = "The run's id")),
     responses((status = 202, description = "Queued again from its failed step", body = StartedRun),
         (status = 404, description = "No such run", body = ErrorBody),
         (status = 409, description = "The run is not failed or cancelled", body = ErrorBody)))]
@@ -273,7 +273,7 @@ pub(super) async fn retry_run(
     Ok(json(StatusCode::ACCEPTED, StartedRun { run_id: id }))
 }
 
-#[utoipa::path(post, path = "/v1/runs/{id}/cancel", tag = "runs", security(("bearer" = [])),
+#[utoipa::path(post, path = "/v1/runs/{id}/cancel", tag = "runs", security(("bearer" = [])), params(("id" = String, Path, description = "The run's id")),
     responses((status = 202, description = "Cancelled", body = StartedRun),
         (status = 404, description = "No such run", body = ErrorBody),
         (status = 409, description = "The run has already finished", body = ErrorBody)))]
@@ -362,7 +362,7 @@ pub(super) async fn list_dead_letters(
     ))
 }
 
-#[utoipa::path(post, path = "/v1/dead-letters/{id}/replay", tag = "runs", security(("bearer" = [])),
+#[utoipa::path(post, path = "/v1/dead-letters/{id}/replay", tag = "runs", security(("bearer" = [])), params(("id" = i64, Path, description = "The dead letter's id")),
     responses((status = 202, description = "Its run is queued again from the failed step", body = StartedRun),
         (status = 404, description = "No such dead letter", body = ErrorBody),
         (status = 409, description = "Already replayed and not failed again", body = ErrorBody)))]

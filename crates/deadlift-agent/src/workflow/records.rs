@@ -236,6 +236,7 @@ pub struct NewRun {
 
 /// Filters for listing runs.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RunFilter {
     pub workflow: Option<String>,
     pub status: Option<RunStatus>,
