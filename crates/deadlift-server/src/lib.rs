@@ -98,18 +98,24 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-async fn healthz() -> StatusCode {
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 204, description = "The process is up")))]
+pub(crate) async fn healthz() -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
 /// Ready when the database answers.
-async fn readyz(State(agent): State<AgentState>) -> Result<StatusCode, ApiError> {
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 204, description = "The database answers"), (status = 500, description = "It does not", body = error::ErrorBody)))]
+pub(crate) async fn readyz(State(agent): State<AgentState>) -> Result<StatusCode, ApiError> {
     tokio::task::spawn_blocking(move || agent.db().schema_version()).await??;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Prometheus text exposition of the engine's counters.
-async fn metrics(State(agent): State<AgentState>) -> Response {
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Counters, gauges and histograms in the Prometheus text format", content_type = "text/plain", body = String)))]
+pub(crate) async fn metrics(State(agent): State<AgentState>) -> Response {
     use std::fmt::Write;
     let stats = agent.engine().stats();
     let mut out = String::new();
