@@ -155,7 +155,7 @@ struct UploadQuery {
 
 /// Upload: the module's bytes as the body, its metadata in the query string.
 #[utoipa::path(post, path = "/v1/modules", tag = "modules", security(("bearer" = [])), params(UploadQuery),
-    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The module's Wasm bytes, metadata in the query string; or multipart/form-data with the file in `module` and fields `name`, `version`, `title`, `description`"),
+    request_body(content = String, content_type = "application/wasm", description = "The module's Wasm bytes, metadata in the query string; or multipart/form-data with the file in `module` and fields `name`, `version`, `title`, `description`"),
     responses((status = 201, description = "Registered (or already registered identically)", body = ModuleInfo),
         (status = 400, description = "Not a valid Extism plug-in, or metadata missing", body = ErrorBody),
         (status = 409, description = "Name and version taken by other bytes", body = ErrorBody),
@@ -368,7 +368,7 @@ struct CallQuery {
 #[utoipa::path(post, path = "/v1/modules/{reference}/call/{function}", tag = "modules", security(("bearer" = [])),
     params(("reference" = String, Path, description = "`name`, `name@version` or `sha256:<hex>`"),
         ("function" = String, Path, description = "The exported function"), CallQuery),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The call's input bytes"),
+    request_body(content = String, content_type = "application/octet-stream", description = "The call's input bytes"),
     responses((status = 200, description = "The call's output", body = CallResponse),
         (status = 404, description = "No such module or function", body = ErrorBody),
         (status = 413, description = "Input over the limit", body = ErrorBody),
@@ -607,7 +607,7 @@ async fn get_kv(
 }
 
 #[utoipa::path(put, path = "/v1/kv/{key}", tag = "kv", security(("bearer" = [])), params(("key" = String, Path, description = "The key")),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    request_body(content = String, content_type = "application/octet-stream"),
     responses((status = 204, description = "Stored"), (status = 400, description = "Invalid key", body = ErrorBody), (status = 413, description = "Value too large", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn put_kv(
     State(agent): State<AgentState>,

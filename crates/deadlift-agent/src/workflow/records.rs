@@ -113,9 +113,7 @@ pub struct StepRecord {
     /// The module actually called (`sha256:...`), for call steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
-    #[schema(value_type = Object)]
     pub input: Value,
-    #[schema(value_type = Object)]
     pub output: Value,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logs: Vec<LogLine>,
@@ -166,9 +164,7 @@ pub struct RunSummary {
 pub struct Run {
     #[serde(flatten)]
     pub summary: RunSummary,
-    #[schema(value_type = Object)]
     pub input: Value,
-    #[schema(value_type = Option<Object>)]
     pub output: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<CloudEvent>,
