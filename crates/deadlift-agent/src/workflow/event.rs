@@ -191,14 +191,20 @@ impl CloudEvent {
     }
 }
 
-/// Parses a request body as one event or a batch, by content type, and validates it.
-pub fn parse_events(content_type: &str, body: &[u8]) -> Result<Vec<CloudEvent>, EventError> {
-    let essence = content_type
+/// A content type without its parameters, lower case: `application/json; charset=utf-8`
+/// is `application/json`.
+fn media_type(content_type: &str) -> String {
+    content_type
         .split(';')
         .next()
         .unwrap_or_default()
         .trim()
-        .to_ascii_lowercase();
+        .to_ascii_lowercase()
+}
+
+/// Parses a request body as one event or a batch, by content type, and validates it.
+pub fn parse_events(content_type: &str, body: &[u8]) -> Result<Vec<CloudEvent>, EventError> {
+    let essence = media_type(content_type);
     let events: Vec<CloudEvent> = match essence.as_str() {
         BATCH_CONTENT_TYPE => {
             serde_json::from_slice(body).map_err(|e| EventError::Syntax(e.to_string()))?
@@ -244,12 +250,7 @@ pub fn parse_binary<'a>(
             Value::String(content_type.to_owned()),
         );
     }
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
+    let essence = media_type(content_type);
     if !body.is_empty() {
         let json = essence == "application/json" || essence.ends_with("+json");
         let (key, data) = if json {

@@ -219,15 +219,7 @@ async fn metrics_show_the_backlogs() {
             .as_u16(),
         202
     );
-    let metrics = agent
-        .http
-        .get(agent.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = agent.metrics().await;
     assert!(metrics.contains("deadlift_outbox_pending 1"), "{metrics}");
     assert!(metrics.contains("deadlift_runs_queued 0"), "{metrics}");
     assert!(metrics.contains("deadlift_runs_running 0"), "{metrics}");

@@ -337,15 +337,7 @@ async fn health_readiness_and_metrics() {
     api.push("adder", "add_ten").await;
     api.call("adder", "_main", "1").await;
     api.call("adder", "_main", "\"x\"").await;
-    let text = agent
-        .http
-        .get(agent.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = agent.metrics().await;
     assert!(text.contains("deadlift_calls_total 2"), "{text}");
     assert!(
         text.contains("deadlift_call_errors_by_code_total{code=\"guest_error\"} 1"),
@@ -831,15 +823,7 @@ async fn a_flooding_tenant_is_answered_429_and_others_are_served() {
     statuses.sort();
     // One runs (and times out), one waits and runs, two are shed.
     assert_eq!(statuses, [422, 422, 429, 429]);
-    let metrics = agent
-        .http
-        .get(agent.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = agent.metrics().await;
     assert!(metrics.contains("deadlift_calls_shed_total 2"), "{metrics}");
     agent.stop().await;
 }

@@ -1165,15 +1165,7 @@ async fn v1_workflows_execute_as_pipelines_and_are_recorded_as_runs() {
 
 /// A counter from the agent's `/metrics`.
 async fn metric(agent: &TestAgent, name: &str) -> u64 {
-    let metrics = agent
-        .http
-        .get(agent.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = agent.metrics().await;
     metrics
         .lines()
         .find_map(|line| line.strip_prefix(&format!("{name} ")))
