@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorBody;
 use crate::{AgentState, ApiError, Caller, RawBody, json, multipart_error, parse_json};
-use crate::{hooks, peers, policy, workflows};
+use crate::{hooks, peers, policy, v1, workflows};
 use deadlift_agent::agent::new_token;
 use deadlift_agent::manifest::{Manifest, ManifestError};
 use deadlift_agent::store::{Principal, TokenInfo};
@@ -61,7 +61,8 @@ pub(super) fn routes() -> Router<AgentState> {
         peers::outbox, peers::replay, peers::receive,
         hooks::list, hooks::bind, hooks::unbind,
         policy::get_policy, policy::put_policy,
-        crate::healthz, crate::readyz, crate::metrics
+        crate::healthz, crate::readyz, crate::metrics,
+        v1::status, v1::upload, v1::list, v1::execute, v1::create_workflow, v1::execute_workflow
     ),
     components(schemas(ErrorBody, ModuleInfo, CallResponse, LogLine, TokenInfo, CreatedToken, NewTenant, NewToken)),
     modifiers(&BearerAuth)

@@ -9,6 +9,8 @@ use axum::extract::multipart::{Multipart, MultipartRejection};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+
+use crate::error::ErrorBody;
 use axum::{Extension, Json, Router};
 use serde::Serialize;
 
@@ -30,15 +32,20 @@ pub(super) fn routes() -> Router<AgentState> {
 }
 
 /// A v1 workflow: a pipeline of module subjects.
-#[derive(Debug, serde::Deserialize)]
-struct NewV1Workflow {
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+pub(crate) struct NewV1Workflow {
     name: String,
     #[serde(default)]
     description: Option<String>,
     pipeline: Vec<String>,
 }
 
-async fn create_workflow(
+#[utoipa::path(post, path = "/api/v1/workflows", tag = "v1", operation_id = "v1_create_workflow", security((), ("bearer" = [])),
+    request_body(content = NewV1Workflow, description = "A pipeline of module subjects"),
+    responses((status = 201, description = "The new workflow's integer id, as text", content_type = "text/plain", body = String),
+        (status = 400, description = "Not such a document, or an unknown subject", body = ErrorBody),
+        (status = 401, description = "A token is needed here", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+pub(crate) async fn create_workflow(
     State(agent): State<AgentState>,
     Extension(listening): Extension<Listening>,
     headers: HeaderMap,
@@ -69,7 +76,15 @@ async fn create_workflow(
     Ok((StatusCode::CREATED, id.to_string()).into_response())
 }
 
-async fn execute_workflow(
+#[utoipa::path(post, path = "/api/v1/workflows/{id}/execute", tag = "v1", operation_id = "v1_execute_workflow", security((), ("bearer" = [])),
+    params(("id" = i64, Path, description = "The workflow's integer id")),
+    request_body(content = serde_json::Value, description = "Any JSON value: the pipeline's input"),
+    responses((status = 200, description = "The pipeline's output (any JSON value)", body = serde_json::Value),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
+        (status = 404, description = "No such workflow", body = ErrorBody),
+        (status = 422, description = "A step failed", body = ErrorBody),
+        (status = 401, description = "A token is needed here", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+pub(crate) async fn execute_workflow(
     State(agent): State<AgentState>,
     Extension(listening): Extension<Listening>,
     Path(id): Path<String>,
@@ -112,7 +127,9 @@ fn json_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
     })
 }
 
-async fn status() -> StatusCode {
+#[utoipa::path(get, path = "/status", tag = "v1", operation_id = "v1_status",
+    responses((status = 204, description = "The agent is up (the original's health check)")))]
+pub(crate) async fn status() -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
@@ -146,7 +163,14 @@ async fn check_access(
     }
 }
 
-async fn upload(
+#[utoipa::path(post, path = "/api/v1/modules", tag = "v1", security((), ("bearer" = [])), operation_id = "v1_upload_module",
+    request_body(content = String, content_type = "multipart/form-data", description = "Fields `binary` (the .wasm file), `subject`, `title`, `description`"),
+    responses((status = 201, description = "The module's hash (hex), as text", content_type = "text/plain", body = String),
+        (status = 400, description = "Not a valid plug-in, or a field missing", body = ErrorBody),
+        (status = 409, description = "The subject is taken by other bytes", body = ErrorBody),
+        (status = 413, description = "Over the size limit", body = ErrorBody),
+        (status = 401, description = "A token is needed here", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+pub(crate) async fn upload(
     State(agent): State<AgentState>,
     Extension(listening): Extension<Listening>,
     headers: HeaderMap,
@@ -240,15 +264,18 @@ async fn upload(
     }
 }
 
-#[derive(Serialize)]
-struct V1Module {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct V1Module {
     hash: String,
     title: String,
     description: String,
     subject: String,
 }
 
-async fn list(
+#[utoipa::path(get, path = "/api/v1/modules", tag = "v1", operation_id = "v1_list_modules", security((), ("bearer" = [])),
+    responses((status = 200, description = "The v1 tenant's modules", body = Vec<V1Module>),
+        (status = 401, description = "A token is needed here", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+pub(crate) async fn list(
     State(agent): State<AgentState>,
     Extension(listening): Extension<Listening>,
     headers: HeaderMap,
@@ -268,7 +295,15 @@ async fn list(
     Ok(Json(listed).into_response())
 }
 
-async fn execute(
+#[utoipa::path(post, path = "/api/v1/modules/{hash}/execute", tag = "v1", operation_id = "v1_execute_module", security((), ("bearer" = [])),
+    params(("hash" = String, Path, description = "The module's hash (hex)")),
+    request_body(content = serde_json::Value, description = "Any JSON value: the module's input"),
+    responses((status = 200, description = "The module's output (any JSON value)", body = serde_json::Value),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
+        (status = 404, description = "No such module", body = ErrorBody),
+        (status = 422, description = "The plug-in failed, or its output is not JSON", body = ErrorBody),
+        (status = 401, description = "A token is needed here", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+pub(crate) async fn execute(
     State(agent): State<AgentState>,
     Extension(listening): Extension<Listening>,
     Path(hash): Path<String>,

@@ -415,7 +415,16 @@ async fn the_openapi_document_describes_the_routes() {
     }
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
     assert!(doc["components"]["schemas"]["ModuleInfo"].is_object());
-    for path in ["/healthz", "/readyz", "/metrics"] {
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/status",
+        "/api/v1/modules",
+        "/api/v1/modules/{hash}/execute",
+        "/api/v1/workflows",
+        "/api/v1/workflows/{id}/execute",
+    ] {
         assert!(paths.contains_key(path), "missing {path}");
     }
     // Issue 14: 401 and 403 were undocumented on secured operations.
