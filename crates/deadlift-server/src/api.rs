@@ -80,7 +80,8 @@ impl utoipa::Modify for BearerAuth {
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
         // Every operation that takes a token answers 401 without one and 403 when the
-        // token may not act: say so once, here, rather than on every handler.
+        // token may not act, and every one that takes input may answer 400: say so once,
+        // here, rather than on every handler.
         use utoipa::openapi::{Ref, RefOr, ResponseBuilder};
         let error = |description: &str| {
             RefOr::T(
@@ -104,6 +105,18 @@ impl utoipa::Modify for BearerAuth {
                 &mut item.patch,
             ];
             for operation in operations.into_iter().flatten() {
+                // Anything that takes input can refuse it with 400.
+                let takes_input = operation.request_body.is_some()
+                    || operation.parameters.as_ref().is_some_and(|p| !p.is_empty());
+                if takes_input {
+                    operation
+                        .responses
+                        .responses
+                        .entry("400".to_owned())
+                        .or_insert_with(|| {
+                            error("The request is malformed: a bad parameter or body")
+                        });
+                }
                 if operation.security.as_ref().is_none_or(Vec::is_empty) {
                     continue;
                 }
