@@ -456,6 +456,8 @@ async fn call_module(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewTenant {
+    /// 1 to 64 characters of a-z, 0-9, `-` or `_`.
+    #[schema(pattern = "^[a-z0-9_-]{1,64}$")]
     name: String,
 }
 
