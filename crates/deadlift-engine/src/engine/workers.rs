@@ -125,10 +125,16 @@ impl Shared {
     fn take(&self, state: &mut State) -> Option<Taken> {
         let now = Instant::now();
         let mut passed = 0;
+        // A call run by its caller (`HereSlot`) holds a worker's place too.
+        if state.running >= self.workers {
+            return None;
+        }
         while passed < state.ring.len() {
             let tenant = state.ring.pop_front()?;
-            let free = self.workers - state.running;
-            let queue = state.tenants.get_mut(&tenant)?;
+            let free = self.workers.saturating_sub(state.running);
+            let Some(queue) = state.tenants.get_mut(&tenant) else {
+                continue;
+            };
             // The last free worker is kept for a tenant with nothing running.
             if queue.running > 0 && free <= 1 && self.workers > 1 {
                 state.ring.push_back(tenant);
@@ -290,7 +296,7 @@ impl WorkerPool {
         // Wake a worker only if one could start the call now: otherwise (every worker
         // busy, or only the spare free and the tenant already running) the next worker
         // to finish takes it.
-        let free = shared.workers - state.running;
+        let free = shared.workers.saturating_sub(state.running);
         let startable = free > 0 && !(busy_tenant && free <= 1 && shared.workers > 1);
         if state.offer(&key, shared.fairness.tenant_in_flight) && startable {
             shared.wake.notify_one();
@@ -310,22 +316,17 @@ impl WorkerPool {
         if state.closed || state.running > 0 {
             return None;
         }
-        let free = shared.workers - state.running;
-        let key: Arc<str> = match state.tenants.get_key_value(tenant) {
-            Some((key, _)) => key.clone(),
-            None => Arc::from(tenant),
-        };
-        let queue = state.tenants.entry(key.clone()).or_default();
-        let keeps_spare = queue.running > 0 && free <= 1 && shared.workers > 1;
-        if !queue.waiting.is_empty()
-            || queue.running >= shared.fairness.tenant_in_flight
-            || keeps_spare
+        // Nothing runs, so no limit can stand in the way; only the tenant's own waiting
+        // calls go first.
+        if state
+            .tenants
+            .get(tenant)
+            .is_some_and(|queue| !queue.waiting.is_empty())
         {
-            if queue.running == 0 && queue.waiting.is_empty() {
-                state.tenants.remove(&key);
-            }
             return None;
         }
+        let key: Arc<str> = Arc::from(tenant);
+        let queue = state.tenants.entry(key.clone()).or_default();
         queue.running += 1;
         state.running += 1;
         Some(HereSlot {

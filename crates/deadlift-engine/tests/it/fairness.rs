@@ -193,3 +193,67 @@ async fn a_direct_call_runs_here_only_while_the_workers_are_idle() {
     busy.await.unwrap().unwrap();
     assert!(during.starts_with("deadlift-worker"), "{during}");
 }
+
+/// A call run in its caller's thread holds a worker's place: queued calls wait for it
+/// rather than run beyond the worker count (the count once went past it and the free
+/// workers were reckoned by an underflowing subtraction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_call_holds_a_workers_place() {
+    let (started_tx, started) = std::sync::mpsc::channel::<()>();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let hold = std::sync::Mutex::new((started_tx, release_rx));
+    let engine = Engine::builder()
+        .workers(1)
+        .host_function(deadlift_engine::HostFunction::bytes(
+            "reflect",
+            move |_ctx, input| {
+                if input == b"hold" {
+                    let hold = hold.lock().unwrap();
+                    hold.0.send(()).unwrap();
+                    hold.1.recv().unwrap();
+                }
+                Ok(input.to_vec())
+            },
+        ))
+        .build()
+        .unwrap();
+    let grant = Grant::default().allow(["reflect"]);
+    let modules: Vec<_> = ["tenant-a", "tenant-b", "tenant-c"]
+        .iter()
+        .map(|tenant| add(&engine, tenant, "host_caller"))
+        .collect();
+    let held = {
+        let (engine, grant, module) = (engine.clone(), grant.clone(), modules[0]);
+        tokio::spawn(async move {
+            engine
+                .call_direct(&module, "call_reflect", b"hold", &grant, &ctx("tenant-a"))
+                .await
+        })
+    };
+    tokio::task::spawn_blocking(move || started.recv().unwrap())
+        .await
+        .unwrap();
+    let queued: Vec<_> = ["tenant-b", "tenant-c"]
+        .iter()
+        .zip(&modules[1..])
+        .map(|(tenant, module)| {
+            let (engine, grant, module) = (engine.clone(), grant.clone(), *module);
+            tokio::spawn(async move {
+                engine
+                    .call(&module, "call_reflect", b"queued", &grant, &ctx(tenant))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        engine.stats().calls,
+        0,
+        "a queued call ran beside the held one"
+    );
+    release.send(()).unwrap();
+    assert_eq!(held.await.unwrap().unwrap().output, b"hold");
+    for call in queued {
+        assert_eq!(call.await.unwrap().unwrap().output, b"queued");
+    }
+}
