@@ -225,3 +225,64 @@ async fn metrics_show_the_backlogs() {
     assert!(metrics.contains("deadlift_runs_running 0"), "{metrics}");
     agent.stop().await;
 }
+
+/// Issue 14: deliveries to peers carried the trace only inside the body. The
+/// `traceparent` header now travels too: a bare listener in the peer's place reads it.
+#[tokio::test]
+async fn deliveries_carry_the_trace_as_a_header() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let received = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        let mut buffer = [0u8; 4096];
+        // Read the head (and whatever of the body comes with it).
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = socket.read(&mut buffer).await.unwrap();
+            assert!(n > 0, "the delivery ended early");
+            request.extend_from_slice(&buffer[..n]);
+        }
+        let body = b"{\"refused\": []}";
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        socket.write_all(answer.as_bytes()).await.unwrap();
+        socket.write_all(body).await.unwrap();
+        String::from_utf8_lossy(&request).to_lowercase()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    agent
+        .agent
+        .federation()
+        .add_peer(Peer {
+            name: "listener".into(),
+            url,
+            public_key: agent.agent.federation().identity().public_key(),
+            tenant: "default".into(),
+            send: vec!["traced.>".into()],
+            accept: Vec::new(),
+            created_unix_ms: 0,
+        })
+        .await
+        .unwrap();
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut traced = event("t-1", "traced.out");
+    traced["traceparent"] = json!(format!("00-{trace}-00f067aa0ba902b7-01"));
+    assert_eq!(
+        publish(&agent, json!([traced])).await.status().as_u16(),
+        202
+    );
+    let request = tokio::time::timeout(Duration::from_secs(10), received)
+        .await
+        .expect("the delivery came")
+        .unwrap();
+    let header = request
+        .lines()
+        .find_map(|line| line.strip_prefix("traceparent: "))
+        .unwrap_or_else(|| panic!("no traceparent header in\n{request}"));
+    assert!(header.starts_with(&format!("00-{trace}-")), "{header}");
+    agent.stop().await;
+}
