@@ -462,3 +462,15 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> 
             })
     }
 }
+
+/// A list's `limit`: the default when absent; 1 to 500, or a 400 naming the bounds.
+pub(crate) fn page_limit(limit: Option<u32>, default: u32) -> Result<u32, ApiError> {
+    match limit {
+        None => Ok(default),
+        Some(limit @ 1..=500) => Ok(limit),
+        Some(other) => Err(ApiError::new(
+            Code::BadRequest,
+            format!("limit must be 1 to 500, not {other}"),
+        )),
+    }
+}

@@ -4,7 +4,7 @@
 //! → 401; an event type the peer may not send → 403; otherwise it is committed
 //! (deduplicated by id) and answered 200.
 
-use crate::{Path, Query};
+use crate::{Path, Query, page_limit};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
@@ -93,6 +93,8 @@ pub(super) async fn remove_peer(
 #[into_params(parameter_in = Query)]
 pub(super) struct OutboxQuery {
     status: Option<OutboxStatus>,
+    /// At most this many (default 100, at most 500).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
 }
 
@@ -107,7 +109,7 @@ pub(super) async fn outbox(
     Ok(Json(
         agent
             .federation()
-            .outbox(query.status, query.limit.unwrap_or(100))
+            .outbox(query.status, page_limit(query.limit, 100)?)
             .await?,
     ))
 }

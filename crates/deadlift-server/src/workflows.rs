@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use crate::{Path, Query};
+use crate::{Path, Query, page_limit};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
@@ -239,7 +239,7 @@ pub(super) async fn list_runs(
     Query(filter): Query<RunFilter>,
 ) -> Result<Json<RunPage>, ApiError> {
     let tenant = caller.tenant()?;
-    let limit = filter.limit.unwrap_or(50).clamp(1, 500) as usize;
+    let limit = page_limit(filter.limit, 50)? as usize;
     let runs = agent.workflows().runs(&tenant, filter).await?;
     let next = (runs.len() == limit)
         .then(|| runs.last().map(|r| r.seq))
@@ -343,6 +343,8 @@ pub(super) struct DeadLetterQuery {
     /// Also list dead letters already replayed.
     #[serde(default)]
     include_replayed: bool,
+    /// At most this many (default 100, at most 500).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
 }
 
@@ -357,7 +359,11 @@ pub(super) async fn list_dead_letters(
     Ok(Json(
         agent
             .workflows()
-            .dead_letters(&tenant, query.include_replayed, query.limit.unwrap_or(100))
+            .dead_letters(
+                &tenant,
+                query.include_replayed,
+                page_limit(query.limit, 100)?,
+            )
             .await?,
     ))
 }

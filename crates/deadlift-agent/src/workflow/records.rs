@@ -247,6 +247,7 @@ pub struct RunFilter {
     /// Only runs newer than this `seq`.
     pub after: Option<i64>,
     /// At most this many (default 50, at most 500).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
 }
 

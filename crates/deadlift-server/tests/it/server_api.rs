@@ -870,6 +870,10 @@ async fn bad_path_and_query_values_answer_the_json_error_shape() {
         (reqwest::Method::POST, "/v1/dead-letters/1e9x/replay"),
         (reqwest::Method::GET, "/v1/runs?limit=many"),
         (reqwest::Method::GET, "/v1/runs?status=sideways"),
+        (reqwest::Method::GET, "/v1/runs?limit=0"),
+        (reqwest::Method::GET, "/v1/runs?limit=2147483648"),
+        (reqwest::Method::GET, "/v1/dead-letters?limit=501"),
+        (reqwest::Method::GET, "/v1/outbox?limit=100000"),
     ] {
         let response = agent
             .http
