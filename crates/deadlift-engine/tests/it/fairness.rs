@@ -139,33 +139,13 @@ async fn a_call_that_waited_too_long_is_shed() {
 /// hand-over), and on a worker otherwise; the answer is the same either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_direct_call_runs_here_only_while_the_workers_are_idle() {
-    // `reflect` answers the name of the thread it runs on; given `hold`, it first says
-    // it started and waits to be released.
-    let (started_tx, started) = std::sync::mpsc::channel::<()>();
-    let (release, release_rx) = std::sync::mpsc::channel::<()>();
-    let hold = std::sync::Mutex::new((started_tx, release_rx));
-    let engine = Engine::builder()
-        .workers(2)
-        .host_function(deadlift_engine::HostFunction::bytes(
-            "reflect",
-            move |_ctx, input| {
-                if input == b"hold" {
-                    let hold = hold.lock().unwrap();
-                    hold.0.send(()).unwrap();
-                    hold.1.recv().unwrap();
-                }
-                Ok(std::thread::current()
-                    .name()
-                    .unwrap_or_default()
-                    .as_bytes()
-                    .to_vec())
-            },
-        ))
-        .build()
-        .unwrap();
+    let (engine, started, release) = holding_engine(2);
     let caller = add(&engine, "tenant-a", "host_caller");
     let grant = Grant::default().allow(["reflect"]);
-    let thread_of = |out: deadlift_engine::CallOutput| String::from_utf8(out.output).unwrap();
+    let thread_of = |out: deadlift_engine::CallOutput| {
+        let answer = String::from_utf8(out.output).unwrap();
+        answer.split('|').next().unwrap_or_default().to_owned()
+    };
     let tenant_a = ctx("tenant-a");
     let call_direct = || engine.call_direct(&caller, "call_reflect", b"", &grant, &tenant_a);
     let here = thread_of(call_direct().await.unwrap());
@@ -199,24 +179,7 @@ async fn a_direct_call_runs_here_only_while_the_workers_are_idle() {
 /// workers were reckoned by an underflowing subtraction).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_direct_call_holds_a_workers_place() {
-    let (started_tx, started) = std::sync::mpsc::channel::<()>();
-    let (release, release_rx) = std::sync::mpsc::channel::<()>();
-    let hold = std::sync::Mutex::new((started_tx, release_rx));
-    let engine = Engine::builder()
-        .workers(1)
-        .host_function(deadlift_engine::HostFunction::bytes(
-            "reflect",
-            move |_ctx, input| {
-                if input == b"hold" {
-                    let hold = hold.lock().unwrap();
-                    hold.0.send(()).unwrap();
-                    hold.1.recv().unwrap();
-                }
-                Ok(input.to_vec())
-            },
-        ))
-        .build()
-        .unwrap();
+    let (engine, started, release) = holding_engine(1);
     let grant = Grant::default().allow(["reflect"]);
     let modules: Vec<_> = ["tenant-a", "tenant-b", "tenant-c"]
         .iter()
@@ -252,8 +215,42 @@ async fn a_direct_call_holds_a_workers_place() {
         "a queued call ran beside the held one"
     );
     release.send(()).unwrap();
-    assert_eq!(held.await.unwrap().unwrap().output, b"hold");
+    assert!(held.await.unwrap().unwrap().output.ends_with(b"|hold"));
     for call in queued {
-        assert_eq!(call.await.unwrap().unwrap().output, b"queued");
+        assert!(call.await.unwrap().unwrap().output.ends_with(b"|queued"));
     }
+}
+
+/// An engine whose `reflect` answers `<the thread it ran on>|<its input>`; given `hold`,
+/// it first says it started (`started`) and waits to be released (`release`).
+fn holding_engine(
+    workers: usize,
+) -> (
+    Engine,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (started_tx, started) = std::sync::mpsc::channel::<()>();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let hold = std::sync::Mutex::new((started_tx, release_rx));
+    let engine = Engine::builder()
+        .workers(workers)
+        .host_function(deadlift_engine::HostFunction::bytes(
+            "reflect",
+            move |_ctx, input| {
+                if input == b"hold" {
+                    let hold = hold.lock().unwrap();
+                    hold.0.send(()).unwrap();
+                    hold.1.recv().unwrap();
+                }
+                let thread = std::thread::current();
+                let mut answer = thread.name().unwrap_or_default().as_bytes().to_vec();
+                answer.push(b'|');
+                answer.extend_from_slice(input);
+                Ok(answer)
+            },
+        ))
+        .build()
+        .unwrap();
+    (engine, started, release)
 }
