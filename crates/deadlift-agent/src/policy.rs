@@ -89,6 +89,15 @@ pub struct Excess {
 }
 
 impl Policy {
+    /// Refuses limits for a tenant that could not exist (a name tenants cannot have).
+    pub fn validate(&self) -> Result<(), String> {
+        for tenant in self.tenants.keys() {
+            deadlift_engine::names::tenant_name(tenant)
+                .map_err(|e| format!("policy for tenant `{tenant}`: the name {e}"))?;
+        }
+        Ok(())
+    }
+
     /// The limits of `tenant`.
     pub fn limits(&self, tenant: &str) -> &Limits {
         self.tenants.get(tenant).unwrap_or(&self.default)

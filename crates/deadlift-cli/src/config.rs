@@ -237,7 +237,11 @@ impl ServeConfig {
             max_concurrent_runs: self.max_concurrent_runs.unwrap_or(256),
             retention,
             durability: self.durability.unwrap_or_default(),
-            policy: self.policy.unwrap_or_default(),
+            policy: {
+                let policy = self.policy.unwrap_or_default();
+                policy.validate().map_err(anyhow::Error::msg)?;
+                policy
+            },
         })
     }
 }

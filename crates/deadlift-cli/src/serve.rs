@@ -105,9 +105,14 @@ async fn reload_policy_on_hangup(agent: Arc<deadlift::Agent>, path: PathBuf) {
             return;
         };
         while hangups.recv().await.is_some() {
-            match ServeConfig::from_file(&path) {
-                Ok(file) => {
-                    agent.policy().replace(file.policy.unwrap_or_default());
+            let read = ServeConfig::from_file(&path).and_then(|file| {
+                let policy = file.policy.unwrap_or_default();
+                policy.validate().map_err(anyhow::Error::msg)?;
+                Ok(policy)
+            });
+            match read {
+                Ok(policy) => {
+                    agent.policy().replace(policy);
                     println!("policy reloaded from {}", path.display());
                 }
                 Err(error) => {

@@ -623,7 +623,7 @@ async fn get_kv(
 }
 
 #[utoipa::path(put, path = "/v1/kv/{key}", tag = "kv", security(("bearer" = [])), params(("key" = String, Path, description = "The key")),
-    request_body(content = String, content_type = "application/octet-stream"),
+    request_body(content = Option<String>, content_type = "application/octet-stream", description = "The value's bytes (none: an empty value)"),
     responses((status = 204, description = "Stored"), (status = 400, description = "Invalid key", body = ErrorBody), (status = 413, description = "Value too large", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn put_kv(
     State(agent): State<AgentState>,

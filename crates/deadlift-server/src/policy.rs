@@ -5,6 +5,7 @@
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
+use deadlift_engine::Code;
 
 use crate::error::ErrorBody;
 use crate::{AgentState, ApiError, Caller, RawBody, parse_json};
@@ -37,6 +38,9 @@ pub(super) async fn put_policy(
 ) -> Result<Json<Policy>, ApiError> {
     caller.require_admin()?;
     let policy: Policy = parse_json(&body)?;
+    policy
+        .validate()
+        .map_err(|message| ApiError::new(Code::InvalidInput, message))?;
     agent.policy().replace(policy.clone());
     Ok(Json(policy))
 }

@@ -886,6 +886,17 @@ async fn a_tightened_policy_clamps_the_grants_of_applied_workflows() {
             .unwrap();
         TestAgent::expect_error(denied, 403, "forbidden").await;
     }
+    // Limits for a tenant that could not exist are refused, not kept.
+    policy["tenants"] = json!({"": policy["default"].clone()});
+    let nameless = agent
+        .http
+        .put(agent.url("/v1/policy"))
+        .bearer_auth(ADMIN)
+        .json(&policy)
+        .send()
+        .await
+        .unwrap();
+    TestAgent::expect_error(nameless, 400, "invalid_input").await;
     agent.stop().await;
 }
 
