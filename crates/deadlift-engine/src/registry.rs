@@ -170,7 +170,7 @@ pub enum ModuleError {
     TooLarge { size: u64, limit: u64 },
     #[error("tenant `{tenant}` is still compiling another module; try again when it is done")]
     TenantCompiling { tenant: String },
-    #[error("no compile slot came free within {} s; try again later", waited.as_secs())]
+    #[error("the compiler is busy (waited {} s for a slot); try again later", waited.as_secs())]
     CompilerBusy { waited: std::time::Duration },
     #[error("module name must be 1-128 characters of letters, digits, '.', '-' or '_'")]
     InvalidName,

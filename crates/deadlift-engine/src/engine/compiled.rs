@@ -161,10 +161,51 @@ pub(super) struct CompileGate {
     freed: Condvar,
 }
 
+/// Compiles that may wait at once, across the engine and per tenant: each waiter holds
+/// a thread and its module's bytes, so a flood of uploads is refused, not parked.
+const MAX_WAITERS: usize = 64;
+const MAX_TENANT_WAITERS: usize = 8;
+
 #[derive(Default)]
 struct GateState {
     running: usize,
     tenants: std::collections::HashSet<String>,
+    waiting: usize,
+    tenant_waiting: HashMap<String, usize>,
+}
+
+impl GateState {
+    /// Counts one more waiter (of `tenant`), or refuses when too many wait already.
+    fn start_waiting(&mut self, tenant: Option<&str>) -> Result<(), ModuleError> {
+        if self.waiting >= MAX_WAITERS {
+            return Err(ModuleError::CompilerBusy {
+                waited: Duration::ZERO,
+            });
+        }
+        if let Some(tenant) = tenant {
+            let waiting = self.tenant_waiting.entry(tenant.to_owned()).or_default();
+            if *waiting >= MAX_TENANT_WAITERS {
+                return Err(ModuleError::TenantCompiling {
+                    tenant: tenant.to_owned(),
+                });
+            }
+            *waiting += 1;
+        }
+        self.waiting += 1;
+        Ok(())
+    }
+
+    fn stop_waiting(&mut self, tenant: Option<&str>) {
+        self.waiting -= 1;
+        if let Some(tenant) = tenant
+            && let Some(waiting) = self.tenant_waiting.get_mut(tenant)
+        {
+            *waiting -= 1;
+            if *waiting == 0 {
+                self.tenant_waiting.remove(tenant);
+            }
+        }
+    }
 }
 
 /// A compile slot; released when dropped.
@@ -201,15 +242,20 @@ impl CompileGate {
     pub(super) fn enter(&self, tenant: Option<&str>) -> Result<CompileSlot<'_>, ModuleError> {
         let mut state = self.state.lock();
         let deadline = std::time::Instant::now() + self.max_wait;
-        loop {
-            let tenant_busy = tenant.is_some_and(|t| state.tenants.contains(t));
-            if !tenant_busy && state.running < self.slots {
-                break;
+        let free = |state: &GateState| {
+            !tenant.is_some_and(|t| state.tenants.contains(t)) && state.running < self.slots
+        };
+        if !free(&state) {
+            state.start_waiting(tenant)?;
+            let mut timed_out = false;
+            while !free(&state) && !timed_out {
+                timed_out = self.freed.wait_until(&mut state, deadline).timed_out();
             }
-            if self.freed.wait_until(&mut state, deadline).timed_out() {
+            state.stop_waiting(tenant);
+            if !free(&state) {
                 return Err(match tenant {
-                    Some(tenant) if tenant_busy => ModuleError::TenantCompiling {
-                        tenant: tenant.to_owned(),
+                    Some(t) if state.tenants.contains(t) => ModuleError::TenantCompiling {
+                        tenant: t.to_owned(),
                     },
                     _ => ModuleError::CompilerBusy {
                         waited: self.max_wait,
@@ -364,6 +410,35 @@ mod tests {
         drop(again);
         // A call's compile (no tenant slot) waits for the engine's slot only.
         let _call = gate.enter(None).unwrap();
+    }
+
+    /// Each waiting upload holds a thread and its bytes: one tenant's flood of uploads
+    /// is refused beyond a few waiters instead of parking the blocking pool.
+    #[test]
+    fn too_many_waiting_compiles_are_refused_at_once() {
+        let gate = std::sync::Arc::new(CompileGate::new(1, Duration::from_secs(30)));
+        let held = gate.enter(Some("acme")).unwrap();
+        let waiters: Vec<_> = (0..MAX_TENANT_WAITERS)
+            .map(|_| {
+                let gate = gate.clone();
+                std::thread::spawn(move || gate.enter(Some("acme")).map(drop))
+            })
+            .collect();
+        while gate.state.lock().waiting < MAX_TENANT_WAITERS {
+            std::thread::yield_now();
+        }
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            gate.enter(Some("acme")),
+            Err(ModuleError::TenantCompiling { .. })
+        ));
+        assert!(started.elapsed() < Duration::from_secs(30), "it waited");
+        drop(held);
+        for waiter in waiters {
+            waiter.join().unwrap().unwrap();
+        }
+        assert_eq!(gate.state.lock().waiting, 0);
+        assert!(gate.state.lock().tenant_waiting.is_empty());
     }
 
     #[test]
