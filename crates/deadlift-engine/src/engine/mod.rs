@@ -63,6 +63,7 @@ pub struct EngineBuilder {
     workers: usize,
     tenant_in_flight: Option<usize>,
     tenant_queue: Option<usize>,
+    tenant_queue_bytes: Option<usize>,
     max_queue_wait: Option<std::time::Duration>,
     max_instances: u32,
     max_memory_bytes: u64,
@@ -96,6 +97,7 @@ impl Default for EngineBuilder {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()) + 1,
             tenant_in_flight: None,
             tenant_queue: None,
+            tenant_queue_bytes: None,
             max_queue_wait: None,
             max_instances: 256,
             max_memory_bytes: 512 * 1024 * 1024,
@@ -131,6 +133,7 @@ impl EngineBuilder {
     pub fn fairness(self, fairness: Fairness) -> Self {
         self.tenant_in_flight(fairness.tenant_in_flight)
             .tenant_queue(fairness.tenant_queue)
+            .tenant_queue_bytes(fairness.tenant_queue_bytes)
             .max_queue_wait(fairness.max_queue_wait)
     }
 
@@ -144,6 +147,12 @@ impl EngineBuilder {
     /// Calls of one tenant waiting at once; more are shed (default 1,024).
     pub fn tenant_queue(mut self, calls: usize) -> Self {
         self.tenant_queue = Some(calls);
+        self
+    }
+
+    /// Input bytes of one tenant's waiting calls; beyond, calls are shed (default 64 MiB).
+    pub fn tenant_queue_bytes(mut self, bytes: usize) -> Self {
+        self.tenant_queue_bytes = Some(bytes);
         self
     }
 
@@ -268,6 +277,9 @@ impl EngineBuilder {
         let fairness = Fairness {
             tenant_in_flight: self.tenant_in_flight.unwrap_or(defaults.tenant_in_flight),
             tenant_queue: self.tenant_queue.unwrap_or(defaults.tenant_queue),
+            tenant_queue_bytes: self
+                .tenant_queue_bytes
+                .unwrap_or(defaults.tenant_queue_bytes),
             max_queue_wait: self.max_queue_wait.unwrap_or(defaults.max_queue_wait),
         };
         let workers = WorkerPool::start(self.workers, fairness).map_err(EngineError::Threads)?;
@@ -440,6 +452,7 @@ impl Engine {
         self.workers
             .submit(
                 &tenant,
+                input.len(),
                 Box::new(move |admission| {
                     let outcome = match admission {
                         // A caller that went away while its call waited is not run.

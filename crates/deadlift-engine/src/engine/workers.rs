@@ -39,6 +39,8 @@ pub struct Fairness {
     pub tenant_in_flight: usize,
     /// Calls of one tenant waiting at once; more are shed.
     pub tenant_queue: usize,
+    /// Input bytes of one tenant's waiting calls; a call that would pass it is shed.
+    pub tenant_queue_bytes: usize,
     /// A call that waited this long for a worker is shed.
     pub max_queue_wait: Duration,
 }
@@ -48,6 +50,7 @@ impl Fairness {
         Self {
             tenant_in_flight: workers,
             tenant_queue: 1024,
+            tenant_queue_bytes: 64 * 1024 * 1024,
             max_queue_wait: Duration::from_secs(2),
         }
     }
@@ -56,14 +59,26 @@ impl Fairness {
 struct Queued {
     job: Job,
     since: Instant,
+    /// The call's input, held until it runs.
+    bytes: usize,
 }
 
 #[derive(Default)]
 struct TenantQueue {
     waiting: VecDeque<Queued>,
+    /// The sum of `waiting`'s input bytes.
+    waiting_bytes: usize,
     running: usize,
     /// Whether the tenant is in the ring of tenants with a call ready to start.
     ready: bool,
+}
+
+impl TenantQueue {
+    fn pop(&mut self) -> Option<Queued> {
+        let queued = self.waiting.pop_front()?;
+        self.waiting_bytes -= queued.bytes;
+        Some(queued)
+    }
 }
 
 #[derive(Default)]
@@ -148,9 +163,9 @@ impl Shared {
                 .front()
                 .is_some_and(|q| now.duration_since(q.since) > self.fairness.max_queue_wait)
             {
-                expired.extend(queue.waiting.pop_front());
+                expired.extend(queue.pop());
             }
-            let Some(job) = queue.waiting.pop_front() else {
+            let Some(job) = queue.pop() else {
                 if queue.running == 0 {
                     state.tenants.remove(&tenant);
                 }
@@ -265,7 +280,7 @@ impl WorkerPool {
 
     /// Queues a job for `tenant`; it is refused at once when the tenant's queue is full
     /// or its oldest call has waited too long already.
-    pub(super) fn submit(&self, tenant: &str, job: Job) -> Result<(), CallError> {
+    pub(super) fn submit(&self, tenant: &str, bytes: usize, job: Job) -> Result<(), CallError> {
         let shared = &self.shared;
         let mut state = shared.state.lock();
         if state.closed {
@@ -283,6 +298,10 @@ impl WorkerPool {
             drop(state);
             return Err(shared.shed_error(tenant, "has too many calls waiting"));
         }
+        if queue.waiting_bytes.saturating_add(bytes) > shared.fairness.tenant_queue_bytes {
+            drop(state);
+            return Err(shared.shed_error(tenant, "has too much input waiting"));
+        }
         if queue
             .waiting
             .front()
@@ -291,7 +310,12 @@ impl WorkerPool {
             drop(state);
             return Err(shared.shed_error(tenant, "has calls waiting longer than the bound"));
         }
-        queue.waiting.push_back(Queued { job, since: now });
+        queue.waiting_bytes += bytes;
+        queue.waiting.push_back(Queued {
+            job,
+            since: now,
+            bytes,
+        });
         let busy_tenant = queue.running > 0;
         // Wake a worker only if one could start the call now: otherwise (every worker
         // busy, or only the spare free and the tenant already running) the next worker

@@ -83,6 +83,7 @@ async fn calls_beyond_a_tenants_queue_are_shed() {
         .fairness(Fairness {
             tenant_in_flight: 1,
             tenant_queue: 2,
+            tenant_queue_bytes: usize::MAX,
             max_queue_wait: Duration::from_secs(30),
         })
         .build()
@@ -108,6 +109,41 @@ async fn calls_beyond_a_tenants_queue_are_shed() {
     assert_eq!(engine.stats().errors_by_code[&Code::TenantOverloaded], 3);
 }
 
+/// Waiting calls hold their input: a tenant's queue is bounded in bytes too, or 1,024
+/// calls of 4 MiB each would hold 4 GiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_beyond_a_tenants_queued_bytes_are_shed() {
+    let engine = common::builder()
+        .workers(1)
+        .fairness(Fairness {
+            tenant_in_flight: 1,
+            tenant_queue: 100,
+            tenant_queue_bytes: 1024 * 1024,
+            max_queue_wait: Duration::from_secs(30),
+        })
+        .build()
+        .unwrap();
+    let looper = add(&engine, "tenant-a", "looper");
+    let big = vec![b' '; 600 * 1024];
+    let grant = slow_grant().with_max_input_bytes(1 << 20);
+    let tenant = ctx("tenant-a");
+    // Two waiting calls would hold 1.2 MiB: whether the first has started running when
+    // the others arrive or not, at least one is shed, and at least one runs.
+    let calls = futures_util::future::join_all(
+        (0..3).map(|_| engine.call(&looper, "loop_forever", &big, &grant, &tenant)),
+    )
+    .await;
+    let shed = calls
+        .iter()
+        .filter(|r| matches!(r, Err(CallError::Shed { reason, .. }) if reason.contains("input")))
+        .count();
+    let ran = calls
+        .iter()
+        .filter(|r| matches!(r, Err(CallError::Timeout { .. })))
+        .count();
+    assert!((1..=2).contains(&shed) && ran + shed == 3, "{calls:?}");
+}
+
 /// A call that waited longer than the bound for a worker is shed rather than run late.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_that_waited_too_long_is_shed() {
@@ -116,6 +152,7 @@ async fn a_call_that_waited_too_long_is_shed() {
         .fairness(Fairness {
             tenant_in_flight: 1,
             tenant_queue: 10,
+            tenant_queue_bytes: usize::MAX,
             max_queue_wait: Duration::from_millis(50),
         })
         .build()
