@@ -445,7 +445,7 @@ impl Engine {
         let (module, function, input, grant) =
             (*module, function.to_owned(), input.to_vec(), grant.clone());
         let ctx = ctx.clone();
-        let cancel_on_drop = CancelOnDrop(Some(ctx.cancel.clone()));
+        let cancel = ctx.cancel.clone();
         let (reply, result) = tokio::sync::oneshot::channel();
         let tenant = ctx.tenant.clone();
         let counted = self.inner.clone();
@@ -469,6 +469,9 @@ impl Engine {
                 }),
             )
             .inspect_err(|error| counted.count_error(error))?;
+        // Armed only once the call is queued: a call refused at the door must not cancel
+        // the token its caller may share with other calls.
+        let cancel_on_drop = CancelOnDrop(Some(cancel));
         let outcome = result.await.unwrap_or_else(|_| {
             Err(CallError::Internal {
                 message: "the worker running the call stopped".into(),
