@@ -13,7 +13,7 @@ use crate::hooks::{Hook, HookDecl, Hooks};
 use crate::policy::{Policy, PolicyHandle};
 use crate::store::{Database, DbError, Durability, Principal};
 use crate::workflow::{Journal, JournalSink, Retention, Runtime, RuntimeConfig};
-use deadlift_engine::engine::{Engine, EngineError};
+use deadlift_engine::engine::{Engine, EngineBuilder, EngineError};
 use deadlift_engine::grant::Grant;
 use deadlift_engine::host::HostFunction;
 
@@ -94,13 +94,8 @@ pub struct AgentBuilder {
     v1_access: V1Access,
     default_grant: Grant,
     max_body_bytes: usize,
-    workers: Option<usize>,
-    tenant_in_flight: Option<usize>,
-    tenant_queue: Option<usize>,
-    max_queue_wait: Option<std::time::Duration>,
-    module_cache_bytes: Option<u64>,
-    max_module_bytes: Option<u64>,
-    host_functions: Vec<HostFunction>,
+    /// The engine's settings; the agent adds its storage when it builds.
+    engine: EngineBuilder,
     runtime: RuntimeConfig,
     delivery: DeliveryConfig,
     durability: Durability,
@@ -117,13 +112,7 @@ impl AgentBuilder {
             v1_access: V1Access::default(),
             default_grant: Grant::default(),
             max_body_bytes: 16 * 1024 * 1024,
-            workers: None,
-            tenant_in_flight: None,
-            tenant_queue: None,
-            max_queue_wait: None,
-            module_cache_bytes: None,
-            max_module_bytes: None,
-            host_functions: Vec::new(),
+            engine: EngineBuilder::default(),
             runtime: RuntimeConfig::default(),
             delivery: DeliveryConfig::default(),
             durability: Durability::default(),
@@ -171,44 +160,19 @@ impl AgentBuilder {
         self
     }
 
-    pub fn workers(mut self, workers: usize) -> Self {
-        self.workers = Some(workers);
+    pub fn workers(self, workers: usize) -> Self {
+        self.engine(|engine| engine.workers(workers))
+    }
+
+    /// Any of the engine's own settings (fair sharing, code cache, module size, …);
+    /// the agent sets its storage itself.
+    pub fn engine(mut self, configure: impl FnOnce(EngineBuilder) -> EngineBuilder) -> Self {
+        self.engine = configure(self.engine);
         self
     }
 
-    /// Calls of one tenant running at once (`EngineBuilder::tenant_in_flight`).
-    pub fn tenant_in_flight(mut self, calls: usize) -> Self {
-        self.tenant_in_flight = Some(calls);
-        self
-    }
-
-    /// Calls of one tenant waiting at once; more are shed (`EngineBuilder::tenant_queue`).
-    pub fn tenant_queue(mut self, calls: usize) -> Self {
-        self.tenant_queue = Some(calls);
-        self
-    }
-
-    /// A call that waited this long for a worker is shed (`EngineBuilder::max_queue_wait`).
-    pub fn max_queue_wait(mut self, wait: std::time::Duration) -> Self {
-        self.max_queue_wait = Some(wait);
-        self
-    }
-
-    /// Compiled code kept in memory (`EngineBuilder::module_cache_bytes`).
-    pub fn module_cache_bytes(mut self, bytes: u64) -> Self {
-        self.module_cache_bytes = Some(bytes);
-        self
-    }
-
-    /// The largest module accepted (`EngineBuilder::max_module_bytes`).
-    pub fn max_module_bytes(mut self, bytes: u64) -> Self {
-        self.max_module_bytes = Some(bytes);
-        self
-    }
-
-    pub fn host_function(mut self, function: HostFunction) -> Self {
-        self.host_functions.push(function);
-        self
+    pub fn host_function(self, function: HostFunction) -> Self {
+        self.engine(|engine| engine.host_function(function))
     }
 
     /// How much run and event history the agent keeps.
@@ -270,7 +234,8 @@ impl AgentBuilder {
         db.create_tenant(DEFAULT_TENANT)?;
         db.create_tenant(V1_TENANT)?;
         let (journal, journal_receiver) = Journal::new(db.clone());
-        let mut engine = Engine::builder()
+        let engine = self
+            .engine
             .data_dir(&self.data_dir)
             .kv(Arc::new(db.clone()))
             .modules(Arc::new(db.clone()))
@@ -278,27 +243,6 @@ impl AgentBuilder {
                 journal.clone(),
                 self.runtime.source.clone(),
             )));
-        if let Some(workers) = self.workers {
-            engine = engine.workers(workers);
-        }
-        if let Some(calls) = self.tenant_in_flight {
-            engine = engine.tenant_in_flight(calls);
-        }
-        if let Some(calls) = self.tenant_queue {
-            engine = engine.tenant_queue(calls);
-        }
-        if let Some(wait) = self.max_queue_wait {
-            engine = engine.max_queue_wait(wait);
-        }
-        if let Some(bytes) = self.module_cache_bytes {
-            engine = engine.module_cache_bytes(bytes);
-        }
-        if let Some(bytes) = self.max_module_bytes {
-            engine = engine.max_module_bytes(bytes);
-        }
-        for function in self.host_functions {
-            engine = engine.host_function(function);
-        }
         let engine = engine.build()?;
         let new_admin_token = match self.admin_token {
             Some(token) => {

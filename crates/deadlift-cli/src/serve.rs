@@ -31,24 +31,28 @@ pub async fn serve(config: Resolved, config_file: Option<PathBuf>) -> anyhow::Re
         .retention(config.retention)
         .durability(config.durability)
         .name(&config.name);
-    if let Some(workers) = config.workers {
-        builder = builder.workers(workers);
-    }
-    if let Some(calls) = config.tenant_in_flight {
-        builder = builder.tenant_in_flight(calls);
-    }
-    if let Some(calls) = config.tenant_queue {
-        builder = builder.tenant_queue(calls);
-    }
-    if let Some(wait) = config.max_queue_wait {
-        builder = builder.max_queue_wait(wait);
-    }
-    if let Some(bytes) = config.module_cache_bytes {
-        builder = builder.module_cache_bytes(bytes);
-    }
-    if let Some(bytes) = config.max_module_bytes {
-        builder = builder.max_module_bytes(bytes);
-    }
+    let settings = config.clone();
+    builder = builder.engine(move |mut engine| {
+        if let Some(workers) = settings.workers {
+            engine = engine.workers(workers);
+        }
+        if let Some(calls) = settings.tenant_in_flight {
+            engine = engine.tenant_in_flight(calls);
+        }
+        if let Some(calls) = settings.tenant_queue {
+            engine = engine.tenant_queue(calls);
+        }
+        if let Some(wait) = settings.max_queue_wait {
+            engine = engine.max_queue_wait(wait);
+        }
+        if let Some(bytes) = settings.module_cache_bytes {
+            engine = engine.module_cache_bytes(bytes);
+        }
+        if let Some(bytes) = settings.max_module_bytes {
+            engine = engine.max_module_bytes(bytes);
+        }
+        engine
+    });
     let (agent, new_admin_token) = tokio::task::spawn_blocking(move || builder.build()).await??;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -797,7 +797,10 @@ fn sdk_call(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_tenant_is_answered_429_and_others_are_served() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = TestAgent::start_with(dir.path(), |b| b.tenant_in_flight(1).tenant_queue(1)).await;
+    let agent = TestAgent::start_with(dir.path(), |b| {
+        b.engine(|e| e.tenant_in_flight(1).tenant_queue(1))
+    })
+    .await;
     let acme = Api {
         agent: &agent,
         token: agent.tenant_token("acme").await,
@@ -842,7 +845,7 @@ async fn a_flooding_tenant_is_answered_429_and_others_are_served() {
 #[tokio::test]
 async fn a_module_over_the_size_cap_is_answered_413() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = TestAgent::start_with(dir.path(), |b| b.max_module_bytes(4096)).await;
+    let agent = TestAgent::start_with(dir.path(), |b| b.engine(|e| e.max_module_bytes(4096))).await;
     let acme = Api {
         agent: &agent,
         token: agent.tenant_token("acme").await,
