@@ -4,6 +4,7 @@
 //! Built by [`AgentBuilder`]; the HTTP server (`deadlift-server`) is one way to drive
 //! it, an embedding application is another.
 
+use crate::telemetry::{Telemetry, TelemetryError};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +60,8 @@ pub enum AgentError {
         "the admin token is too easy to guess (about {bits} bits); use at least {MIN_TOKEN_BITS} bits, e.g. 32 random characters"
     )]
     WeakToken { bits: u32 },
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
 }
 
 /// The least guessing entropy, in bits, an admin token given by the operator must have.
@@ -102,6 +105,7 @@ pub struct AgentBuilder {
     name: String,
     hooks: Vec<HookDecl>,
     policy: Policy,
+    otlp_endpoint: Option<String>,
 }
 
 impl AgentBuilder {
@@ -119,6 +123,7 @@ impl AgentBuilder {
             name: "deadlift".into(),
             hooks: Vec::new(),
             policy: Policy::default(),
+            otlp_endpoint: None,
         }
     }
 
@@ -209,6 +214,13 @@ impl AgentBuilder {
     }
 
     /// How deliveries to peers are retried.
+    /// Exports runs, steps and calls as OpenTelemetry spans to this OTLP/HTTP collector
+    /// (its base URL, as in `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub fn otlp_endpoint(mut self, endpoint: Option<String>) -> Self {
+        self.otlp_endpoint = endpoint;
+        self
+    }
+
     pub fn delivery(mut self, delivery: DeliveryConfig) -> Self {
         self.delivery = delivery;
         self
@@ -272,6 +284,15 @@ impl AgentBuilder {
             policy.clone(),
             self.runtime,
         )?;
+        let telemetry = match &self.otlp_endpoint {
+            Some(endpoint) => Some(Telemetry::start(
+                endpoint,
+                &identity.name,
+                journal.clone(),
+                workflows.subscribe().0,
+            )?),
+            None => None,
+        };
         let federation = Federation::start(
             identity,
             db.clone(),
@@ -291,6 +312,7 @@ impl AgentBuilder {
             v1_access: self.v1_access,
             default_grant: self.default_grant,
             max_body_bytes: self.max_body_bytes,
+            telemetry,
         };
         Ok((agent, new_admin_token))
     }
@@ -328,6 +350,7 @@ pub struct Agent {
     v1_access: V1Access,
     default_grant: Grant,
     max_body_bytes: usize,
+    telemetry: Option<Telemetry>,
 }
 
 impl Agent {
@@ -373,6 +396,14 @@ impl Agent {
     pub async fn shutdown(&self) {
         self.federation.shutdown().await;
         self.workflows.shutdown().await;
+        if let Some(telemetry) = &self.telemetry {
+            telemetry.shutdown().await;
+        }
+    }
+
+    /// The OpenTelemetry exporter, when the agent exports spans.
+    pub fn telemetry(&self) -> Option<&Telemetry> {
+        self.telemetry.as_ref()
     }
 
     pub fn db(&self) -> &Database {

@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod policy;
 mod schema;
 pub mod store;
+pub mod telemetry;
 pub mod workflow;
 
 pub use agent::{Agent, AgentBuilder, AgentError, DEFAULT_TENANT, V1_TENANT, V1Access};

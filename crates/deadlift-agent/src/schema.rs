@@ -182,4 +182,13 @@ UPDATE v1_workflows SET tenant = 'v1'
     WHERE tenant = 'default' AND EXISTS (SELECT 1 FROM temp.v1_split);
 DROP TABLE temp.v1_split;
 "#,
+    // Tokens tenants hold on their peers' agents, to see those sides of a trace.
+    r#"
+CREATE TABLE peer_views (
+    peer TEXT PRIMARY KEY REFERENCES peers(name) ON DELETE CASCADE,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    token TEXT NOT NULL,
+    updated_unix_ms INTEGER NOT NULL
+);
+"#,
 ];

@@ -63,6 +63,10 @@ pub struct ServeConfig {
     /// [default: 8 MiB]
     #[arg(long, env = "DEADLIFT_MAX_MODULE_BYTES")]
     pub max_module_bytes: Option<u64>,
+    /// Export runs, steps and calls as OpenTelemetry spans to this OTLP/HTTP collector
+    /// (its base URL; `/v1/traces` is added) [default: no export]
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Wall-clock limit of one call through the API, in ms [default: 1000]
     #[arg(long, env = "DEADLIFT_CALL_TIMEOUT_MS")]
     pub call_timeout_ms: Option<u64>,
@@ -117,6 +121,7 @@ pub struct Resolved {
     pub max_queue_wait: Option<std::time::Duration>,
     pub module_cache_bytes: Option<u64>,
     pub max_module_bytes: Option<u64>,
+    pub otlp_endpoint: Option<String>,
     pub grant: deadlift::Grant,
     pub max_concurrent_runs: usize,
     pub retention: deadlift::workflow::Retention,
@@ -149,6 +154,7 @@ impl ServeConfig {
             max_queue_wait_ms: self.max_queue_wait_ms.or(file.max_queue_wait_ms),
             module_cache_bytes: self.module_cache_bytes.or(file.module_cache_bytes),
             max_module_bytes: self.max_module_bytes.or(file.max_module_bytes),
+            otlp_endpoint: self.otlp_endpoint.or(file.otlp_endpoint),
             call_timeout_ms: self.call_timeout_ms.or(file.call_timeout_ms),
             call_memory_bytes: self.call_memory_bytes.or(file.call_memory_bytes),
             call_fuel: self.call_fuel.or(file.call_fuel),
@@ -233,6 +239,7 @@ impl ServeConfig {
             max_queue_wait: self.max_queue_wait_ms.map(std::time::Duration::from_millis),
             module_cache_bytes: self.module_cache_bytes,
             max_module_bytes: self.max_module_bytes,
+            otlp_endpoint: self.otlp_endpoint.filter(|e| !e.is_empty()),
             grant,
             max_concurrent_runs: self.max_concurrent_runs.unwrap_or(256),
             retention,

@@ -44,6 +44,9 @@ enum Command {
         /// Print the report as JSON
         #[arg(long)]
         json: bool,
+        /// Stop the agents after the story instead of serving their consoles until Ctrl-C
+        #[arg(long)]
+        exit: bool,
     },
     /// Run an agent: the HTTP API on embedded storage in a data directory
     Serve {
@@ -148,9 +151,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Runs(command) => runtime()?.block_on(runs::runs(command)),
         Command::Dlq(command) => runtime()?.block_on(runs::dlq(command)),
         Command::Identity { remote } => runtime()?.block_on(peers::identity(remote)),
-        Command::Showcase { data_dir, json } => {
-            runtime()?.block_on(showcase::command(data_dir, json))
-        }
+        Command::Showcase {
+            data_dir,
+            json,
+            exit,
+        } => runtime()?.block_on(showcase::command(
+            data_dir,
+            json,
+            exit,
+            serve::shutdown_signal(),
+        )),
         Command::Peer(command) => runtime()?.block_on(peers::peer(command)),
         Command::Hook(command) => runtime()?.block_on(hooks::hook(command)),
     }

@@ -30,6 +30,7 @@ pub async fn serve(config: Resolved, config_file: Option<PathBuf>) -> anyhow::Re
         .max_concurrent_runs(config.max_concurrent_runs)
         .retention(config.retention)
         .durability(config.durability)
+        .otlp_endpoint(config.otlp_endpoint.clone())
         .name(&config.name);
     let settings = config.clone();
     builder = builder.engine(move |mut engine| {
@@ -132,7 +133,7 @@ async fn reload_policy_on_hangup(agent: Arc<deadlift::Agent>, path: PathBuf) {
 }
 
 /// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

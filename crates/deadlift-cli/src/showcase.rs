@@ -8,6 +8,11 @@
 //! more similar purchases and sends a discount email. The payments side then emits
 //! `discount.sent`, which is signed and delivered to Acme's own agent. There a workflow
 //! counts it in KV. The report shows what each side sees, joined by one trace id.
+//!
+//! Then both agents keep serving (until Ctrl-C, or not at all with `--exit`), and the
+//! report ends with each one's web console and a token to sign in with. Acme's tenant
+//! holds a token on the platform's agent too (a peer view), so Acme's console shows the
+//! platform's `before_charge` run and its own `satisfaction` run in one trace.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -69,6 +74,35 @@ pub struct Report {
     pub payments_run: Run,
     pub acme_run: Run,
     pub acme_counters: Value,
+    /// Each agent's web console, with a token to sign in with.
+    pub consoles: Vec<Console>,
+}
+
+/// Where to see one agent's side, and as whom.
+#[derive(Debug, Serialize)]
+pub struct Console {
+    pub agent: String,
+    pub url: String,
+    /// The tenant the token signs in as.
+    pub tenant: String,
+    pub token: String,
+    /// The agent's admin token, for its operator pages (act as `tenant`).
+    pub admin_token: String,
+}
+
+/// The story told, with its two agents still serving.
+pub struct Story {
+    pub report: Report,
+    agents: Vec<Running>,
+}
+
+impl Story {
+    /// Stops both agents.
+    pub async fn stop(self) {
+        for agent in self.agents {
+            stop(agent).await;
+        }
+    }
 }
 
 fn purchases() -> Vec<Purchase> {
@@ -143,8 +177,14 @@ async fn call(request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
 }
 
 /// `deadlift showcase`: runs the story in `data_dir`, or in a temporary directory that is
-/// removed afterwards (also when the story fails), and prints the report.
-pub async fn command(data_dir: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+/// removed afterwards (also when the story fails), prints the report, and serves both
+/// agents' consoles until `stopped` completes (unless `exit`).
+pub async fn command(
+    data_dir: Option<PathBuf>,
+    json: bool,
+    exit: bool,
+    stopped: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let (dir, temporary) = match data_dir {
         Some(dir) => (dir, false),
         None => {
@@ -156,20 +196,35 @@ pub async fn command(data_dir: Option<PathBuf>, json: bool) -> anyhow::Result<()
             (dir, true)
         }
     };
-    let report = run(dir.clone()).await;
+    let outcome = match run(dir.clone()).await {
+        Ok(story) => {
+            let shown = if json {
+                serde_json::to_value(&story.report)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|report| print_json(&report))
+            } else {
+                print(&story.report, !exit);
+                Ok(())
+            };
+            if shown.is_ok() && !exit {
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                stopped.await;
+            }
+            story.stop().await;
+            shown
+        }
+        Err(error) => Err(error),
+    };
     if temporary {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let report = report?;
-    if json {
-        return print_json(&serde_json::to_value(&report)?);
-    }
-    print(&report);
-    Ok(())
+    outcome
 }
 
-/// Runs the story in `dir` (fresh agent data directories under it).
-pub async fn run(dir: PathBuf) -> anyhow::Result<Report> {
+/// Runs the story in `dir` (fresh agent data directories under it); the agents keep
+/// serving until the story is stopped.
+pub async fn run(dir: PathBuf) -> anyhow::Result<Story> {
     let emails = Arc::new(Mutex::new(Vec::<Email>::new()));
     let table = Arc::new(purchases());
 
@@ -261,6 +316,23 @@ pub async fn run(dir: PathBuf) -> anyhow::Result<Report> {
             accept: vec!["discount.>".into()],
             created_unix_ms: 0,
         })
+        .await?;
+
+    // Acme's own people sign in to Acme's agent with a tenant token, and Acme's tenant
+    // there holds its platform token as a view of that peer: one trace, both sides.
+    let acme_own_token = deadlift::agent::new_token()?;
+    acme.agent.db().add_token(
+        &acme_own_token,
+        &Principal::Tenant(deadlift::DEFAULT_TENANT.into()),
+        Some("Acme's console"),
+    )?;
+    acme.agent
+        .federation()
+        .set_view_token(
+            deadlift::DEFAULT_TENANT,
+            &payments_identity.name,
+            &acme_token,
+        )
         .await?;
 
     // Acme, over HTTP: its plug-in goes to the platform, bound at `before_charge`...
@@ -369,10 +441,27 @@ pub async fn run(dir: PathBuf) -> anyhow::Result<Report> {
         payments_run,
         acme_run,
         acme_counters: Value::Object(acme_counters),
+        consoles: vec![
+            Console {
+                agent: payments_identity.name.clone(),
+                url: format!("{}/ui", payments.url),
+                tenant: "acme".into(),
+                token: acme_token,
+                admin_token: payments.admin.clone(),
+            },
+            Console {
+                agent: acme_identity.name.clone(),
+                url: format!("{}/ui", acme.url),
+                tenant: deadlift::DEFAULT_TENANT.into(),
+                token: acme_own_token,
+                admin_token: acme.admin.clone(),
+            },
+        ],
     };
-    stop(payments).await;
-    stop(acme).await;
-    Ok(report)
+    Ok(Story {
+        report,
+        agents: vec![payments, acme],
+    })
 }
 
 fn print_run(side: &str, run: &Run) {
@@ -392,8 +481,8 @@ fn print_run(side: &str, run: &Run) {
     }
 }
 
-/// Prints the story as each side sees it.
-pub fn print(report: &Report) {
+/// Prints the story as each side sees it, and where to see it in a browser.
+pub fn print(report: &Report, serving: bool) {
     println!("== A charge at the payments platform");
     println!("  {}", report.charge);
     println!("== Acme's plug-in at before_charge (run on the platform's agent, next to its data)");
@@ -410,4 +499,19 @@ pub fn print(report: &Report) {
     print_run("acme    ", &report.acme_run);
     println!("== Acme's satisfaction counters (its own KV)");
     println!("  {}", report.acme_counters);
+    if !serving {
+        return;
+    }
+    println!("== Each agent's web console (Ctrl-C stops both agents)");
+    for console in &report.consoles {
+        println!(
+            "  {}: {}  sign in as tenant `{}` with token {}",
+            console.agent, console.url, console.tenant, console.token
+        );
+        println!(
+            "  {}  the operator's admin token: {}",
+            " ".repeat(console.agent.len()),
+            console.admin_token
+        );
+    }
 }

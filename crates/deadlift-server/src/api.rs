@@ -18,6 +18,8 @@ use crate::{hooks, peers, policy, v1, workflows};
 use deadlift_agent::agent::new_token;
 use deadlift_agent::manifest::{Manifest, ManifestError};
 use deadlift_agent::store::{Principal, TokenInfo};
+use deadlift_agent::telemetry::CallSpan;
+use deadlift_agent::workflow::TraceParent;
 use deadlift_engine::Code;
 use deadlift_engine::LogLine;
 use deadlift_engine::host::{CallContext, KvStore};
@@ -42,6 +44,7 @@ pub(super) fn routes() -> Router<AgentState> {
         .route("/v1/kv", get(list_kv))
         .route("/v1/kv/{key}", get(get_kv).put(put_kv).delete(delete_kv))
         .route("/v1/openapi.json", get(openapi))
+        .route("/v1/whoami", get(whoami))
 }
 
 /// The API's description, generated from the handlers and types above.
@@ -57,8 +60,10 @@ pub(super) fn routes() -> Router<AgentState> {
         workflows::delete_workflow, workflows::start_run, workflows::publish_events,
         workflows::list_runs, workflows::get_run, workflows::retry_run, workflows::cancel_run,
         workflows::live_runs, workflows::list_dead_letters, workflows::replay_dead_letter,
+        workflows::get_trace, whoami,
         peers::identity, peers::list_peers, peers::add_peer, peers::remove_peer,
         peers::outbox, peers::replay, peers::receive,
+        peers::list_views, peers::set_view, peers::remove_view,
         hooks::list, hooks::bind, hooks::unbind,
         policy::get_policy, policy::put_policy,
         crate::healthz, crate::readyz, crate::metrics,
@@ -394,10 +399,12 @@ async fn call_module(
     caller: Caller,
     Path((reference, function)): Path<(String, String)>,
     Query(query): Query<CallQuery>,
+    headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let tenant = caller.tenant()?;
     let info = resolve(&agent, tenant.clone(), reference).await?;
+    let started = std::time::SystemTime::now();
     // The module's manifest when it has one (held to the policy), else the default;
     // the call itself may only narrow it.
     let mut grant = agent.call_grant(&tenant, &info.id).await?;
@@ -407,16 +414,36 @@ async fn call_module(
     if let Some(fuel) = query.fuel {
         grant.fuel = Some(grant.fuel.map_or(fuel, |granted| granted.min(fuel)));
     }
-    let out = agent
+    let called = agent
         .engine()
         .call_direct(
             &info.id,
             &function,
             &body,
             &grant,
-            &CallContext::new(tenant),
+            &CallContext::new(tenant.clone()),
         )
-        .await?;
+        .await;
+    if let Some(telemetry) = agent.telemetry() {
+        telemetry.record_call(CallSpan {
+            tenant,
+            module: info.id.to_string(),
+            function: function.clone(),
+            parent: headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .and_then(TraceParent::parse),
+            started,
+            duration: started.elapsed().unwrap_or_default(),
+            fuel_used: called
+                .as_ref()
+                .ok()
+                .filter(|_| grant.fuel.is_some())
+                .map(|out| out.fuel_used),
+            error: called.as_ref().err().map(|e| e.code().as_str().to_owned()),
+        });
+    }
+    let out = called?;
     if query.format.as_deref() == Some("raw") {
         return Ok((
             [
@@ -552,6 +579,30 @@ async fn create_token(
     })
     .await?;
     Ok(json(StatusCode::CREATED, created))
+}
+
+/// Who a token is, as the console shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct WhoAmI {
+    /// This agent's name.
+    agent: String,
+    /// `admin` or `tenant`.
+    principal: &'static str,
+    /// The tenant the request acts for: the token's, or the admin's `X-Deadlift-Tenant`.
+    tenant: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/whoami", tag = "tenants", security(("bearer" = [])),
+    responses((status = 200, description = "The caller", body = WhoAmI)))]
+async fn whoami(State(agent): State<AgentState>, caller: Caller) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        agent: agent.federation().identity().name.clone(),
+        principal: match caller.principal {
+            Principal::Admin => "admin",
+            Principal::Tenant(_) => "tenant",
+        },
+        tenant: caller.acting_for.clone(),
+    })
 }
 
 #[utoipa::path(get, path = "/v1/tokens", tag = "tenants", security(("bearer" = [])),

@@ -1,6 +1,7 @@
 //! The HTTP server: the JSON API under `/v1` (`api` for modules, tenants, tokens and
 //! KV; `workflows` for workflows, events and runs), the original Deadlift v1 routes
-//! (`v1`), health, readiness and Prometheus metrics. Only this crate serves HTTP.
+//! (`v1`), health, readiness and Prometheus metrics, and the web console (`ui`). Only this
+//! crate serves HTTP.
 //!
 //! [`serve`] takes its listener and shutdown signal from the caller, so tests bind
 //! port 0 and stop the server when they like.
@@ -12,6 +13,7 @@ pub mod error;
 mod hooks;
 mod peers;
 mod policy;
+mod ui;
 mod v1;
 mod workflows;
 
@@ -59,6 +61,7 @@ pub fn router_listening(agent: Arc<Agent>, listening: Listening) -> Router {
         .merge(peers::routes())
         .merge(hooks::routes())
         .merge(policy::routes())
+        .merge(ui::routes())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -8,14 +8,14 @@ use crate::{Path, Query, page_limit};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorBody;
 use crate::{AgentState, ApiError, Caller, RawBody, json, parse_json};
 use deadlift_agent::federation::{
-    FederationError, OutboxEntry, OutboxStatus, Peer, Received, Webhook,
+    FederationError, OutboxEntry, OutboxStatus, Peer, PeerView, Received, Webhook,
 };
 
 impl From<FederationError> for ApiError {
@@ -32,6 +32,8 @@ pub(super) fn routes() -> Router<AgentState> {
         .route("/v1/outbox", get(outbox))
         .route("/v1/outbox/{id}/replay", post(replay))
         .route("/v1/peer/events", post(receive))
+        .route("/v1/peer-views", get(list_views))
+        .route("/v1/peer-views/{peer}", put(set_view).delete(remove_view))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -148,4 +150,58 @@ pub(super) async fn receive(
         .receive(&webhook, content_type, &body)
         .await?;
     Ok(json(StatusCode::OK, received))
+}
+
+/// A token the tenant holds on a peer's agent.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ViewToken {
+    /// A bearer token of this tenant's on the peer's agent; used only to read traces there.
+    token: String,
+}
+
+#[utoipa::path(get, path = "/v1/peer-views", tag = "federation", security(("bearer" = [])),
+    responses((status = 200, description = "The tenant's peers whose side of a trace it can see (never the tokens)", body = Vec<PeerView>)))]
+pub(super) async fn list_views(
+    State(agent): State<AgentState>,
+    caller: Caller,
+) -> Result<Json<Vec<PeerView>>, ApiError> {
+    let tenant = caller.tenant()?;
+    Ok(Json(agent.federation().views(&tenant).await?))
+}
+
+/// Stores the token the tenant holds on a peer's agent, so that trace pages show that side.
+#[utoipa::path(put, path = "/v1/peer-views/{peer}", tag = "federation", security(("bearer" = [])),
+    params(("peer" = String, Path, description = "A peer serving the tenant")),
+    request_body = ViewToken,
+    responses((status = 200, description = "Stored", body = PeerView),
+        (status = 400, description = "Invalid token", body = ErrorBody),
+        (status = 404, description = "No such peer serves the tenant", body = ErrorBody)))]
+pub(super) async fn set_view(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path(peer): Path<String>,
+    RawBody(body): RawBody,
+) -> Result<Json<PeerView>, ApiError> {
+    let tenant = caller.tenant()?;
+    let view: ViewToken = parse_json(&body)?;
+    let stored = agent
+        .federation()
+        .set_view_token(&tenant, &peer, &view.token)
+        .await?;
+    Ok(Json(stored))
+}
+
+#[utoipa::path(delete, path = "/v1/peer-views/{peer}", tag = "federation", security(("bearer" = [])),
+    params(("peer" = String, Path, description = "A peer serving the tenant")),
+    responses((status = 204, description = "Forgotten"),
+        (status = 404, description = "No view token for that peer", body = ErrorBody)))]
+pub(super) async fn remove_view(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path(peer): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = caller.tenant()?;
+    agent.federation().remove_view_token(&tenant, &peer).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

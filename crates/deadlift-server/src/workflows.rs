@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use crate::error::ErrorBody;
 use crate::{AgentState, ApiError, Caller, RawBody, json};
+use deadlift_agent::federation::TraceView;
 use deadlift_agent::workflow::event::{BATCH_CONTENT_TYPE, parse_binary, parse_events};
 use deadlift_agent::workflow::{
     DeadLetter, Ingested, Run, RunFilter, RunSummary, TraceParent, WorkflowError, WorkflowSpec,
@@ -45,6 +46,7 @@ pub(super) fn routes() -> Router<AgentState> {
         .route("/v1/runs/{id}/cancel", post(cancel_run))
         .route("/v1/dead-letters", get(list_dead_letters))
         .route("/v1/dead-letters/{id}/replay", post(replay_dead_letter))
+        .route("/v1/traces/{trace_id}", get(get_trace))
 }
 
 /// Applies a workflow document: JSON, or TOML with a TOML content type.
@@ -380,4 +382,71 @@ pub(super) async fn replay_dead_letter(
     let tenant = caller.tenant()?;
     let run_id = agent.workflows().replay(&tenant, id).await?;
     Ok(json(StatusCode::ACCEPTED, StartedRun { run_id }))
+}
+
+/// Most runs of one trace answered from this agent.
+const MAX_TRACE_RUNS: u32 = 100;
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(super) struct TraceQuery {
+    /// Also ask each peer the tenant holds a view token for (default true); peers are
+    /// asked with `false`, so that two agents never ask each other in circles.
+    peers: Option<bool>,
+}
+
+/// A trace: this agent's runs of it for the tenant, with every step, and each viewable
+/// peer's side of it (`/v1/peer-views`).
+#[utoipa::path(get, path = "/v1/traces/{trace_id}", tag = "runs", security(("bearer" = [])),
+    params(("trace_id" = String, Path, description = "32 lowercase hex digits"), TraceQuery),
+    responses((status = 200, description = "The trace's runs here and on the tenant's viewable peers", body = TraceView),
+        (status = 400, description = "Not a trace id", body = ErrorBody)))]
+pub(super) async fn get_trace(
+    State(agent): State<AgentState>,
+    caller: Caller,
+    Path(trace_id): Path<String>,
+    Query(query): Query<TraceQuery>,
+) -> Result<Json<TraceView>, ApiError> {
+    let tenant = caller.tenant()?;
+    let valid = trace_id.len() == 32
+        && trace_id
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        && trace_id.bytes().any(|b| b != b'0');
+    if !valid {
+        return Err(ApiError::new(
+            Code::BadRequest,
+            "a trace id is 32 lowercase hex digits, not all zero",
+        ));
+    }
+    let filter = RunFilter {
+        trace_id: Some(trace_id.clone()),
+        limit: Some(MAX_TRACE_RUNS),
+        ..RunFilter::default()
+    };
+    let peers = async {
+        if query.peers.unwrap_or(true) {
+            agent.federation().peer_traces(&tenant, &trace_id).await
+        } else {
+            Ok(Vec::new())
+        }
+    };
+    let (summaries, peers) = tokio::join!(agent.workflows().runs(&tenant, filter), peers);
+    let mut runs = Vec::new();
+    // Oldest first: a trace reads in the order it happened.
+    for summary in summaries?.iter().rev() {
+        match agent.workflows().run(&tenant, &summary.id).await {
+            Ok(run) => runs.push(run),
+            // Deleted by retention between the two reads.
+            Err(WorkflowError::RunNotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Json(TraceView {
+        trace_id,
+        agent: agent.federation().identity().name.clone(),
+        runs,
+        peers: peers?,
+    }))
 }

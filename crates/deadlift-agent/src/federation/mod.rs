@@ -13,6 +13,7 @@
 pub mod deliver;
 mod identity;
 pub mod peers;
+pub mod views;
 mod webhook;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use tokio::sync::Notify;
 pub use deliver::DeliveryConfig;
 pub use identity::{Identity, IdentityError, parse_public_key};
 pub use peers::{OutboxEntry, OutboxStatus, Peer};
+pub use views::{PeerTrace, PeerTraceError, PeerView, TraceView};
 pub use webhook::{
     ID_HEADER, PEER_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE_SECS, Webhook,
 };
@@ -166,6 +168,8 @@ pub struct Federation {
     /// Told when the outbox has new work (wakes the deliverer).
     outbox_ready: Arc<Notify>,
     deliverer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Asks peers for their side of a trace (`views`).
+    views_http: reqwest::Client,
 }
 
 impl Federation {
@@ -193,6 +197,10 @@ impl Federation {
             peers,
             outbox_ready,
             deliverer: Mutex::new(Some(deliverer)),
+            views_http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
         }
     }
 
@@ -244,6 +252,98 @@ impl Federation {
 
     pub fn peer(&self, name: &str) -> Option<Peer> {
         self.peers.get(name)
+    }
+
+    /// The peer `name` if it serves `tenant`; to anyone else it does not exist.
+    fn peer_of(&self, tenant: &str, name: &str) -> Result<Peer, FederationError> {
+        self.peers
+            .get(name)
+            .filter(|peer| peer.tenant == tenant)
+            .ok_or_else(|| FederationError::PeerNotFound(name.to_owned()))
+    }
+
+    /// Stores the token `tenant` holds on peer `name`'s agent, with which this agent
+    /// fetches that side of a trace for it.
+    pub async fn set_view_token(
+        &self,
+        tenant: &str,
+        name: &str,
+        token: &str,
+    ) -> Result<PeerView, FederationError> {
+        let peer = self.peer_of(tenant, name)?;
+        if token.is_empty() || token.len() > 512 || token.chars().any(|c| c.is_control()) {
+            return Err(FederationError::PeerInvalid(
+                "token: 1 to 512 characters, none of them control characters".into(),
+            ));
+        }
+        let (tenant, token, now) = (tenant.to_owned(), token.to_owned(), now_ms());
+        let name = peer.name.clone();
+        self.journal
+            .write(move |tx| views::set_token(tx, &name, &tenant, &token, now))
+            .await?;
+        Ok(PeerView {
+            peer: peer.name,
+            url: peer.url,
+            updated_unix_ms: now,
+        })
+    }
+
+    pub async fn remove_view_token(&self, tenant: &str, name: &str) -> Result<(), FederationError> {
+        let peer = self.peer_of(tenant, name)?;
+        let tenant = tenant.to_owned();
+        let removed = self
+            .journal
+            .write(move |tx| views::remove_token(tx, &peer.name, &tenant))
+            .await?;
+        removed
+            .then_some(())
+            .ok_or_else(|| FederationError::PeerNotFound(name.to_owned()))
+    }
+
+    /// The peers `tenant` can see a trace on.
+    pub async fn views(&self, tenant: &str) -> Result<Vec<PeerView>, FederationError> {
+        Ok(self
+            .view_tokens(tenant)
+            .await?
+            .into_iter()
+            .map(|(peer, _, updated_unix_ms)| PeerView {
+                peer: peer.name,
+                url: peer.url,
+                updated_unix_ms,
+            })
+            .collect())
+    }
+
+    /// The tenant's view tokens on peers that still serve it.
+    async fn view_tokens(&self, tenant: &str) -> Result<Vec<(Peer, String, i64)>, FederationError> {
+        let (db, owned) = (self.db.clone(), tenant.to_owned());
+        let stored =
+            tokio::task::spawn_blocking(move || views::tokens(&db.read(), &owned)).await??;
+        Ok(stored
+            .into_iter()
+            .filter_map(|(name, token, updated)| {
+                let peer = self.peer_of(tenant, &name).ok()?;
+                Some((peer, token, updated))
+            })
+            .collect())
+    }
+
+    /// Each viewable peer's side of trace `trace_id` for `tenant`, asked at once.
+    pub async fn peer_traces(
+        &self,
+        tenant: &str,
+        trace_id: &str,
+    ) -> Result<Vec<PeerTrace>, FederationError> {
+        let asks = self
+            .view_tokens(tenant)
+            .await?
+            .into_iter()
+            .map(|(peer, token, _)| {
+                let http = self.views_http.clone();
+                let trace_id = trace_id.to_owned();
+                async move { views::fetch(&http, &peer, &token, &trace_id).await }
+            });
+        Ok(futures_util::future::join_all(asks).await)
     }
 
     /// The outbox, newest first, optionally of one status.

@@ -105,6 +105,16 @@ pub enum StepStatus {
     Failed,
 }
 
+impl StepStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Skipped => "skipped",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 /// One journaled step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StepRecord {
@@ -113,6 +123,12 @@ pub struct StepRecord {
     /// The module actually called (`sha256:...`), for call steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
+    /// The exported function called, for call steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
+    /// Fuel the successful call used, when its grant metered fuel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel_used: Option<u64>,
     pub input: Value,
     pub output: Value,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -96,6 +96,7 @@ struct Called {
     output: Value,
     logs: Vec<LogLine>,
     logs_dropped: u64,
+    fuel_used: u64,
     emitted: Vec<CloudEvent>,
 }
 
@@ -138,6 +139,11 @@ impl StepExecutor {
                         id: step.id.clone(),
                         status: StepStatus::Failed,
                         module: failed.module,
+                        function: match &step.action {
+                            Action::Call { function, .. } => Some(function.clone()),
+                            Action::Emit { .. } => None,
+                        },
+                        fuel_used: None,
                         input: flow_input,
                         output: Value::Null,
                         logs: Vec::new(),
@@ -188,6 +194,8 @@ impl StepExecutor {
                 id: step.id.clone(),
                 status,
                 module,
+                function: None,
+                fuel_used: None,
                 input: input.clone(),
                 output,
                 logs,
@@ -281,6 +289,8 @@ impl StepExecutor {
                 );
                 record.clamped = clamped.into_iter().map(str::to_owned).collect();
                 record.logs_dropped = called.logs_dropped;
+                record.function = Some(function.clone());
+                record.fuel_used = held.fuel.map(|_| called.fuel_used);
                 Ok(StepOutcome {
                     record,
                     emitted: called.emitted,
@@ -385,6 +395,7 @@ impl StepExecutor {
             output,
             logs: out.logs,
             logs_dropped: out.logs_dropped,
+            fuel_used: out.fuel_used,
             emitted,
         })
     }
@@ -459,6 +470,8 @@ pub(crate) fn skipped(step: &Step, output: Value) -> StepOutcome {
             id: step.id.clone(),
             status: StepStatus::Skipped,
             module: None,
+            function: None,
+            fuel_used: None,
             input: Value::Null,
             output,
             logs: Vec::new(),

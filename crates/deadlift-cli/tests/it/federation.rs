@@ -404,7 +404,7 @@ fn agents_deliver_signed_events_and_refuse_bad_deliveries() {
 #[test]
 fn the_showcase_tells_the_whole_story() {
     let out = std::process::Command::new(crate::BIN)
-        .args(["showcase", "--json"])
+        .args(["showcase", "--json", "--exit"])
         .output()
         .unwrap();
     assert!(

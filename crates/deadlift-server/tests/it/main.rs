@@ -8,6 +8,7 @@
 mod common;
 
 mod federation;
+mod otlp;
 mod server_api;
 mod server_v1;
 mod workflows;
