@@ -89,7 +89,7 @@ impl ManifestError {
     pub fn code(&self) -> Code {
         match self {
             Self::Module(error) => error.code(),
-            Self::OverPolicy(_) => Code::GrantInvalid,
+            Self::OverPolicy(_) => Code::GrantOverPolicy,
             Self::Db(error) => error.code(),
         }
     }

@@ -69,6 +69,8 @@ codes! {
     // Known, but not allowed.
     Forbidden = "forbidden" => FORBIDDEN,
     EventNotAccepted = "event_not_accepted" => FORBIDDEN,
+    // A stored grant (a manifest) asks for more than the operator's policy allows.
+    GrantOverPolicy = "grant_over_policy" => FORBIDDEN,
     // What was named does not exist.
     RouteNotFound = "route_not_found" => NOT_FOUND,
     ModuleNotFound = "module_not_found" => NOT_FOUND,

@@ -174,7 +174,7 @@ struct UploadQuery {
 
 /// Upload: the module's bytes as the body, its metadata in the query string.
 #[utoipa::path(post, path = "/v1/modules", tag = "modules", security(("bearer" = [])), params(UploadQuery),
-    request_body(content = String, content_type = "application/wasm", description = "The module's Wasm bytes, metadata in the query string; or multipart/form-data with the file in `module` and fields `name`, `version`, `title`, `description`"),
+    request_body(content((String = "application/wasm"), (String = "application/octet-stream")), description = "The module's Wasm bytes, metadata in the query string; or multipart/form-data with the file in `module` and fields `name`, `version`, `title`, `description`"),
     responses((status = 201, description = "Registered (or already registered identically)", body = ModuleInfo),
         (status = 400, description = "Not a valid Extism plug-in, or metadata missing", body = ErrorBody),
         (status = 409, description = "Name and version taken by other bytes", body = ErrorBody),

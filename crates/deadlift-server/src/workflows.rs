@@ -399,7 +399,7 @@ pub(super) struct TraceQuery {
 /// A trace: this agent's runs of it for the tenant, with every step, and each viewable
 /// peer's side of it (`/v1/peer-views`).
 #[utoipa::path(get, path = "/v1/traces/{trace_id}", tag = "runs", security(("bearer" = [])),
-    params(("trace_id" = String, Path, description = "32 lowercase hex digits"), TraceQuery),
+    params(("trace_id" = String, Path, description = "32 lowercase hex digits, not all zero", pattern = "^[0-9a-f]*[1-9a-f][0-9a-f]*$", min_length = 32, max_length = 32), TraceQuery),
     responses((status = 200, description = "The trace's runs here and on the tenant's viewable peers", body = TraceView),
         (status = 400, description = "Not a trace id", body = ErrorBody)))]
 pub(super) async fn get_trace(

@@ -27,13 +27,27 @@ pub const MAX_DEPTH: u64 = 32;
 /// A CloudEvent as carried in JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CloudEvent {
+    #[schema(pattern = "^1\\.0$")]
     pub specversion: String,
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+    )]
     pub id: String,
+    #[schema(min_length = 1, max_length = 1024)]
     pub source: String,
-    /// The routing subject.
+    /// The routing subject: tokens separated by dots, without whitespace, control
+    /// characters or the wildcards `*` and `>`.
     #[serde(rename = "type")]
+    #[schema(
+        max_length = 256,
+        pattern = "^[^.\\s*>\\u0000-\\u001f\\u007f-\\u009f]+(\\.[^.\\s*>\\u0000-\\u001f\\u007f-\\u009f]+)*$"
+    )]
     pub event_type: String,
+    /// RFC 3339; the agent sets it when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     pub time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,

@@ -37,6 +37,7 @@ pub struct WorkflowSpec {
     /// What starts a run. Without a trigger the workflow runs only when asked over HTTP.
     #[serde(default)]
     pub trigger: Trigger,
+    #[schema(min_items = 1)]
     pub steps: Vec<StepSpec>,
 }
 

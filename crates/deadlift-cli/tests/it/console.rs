@@ -299,6 +299,14 @@ fn the_console_in_a_real_browser() {
         );
         screenshot(&client, "console-trace").await;
 
+        // The peer whose side the trace showed is listed, its token never shown.
+        client
+            .goto(&format!("{}#/peers", acme["url"].as_str().unwrap()))
+            .await
+            .unwrap();
+        let listed = wait_text(&client, "#peer-views-table", payments["agent"].as_str().unwrap()).await;
+        assert!(!listed.contains(payments["token"].as_str().unwrap()));
+
         // A dead letter, replayed: its run goes again (and, still failing, is dead again).
         let letters = format!("{}/v1/dead-letters?include_replayed=true", base(acme));
         let before = api(reqwest::Method::GET, letters.clone(), acme_token, "default", None).await;

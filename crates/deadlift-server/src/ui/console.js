@@ -304,6 +304,7 @@
       case 'modules': return page('Modules', renderModules);
       case 'hooks': return page('Hooks', renderHooks);
       case 'dead-letters': return page('Dead letters', renderDeadLetters);
+      case 'peers': return page('Peers', renderPeers);
       case 'operator': return page('Operator', renderOperator, '#/operator', false);
       default: return null;
     }
@@ -735,6 +736,10 @@
 
     view.append(h('p', null, `${entries.length} run${entries.length === 1 ? '' : 's'} on ${sides.size} agent${sides.size === 1 ? '' : 's'}`,
       entries.length ? `, ${span.end - span.start} ms from the first start to the last finish.` : '.'));
+    if (!asArray(data.peers, 'peers').length) {
+      view.append(h('p', { class: 'help', id: 'peers-hint' }, "Hold a token on a peer's agent? ",
+        h('a', { href: '#/peers', text: 'Add it under Peers' }), ' to see its side here.'));
+    }
     if (!entries.length && !notices.length) {
       view.append(emptyNote('No runs of this trace are recorded here or on the peers.'));
       return;
@@ -1022,6 +1027,82 @@
       ['Id', 'Run', 'Workflow', 'Event', 'Error', 'Failed', 'Replay'], rows, 'No dead letters.'));
   }
 
+  // ---------------------------------------------------------------- peers (view tokens)
+
+  async function renderPeers(view, ctx) {
+    heading(view, 'Peers', ctx);
+    view.append(h('p', { class: 'intro', text: "A token your organisation holds on a peer's agent lets trace pages show that side of a trace; it is stored on this agent and never shown again." }));
+    const tableBox = h('div', { id: 'peer-views' }, loadingNote());
+    view.append(tableBox);
+
+    async function load() {
+      const list = asArray(await api('/v1/peer-views', { signal: ctx.signal }), 'peer_views');
+      list.sort((a, b) => String(a.peer).localeCompare(String(b.peer)));
+      tableBox.replaceChildren(dataTable('peer-views-table', 'Peers whose side of a trace you can see',
+        ['Peer', 'URL', 'Stored at', 'Forget'], list.map((v) => h('tr', { dataset: { peer: v.peer } },
+          h('th', { scope: 'row', text: v.peer }),
+          h('td', null, h('code', { text: v.url ?? '' })), // text, not a link: it is data
+          h('td', null, timeEl(v.updated_unix_ms)),
+          h('td', null, h('button', {
+            type: 'button', class: 'button small secondary', dataset: { forget: v.peer }, text: 'Forget',
+            'aria-label': `Forget the token for peer ${v.peer}`, onclick: forget,
+          })))), 'No tokens stored: trace pages show this agent’s side only.'));
+    }
+    const reload = () => load().catch((err) => {
+      if (isAbort(err)) return;
+      tableBox.replaceChildren(emptyNote('Could not be loaded.'));
+      showError(err);
+    });
+
+    async function forget(e) {
+      const button = e.currentTarget;
+      const peer = button.dataset.forget;
+      button.disabled = true;
+      clearError();
+      try {
+        await api(`/v1/peer-views/${enc(peer)}`, { method: 'DELETE', signal: ctx.signal });
+        showNotice(`Token for peer ${peer} forgotten.`);
+        await reload();
+        tableBox.querySelector('.table-wrap')?.focus(); // the button is gone: keep focus near
+      } catch (err) {
+        showError(err);
+        if (err.status === 404) reload(); // already forgotten (another tab): show what is stored
+        else if (!ctx.signal.aborted) button.disabled = false;
+      }
+    }
+
+    const peerInput = h('input', { id: 'peer-view-peer', name: 'peer', type: 'text', required: true, spellcheck: 'false', autocomplete: 'off' });
+    const tokenInput = h('input', { id: 'peer-view-token', name: 'token', type: 'password', required: true, spellcheck: 'false', autocomplete: 'off' });
+    const submit = h('button', { type: 'submit', class: 'button', text: 'Store token' });
+    const form = h('form', { id: 'peer-view-form', class: 'inline-form', 'aria-labelledby': 'peer-view-title' },
+      field('Peer', peerInput, 'The peer’s name on this agent.'),
+      field('Token', tokenInput, 'Used only to read traces on that agent.'),
+      submit);
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      const peer = peerInput.value.trim();
+      if (!peer) {
+        peerInput.focus();
+        return;
+      }
+      submit.disabled = true;
+      clearError();
+      clearNotice();
+      try {
+        const stored = await api(`/v1/peer-views/${enc(peer)}`, { method: 'PUT', body: { token: tokenInput.value.trim() }, signal: ctx.signal });
+        tokenInput.value = '';
+        showNotice(`Token for peer ${stored?.peer ?? peer} stored.`);
+        await reload();
+      } catch (err) {
+        showError(err);
+      } finally {
+        if (!ctx.signal.aborted) submit.disabled = false;
+      }
+    });
+    view.append(h('section', { class: 'block' }, h('h2', { id: 'peer-view-title', text: 'Store a token' }), form));
+    await load();
+  }
+
   // ---------------------------------------------------------------- operator
 
   async function renderOperator(view, ctx) {
@@ -1095,7 +1176,7 @@
       h('option', { value: '', text: '— none (operator pages only) —' }),
       options.map((n) => h('option', { value: n, text: n, selected: n === current })));
     const form = h('form', { id: 'act-as-form', class: 'inline-form' },
-      field('Tenant', select, 'The tenant whose runs, workflows, modules and dead letters the other pages show.'),
+      field('Tenant', select, 'The tenant whose runs, workflows, modules, dead letters and peer tokens the other pages show.'),
       h('button', { type: 'submit', class: 'button', text: 'Act as tenant' }));
     form.addEventListener('submit', async (e) => {
       e.preventDefault();

@@ -622,9 +622,9 @@ async fn a_modules_manifest_gives_its_direct_calls_their_options() {
         .send()
         .await
         .unwrap();
-    assert_eq!(greedy.status().as_u16(), 400);
+    assert_eq!(greedy.status().as_u16(), 403);
     let body: Value = greedy.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "grant_invalid");
+    assert_eq!(body["error"]["code"], "grant_over_policy");
     let fields: Vec<&str> = body["error"]["details"]["errors"]
         .as_array()
         .unwrap()
