@@ -42,7 +42,9 @@ pub struct Limits {
     /// exactly to be grantable.
     pub allowed_hosts: Vec<String>,
     /// Host functions a tenant may grant (the built-ins by default; the embedding
-    /// application's own functions only when the operator lists them).
+    /// application's own functions only when the operator lists them). A set: a name
+    /// listed twice is listed once.
+    #[schema(value_type = Vec<String>)]
     pub host_functions: BTreeSet<String>,
     /// Whether a tenant may grant WASI (never directories: those are the operator's).
     pub wasi: bool,
@@ -94,6 +96,24 @@ impl Policy {
         for tenant in self.tenants.keys() {
             deadlift_engine::names::tenant_name(tenant)
                 .map_err(|e| format!("policy for tenant `{tenant}`: the name {e}"))?;
+        }
+        // Limits are documented (and stored) as 64-bit signed integers; beyond, a limit
+        // means nothing a grant could reach anyway.
+        let scopes = std::iter::once(("the default", &self.default)).chain(
+            self.tenants
+                .iter()
+                .map(|(name, limits)| (name.as_str(), limits)),
+        );
+        for (scope, limits) in scopes {
+            let fields = serde_json::to_value(limits).map_err(|e| e.to_string())?;
+            for (field, value) in fields.as_object().into_iter().flatten() {
+                if value.as_u64().is_some_and(|n| n > i64::MAX as u64) {
+                    return Err(format!(
+                        "policy for {scope}: {field} is over {}, the largest limit",
+                        i64::MAX
+                    ));
+                }
+            }
         }
         Ok(())
     }

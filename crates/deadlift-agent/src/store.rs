@@ -670,7 +670,10 @@ mod tests {
     fn a_database_from_before_the_v1_tenant_keeps_its_v1_view() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.db");
-        let before_split = MIGRATIONS.len() - 1;
+        let before_split = MIGRATIONS
+            .iter()
+            .position(|m| m.contains("v1_split"))
+            .unwrap();
         {
             let conn = Connection::open(&path).unwrap();
             for migration in &MIGRATIONS[..before_split] {

@@ -1,6 +1,7 @@
 //! The CLI's federation commands: `identity` and `peer` (add, list, remove, outbox,
-//! replay), thin clients of the agent's `/v1/identity`, `/v1/peers` and `/v1/outbox`.
-//! Everything but `identity` needs the admin token.
+//! replay: the admin's; view, views, unview: a tenant's tokens on its peers' agents),
+//! thin clients of the agent's `/v1/identity`, `/v1/peers`, `/v1/outbox` and
+//! `/v1/peer-views`.
 
 use clap::Subcommand;
 use reqwest::Method;
@@ -55,6 +56,29 @@ pub enum PeerCommand {
     Replay {
         /// The delivery's id, as `peer outbox` shows it
         id: i64,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Store the token your tenant holds on a peer's agent, so that traces show that side
+    /// (the token is read from DEADLIFT_PEER_TOKEN, never from a flag `ps` would show)
+    View {
+        /// A peer serving your tenant
+        peer: String,
+        /// Your token on the peer's agent
+        #[arg(long, env = "DEADLIFT_PEER_TOKEN", hide_env_values = true)]
+        peer_token: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List the peers whose side of a trace your tenant can see (never the tokens)
+    Views {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Forget your tenant's token on a peer's agent
+    Unview {
+        /// The peer
+        peer: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -158,6 +182,53 @@ pub async fn peer(command: PeerCommand) -> anyhow::Result<()> {
                 &["id", "peer", "event", "status", "attempts", "last error"],
                 &rows,
             );
+        }
+        PeerCommand::View {
+            peer,
+            peer_token,
+            remote,
+        } => {
+            let client = remote.client()?;
+            let stored = client
+                .json(
+                    client
+                        .request(
+                            Method::PUT,
+                            &format!("/v1/peer-views/{}", path_segment(&peer)),
+                        )
+                        .json(&json!({ "token": peer_token })),
+                )
+                .await?;
+            report(
+                &remote,
+                stored,
+                format!("traces now show peer {peer}'s side"),
+            )?;
+        }
+        PeerCommand::Views { remote } => {
+            let client = remote.client()?;
+            let views = client
+                .json(client.request(Method::GET, "/v1/peer-views"))
+                .await?;
+            if remote.json {
+                return print_json(&views);
+            }
+            let rows = rows(&views, |v| vec![cell(&v["peer"]), cell(&v["url"])]);
+            table(&["peer", "url"], &rows);
+        }
+        PeerCommand::Unview { peer, remote } => {
+            let client = remote.client()?;
+            client
+                .send(client.request(
+                    Method::DELETE,
+                    &format!("/v1/peer-views/{}", path_segment(&peer)),
+                ))
+                .await?;
+            report(
+                &remote,
+                json!({ "forgotten": peer }),
+                format!("token for peer {peer} forgotten"),
+            )?;
         }
         PeerCommand::Replay { id, remote } => {
             let client = remote.client()?;

@@ -67,6 +67,7 @@ pub(super) fn routes() -> Router<AgentState> {
         hooks::list, hooks::bind, hooks::unbind,
         policy::get_policy, policy::put_policy,
         crate::healthz, crate::readyz, crate::metrics,
+        crate::ui::index, crate::ui::script, crate::ui::style,
         v1::status, v1::upload, v1::list, v1::execute, v1::create_workflow, v1::execute_workflow
     ),
     components(schemas(ErrorBody, ModuleInfo, CallResponse, LogLine, TokenInfo, CreatedToken, NewTenant, NewToken)),
@@ -424,25 +425,9 @@ async fn call_module(
             &CallContext::new(tenant.clone()),
         )
         .await;
-    if let Some(telemetry) = agent.telemetry() {
-        telemetry.record_call(CallSpan {
-            tenant,
-            module: info.id.to_string(),
-            function: function.clone(),
-            parent: headers
-                .get("traceparent")
-                .and_then(|v| v.to_str().ok())
-                .and_then(TraceParent::parse),
-            started,
-            duration: started.elapsed().unwrap_or_default(),
-            fuel_used: called
-                .as_ref()
-                .ok()
-                .filter(|_| grant.fuel.is_some())
-                .map(|out| out.fuel_used),
-            error: called.as_ref().err().map(|e| e.code().as_str().to_owned()),
-        });
-    }
+    export_call(
+        &agent, &tenant, &info.id, &function, &headers, started, &grant, &called,
+    );
     let out = called?;
     if query.format.as_deref() == Some("raw") {
         return Ok((
@@ -546,7 +531,7 @@ struct CreatedToken {
 }
 
 #[utoipa::path(post, path = "/v1/tenants/{tenant}/tokens", tag = "tenants", security(("bearer" = [])),
-    params(("tenant" = String, Path, description = "The tenant the token acts for")), request_body = NewToken,
+    params(("tenant" = String, Path, description = "The tenant the token acts for")), request_body(content = Option<NewToken>, description = "Optional: a label for the token"),
     responses((status = 201, description = "The new token; its secret is shown only now", body = CreatedToken),
         (status = 404, description = "No such tenant", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 async fn create_token(
@@ -579,6 +564,41 @@ async fn create_token(
     })
     .await?;
     Ok(json(StatusCode::CREATED, created))
+}
+
+/// Exports a direct call as a span, when the agent exports spans: in the caller's trace
+/// when its `traceparent` header carries one.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn export_call(
+    agent: &deadlift_agent::Agent,
+    tenant: &str,
+    module: &deadlift_engine::registry::ModuleId,
+    function: &str,
+    headers: &HeaderMap,
+    started: std::time::SystemTime,
+    grant: &deadlift_engine::Grant,
+    called: &Result<deadlift_engine::CallOutput, deadlift_engine::CallError>,
+) {
+    let Some(telemetry) = agent.telemetry() else {
+        return;
+    };
+    telemetry.record_call(CallSpan {
+        tenant: tenant.to_owned(),
+        module: module.to_string(),
+        function: function.to_owned(),
+        parent: headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse),
+        started,
+        duration: started.elapsed().unwrap_or_default(),
+        fuel_used: called
+            .as_ref()
+            .ok()
+            .filter(|_| grant.fuel.is_some())
+            .map(|out| out.fuel_used),
+        error: called.as_ref().err().map(|e| e.code().as_str().to_owned()),
+    });
 }
 
 /// Who a token is, as the console shows it.

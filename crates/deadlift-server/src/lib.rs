@@ -191,8 +191,18 @@ pub(crate) async fn metrics(State(agent): State<AgentState>) -> Response {
     for (name, help, value) in agent.workflows().stats().counters() {
         counter(name, help, "counter", value);
     }
-    // Backlogs: what waits. (An event is routed in the transaction that stores it, so
-    // no event ever waits for routing.)
+    // Backlogs: what waits. An event is routed in the transaction that stores it, so
+    // events awaiting routing are the journal writer's waiting writes.
+    counter(
+        "deadlift_journal_writes_waiting",
+        "Writes (events to store and route, step records, run changes) waiting for the journal's writer.",
+        "gauge",
+        agent
+            .workflows()
+            .stats()
+            .writes_waiting
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
     let (queued, running) = agent
         .workflows()
         .journal()
@@ -414,13 +424,45 @@ pub(crate) fn multipart_error(e: axum::extract::multipart::MultipartError) -> Ap
 }
 
 /// Parses a JSON body, answering `invalid_json` with the parser's reason.
-pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_value(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| {
         ApiError::new(
             Code::InvalidJson,
             format!("the body is not valid JSON: {e}"),
         )
     })
+}
+
+/// Parses a JSON settings document (a manifest, a policy, a peer...) into its type.
+/// JSON has one number type, and JSON Schema counts `5.0` as an integer: a client that
+/// writes a count as `5.0` means 5, so integral numbers are read as integers.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut value = parse_value(bytes)?;
+    integral_floats_as_integers(&mut value);
+    serde_json::from_value(value).map_err(|e| {
+        ApiError::new(
+            Code::InvalidJson,
+            format!("the body is not valid JSON: {e}"),
+        )
+    })
+}
+
+fn integral_floats_as_integers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(number) if number.is_f64() => {
+            let float = number.as_f64().unwrap_or(f64::NAN);
+            // Exactly integral and within 2^53, where every integer is a float.
+            if float.fract() == 0.0 && float.abs() <= 9_007_199_254_740_992.0 {
+                #[allow(clippy::cast_possible_truncation)]
+                let integer = float as i64;
+                *value = Value::from(integer);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats_as_integers),
+        Value::Object(members) => members.values_mut().for_each(integral_floats_as_integers),
+        _ => {}
+    }
 }
 
 pub(crate) fn json<T: serde::Serialize>(status: StatusCode, value: T) -> Response {

@@ -51,14 +51,21 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     response
 }
 
-async fn index() -> Response {
+/// The console's page (it signs in with a token and calls the `/v1` API).
+#[utoipa::path(get, path = "/ui", tag = "console",
+    responses((status = 200, description = "The console's HTML page", content_type = "text/html", body = String)))]
+pub(crate) async fn index() -> Response {
     asset("text/html; charset=utf-8", INDEX)
 }
 
-async fn script() -> Response {
+#[utoipa::path(get, path = "/ui/console.js", tag = "console",
+    responses((status = 200, description = "The console's script", content_type = "text/javascript", body = String)))]
+pub(crate) async fn script() -> Response {
     asset("text/javascript; charset=utf-8", SCRIPT)
 }
 
-async fn style() -> Response {
+#[utoipa::path(get, path = "/ui/console.css", tag = "console",
+    responses((status = 200, description = "The console's stylesheet", content_type = "text/css", body = String)))]
+pub(crate) async fn style() -> Response {
     asset("text/css; charset=utf-8", STYLE)
 }

@@ -9,6 +9,7 @@ use axum::extract::multipart::{Multipart, MultipartRejection};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use deadlift_agent::workflow::TraceParent;
 
 use crate::error::ErrorBody;
 use axum::{Extension, Json, Router};
@@ -102,7 +103,15 @@ pub(crate) async fn execute_workflow(
     let input = json_body(&body)?;
     let output = agent
         .workflows()
-        .execute_v1(V1_TENANT, id, input)
+        .execute_v1(
+            V1_TENANT,
+            id,
+            input,
+            headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .and_then(TraceParent::parse),
+        )
         .await
         .map_err(|e| match e {
             deadlift_agent::workflow::WorkflowError::NotFound(_) => not_found(),
@@ -330,7 +339,8 @@ pub(crate) async fn execute(
             format!("the body is not valid JSON: {e}"),
         )
     })?;
-    let out = agent
+    let started = std::time::SystemTime::now();
+    let called = agent
         .engine()
         .call_direct(
             &id,
@@ -339,11 +349,21 @@ pub(crate) async fn execute(
             agent.default_grant(),
             &CallContext::new(V1_TENANT),
         )
-        .await
-        .map_err(|e| match e {
-            deadlift_engine::CallError::ModuleNotFound { .. } => not_found(),
-            other => other.into(),
-        })?;
+        .await;
+    crate::api::export_call(
+        &agent,
+        V1_TENANT,
+        &id,
+        V1_ENTRY,
+        &headers,
+        started,
+        agent.default_grant(),
+        &called,
+    );
+    let out = called.map_err(|e| match e {
+        deadlift_engine::CallError::ModuleNotFound { .. } => not_found(),
+        other => other.into(),
+    })?;
     if serde_json::from_slice::<serde::de::IgnoredAny>(&out.output).is_err() {
         return Err(ApiError::new(
             Code::OutputNotJson,

@@ -147,7 +147,7 @@ pub(super) async fn start_run(
     let input: Value = if body.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
-        crate::parse_json(&body)?
+        crate::parse_value(&body)?
     };
     let trace = headers
         .get("traceparent")

@@ -54,6 +54,15 @@ impl Journal {
         (journal, JournalReceiver(receiver))
     }
 
+    /// Hands a command to the writer, counted as waiting until the writer takes it.
+    fn send(&self, command: Command) -> Result<(), DbError> {
+        self.stats.writes_waiting.fetch_add(1, Ordering::Relaxed);
+        self.commands.send(command).map_err(|_| {
+            self.stats.writes_waiting.fetch_sub(1, Ordering::Relaxed);
+            DbError::Closed
+        })
+    }
+
     /// What the journal has committed since start.
     pub fn stats(&self) -> &Arc<JournalStats> {
         &self.stats
@@ -68,9 +77,7 @@ impl Journal {
         command: impl FnOnce(oneshot::Sender<Result<T, DbError>>) -> Command,
     ) -> Result<T, DbError> {
         let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(command(reply))
-            .map_err(|_| DbError::Closed)?;
+        self.send(command(reply))?;
         answer.await.map_err(|_| DbError::Closed)?
     }
 
@@ -212,7 +219,7 @@ impl Journal {
 
     /// Marks a run running (when its first step takes a while); not waited for.
     pub(crate) fn mark_running(&self, run_seq: i64, execution: i64) {
-        let _ = self.commands.send(Command::Running { run_seq, execution });
+        let _ = self.send(Command::Running { run_seq, execution });
     }
 
     /// Journals a finished step (and the events it emitted), and the run's end with it
@@ -265,15 +272,13 @@ impl Journal {
         finish: Finish,
     ) -> Result<oneshot::Receiver<Result<String, DbError>>, DbError> {
         let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Record {
-                run,
-                steps,
-                emitted,
-                finish,
-                reply,
-            })
-            .map_err(|_| DbError::Closed)?;
+        self.send(Command::Record {
+            run,
+            steps,
+            emitted,
+            finish,
+            reply,
+        })?;
         Ok(answer)
     }
 
@@ -406,7 +411,6 @@ impl EventSink for JournalSink {
         let (reply, answer) = oneshot::channel();
         let shutting_down = || SinkError::Rejected("the agent is shutting down".into());
         self.journal
-            .commands
             .send(Command::Ingest {
                 tenant: ctx.tenant.clone(),
                 events: vec![event],
@@ -437,6 +441,9 @@ pub struct JournalStats {
     pub deliveries_done: AtomicU64,
     pub deliveries_retried: AtomicU64,
     pub deliveries_dead: AtomicU64,
+    /// Writes (events to store and route, steps, runs) handed to the writer and not
+    /// yet taken into a commit: the journal's backlog.
+    pub writes_waiting: AtomicU64,
 }
 
 impl JournalStats {

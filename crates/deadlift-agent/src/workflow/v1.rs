@@ -86,12 +86,14 @@ impl Runtime {
         Ok(self.journal.apply_v1(tenant, build).await?)
     }
 
-    /// Runs a v1 workflow with `input` and answers its output; recorded as a run.
+    /// Runs a v1 workflow with `input` and answers its output; recorded as a run, in the
+    /// caller's trace when it gives one.
     pub async fn execute_v1(
         &self,
         tenant: &str,
         id: i64,
         input: Value,
+        trace: Option<TraceParent>,
     ) -> Result<Value, WorkflowError> {
         let name = workflow_name(id);
         let version = self.current_version(tenant, &name).await?;
@@ -107,7 +109,7 @@ impl Runtime {
             trigger: TriggerKind::V1,
             input,
             event: None,
-            trace: TraceParent::new_root(),
+            trace: trace.map_or_else(TraceParent::new_root, |t| t.child()),
         };
         self.execute_in_memory(run, &workflow)
             .await?

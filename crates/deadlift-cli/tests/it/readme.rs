@@ -1,9 +1,9 @@
 //! The README, followed literally (issue 14: its quick start pushed `add_ten` under a name
 //! the workflow section did not use, and its example workflow always failed over HTTP).
-//! Its agent and workflow commands run here as written, against a real agent, with
+//! Its agent, workflow and peer commands run here as written, against real agents, with
 //! `deadlift` being this build's binary. Lines that hold a placeholder for something
-//! only a person can fill in (`<run id>`) are left out; the admin token and the agent's
-//! address are filled in.
+//! only a person can fill in (`<run id>`) are left out; the admin token, the agents'
+//! addresses and where the second agent keeps its files are filled in.
 
 use std::process::Command;
 
@@ -22,7 +22,7 @@ fn block_after(readme: &str, marker: &str) -> Vec<String> {
 }
 
 #[test]
-fn the_readmes_agent_and_workflow_commands_work_as_written() {
+fn the_readmes_agent_workflow_and_peer_commands_work_as_written() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
         .expect("README.md");
     let dir = tempfile::tempdir().unwrap();
@@ -33,6 +33,15 @@ fn the_readmes_agent_and_workflow_commands_work_as_written() {
         .expect("the admin token is printed");
     let mut lines = block_after(&readme, "With the agent running, in another");
     lines.extend(block_after(&readme, "## Workflows, events and runs"));
+    lines.extend(block_after(&readme, "## Agents talking to agents"));
+    // The second agent of the peers section: a free port, files in the temporary directory.
+    let acme_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let acme_data = dir.path().join("acme-data");
+    let acme_token = dir.path().join("acme-admin.token");
     let mut script = String::from(
         "set -euo pipefail\ndeadlift() { \"$DEADLIFT_BIN\" \"$@\"; }\n\
          trap 'for job in $(jobs -p); do pkill -P \"$job\"; kill \"$job\"; done 2>/dev/null || true' EXIT\n",
@@ -41,7 +50,10 @@ fn the_readmes_agent_and_workflow_commands_work_as_written() {
     for line in lines {
         let line = line
             .replace("<the admin token>", &admin)
-            .replace("http://127.0.0.1:8080", &server.url);
+            .replace("http://127.0.0.1:8080", &server.url)
+            .replace("127.0.0.1:8081", &format!("127.0.0.1:{acme_port}"))
+            .replace("./acme-data", &acme_data.display().to_string())
+            .replace("acme-admin.token", &acme_token.display().to_string());
         if line.trim_start().starts_with("alias deadlift=") {
             continue;
         }
@@ -83,6 +95,16 @@ fn the_readmes_agent_and_workflow_commands_work_as_written() {
     assert!(stdout.lines().any(|l| l.trim() == "15"), "{stdout}");
     assert!(stdout.contains("Hi, Ada!"), "{stdout}");
     assert!(stdout.contains("status     succeeded"), "{stdout}");
+    // The event for Acme reaches Acme's agent: the platform's outbox says delivered.
+    let mut outbox = String::new();
+    for _ in 0..100 {
+        outbox = server.ok(Some(&admin), &["peer", "outbox", "--json"]);
+        if outbox.contains("\"delivered\"") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(outbox.contains("\"delivered\""), "{outbox}");
     // Only the lines that need a person's reading of an earlier answer were left out.
     assert!(
         left_out

@@ -222,6 +222,11 @@ async fn metrics_show_the_backlogs() {
     let metrics = agent.metrics().await;
     assert!(metrics.contains("deadlift_outbox_pending 1"), "{metrics}");
     assert!(metrics.contains("deadlift_runs_queued 0"), "{metrics}");
+    // The journal's backlog (events awaiting storage and routing among its writes).
+    assert!(
+        metrics.contains("# TYPE deadlift_journal_writes_waiting gauge"),
+        "{metrics}"
+    );
     assert!(metrics.contains("deadlift_runs_running 0"), "{metrics}");
     agent.stop().await;
 }

@@ -11,4 +11,5 @@ mod federation;
 mod otlp;
 mod server_api;
 mod server_v1;
+mod traces;
 mod workflows;

@@ -133,6 +133,10 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.outlets
+                .stats
+                .writes_waiting
+                .fetch_sub(batch.len() as u64, Ordering::Relaxed);
             self.commit(&mut batch);
         }
     }
@@ -360,8 +364,10 @@ impl Writer {
                         // ran: its step, events and end are not the run's any more.
                         return Ok(());
                     }
-                    // A run's first record also marks it running (if nothing did yet).
-                    sql::mark_running(tx, ticket.run_seq, ticket.execution, now)?;
+                    // A run's first record also marks it running (if nothing did yet),
+                    // from when that step started: a run never starts after its steps.
+                    let started = record.started_unix_ms.min(now);
+                    sql::mark_running(tx, ticket.run_seq, ticket.execution, started)?;
                     sql::insert_step(tx, ticket.run_seq, position, &record)?;
                     for event in emitted {
                         self.ingest(tx, &ticket.tenant, event, now, effects)?;
