@@ -130,6 +130,21 @@ impl HostError {
 type HostFn =
     dyn Fn(&CallContext, &[&[u8]]) -> Result<Option<Vec<u8>>, HostError> + Send + Sync + 'static;
 
+/// What an async host function returns: a future the engine runs on the embedder's
+/// Tokio runtime while the plug-in's call is suspended.
+pub type HostFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<Vec<u8>>, HostError>> + Send>>;
+
+pub(crate) type AsyncHostFn =
+    dyn Fn(CallContext, Vec<Vec<u8>>) -> HostFuture + Send + Sync + 'static;
+
+/// How a host function answers: at once, or later (a future).
+#[derive(Clone)]
+pub(crate) enum HostImpl {
+    Sync(Arc<HostFn>),
+    Async(Arc<AsyncHostFn>),
+}
+
 /// A named function offered to plug-ins in `extism:host/user`.
 ///
 /// Its Wasm signature is `params` × `i64` (memory handles) → one `i64` handle when it
@@ -139,7 +154,7 @@ pub struct HostFunction {
     pub(crate) name: String,
     pub(crate) params: usize,
     pub(crate) returns: bool,
-    pub(crate) func: Arc<HostFn>,
+    pub(crate) func: HostImpl,
 }
 
 impl fmt::Debug for HostFunction {
@@ -148,6 +163,7 @@ impl fmt::Debug for HostFunction {
             .field("name", &self.name)
             .field("params", &self.params)
             .field("returns", &self.returns)
+            .field("is_async", &self.is_async())
             .finish_non_exhaustive()
     }
 }
@@ -186,12 +202,68 @@ impl HostFunction {
             name: name.into(),
             params,
             returns,
-            func: Arc::new(func),
+            func: HostImpl::Sync(Arc::new(func)),
         }
+    }
+
+    /// An async host function: any number of byte-string parameters, an optional result.
+    /// The future runs on the Tokio runtime the engine was built in; while it is pending
+    /// the plug-in's call is suspended and its worker runs other calls. The plug-in sees
+    /// an ordinary import. The call's deadline and cancellation still hold: past them the
+    /// future is dropped and the call ends with `Timeout` or `Cancelled`.
+    pub fn raw_async<F, Fut>(name: impl Into<String>, params: usize, returns: bool, func: F) -> Self
+    where
+        F: Fn(CallContext, Vec<Vec<u8>>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Option<Vec<u8>>, HostError>> + Send + 'static,
+    {
+        Self {
+            name: name.into(),
+            params,
+            returns,
+            func: HostImpl::Async(Arc::new(move |ctx, args| Box::pin(func(ctx, args)))),
+        }
+    }
+
+    /// One byte string in, one out, answered by a future (see [`raw_async`](Self::raw_async)).
+    pub fn bytes_async<F, Fut>(name: impl Into<String>, func: F) -> Self
+    where
+        F: Fn(CallContext, Vec<u8>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Vec<u8>, HostError>> + Send + 'static,
+    {
+        let func = Arc::new(func);
+        Self::raw_async(name, 1, true, move |ctx, mut args| {
+            let input = args.pop().unwrap_or_default();
+            let answer = func(ctx, input);
+            async move { answer.await.map(Some) }
+        })
+    }
+
+    /// One JSON value in, one out, answered by a future (see [`raw_async`](Self::raw_async)).
+    /// Input that is not JSON fails the call.
+    pub fn json_async<F, Fut>(name: impl Into<String>, func: F) -> Self
+    where
+        F: Fn(CallContext, serde_json::Value) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<serde_json::Value, HostError>> + Send + 'static,
+    {
+        let func = Arc::new(func);
+        Self::bytes_async(name, move |ctx, input| {
+            let parsed = serde_json::from_slice(&input)
+                .map_err(|e| HostError::new(format!("input is not JSON: {e}")));
+            let answer = parsed.map(|value| func(ctx, value));
+            async move {
+                let output = answer?.await?;
+                serde_json::to_vec(&output).map_err(|e| HostError::new(e.to_string()))
+            }
+        })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the function answers with a future.
+    pub fn is_async(&self) -> bool {
+        matches!(self.func, HostImpl::Async(_))
     }
 }
 
@@ -388,9 +460,12 @@ mod tests {
         let functions = builtins(Arc::new(MemoryKv::new()), sink.clone());
         let emit = functions.iter().find(|f| f.name == "emit").unwrap();
         let ctx = CallContext::new("t");
-        assert!((emit.func)(&ctx, &[br#"{"data":1}"#]).is_err());
-        assert!((emit.func)(&ctx, &[br#"{"type":"","data":1}"#]).is_err());
-        (emit.func)(&ctx, &[br#"{"type":"a.b","data":1}"#]).unwrap();
+        let HostImpl::Sync(emit) = &emit.func else {
+            panic!("emit is a sync host function");
+        };
+        assert!(emit(&ctx, &[br#"{"data":1}"#]).is_err());
+        assert!(emit(&ctx, &[br#"{"type":"","data":1}"#]).is_err());
+        emit(&ctx, &[br#"{"type":"a.b","data":1}"#]).unwrap();
         assert_eq!(sink.events()[0].1.event_type, "a.b");
     }
 }

@@ -39,6 +39,9 @@ pub struct EngineBuilder {
     tenant_queue: Option<usize>,
     tenant_queue_bytes: Option<usize>,
     max_queue_wait: Option<std::time::Duration>,
+    tenant_suspended: Option<usize>,
+    max_suspended: Option<usize>,
+    time_slice: Option<std::time::Duration>,
     max_instances: u32,
     max_memory_bytes: u64,
     max_idle_per_pool: usize,
@@ -73,6 +76,9 @@ impl Default for EngineBuilder {
             tenant_queue: None,
             tenant_queue_bytes: None,
             max_queue_wait: None,
+            tenant_suspended: None,
+            max_suspended: None,
+            time_slice: None,
             max_instances: 256,
             max_memory_bytes: 512 * 1024 * 1024,
             max_idle_per_pool: 8,
@@ -133,6 +139,29 @@ impl EngineBuilder {
     /// A call that waited this long for a worker is shed (default 2 s).
     pub fn max_queue_wait(mut self, wait: std::time::Duration) -> Self {
         self.max_queue_wait = Some(wait);
+        self
+    }
+
+    /// Calls of one tenant that may wait on async host functions at once without
+    /// holding a worker (default 1,024).
+    pub fn tenant_suspended(mut self, calls: usize) -> Self {
+        self.tenant_suspended = Some(calls);
+        self
+    }
+
+    /// Calls that may wait on async host functions at once, across tenants, without
+    /// holding a worker (default 4,096; each also holds an instance, so `max_instances`
+    /// bounds them too).
+    pub fn max_suspended(mut self, calls: usize) -> Self {
+        self.max_suspended = Some(calls);
+        self
+    }
+
+    /// Cooperative time slicing: every call runs suspendable and gives its worker to
+    /// other calls after running this long (checked at epoch ticks, every 2 ms). Off by
+    /// default: it costs every call a fiber (see BENCHMARKS.md).
+    pub fn time_slice(mut self, slice: Option<std::time::Duration>) -> Self {
+        self.time_slice = slice;
         self
     }
 
@@ -222,8 +251,27 @@ impl EngineBuilder {
                 return Err(EngineError::DuplicateHostFunction(function.name.clone()));
             }
         }
-        let runtimes = [false, true]
-            .map(|metered| Runtime::new(&limits, metered, &functions, self.data_dir.as_deref()));
+        let async_host_names: HashSet<String> = functions
+            .iter()
+            .filter(|f| f.is_async())
+            .map(|f| f.name.clone())
+            .collect();
+        // Async host functions' futures run on the runtime the engine is built in.
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        if !async_host_names.is_empty() && runtime.is_none() {
+            return Err(EngineError::Runtime(
+                "async host functions need the engine to be built inside a Tokio runtime".into(),
+            ));
+        }
+        let runtimes = [false, true].map(|metered| {
+            Runtime::new(
+                &limits,
+                metered,
+                &functions,
+                runtime.as_ref(),
+                self.data_dir.as_deref(),
+            )
+        });
         let [plain, metered] = runtimes;
         let runtimes = [plain?, metered?];
         let ticker = EpochTicker::start(runtimes.iter().map(|r| r.wasmtime.clone()).collect())
@@ -245,6 +293,8 @@ impl EngineBuilder {
             max_memory_bytes: self.max_memory_bytes,
             stats: Counters::default(),
             started: std::time::Instant::now(),
+            async_host_names,
+            time_slice: self.time_slice,
             _ticker: ticker,
         });
         let defaults = Fairness::for_workers(self.workers);
@@ -255,6 +305,8 @@ impl EngineBuilder {
                 .tenant_queue_bytes
                 .unwrap_or(defaults.tenant_queue_bytes),
             max_queue_wait: self.max_queue_wait.unwrap_or(defaults.max_queue_wait),
+            tenant_suspended: self.tenant_suspended.unwrap_or(defaults.tenant_suspended),
+            max_suspended: self.max_suspended.unwrap_or(defaults.max_suspended),
         };
         let workers = WorkerPool::start(self.workers, fairness).map_err(EngineError::Threads)?;
         Ok(Engine { inner, workers })
@@ -276,11 +328,12 @@ impl Runtime {
         limits: &ExecutorLimits,
         metered: bool,
         functions: &[HostFunction],
+        runtime: Option<&tokio::runtime::Handle>,
         data_dir: Option<&std::path::Path>,
     ) -> Result<Self, EngineError> {
         let wasmtime = wasmtime::Engine::new(&executor::wasmtime_config(limits, metered))
             .map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
-        let linker = executor::linker(&wasmtime, functions)
+        let linker = executor::linker(&wasmtime, functions, runtime)
             .map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
         let cache_dir = match data_dir {
             Some(dir) => {

@@ -38,7 +38,7 @@ use crate::host::{self, CallContext};
 use crate::registry::{ModuleError, ModuleId, ModuleInfo, NewModule, Registry};
 use compiled::{CodeCache, CompileGate, Compiled};
 use shard::{Counters, Shard, thread_slot};
-use workers::{Admission, WorkerPool};
+use workers::{Admission, Job, WorkerPool};
 
 /// Warm instances of one module for one tenant and grant shape, in one shard.
 struct InstancePool {
@@ -51,11 +51,13 @@ struct InstancePool {
     last_used_us: AtomicU64,
     pre: InstancePre<StoreData>,
     idle: Mutex<Vec<Instance>>,
+    /// Its instances run calls with `call_async` (`Inner::suspendable`).
+    suspendable: bool,
 }
 
 impl InstancePool {
-    fn serves(&self, tenant: &str, grant: &Grant) -> bool {
-        self.tenant == tenant && self.shape.admits(grant)
+    fn serves(&self, tenant: &str, grant: &Grant, suspendable: bool) -> bool {
+        self.tenant == tenant && self.shape.admits(grant) && self.suspendable == suspendable
     }
 }
 
@@ -75,6 +77,10 @@ struct Inner {
     max_memory_bytes: u64,
     stats: Counters,
     started: std::time::Instant,
+    /// The embedder's async host functions, by name.
+    async_host_names: HashSet<String>,
+    /// Cooperative time slicing: every call is suspendable and yields after this long.
+    time_slice: Option<std::time::Duration>,
     _ticker: EpochTicker,
 }
 
@@ -161,25 +167,43 @@ impl Engine {
         let (reply, result) = tokio::sync::oneshot::channel();
         let tenant = ctx.tenant.clone();
         let counted = self.inner.clone();
+        let bytes = input.len();
+        let job = if self.inner.suspendable(&grant) {
+            Job::Suspendable(Box::new(move |admission, suspend| {
+                let outcome = match admission {
+                    Admission::Run if ctx.cancel.is_cancelled() => Err(CallError::Cancelled),
+                    Admission::Run => {
+                        return Some(Box::pin(async move {
+                            let outcome = inner
+                                .call_suspendable(&module, &function, &input, &grant, &ctx, suspend)
+                                .await;
+                            let _ = reply.send(outcome);
+                        }));
+                    }
+                    Admission::Shed(error) => {
+                        inner.count_error(&error);
+                        Err(error)
+                    }
+                };
+                let _ = reply.send(outcome);
+                None
+            }))
+        } else {
+            Job::Blocking(Box::new(move |admission| {
+                let outcome = match admission {
+                    // A caller that went away while its call waited is not run.
+                    Admission::Run if ctx.cancel.is_cancelled() => Err(CallError::Cancelled),
+                    Admission::Run => inner.call_blocking(&module, &function, &input, &grant, &ctx),
+                    Admission::Shed(error) => {
+                        inner.count_error(&error);
+                        Err(error)
+                    }
+                };
+                let _ = reply.send(outcome);
+            }))
+        };
         self.workers
-            .submit(
-                &tenant,
-                input.len(),
-                Box::new(move |admission| {
-                    let outcome = match admission {
-                        // A caller that went away while its call waited is not run.
-                        Admission::Run if ctx.cancel.is_cancelled() => Err(CallError::Cancelled),
-                        Admission::Run => {
-                            inner.call_blocking(&module, &function, &input, &grant, &ctx)
-                        }
-                        Admission::Shed(error) => {
-                            inner.count_error(&error);
-                            Err(error)
-                        }
-                    };
-                    let _ = reply.send(outcome);
-                }),
-            )
+            .submit(&tenant, bytes, job)
             .inspect_err(|error| counted.count_error(error))?;
         // Armed only once the call is queued: a call refused at the door must not cancel
         // the token its caller may share with other calls.
@@ -211,6 +235,7 @@ impl Engine {
     ) -> Result<CallOutput, CallError> {
         if tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+            && !self.inner.suspendable(grant)
             && let Some(_slot) = self.workers.try_run_here(&ctx.tenant)
         {
             return tokio::task::block_in_place(|| {
@@ -222,7 +247,8 @@ impl Engine {
     }
 
     /// Calls `function` of `module` on the current thread. For embedders that manage
-    /// their own threads; never call it from async code.
+    /// their own threads; never call it from async code. A call that may wait on an
+    /// async host function waits here, on a small runtime of this thread's own.
     pub fn call_blocking(
         &self,
         module: &ModuleId,
@@ -301,6 +327,17 @@ impl Drop for CancelOnDrop {
 }
 
 impl Inner {
+    /// Whether a call under `grant` runs with `call_async`: it may reach an async host
+    /// function, or every call is time-sliced.
+    fn suspendable(&self, grant: &Grant) -> bool {
+        self.time_slice.is_some()
+            || (!self.async_host_names.is_empty()
+                && grant
+                    .host_functions
+                    .iter()
+                    .any(|name| self.async_host_names.contains(name)))
+    }
+
     fn call_blocking(
         &self,
         module: &ModuleId,
@@ -309,8 +346,48 @@ impl Inner {
         grant: &Grant,
         ctx: &CallContext,
     ) -> Result<CallOutput, CallError> {
+        if self.suspendable(grant) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .map_err(|e| CallError::Internal {
+                    message: format!("cannot start a runtime for the call: {e}"),
+                })?;
+            let suspend = workers::inert_suspend();
+            return runtime
+                .block_on(self.call_suspendable(module, function, input, grant, ctx, suspend));
+        }
         let started = std::time::Instant::now();
-        let mut result = self.run(module, function, input, grant, ctx, started);
+        let result = self.run(module, function, input, grant, ctx, started);
+        self.account(module, function, ctx, started, result)
+    }
+
+    /// A call that may wait (see `suspendable`), on the worker thread that runs it.
+    async fn call_suspendable(
+        &self,
+        module: &ModuleId,
+        function: &str,
+        input: &[u8],
+        grant: &Grant,
+        ctx: &CallContext,
+        suspend: executor::Suspend,
+    ) -> Result<CallOutput, CallError> {
+        let started = std::time::Instant::now();
+        let result = self
+            .run_suspendable(module, function, input, grant, ctx, started, suspend)
+            .await;
+        self.account(module, function, ctx, started, result)
+    }
+
+    /// Records a finished call's time and outcome.
+    fn account(
+        &self,
+        module: &ModuleId,
+        function: &str,
+        ctx: &CallContext,
+        started: std::time::Instant,
+        mut result: Result<CallOutput, CallError>,
+    ) -> Result<CallOutput, CallError> {
         let elapsed = started.elapsed();
         self.shard().record(elapsed);
         if let Ok(out) = &mut result {
@@ -369,15 +446,8 @@ impl Inner {
         &self.shards[thread_slot() % self.shards.len()]
     }
 
-    fn run(
-        &self,
-        module: &ModuleId,
-        function: &str,
-        input: &[u8],
-        grant: &Grant,
-        ctx: &CallContext,
-        started: std::time::Instant,
-    ) -> Result<CallOutput, CallError> {
+    /// The checks every call passes before it takes an instance.
+    fn admit(&self, input: &[u8], grant: &Grant) -> Result<(), CallError> {
         if grant.memory_bytes > self.max_memory_bytes {
             return Err(CallError::GrantInvalid {
                 reason: format!(
@@ -392,18 +462,33 @@ impl Inner {
                 limit: grant.max_input_bytes,
             });
         }
+        Ok(())
+    }
+
+    /// This thread's pool for the call, marked used now.
+    fn pool_for(
+        &self,
+        module: &ModuleId,
+        grant: &Grant,
+        ctx: &CallContext,
+        started: std::time::Instant,
+    ) -> Result<Arc<InstancePool>, CallError> {
         let pool = self.pool(self.shard(), module, grant, ctx)?;
         pool.compiled.touch();
         pool.last_used_us.store(
             u64::try_from(started.duration_since(self.started).as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-        let idle = pool.idle.lock().pop();
-        let mut instance = match idle {
-            Some(instance) => instance,
-            None => self.instantiate(&pool, grant, ctx)?,
-        };
-        let result = instance.call(function, input, grant, ctx, started);
+        Ok(pool)
+    }
+
+    /// Gives a used instance back to its pool, unless the call spoiled it.
+    fn give_back(
+        &self,
+        pool: &InstancePool,
+        instance: Instance,
+        result: &Result<CallOutput, CallError>,
+    ) {
         let keep =
             instance.reusable() && result.as_ref().err().is_none_or(|e| !e.poisons_instance());
         if keep {
@@ -416,6 +501,70 @@ impl Inner {
                 .instances_discarded
                 .fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    fn run(
+        &self,
+        module: &ModuleId,
+        function: &str,
+        input: &[u8],
+        grant: &Grant,
+        ctx: &CallContext,
+        started: std::time::Instant,
+    ) -> Result<CallOutput, CallError> {
+        self.admit(input, grant)?;
+        let pool = self.pool_for(module, grant, ctx, started)?;
+        let idle = pool.idle.lock().pop();
+        let mut instance = match idle {
+            Some(instance) => instance,
+            None => self.instantiate(&pool, grant, ctx)?,
+        };
+        let result = instance.call(function, input, grant, ctx, started);
+        self.give_back(&pool, instance, &result);
+        result
+    }
+
+    /// [`run`](Self::run) with `call_async`. A call abandoned while it waits drops its
+    /// instance with it (an instance is never reused mid-call).
+    #[allow(clippy::too_many_arguments)]
+    async fn run_suspendable(
+        &self,
+        module: &ModuleId,
+        function: &str,
+        input: &[u8],
+        grant: &Grant,
+        ctx: &CallContext,
+        started: std::time::Instant,
+        suspend: executor::Suspend,
+    ) -> Result<CallOutput, CallError> {
+        self.admit(input, grant)?;
+        let pool = self.pool_for(module, grant, ctx, started)?;
+        let idle = pool.idle.lock().pop();
+        let mut instance = match idle {
+            Some(instance) => instance,
+            None => {
+                let prepare = |call: &mut executor::CallState| {
+                    call.time_slice = self.time_slice;
+                };
+                let created = Instance::new_async(
+                    &pool.pre,
+                    grant,
+                    self.log_level,
+                    ctx,
+                    self.http.clone(),
+                    prepare,
+                )
+                .await?;
+                self.stats.instances_created.fetch_add(1, Ordering::Relaxed);
+                created
+            }
+        };
+        instance.set_suspend(Some(suspend));
+        let result = instance
+            .call_async(function, input, grant, ctx, started)
+            .await;
+        instance.set_suspend(None);
+        self.give_back(&pool, instance, &result);
         result
     }
 
@@ -474,11 +623,12 @@ impl Inner {
         grant: &Grant,
         ctx: &CallContext,
     ) -> Result<Arc<InstancePool>, CallError> {
+        let suspendable = self.suspendable(grant);
         let find = |pools: &HashMap<ModuleId, Vec<Arc<InstancePool>>>| {
             pools
                 .get(module)?
                 .iter()
-                .find(|pool| pool.serves(&ctx.tenant, grant))
+                .find(|pool| pool.serves(&ctx.tenant, grant, suspendable))
                 .cloned()
         };
         if let Some(pool) = find(&shard.pools()) {
@@ -546,6 +696,7 @@ impl Inner {
             last_used_us: AtomicU64::new(0),
             pre,
             idle: Mutex::new(Vec::new()),
+            suspendable,
         });
         pools.entry(*module).or_default().push(pool.clone());
         Ok(pool)

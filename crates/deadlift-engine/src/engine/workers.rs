@@ -11,17 +11,31 @@
 //!
 //! A call that waited longer than [`Fairness::max_queue_wait`], or that finds its
 //! tenant's queue full, is shed with [`CallError::Shed`] instead of waiting on.
+//!
+//! Each worker thread runs a single-threaded Tokio runtime. A blocking job (a plain call)
+//! runs on it from start to end. A suspendable job (a call that may wait on an async
+//! host function, or that yields at the end of its time slice) runs as a local task:
+//! while it waits, it gives its place back (`Suspend`: it counts neither against the
+//! workers nor against its tenant's calls in flight, but against
+//! [`Fairness::tenant_suspended`] and [`Fairness::max_suspended`]), and the worker takes
+//! other calls; when its wait ends it takes a place again and runs on the same thread.
 
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
+use tokio::sync::Notify;
 
 use crate::error::CallError;
+use crate::executor::Suspend;
 
 /// What a queued job is told when a worker reaches it.
 pub(super) enum Admission {
@@ -30,7 +44,15 @@ pub(super) enum Admission {
     Shed(CallError),
 }
 
-pub(super) type Job = Box<dyn FnOnce(Admission) + Send + 'static>;
+/// A call as queued: run to its end on the worker's thread, or as a local task that may
+/// wait (suspended) while the worker runs others.
+pub(super) enum Job {
+    Blocking(Box<dyn FnOnce(Admission) + Send + 'static>),
+    Suspendable(Box<dyn FnOnce(Admission, Suspend) -> Option<LocalCall> + Send + 'static>),
+}
+
+/// A suspendable call's future, run on the worker thread that took it.
+pub(super) type LocalCall = Pin<Box<dyn Future<Output = ()> + 'static>>;
 
 /// How the workers share out calls between tenants.
 #[derive(Debug, Clone)]
@@ -43,6 +65,12 @@ pub struct Fairness {
     pub tenant_queue_bytes: usize,
     /// A call that waited this long for a worker is shed.
     pub max_queue_wait: Duration,
+    /// Calls of one tenant waiting on async host functions at once without holding a
+    /// worker; beyond, a waiting call keeps its place (as a blocking one does).
+    pub tenant_suspended: usize,
+    /// Calls waiting on async host functions at once, across tenants, without holding
+    /// a worker.
+    pub max_suspended: usize,
 }
 
 impl Fairness {
@@ -52,6 +80,8 @@ impl Fairness {
             tenant_queue: 1024,
             tenant_queue_bytes: 64 * 1024 * 1024,
             max_queue_wait: Duration::from_secs(2),
+            tenant_suspended: 1024,
+            max_suspended: 4096,
         }
     }
 }
@@ -69,6 +99,8 @@ struct TenantQueue {
     /// The sum of `waiting`'s input bytes.
     waiting_bytes: usize,
     running: usize,
+    /// Calls waiting on an async host function, not holding a worker.
+    suspended: usize,
     /// Whether the tenant is in the ring of tenants with a call ready to start.
     ready: bool,
 }
@@ -86,7 +118,11 @@ struct State {
     tenants: HashMap<Arc<str>, TenantQueue>,
     /// Tenants with a waiting call they may start, in turn order.
     ring: VecDeque<Arc<str>>,
+    /// Calls holding a worker's place.
     running: usize,
+    suspended: usize,
+    /// Workers waiting for a call to take, each woken by its own signal.
+    idle: Vec<Arc<Signal>>,
     closed: bool,
 }
 
@@ -103,11 +139,80 @@ impl State {
         self.ring.push_back(tenant.clone());
         true
     }
+
+    /// Wakes one waiting worker.
+    fn wake_one(&mut self) {
+        if let Some(worker) = self.idle.pop() {
+            worker.notify_one();
+        }
+    }
+
+    fn forget_if_done(&mut self, tenant: &Arc<str>) {
+        if self
+            .tenants
+            .get(tenant)
+            .is_some_and(|q| q.running == 0 && q.suspended == 0 && q.waiting.is_empty())
+        {
+            self.tenants.remove(tenant);
+        }
+    }
+}
+
+/// What a worker finds when it looks for a call.
+enum Next {
+    Taken(Taken),
+    /// Nothing to take: wait for the worker's signal.
+    Wait,
+    Closed,
+}
+
+/// How a worker is woken: blocked on a condition variable when nothing runs on it (as
+/// fast as a plain thread pool), or awaiting a `Notify` while calls of its own wait.
+/// A signal wakes either; a spare wake-up only makes the worker look once more.
+#[derive(Default)]
+struct Signal {
+    permit: Mutex<bool>,
+    cond: Condvar,
+    notify: Notify,
+}
+
+impl Signal {
+    fn notify_one(&self) {
+        *self.permit.lock() = true;
+        self.cond.notify_one();
+        self.notify.notify_one();
+    }
+
+    fn wait_blocking(&self) {
+        let mut permit = self.permit.lock();
+        while !*permit {
+            self.cond.wait(&mut permit);
+        }
+        *permit = false;
+    }
+
+    async fn wait(&self) {
+        self.notify.notified().await;
+        *self.permit.lock() = false;
+    }
+}
+
+thread_local! {
+    /// The signal of the worker this thread is, if it is one.
+    static WORKER: RefCell<Option<Arc<Signal>>> = const { RefCell::new(None) };
+}
+
+/// Wakes the worker this thread is (its loop looks for work again).
+fn wake_this_worker() {
+    WORKER.with(|worker| {
+        if let Some(worker) = worker.borrow().as_ref() {
+            worker.notify_one();
+        }
+    });
 }
 
 struct Shared {
     state: Mutex<State>,
-    wake: Condvar,
     fairness: Fairness,
     workers: usize,
     shed: AtomicU64,
@@ -122,19 +227,20 @@ impl Shared {
         }
     }
 
-    /// The next job a worker may start and the jobs it found too old to start; `None`
-    /// once closed with nothing ready.
-    fn next(&self) -> Option<Taken> {
+    /// The next job a worker may start and the jobs it found too old to start; else the
+    /// worker is registered to be woken by `me`.
+    fn next(&self, me: &Arc<Signal>) -> Next {
         let mut state = self.state.lock();
-        loop {
-            if let Some(taken) = self.take(&mut state) {
-                return Some(taken);
-            }
-            if state.closed {
-                return None;
-            }
-            self.wake.wait(&mut state);
+        if let Some(taken) = self.take(&mut state) {
+            return Next::Taken(taken);
         }
+        if state.closed {
+            return Next::Closed;
+        }
+        if !state.idle.iter().any(|w| Arc::ptr_eq(w, me)) {
+            state.idle.push(me.clone());
+        }
+        Next::Wait
     }
 
     fn take(&self, state: &mut State) -> Option<Taken> {
@@ -166,9 +272,7 @@ impl Shared {
                 expired.extend(queue.pop());
             }
             let Some(job) = queue.pop() else {
-                if queue.running == 0 {
-                    state.tenants.remove(&tenant);
-                }
+                state.forget_if_done(&tenant);
                 if expired.is_empty() {
                     continue;
                 }
@@ -190,8 +294,9 @@ impl Shared {
         None
     }
 
-    /// A call of `tenant` ended. A worker that ran it goes straight on to the next
-    /// ready call itself, so only a call that ran elsewhere (`HereSlot`) wakes one.
+    /// A call of `tenant` ended. A worker that ran a blocking call goes straight on to
+    /// the next ready call itself, so only a call that ran elsewhere (`HereSlot`) or as
+    /// a local task wakes one.
     fn finished(&self, tenant: &Arc<str>, wake: bool) {
         let mut state = self.state.lock();
         state.running -= 1;
@@ -199,14 +304,60 @@ impl Shared {
             return;
         };
         queue.running -= 1;
-        if queue.running == 0 && queue.waiting.is_empty() {
-            state.tenants.remove(tenant);
-        } else {
-            state.offer(tenant, self.fairness.tenant_in_flight);
-        }
+        state.forget_if_done(tenant);
+        state.offer(tenant, self.fairness.tenant_in_flight);
         if wake && !state.ring.is_empty() {
-            self.wake.notify_one();
+            state.wake_one();
         }
+    }
+
+    /// A call of `tenant` starts waiting on an async host function: it gives its place
+    /// back, if the bounds on waiting calls allow, and this thread looks for other work.
+    fn suspend(self: &Arc<Self>, tenant: &Arc<str>) -> Option<Suspended> {
+        let mut state = self.state.lock();
+        if state.suspended >= self.fairness.max_suspended {
+            return None;
+        }
+        let queue = state.tenants.get_mut(tenant)?;
+        if queue.suspended >= self.fairness.tenant_suspended {
+            return None;
+        }
+        queue.running -= 1;
+        queue.suspended += 1;
+        state.running -= 1;
+        state.suspended += 1;
+        state.offer(tenant, self.fairness.tenant_in_flight);
+        drop(state);
+        wake_this_worker();
+        Some(Suspended {
+            shared: self.clone(),
+            tenant: tenant.clone(),
+        })
+    }
+}
+
+/// A call waiting on an async host function without holding a worker; dropped when the
+/// wait ends, and the call holds a place again (on the thread it was running on).
+struct Suspended {
+    shared: Arc<Shared>,
+    tenant: Arc<str>,
+}
+
+impl Drop for Suspended {
+    fn drop(&mut self) {
+        let mut state = self.shared.state.lock();
+        state.running += 1;
+        state.suspended -= 1;
+        if let Some(queue) = state.tenants.get_mut(&self.tenant) {
+            queue.running += 1;
+            queue.suspended -= 1;
+        }
+        // This thread runs the call again: it is not free for another one meanwhile.
+        WORKER.with(|worker| {
+            if let Some(me) = worker.borrow().as_ref() {
+                state.idle.retain(|w| !Arc::ptr_eq(w, me));
+            }
+        });
     }
 }
 
@@ -247,8 +398,11 @@ struct Threads {
 
 impl Drop for Threads {
     fn drop(&mut self) {
-        self.shared.state.lock().closed = true;
-        self.shared.wake.notify_all();
+        let mut state = self.shared.state.lock();
+        state.closed = true;
+        for worker in state.idle.drain(..) {
+            worker.notify_one();
+        }
     }
 }
 
@@ -256,7 +410,6 @@ impl WorkerPool {
     pub(super) fn start(workers: usize, fairness: Fairness) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
-            wake: Condvar::new(),
             fairness,
             workers,
             shed: AtomicU64::new(0),
@@ -266,7 +419,7 @@ impl WorkerPool {
                 let shared = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("deadlift-worker-{n}"))
-                    .spawn(move || work(&shared))
+                    .spawn(move || work(shared))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self {
@@ -323,7 +476,7 @@ impl WorkerPool {
         let free = shared.workers.saturating_sub(state.running);
         let startable = free > 0 && !(busy_tenant && free <= 1 && shared.workers > 1);
         if state.offer(&key, shared.fairness.tenant_in_flight) && startable {
-            shared.wake.notify_one();
+            state.wake_one();
         }
         Ok(())
     }
@@ -365,22 +518,129 @@ impl WorkerPool {
     }
 }
 
-fn work(shared: &Shared) {
-    while let Some(Taken {
-        tenant,
-        job,
-        expired,
-    }) = shared.next()
+fn work(shared: Arc<Shared>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
     {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "a worker cannot start its runtime; it runs nothing");
+            return;
+        }
+    };
+    let me = Arc::new(Signal::default());
+    WORKER.with(|worker| *worker.borrow_mut() = Some(me.clone()));
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, serve(shared, me));
+}
+
+/// A worker's loop: take a call, run it (or start it as a local task), again; wait to
+/// be woken when there is nothing to take.
+async fn serve(shared: Arc<Shared>, me: Arc<Signal>) {
+    // Local tasks (suspendable calls) in progress on this thread.
+    let local_calls = Rc::new(Cell::new(0usize));
+    loop {
+        let Taken {
+            tenant,
+            job,
+            expired,
+        } = match shared.next(&me) {
+            Next::Taken(taken) => taken,
+            // With no call of its own under way, nothing needs this thread's runtime:
+            // block, which wakes faster than a parked runtime.
+            Next::Wait if local_calls.get() == 0 => {
+                me.wait_blocking();
+                continue;
+            }
+            Next::Wait => {
+                me.wait().await;
+                continue;
+            }
+            Next::Closed => {
+                // Let the calls under way here finish before the thread ends.
+                while local_calls.get() > 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                return;
+            }
+        };
         for queued in expired {
             let error = shared.shed_error(&tenant, "waited longer than the bound for a worker");
-            (queued.job)(Admission::Shed(error));
+            match queued.job {
+                Job::Blocking(job) => job(Admission::Shed(error)),
+                Job::Suspendable(job) => drop(job(Admission::Shed(error), inert_suspend())),
+            }
         }
-        let Some(job) = job else { continue };
-        // A panic is a bug, but it must not take a worker with it.
-        if std::panic::catch_unwind(AssertUnwindSafe(|| (job.job)(Admission::Run))).is_err() {
-            tracing::error!("a call panicked; the worker carries on");
+        let Some(queued) = job else { continue };
+        match queued.job {
+            Job::Blocking(job) => {
+                // A panic is a bug, but it must not take a worker with it.
+                if std::panic::catch_unwind(AssertUnwindSafe(|| job(Admission::Run))).is_err() {
+                    tracing::error!("a call panicked; the worker carries on");
+                }
+                shared.finished(&tenant, false);
+            }
+            Job::Suspendable(job) => {
+                let suspend = suspender(&shared, &tenant);
+                let started =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| job(Admission::Run, suspend)));
+                let Ok(Some(mut call)) = started else {
+                    if started.is_err() {
+                        tracing::error!("a call panicked; the worker carries on");
+                    }
+                    shared.finished(&tenant, false);
+                    continue;
+                };
+                // Most calls never wait: run the call here first, and make it a task of
+                // its own only if it does. (A task's first poll registers its waker
+                // again, so the waker of this first poll may be a no-op.)
+                let mut first = std::task::Context::from_waker(std::task::Waker::noop());
+                let polled =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(&mut first)));
+                match polled {
+                    Ok(std::task::Poll::Pending) => {}
+                    Ok(std::task::Poll::Ready(())) => {
+                        shared.finished(&tenant, false);
+                        continue;
+                    }
+                    Err(_) => {
+                        tracing::error!("a call panicked; the worker carries on");
+                        shared.finished(&tenant, false);
+                        continue;
+                    }
+                }
+                local_calls.set(local_calls.get() + 1);
+                let (shared, counter) = (shared.clone(), local_calls.clone());
+                // Its own task, so that a panic in it ends the task, not the worker.
+                let running = tokio::task::spawn_local(call);
+                tokio::task::spawn_local(async move {
+                    if running.await.is_err() {
+                        tracing::error!("a call panicked; the worker carries on");
+                    }
+                    counter.set(counter.get() - 1);
+                    shared.finished(&tenant, true);
+                    // This thread is free again: its loop looks for the next call.
+                    wake_this_worker();
+                });
+                // Let the task make its first poll before the next call is taken.
+                tokio::task::yield_now().await;
+            }
         }
-        shared.finished(&tenant, false);
     }
+}
+
+/// The `Suspend` a call of `tenant` uses to give its worker back while it waits.
+fn suspender(shared: &Arc<Shared>, tenant: &Arc<str>) -> Suspend {
+    let (shared, tenant) = (shared.clone(), tenant.clone());
+    Suspend(Arc::new(move || {
+        shared
+            .suspend(&tenant)
+            .map(|guard| Box::new(guard) as Box<dyn std::any::Any + Send>)
+    }))
+}
+
+/// A `Suspend` that never gives a place back (for a call that is not run).
+pub(super) fn inert_suspend() -> Suspend {
+    Suspend(Arc::new(|| None))
 }

@@ -7,7 +7,7 @@ use wasmtime::{Caller, FuncType, Linker, Val, ValType};
 
 use super::{Abort, ENV, LogLevel, StoreData, USER};
 use crate::error::CallError;
-use crate::host::HostFunction;
+use crate::host::{HostFunction, HostImpl};
 
 /// A Wasm value type in an env function signature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -359,8 +359,27 @@ fn log(data: &mut StoreData, level: LogLevel, handle: u64) -> Res<()> {
     Ok(())
 }
 
-/// Defines one embedder host function in `extism:host/user`.
-pub(crate) fn define_user(linker: &mut Linker<StoreData>, function: &HostFunction) -> Res<()> {
+/// Defines one embedder host function in `extism:host/user`. An async one runs its
+/// future on `runtime`.
+pub(crate) fn define_user(
+    linker: &mut Linker<StoreData>,
+    function: &HostFunction,
+    runtime: Option<&tokio::runtime::Handle>,
+) -> Res<()> {
+    let func = match &function.func {
+        HostImpl::Sync(func) => func.clone(),
+        HostImpl::Async(func) => {
+            let runtime = runtime
+                .ok_or_else(|| {
+                    wasmtime::Error::msg(format!(
+                        "async host function `{}` needs the engine to be built inside a Tokio runtime",
+                        function.name
+                    ))
+                })?
+                .clone();
+            return define_user_async(linker, function, func.clone(), runtime);
+        }
+    };
     let engine = linker.engine().clone();
     let results: &[ValType] = if function.returns {
         &[ValType::I64]
@@ -394,7 +413,7 @@ pub(crate) fn define_user(linker: &mut Linker<StoreData>, function: &HostFunctio
                     }
                 }
             }
-            let outcome = (function.func)(&data.call.ctx, &args);
+            let outcome = func(&data.call.ctx, &args);
             drop(args);
             match outcome {
                 Ok(output) => {
@@ -412,6 +431,116 @@ pub(crate) fn define_user(linker: &mut Linker<StoreData>, function: &HostFunctio
                     message: e.0,
                 })),
             }
+        },
+    )?;
+    Ok(())
+}
+
+fn user_type(engine: &wasmtime::Engine, function: &HostFunction) -> FuncType {
+    let results: &[ValType] = if function.returns {
+        &[ValType::I64]
+    } else {
+        &[]
+    };
+    FuncType::new(
+        engine,
+        std::iter::repeat_n(ValType::I64, function.params),
+        results.iter().cloned(),
+    )
+}
+
+/// Aborts the embedder's future when the call waiting on it goes away (its deadline,
+/// a cancel, a dropped call).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Completes once `token` is cancelled (checked every few milliseconds: a cancel is a
+/// flag, and the epoch ticker checks running calls no more often).
+async fn cancelled(token: crate::host::CancelToken) {
+    while !token.is_cancelled() {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// An async host function: the arguments are copied out of Extism memory, the future
+/// runs on the embedder's runtime, and the call waits for it (suspended, so that its
+/// worker runs other calls) until it answers, the call's deadline passes or the call is
+/// cancelled. Only the wait is suspended time: no fuel is spent, and the deadline
+/// still counts.
+fn define_user_async(
+    linker: &mut Linker<StoreData>,
+    function: &HostFunction,
+    func: std::sync::Arc<crate::host::AsyncHostFn>,
+    runtime: tokio::runtime::Handle,
+) -> Res<()> {
+    let ty = user_type(linker.engine(), function);
+    let name = function.name.clone();
+    linker.func_new_async(
+        USER,
+        &function.name,
+        ty,
+        move |mut caller, params, results| {
+            let (func, runtime, name) = (func.clone(), runtime.clone(), name.clone());
+            Box::new(async move {
+                let failed = |message: String| {
+                    abort(CallError::HostFunction {
+                        name: name.clone(),
+                        message,
+                    })
+                };
+                let data = caller.data_mut();
+                let mut args = Vec::with_capacity(params.len());
+                for (index, param) in params.iter().enumerate() {
+                    let handle = param.unwrap_i64() as u64;
+                    match data.memory.block(handle) {
+                        Some(bytes) => args.push(bytes.to_vec()),
+                        None => {
+                            return Err(failed(format!(
+                                "argument {index} is not a valid memory handle: {handle}"
+                            )));
+                        }
+                    }
+                }
+                let call = &data.call;
+                let (deadline, timeout) = (call.deadline(), call.timeout());
+                let cancel = call.ctx.cancel.clone();
+                let waiting = call.suspend.as_ref().and_then(|suspend| (suspend.0)());
+                let mut task = runtime.spawn(func(call.ctx.clone(), args));
+                let _abort = AbortOnDrop(task.abort_handle());
+                let until_deadline = async {
+                    match deadline {
+                        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let joined = tokio::select! {
+                    joined = &mut task => joined,
+                    () = until_deadline => return Err(abort(CallError::Timeout { limit: timeout })),
+                    () = cancelled(cancel) => return Err(abort(CallError::Cancelled)),
+                };
+                drop(waiting);
+                let output = match joined {
+                    Ok(Ok(output)) => output,
+                    Ok(Err(e)) => return Err(failed(e.0)),
+                    Err(e) if e.is_panic() => {
+                        return Err(failed("the host function panicked".into()));
+                    }
+                    Err(e) => return Err(failed(format!("the host function did not finish: {e}"))),
+                };
+                if let Some(slot) = results.first_mut() {
+                    let handle = match output {
+                        Some(bytes) => put(caller.data_mut(), &bytes)?,
+                        None => 0,
+                    };
+                    *slot = Val::I64(handle);
+                }
+                Ok(())
+            })
         },
     )?;
     Ok(())

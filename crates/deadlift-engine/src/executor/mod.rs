@@ -39,6 +39,10 @@ pub(crate) const ENV: &str = "extism:host/env";
 pub(crate) const USER: &str = "extism:host/user";
 pub(crate) const WASI_P1: &str = "wasi_snapshot_preview1";
 
+/// The fiber stack of a suspendable call: wasmtime's default wasm stack (512 KiB) plus
+/// room for host frames.
+const ASYNC_STACK_BYTES: usize = 1 << 20;
+
 /// How often the engine-wide epoch advances; the resolution of deadlines and cancels.
 const EPOCH_TICK: Duration = Duration::from_millis(2);
 
@@ -133,6 +137,27 @@ pub(crate) struct CallState {
     deadline: Option<Instant>,
     timeout: Duration,
     logs: CallLogs,
+    /// Run with `call_async`: the call may yield its thread (an async host function's
+    /// wait, the end of a time slice).
+    pub(crate) is_async: bool,
+    /// Cooperative time slicing of async calls: yield after running this long.
+    pub(crate) time_slice: Option<Duration>,
+    slice_ends: Option<Instant>,
+    /// Tells the engine's scheduler that the call waits (and no longer holds a worker).
+    pub(crate) suspend: Option<Suspend>,
+}
+
+/// Marks the current call as waiting on an async host function; the returned guard marks
+/// it running again when dropped. `None` when the scheduler keeps it counted as running.
+#[derive(Clone)]
+pub(crate) struct Suspend(
+    pub Arc<dyn Fn() -> Option<Box<dyn std::any::Any + Send>> + Send + Sync + 'static>,
+);
+
+impl std::fmt::Debug for Suspend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Suspend")
+    }
 }
 
 impl CallState {
@@ -145,6 +170,10 @@ impl CallState {
 
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline
     }
 }
 
@@ -223,6 +252,11 @@ pub(crate) fn wasmtime_config(limits: &ExecutorLimits, metered: bool) -> Config 
     pool.total_core_instances(limits.max_instances)
         .total_memories(limits.max_instances)
         .total_tables(limits.max_instances)
+        // A suspended call holds a fiber stack; one per live instance at most.
+        .total_stacks(limits.max_instances)
+        // A reused stack keeps its pages: faulting them in again costs more than the
+        // call itself.
+        .async_stack_keep_resident(ASYNC_STACK_BYTES)
         .max_memory_size(usize::try_from(limits.max_memory_bytes).unwrap_or(usize::MAX));
     let mut config = Config::new();
     config
@@ -230,6 +264,8 @@ pub(crate) fn wasmtime_config(limits: &ExecutorLimits, metered: bool) -> Config 
         .consume_fuel(metered)
         .wasm_tail_call(true)
         .wasm_function_references(true)
+        // Fiber stacks of suspendable calls: guest stack plus host frames, pooled.
+        .async_stack_size(ASYNC_STACK_BYTES)
         .cache(None)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     config
@@ -276,12 +312,13 @@ impl Drop for EpochTicker {
 pub(crate) fn linker(
     engine: &wasmtime::Engine,
     host_functions: &[HostFunction],
+    runtime: Option<&tokio::runtime::Handle>,
 ) -> wasmtime::Result<Linker<StoreData>> {
     let mut linker = Linker::new(engine);
     abi::define_env(&mut linker)?;
     wasi_common::sync::add_to_linker(&mut linker, StoreData::wasi_ctx)?;
     for function in host_functions {
-        abi::define_user(&mut linker, function)?;
+        abi::define_user(&mut linker, function, runtime)?;
     }
     Ok(linker)
 }
@@ -345,15 +382,13 @@ impl std::fmt::Debug for Instance {
 }
 
 impl Instance {
-    /// Instantiates the module and runs its initialiser (`hs_init`, `__wasm_call_ctors`
-    /// or `_initialize`, as the SDK does) under the limits of the call that needs it.
-    pub(crate) fn new(
+    /// A store for one instance, with its limiter and epoch callback.
+    fn store(
         pre: &InstancePre<StoreData>,
         grant: &Grant,
         log_level: LogLevel,
-        ctx: &CallContext,
         http: Arc<http::Outbound>,
-    ) -> Result<Self, CallError> {
+    ) -> Result<Store<StoreData>, CallError> {
         let wasi = if grant.wasi {
             Some(wasi::context(grant)?)
         } else {
@@ -375,39 +410,103 @@ impl Instance {
         };
         let mut store = Store::new(pre.module().engine(), data);
         store.limiter(|data| &mut data.budget);
-        store.epoch_deadline_callback(|store| {
+        store.epoch_deadline_callback(|mut store| {
             let call = &store.data().call;
             if call.ctx.cancel.is_cancelled() {
                 return Err(wasmtime::Error::new(Abort(CallError::Cancelled)));
             }
-            if call
-                .deadline
-                .is_some_and(|deadline| Instant::now() >= deadline)
-            {
+            let now = Instant::now();
+            if call.deadline.is_some_and(|deadline| now >= deadline) {
                 return Err(wasmtime::Error::new(Abort(CallError::Timeout {
                     limit: call.timeout,
                 })));
             }
+            // An async call past its time slice lets its worker run others for a while.
+            if call.is_async
+                && let Some(slice) = call.time_slice
+                && call.slice_ends.is_some_and(|ends| now >= ends)
+            {
+                // The call gives its place back for the yield, so that the worker takes
+                // another call, and takes a place again when it runs on.
+                let suspend = call.suspend.clone();
+                store.data_mut().call.slice_ends = Some(now + slice);
+                return Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(async move {
+                        let waiting = suspend.and_then(|suspend| (suspend.0)());
+                        tokio::task::yield_now().await;
+                        drop(waiting);
+                    }),
+                ));
+            }
             Ok(UpdateDeadline::Continue(1))
         });
+        Ok(store)
+    }
+
+    /// Instantiates the module and runs its initialiser (`hs_init`, `__wasm_call_ctors`
+    /// or `_initialize`, as the SDK does) under the limits of the call that needs it.
+    pub(crate) fn new(
+        pre: &InstancePre<StoreData>,
+        grant: &Grant,
+        log_level: LogLevel,
+        ctx: &CallContext,
+        http: Arc<http::Outbound>,
+    ) -> Result<Self, CallError> {
+        let mut store = Self::store(pre, grant, log_level, http)?;
         begin_call(&mut store, grant, ctx, Instant::now())?;
         let instance = pre
             .instantiate(&mut store)
             .map_err(|e| classify_instantiation(e, grant))?;
-        // As the SDK's `max_pages`: the initial memories must fit the budget, and then the
-        // budget starts again for what the instance grows (guest and Extism memory), so a
-        // plug-in tuned against the SDK needs the same number of pages here.
-        store.data_mut().budget.used = 0;
-        let mut this = Self {
-            store,
-            instance,
-            exports: HashMap::new(),
-            spent: false,
-        };
+        let mut this = Self::started(store, instance);
         this.initialise().map_err(|e| classify(e, grant))?;
         // Lines an initialiser logged are not the call's (and do not count against it).
         this.store.data_mut().call.logs.discard();
         Ok(this)
+    }
+
+    /// As [`new`](Self::new), for instances whose calls run with `call_async` (a module
+    /// importing an async host function, or an engine with time slicing).
+    pub(crate) async fn new_async(
+        pre: &InstancePre<StoreData>,
+        grant: &Grant,
+        log_level: LogLevel,
+        ctx: &CallContext,
+        http: Arc<http::Outbound>,
+        prepare: impl FnOnce(&mut CallState),
+    ) -> Result<Self, CallError> {
+        let mut store = Self::store(pre, grant, log_level, http)?;
+        prepare(&mut store.data_mut().call);
+        store.data_mut().call.is_async = true;
+        begin_call(&mut store, grant, ctx, Instant::now())?;
+        let instance = pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| classify_instantiation(e, grant))?;
+        let mut this = Self::started(store, instance);
+        this.initialise_async()
+            .await
+            .map_err(|e| classify(e, grant))?;
+        this.store.data_mut().call.logs.discard();
+        Ok(this)
+    }
+
+    fn started(mut store: Store<StoreData>, instance: wasmtime::Instance) -> Self {
+        // As the SDK's `max_pages`: the initial memories must fit the budget, and then the
+        // budget starts again for what the instance grows (guest and Extism memory), so a
+        // plug-in tuned against the SDK needs the same number of pages here.
+        store.data_mut().budget.used = 0;
+        Self {
+            store,
+            instance,
+            exports: HashMap::new(),
+            spent: false,
+        }
+    }
+
+    /// Lets the instance's next call tell the scheduler when it waits.
+    pub(crate) fn set_suspend(&mut self, suspend: Option<Suspend>) {
+        self.store.data_mut().call.suspend = suspend;
     }
 
     fn unit_export(&mut self, name: &str) -> Option<TypedFunc<(), ()>> {
@@ -443,6 +542,38 @@ impl Instance {
         };
         if let Some(init) = init {
             init.call(&mut self.store, ())?;
+        }
+        Ok(())
+    }
+
+    /// [`initialise`](Self::initialise) with `call_async`.
+    async fn initialise_async(&mut self) -> wasmtime::Result<()> {
+        if let Some(hs_init) = self.instance.get_func(&mut self.store, "hs_init") {
+            if let Some(reactor) = self.unit_export("_initialize") {
+                reactor.call_async(&mut self.store, ()).await?;
+            }
+            let results = hs_init.ty(&self.store).results().len();
+            let mut out = vec![wasmtime::Val::I32(0); results];
+            hs_init
+                .call_async(
+                    &mut self.store,
+                    &[wasmtime::Val::I32(0), wasmtime::Val::I32(0)],
+                    &mut out,
+                )
+                .await?;
+            return Ok(());
+        }
+        let init = if self
+            .instance
+            .get_func(&mut self.store, "__wasm_call_ctors")
+            .is_some()
+        {
+            self.unit_export("__wasm_call_ctors")
+        } else {
+            self.unit_export("_initialize")
+        };
+        if let Some(init) = init {
+            init.call_async(&mut self.store, ()).await?;
         }
         Ok(())
     }
@@ -493,6 +624,44 @@ impl Instance {
         ctx: &CallContext,
         started: Instant,
     ) -> Result<CallOutput, CallError> {
+        let fuel_budget = self.prepare(function, input, grant, ctx, started)?;
+        let result = match &self.exports[function] {
+            Export::Code(f) => f.call(&mut self.store, ()),
+            Export::Unit(f) => f.call(&mut self.store, ()).map(|()| 0),
+        };
+        self.finish(function, result, grant, fuel_budget)
+    }
+
+    /// [`call`](Self::call) with `call_async`: an async host function's wait and the end
+    /// of a time slice suspend it, and its thread runs other calls meanwhile. Dropping
+    /// the future abandons the call; the instance must then be dropped too.
+    pub(crate) async fn call_async(
+        &mut self,
+        function: &str,
+        input: &[u8],
+        grant: &Grant,
+        ctx: &CallContext,
+        started: Instant,
+    ) -> Result<CallOutput, CallError> {
+        let fuel_budget = self.prepare(function, input, grant, ctx, started)?;
+        let slice = self.store.data().call.time_slice;
+        self.store.data_mut().call.slice_ends = slice.map(|slice| Instant::now() + slice);
+        let result = match &self.exports[function] {
+            Export::Code(f) => f.call_async(&mut self.store, ()).await,
+            Export::Unit(f) => f.call_async(&mut self.store, ()).await.map(|()| 0),
+        };
+        self.finish(function, result, grant, fuel_budget)
+    }
+
+    /// Arms the store and writes the input; answers the fuel the call starts with.
+    fn prepare(
+        &mut self,
+        function: &str,
+        input: &[u8],
+        grant: &Grant,
+        ctx: &CallContext,
+        started: Instant,
+    ) -> Result<u64, CallError> {
         self.resolve_export(function)?;
         begin_call(&mut self.store, grant, ctx, started)?;
         {
@@ -506,16 +675,22 @@ impl Instance {
         }
         // Only a metered store has fuel to read (asking an unmetered one makes an error,
         // with a backtrace when those are on: microseconds per call).
-        let metered = grant.fuel.is_some();
-        let fuel_budget = if metered {
+        Ok(if grant.fuel.is_some() {
             self.store.get_fuel().unwrap_or(0)
         } else {
             0
-        };
-        let result = match &self.exports[function] {
-            Export::Code(f) => f.call(&mut self.store, ()),
-            Export::Unit(f) => f.call(&mut self.store, ()).map(|()| 0),
-        };
+        })
+    }
+
+    /// Reads the call's outcome out of the store and classifies a failure.
+    fn finish(
+        &mut self,
+        function: &str,
+        result: wasmtime::Result<i32>,
+        grant: &Grant,
+        fuel_budget: u64,
+    ) -> Result<CallOutput, CallError> {
+        let metered = grant.fuel.is_some();
         if function == "_start" {
             self.spent = true;
         }

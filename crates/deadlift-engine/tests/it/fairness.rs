@@ -85,14 +85,24 @@ async fn calls_beyond_a_tenants_queue_are_shed() {
             tenant_queue: 2,
             tenant_queue_bytes: usize::MAX,
             max_queue_wait: Duration::from_secs(30),
+            tenant_suspended: 1024,
+            max_suspended: 4096,
         })
         .build()
         .unwrap();
     let looper = add(&engine, "tenant-a", "looper");
-    // Submitted together (one poll submits all six), long before the first ends.
-    let calls =
-        futures_util::future::join_all((0..6).map(|_| call_looper(&engine, "tenant-a", &looper)))
+    // One call running (its instance made), then five more long before it ends.
+    let first = {
+        let engine = engine.clone();
+        tokio::spawn(async move { call_looper(&engine, "tenant-a", &looper).await })
+    };
+    while engine.stats().instances_created == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut calls =
+        futures_util::future::join_all((0..5).map(|_| call_looper(&engine, "tenant-a", &looper)))
             .await;
+    calls.push(first.await.unwrap());
     let mut shed = 0;
     for call in calls {
         match call {
@@ -120,6 +130,8 @@ async fn calls_beyond_a_tenants_queued_bytes_are_shed() {
             tenant_queue: 100,
             tenant_queue_bytes: 1024 * 1024,
             max_queue_wait: Duration::from_secs(30),
+            tenant_suspended: 1024,
+            max_suspended: 4096,
         })
         .build()
         .unwrap();
@@ -154,6 +166,8 @@ async fn a_call_that_waited_too_long_is_shed() {
             tenant_queue: 10,
             tenant_queue_bytes: usize::MAX,
             max_queue_wait: Duration::from_millis(50),
+            tenant_suspended: 1024,
+            max_suspended: 4096,
         })
         .build()
         .unwrap();

@@ -15,4 +15,5 @@ mod limits;
 mod logs;
 mod outbound;
 mod registry;
+mod suspend;
 mod wasi;
