@@ -52,7 +52,7 @@ pub async fn serve(config: Resolved, config_file: Option<PathBuf>) -> anyhow::Re
         if let Some(bytes) = settings.max_module_bytes {
             engine = engine.max_module_bytes(bytes);
         }
-        engine
+        engine.time_slice(settings.time_slice)
     });
     let (agent, new_admin_token) = tokio::task::spawn_blocking(move || builder.build()).await??;
     let listener = tokio::net::TcpListener::bind(config.listen)

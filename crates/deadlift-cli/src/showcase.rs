@@ -29,6 +29,9 @@ use serde_json::{Value, json};
 
 use crate::client::print_json;
 
+/// How long the platform's purchase database takes to answer, simulated.
+const DATABASE_LATENCY: Duration = Duration::from_millis(5);
+
 const ACME_LOYALTY: &[u8] = include_bytes!("../../../guests/wasm/acme_loyalty.wasm");
 const ACME_SATISFACTION: &[u8] = include_bytes!("../../../guests/wasm/acme_satisfaction.wasm");
 
@@ -228,20 +231,27 @@ pub async fn run(dir: PathBuf) -> anyhow::Result<Story> {
     let emails = Arc::new(Mutex::new(Vec::<Email>::new()));
     let table = Arc::new(purchases());
 
-    // The payments platform: its data, its host functions, its extension point.
+    // The payments platform: its data, its host functions, its extension point. The
+    // purchase table stands for the platform's database: a query takes a few
+    // milliseconds, awaited (an async host function), so a waiting plug-in holds no
+    // thread.
     let lookup = {
         let table = table.clone();
-        HostFunction::json("lookup_purchases", move |ctx, request| {
-            let customer = request["customer"].as_str().unwrap_or_default();
-            let days = request["days"].as_u64().unwrap_or(30);
-            // A merchant's plug-in sees that merchant's purchases only.
-            let found: Vec<&Purchase> = table
-                .iter()
-                .filter(|p| {
-                    p.customer == customer && p.merchant == ctx.tenant && p.days_ago <= days
-                })
-                .collect();
-            Ok(json!({ "purchases": found }))
+        HostFunction::json_async("lookup_purchases", move |ctx, request| {
+            let table = table.clone();
+            async move {
+                tokio::time::sleep(DATABASE_LATENCY).await;
+                let customer = request["customer"].as_str().unwrap_or_default();
+                let days = request["days"].as_u64().unwrap_or(30);
+                // A merchant's plug-in sees that merchant's purchases only.
+                let found: Vec<&Purchase> = table
+                    .iter()
+                    .filter(|p| {
+                        p.customer == customer && p.merchant == ctx.tenant && p.days_ago <= days
+                    })
+                    .collect();
+                Ok(json!({ "purchases": found }))
+            }
         })
     };
     let send_email = {

@@ -23,6 +23,27 @@
 //! assert_eq!(out.output, b"15");
 //! # Ok(()) }
 //! ```
+//!
+//! Host functions answer at once ([`HostFunction::json`], a closure) or later
+//! ([`HostFunction::json_async`], a future run on the embedder's Tokio runtime). A call
+//! waiting on an async one is suspended and gives its worker to other calls:
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use deadlift_engine::{Engine, HostFunction};
+//!
+//! let engine = Engine::builder()
+//!     .host_function(HostFunction::json("greeting", |ctx, _| {
+//!         Ok(serde_json::json!(format!("hello, {}", ctx.tenant)))
+//!     }))
+//!     .host_function(HostFunction::json_async("lookup_purchases", |_ctx, customer| async move {
+//!         // A database query, an internal service: milliseconds of waiting.
+//!         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+//!         Ok(serde_json::json!({ "customer": customer, "purchases": [] }))
+//!     }))
+//!     .build()?;
+//! # Ok(()) }
+//! ```
 
 pub mod code;
 pub mod engine;

@@ -319,7 +319,10 @@ impl EngineBuilder {
 /// plain one. A module is compiled for each only when a call needs it.
 pub(super) struct Runtime {
     pub(super) wasmtime: wasmtime::Engine,
+    /// For blocking calls.
     pub(super) linker: Linker<StoreData>,
+    /// For suspendable calls (`call_async`).
+    pub(super) suspendable_linker: Linker<StoreData>,
     pub(super) cache_dir: Option<PathBuf>,
 }
 
@@ -333,8 +336,11 @@ impl Runtime {
     ) -> Result<Self, EngineError> {
         let wasmtime = wasmtime::Engine::new(&executor::wasmtime_config(limits, metered))
             .map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
-        let linker = executor::linker(&wasmtime, functions, runtime)
-            .map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
+        let [linker, suspendable_linker] = [false, true].map(|suspendable| {
+            executor::linker(&wasmtime, functions, runtime, suspendable)
+                .map_err(|e| EngineError::Runtime(format!("{e:#}")))
+        });
+        let (linker, suspendable_linker) = (linker?, suspendable_linker?);
         let cache_dir = match data_dir {
             Some(dir) => {
                 // The key differs between the two runtimes: their code differs.
@@ -350,6 +356,7 @@ impl Runtime {
         Ok(Self {
             wasmtime,
             linker,
+            suspendable_linker,
             cache_dir,
         })
     }

@@ -248,7 +248,7 @@ impl Engine {
 
     /// Calls `function` of `module` on the current thread. For embedders that manage
     /// their own threads; never call it from async code. A call that may wait on an
-    /// async host function waits here, on a small runtime of this thread's own.
+    /// async host function or the network sleeps here while it waits.
     pub fn call_blocking(
         &self,
         module: &ModuleId,
@@ -328,9 +328,11 @@ impl Drop for CancelOnDrop {
 
 impl Inner {
     /// Whether a call under `grant` runs with `call_async`: it may reach an async host
-    /// function, or every call is time-sliced.
+    /// function or the network, or every call is time-sliced.
     fn suspendable(&self, grant: &Grant) -> bool {
         self.time_slice.is_some()
+            // `http_request` waits on the network.
+            || !grant.allowed_hosts.is_empty()
             || (!self.async_host_names.is_empty()
                 && grant
                     .host_functions
@@ -347,15 +349,10 @@ impl Inner {
         ctx: &CallContext,
     ) -> Result<CallOutput, CallError> {
         if self.suspendable(grant) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .build()
-                .map_err(|e| CallError::Internal {
-                    message: format!("cannot start a runtime for the call: {e}"),
-                })?;
             let suspend = workers::inert_suspend();
-            return runtime
-                .block_on(self.call_suspendable(module, function, input, grant, ctx, suspend));
+            return workers::block_on(
+                self.call_suspendable(module, function, input, grant, ctx, suspend),
+            );
         }
         let started = std::time::Instant::now();
         let result = self.run(module, function, input, grant, ctx, started);
@@ -678,9 +675,13 @@ impl Inner {
                 reason: "the grant does not allow WASI".to_owned(),
             });
         }
-        let pre = self
-            .runtime(metered)
-            .linker
+        let runtime = self.runtime(metered);
+        let linker = if suspendable {
+            &runtime.suspendable_linker
+        } else {
+            &runtime.linker
+        };
+        let pre = linker
             .instantiate_pre(&compiled.module)
             .map_err(|e| CallError::Link {
                 message: format!("{e:#}"),

@@ -12,27 +12,27 @@
 //! A call that waited longer than [`Fairness::max_queue_wait`], or that finds its
 //! tenant's queue full, is shed with [`CallError::Shed`] instead of waiting on.
 //!
-//! Each worker thread runs a single-threaded Tokio runtime. A blocking job (a plain call)
-//! runs on it from start to end. A suspendable job (a call that may wait on an async
-//! host function, or that yields at the end of its time slice) runs as a local task:
-//! while it waits, it gives its place back (`Suspend`: it counts neither against the
+//! A blocking job (a plain call) runs on its worker from start to end. A suspendable job
+//! (a call that may wait on an async host function or the network, or that yields at the
+//! end of its time slice) is a future the worker polls itself (workers run no Tokio
+//! runtime, so a sync host function may block as on any thread): while it waits, it
+//! gives its place back (`Suspend`: it counts neither against the
 //! workers nor against its tenant's calls in flight, but against
 //! [`Fairness::tenant_suspended`] and [`Fairness::max_suspended`]), and the worker takes
-//! other calls; when its wait ends it takes a place again and runs on the same thread.
+//! other calls; when its wait ends it takes a place again, and the worker that started
+//! it polls it on.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use tokio::sync::Notify;
 
 use crate::error::CallError;
 use crate::executor::Suspend;
@@ -166,21 +166,18 @@ enum Next {
     Closed,
 }
 
-/// How a worker is woken: blocked on a condition variable when nothing runs on it (as
-/// fast as a plain thread pool), or awaiting a `Notify` while calls of its own wait.
-/// A signal wakes either; a spare wake-up only makes the worker look once more.
+/// How a worker is woken (a call to take, one of its waiting calls ready, closing): a
+/// permit and a condition variable. A spare wake-up only makes the worker look again.
 #[derive(Default)]
 struct Signal {
     permit: Mutex<bool>,
     cond: Condvar,
-    notify: Notify,
 }
 
 impl Signal {
     fn notify_one(&self) {
         *self.permit.lock() = true;
         self.cond.notify_one();
-        self.notify.notify_one();
     }
 
     fn wait_blocking(&self) {
@@ -189,11 +186,6 @@ impl Signal {
             self.cond.wait(&mut permit);
         }
         *permit = false;
-    }
-
-    async fn wait(&self) {
-        self.notify.notified().await;
-        *self.permit.lock() = false;
     }
 }
 
@@ -519,50 +511,75 @@ impl WorkerPool {
 }
 
 fn work(shared: Arc<Shared>) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            tracing::error!(%error, "a worker cannot start its runtime; it runs nothing");
-            return;
-        }
-    };
     let me = Arc::new(Signal::default());
     WORKER.with(|worker| *worker.borrow_mut() = Some(me.clone()));
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, serve(shared, me));
+    serve(&shared, &me);
 }
 
-/// A worker's loop: take a call, run it (or start it as a local task), again; wait to
-/// be woken when there is nothing to take.
-async fn serve(shared: Arc<Shared>, me: Arc<Signal>) {
-    // Local tasks (suspendable calls) in progress on this thread.
-    let local_calls = Rc::new(Cell::new(0usize));
+/// A suspendable call that waits, kept by the worker that started it.
+struct Waiting {
+    tenant: Arc<str>,
+    call: LocalCall,
+}
+
+/// Wakes a waiting call: queues it as ready and signals its worker.
+struct CallWaker {
+    id: u64,
+    ready: Arc<Mutex<Vec<u64>>>,
+    signal: Arc<Signal>,
+}
+
+impl std::task::Wake for CallWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.lock().push(self.id);
+        self.signal.notify_one();
+    }
+}
+
+/// A worker's loop: take a call and run it (a suspendable one until it ends or waits);
+/// poll the waiting calls that were woken; block when there is nothing to do. Worker
+/// threads run no Tokio runtime: a sync host function may block as on any plain thread.
+fn serve(shared: &Arc<Shared>, me: &Arc<Signal>) {
+    let ready: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let mut waiting: HashMap<u64, Waiting> = HashMap::new();
+    let mut next_id = 0u64;
     loop {
+        // Calls whose wait ended run on first: they hold a place again already.
+        let woken = std::mem::take(&mut *ready.lock());
+        for id in woken {
+            let Some(mut entry) = waiting.remove(&id) else {
+                continue;
+            };
+            let waker = Arc::new(CallWaker {
+                id,
+                ready: ready.clone(),
+                signal: me.clone(),
+            })
+            .into();
+            if poll_call(&mut entry.call, &waker) {
+                shared.finished(&entry.tenant, true);
+            } else {
+                waiting.insert(id, entry);
+            }
+        }
         let Taken {
             tenant,
             job,
             expired,
-        } = match shared.next(&me) {
+        } = match shared.next(me) {
             Next::Taken(taken) => taken,
-            // With no call of its own under way, nothing needs this thread's runtime:
-            // block, which wakes faster than a parked runtime.
-            Next::Wait if local_calls.get() == 0 => {
+            Next::Wait => {
                 me.wait_blocking();
                 continue;
             }
-            Next::Wait => {
-                me.wait().await;
-                continue;
-            }
+            Next::Closed if waiting.is_empty() => return,
             Next::Closed => {
-                // Let the calls under way here finish before the thread ends.
-                while local_calls.get() > 0 {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                return;
+                me.wait_blocking();
+                continue;
             }
         };
         for queued in expired {
@@ -582,7 +599,7 @@ async fn serve(shared: Arc<Shared>, me: Arc<Signal>) {
                 shared.finished(&tenant, false);
             }
             Job::Suspendable(job) => {
-                let suspend = suspender(&shared, &tenant);
+                let suspend = suspender(shared, &tenant);
                 let started =
                     std::panic::catch_unwind(AssertUnwindSafe(|| job(Admission::Run, suspend)));
                 let Ok(Some(mut call)) = started else {
@@ -592,41 +609,54 @@ async fn serve(shared: Arc<Shared>, me: Arc<Signal>) {
                     shared.finished(&tenant, false);
                     continue;
                 };
-                // Most calls never wait: run the call here first, and make it a task of
-                // its own only if it does. (A task's first poll registers its waker
-                // again, so the waker of this first poll may be a no-op.)
-                let mut first = std::task::Context::from_waker(std::task::Waker::noop());
-                let polled =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(&mut first)));
-                match polled {
-                    Ok(std::task::Poll::Pending) => {}
-                    Ok(std::task::Poll::Ready(())) => {
-                        shared.finished(&tenant, false);
-                        continue;
-                    }
-                    Err(_) => {
-                        tracing::error!("a call panicked; the worker carries on");
-                        shared.finished(&tenant, false);
-                        continue;
-                    }
+                let id = next_id;
+                next_id += 1;
+                let waker = Arc::new(CallWaker {
+                    id,
+                    ready: ready.clone(),
+                    signal: me.clone(),
+                })
+                .into();
+                if poll_call(&mut call, &waker) {
+                    shared.finished(&tenant, false);
+                } else {
+                    waiting.insert(id, Waiting { tenant, call });
                 }
-                local_calls.set(local_calls.get() + 1);
-                let (shared, counter) = (shared.clone(), local_calls.clone());
-                // Its own task, so that a panic in it ends the task, not the worker.
-                let running = tokio::task::spawn_local(call);
-                tokio::task::spawn_local(async move {
-                    if running.await.is_err() {
-                        tracing::error!("a call panicked; the worker carries on");
-                    }
-                    counter.set(counter.get() - 1);
-                    shared.finished(&tenant, true);
-                    // This thread is free again: its loop looks for the next call.
-                    wake_this_worker();
-                });
-                // Let the task make its first poll before the next call is taken.
-                tokio::task::yield_now().await;
             }
         }
+    }
+}
+
+/// Polls a call once; whether it ended (a panic ends it too).
+fn poll_call(call: &mut LocalCall, waker: &std::task::Waker) -> bool {
+    let mut context = std::task::Context::from_waker(waker);
+    match std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(&mut context))) {
+        Ok(std::task::Poll::Ready(())) => true,
+        Ok(std::task::Poll::Pending) => false,
+        Err(_) => {
+            tracing::error!("a call panicked; the worker carries on");
+            true
+        }
+    }
+}
+
+/// Runs a suspendable call to its end on this thread (an embedder's own thread, for
+/// `Engine::call_blocking`), sleeping while it waits.
+pub(super) fn block_on<F: Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Arc::new(Unpark(std::thread::current())).into();
+    let mut context = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return output;
+        }
+        std::thread::park();
     }
 }
 

@@ -93,11 +93,13 @@ fn take_str(data: &mut StoreData, handle: u64, what: &str, function: &str) -> Re
     Ok(text)
 }
 
-/// `http_request(request, body) -> response body`: the request is JSON (url, method,
-/// headers); both handles are the host's to free. Performed only for allowed hosts.
-fn http_request(mut c: Ctx<'_>, request: i64, body: i64) -> Res<i64> {
+/// What `http_request` was asked: the parsed request and its body, both handles freed.
+fn http_request_args(
+    data: &mut StoreData,
+    request: i64,
+    body: i64,
+) -> Res<(super::http::GuestRequest, Option<Vec<u8>>)> {
     const NAME: &str = "http_request";
-    let data = c.data_mut();
     data.call.http_status = 0;
     data.call.http_headers.clear();
     let Some(bytes) = data.memory.block(h(request)) else {
@@ -131,28 +133,63 @@ fn http_request(mut c: Ctx<'_>, request: i64, body: i64) -> Res<i64> {
             Some(bytes)
         }
     };
-    if tokio::runtime::Handle::try_current().is_ok() {
-        return Err(env_failure(
-            NAME,
-            "outbound HTTP cannot run on an async thread; call through Engine::call",
-        ));
-    }
+    Ok((parsed, body_bytes))
+}
+
+/// Stores a response for the guest: status and headers for their env functions, the
+/// body as a new block.
+fn http_response(data: &mut StoreData, response: super::http::GuestResponse) -> Res<i64> {
+    data.call.http_status = response.status;
+    data.call.http_headers = response.headers;
+    put(data, &response.body)
+}
+
+/// `http_request(request, body) -> response body`: the request is JSON (url, method,
+/// headers); both handles are the host's to free. Performed only for allowed hosts.
+/// This thread waits for it (a blocking call).
+fn http_request(mut c: Ctx<'_>, request: i64, body: i64) -> Res<i64> {
+    let data = c.data_mut();
+    let (parsed, body) = http_request_args(data, request, body)?;
     let call = &data.call;
     let response = data
         .http
         .clone()
         .send(
             parsed,
-            body_bytes,
+            body,
             &call.allowed_hosts,
             call.max_http_response_bytes,
             call.remaining(),
             call.timeout(),
         )
         .map_err(abort)?;
-    data.call.http_status = response.status;
-    data.call.http_headers = response.headers;
-    put(data, &response.body)
+    http_response(data, response)
+}
+
+/// [`http_request`] for a suspendable call: it waits without holding its worker.
+fn define_http_request_async(linker: &mut Linker<StoreData>) -> Res<()> {
+    linker.func_wrap_async(
+        ENV,
+        "http_request",
+        |mut c: Ctx<'_>, (request, body): (i64, i64)| {
+            Box::new(async move {
+                let data = c.data_mut();
+                let (parsed, body) = http_request_args(data, request, body)?;
+                let call = &data.call;
+                let (allowed, max_bytes) =
+                    (call.allowed_hosts.clone(), call.max_http_response_bytes);
+                let (remaining, timeout) = (call.remaining(), call.timeout());
+                let waiting = call.suspend.as_ref().and_then(|suspend| (suspend.0)());
+                let http = data.http.clone();
+                let response = http
+                    .send_async(parsed, body, &allowed, max_bytes, remaining, timeout)
+                    .await;
+                drop(waiting);
+                http_response(c.data_mut(), response.map_err(abort)?)
+            })
+        },
+    )?;
+    Ok(())
 }
 
 /// Copies `bytes` into a new block; empty is handle 0 (as the SDK's `memory_new`).
@@ -161,7 +198,9 @@ fn put(data: &mut StoreData, bytes: &[u8]) -> Res<i64> {
     memory.write_new(bytes, budget).map(|h| h as i64)
 }
 
-pub(crate) fn define_env(linker: &mut Linker<StoreData>) -> Res<()> {
+/// Defines every env function. A suspendable linker's `http_request` waits without
+/// holding its worker.
+pub(crate) fn define_env(linker: &mut Linker<StoreData>, suspendable: bool) -> Res<()> {
     linker.func_wrap(ENV, "alloc", |mut c: Ctx<'_>, len: i64| -> Res<i64> {
         let StoreData { memory, budget, .. } = c.data_mut();
         memory.alloc(h(len), budget).map(|h| h as i64)
@@ -260,7 +299,11 @@ pub(crate) fn define_env(linker: &mut Linker<StoreData>) -> Res<()> {
     })?;
     linker.func_wrap(ENV, "var_set", var_set)?;
 
-    linker.func_wrap(ENV, "http_request", http_request)?;
+    if suspendable {
+        define_http_request_async(linker)?;
+    } else {
+        linker.func_wrap(ENV, "http_request", http_request)?;
+    }
     linker.func_wrap(ENV, "http_status_code", |c: Ctx<'_>| -> i32 {
         i32::from(c.data().call.http_status)
     })?;
@@ -365,9 +408,20 @@ pub(crate) fn define_user(
     linker: &mut Linker<StoreData>,
     function: &HostFunction,
     runtime: Option<&tokio::runtime::Handle>,
+    suspendable: bool,
 ) -> Res<()> {
     let func = match &function.func {
         HostImpl::Sync(func) => func.clone(),
+        // A blocking call never reaches an async host function (the engine runs every
+        // call that may as a suspendable one); should one, it fails, never blocks.
+        HostImpl::Async(_) if !suspendable => {
+            let name = function.name.clone();
+            std::sync::Arc::new(move |_: &crate::host::CallContext, _: &[&[u8]]| {
+                Err(crate::host::HostError::new(format!(
+                    "`{name}` is async and this call is not suspendable"
+                )))
+            })
+        }
         HostImpl::Async(func) => {
             let runtime = runtime
                 .ok_or_else(|| {
@@ -449,6 +503,13 @@ fn user_type(engine: &wasmtime::Engine, function: &HostFunction) -> FuncType {
     )
 }
 
+/// How an async host function's wait ended.
+enum Waited {
+    Answered(Result<Option<Vec<u8>>, crate::host::HostError>),
+    Timeout,
+    Cancelled,
+}
+
 /// Aborts the embedder's future when the call waiting on it goes away (its deadline,
 /// a cancel, a dropped call).
 struct AbortOnDrop(tokio::task::AbortHandle);
@@ -508,25 +569,34 @@ fn define_user_async(
                 }
                 let call = &data.call;
                 let (deadline, timeout) = (call.deadline(), call.timeout());
-                let cancel = call.ctx.cancel.clone();
+                let (cancel, ctx) = (call.ctx.cancel.clone(), call.ctx.clone());
                 let waiting = call.suspend.as_ref().and_then(|suspend| (suspend.0)());
-                let mut task = runtime.spawn(func(call.ctx.clone(), args));
-                let _abort = AbortOnDrop(task.abort_handle());
-                let until_deadline = async {
-                    match deadline {
-                        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
-                        None => std::future::pending().await,
+                // The future races the call's deadline and cancel on the embedder's
+                // runtime; the worker only awaits the outcome (it runs no runtime).
+                let task = runtime.spawn(async move {
+                    let until_deadline = async {
+                        match deadline {
+                            Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        answer = func(ctx, args) => Waited::Answered(answer),
+                        () = until_deadline => Waited::Timeout,
+                        () = cancelled(cancel) => Waited::Cancelled,
                     }
-                };
-                let joined = tokio::select! {
-                    joined = &mut task => joined,
-                    () = until_deadline => return Err(abort(CallError::Timeout { limit: timeout })),
-                    () = cancelled(cancel) => return Err(abort(CallError::Cancelled)),
-                };
+                });
+                let abort_on_drop = AbortOnDrop(task.abort_handle());
+                let joined = task.await;
+                drop(abort_on_drop);
                 drop(waiting);
                 let output = match joined {
-                    Ok(Ok(output)) => output,
-                    Ok(Err(e)) => return Err(failed(e.0)),
+                    Ok(Waited::Answered(Ok(output))) => output,
+                    Ok(Waited::Answered(Err(e))) => return Err(failed(e.0)),
+                    Ok(Waited::Timeout) => {
+                        return Err(abort(CallError::Timeout { limit: timeout }));
+                    }
+                    Ok(Waited::Cancelled) => return Err(abort(CallError::Cancelled)),
                     Err(e) if e.is_panic() => {
                         return Err(failed("the host function panicked".into()));
                     }

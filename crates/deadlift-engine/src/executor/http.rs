@@ -13,7 +13,9 @@
 //! address at the check and a private one at the connection cannot exist: there is one
 //! resolution. Guests cannot set `Host` or the hop-by-hop headers.
 //! The request runs on the engine's own small Tokio runtime, within the call's
-//! remaining time. Engine workers wait for it; async threads never block on it.
+//! remaining time. A suspendable call (one whose grant reaches hosts) awaits it and
+//! gives its worker to other calls meanwhile (`send_async`); a blocking call's worker
+//! waits for it (`send`). No thread ever runs a runtime inside another.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -246,18 +248,15 @@ impl Outbound {
             .map_err(|e| transport(format!("cannot start the HTTP client: {e}")))
     }
 
-    /// Performs `request` if every hop is allowed, within `remaining`. Called on an
-    /// engine worker thread (never on an async one).
-    pub(crate) fn send(
+    /// Checks `request` against the grant and makes it ready to send.
+    fn prepare(
         &self,
         request: GuestRequest,
         body: Option<Vec<u8>>,
         allowed: &[String],
         max_body_bytes: u64,
-        remaining: Duration,
-        timeout: Duration,
-    ) -> Result<GuestResponse, CallError> {
-        let mut url = Url::parse(&request.url).map_err(|e| CallError::HttpDenied {
+    ) -> Result<(tokio::runtime::Handle, Fetch), CallError> {
+        let url = Url::parse(&request.url).map_err(|e| CallError::HttpDenied {
             url: request.url.clone(),
             reason: format!("not a valid URL: {e}"),
         })?;
@@ -271,7 +270,7 @@ impl Outbound {
             url: request.url.clone(),
             reason,
         })?;
-        let mut method = reqwest::Method::from_bytes(
+        let method = reqwest::Method::from_bytes(
             request
                 .method
                 .as_deref()
@@ -303,89 +302,174 @@ impl Outbound {
         let runtime = client
             .runtime
             .as_ref()
-            .ok_or_else(|| transport("the HTTP client is shut down"))?;
+            .ok_or_else(|| transport("the HTTP client is shut down"))?
+            .handle()
+            .clone();
         let http = client.for_grant(allowed)?;
-        let mut body = body;
-        let work = async {
-            for _ in 0..=MAX_REDIRECTS {
-                let mut builder = http
-                    .request(method.clone(), url.clone())
-                    .headers(headers.clone());
-                if let Some(bytes) = &body {
-                    builder = builder.body(bytes.clone());
-                }
-                let mut response = builder.send().await.map_err(|e| {
-                    let chain = error_chain(&e);
-                    if chain.contains(NOT_REACHABLE) {
-                        CallError::HttpDenied {
-                            url: url.to_string(),
-                            reason: format!("HTTP request to {url} is not allowed: {chain}"),
-                        }
-                    } else {
-                        transport(chain)
-                    }
-                })?;
-                let status = response.status();
-                if status.is_redirection()
-                    && let Some(location) = response.headers().get(LOCATION)
-                {
-                    let next = location
-                        .to_str()
-                        .ok()
-                        .and_then(|l| url.join(l).ok())
-                        .ok_or_else(|| transport("a redirect's Location is not a URL"))?;
-                    check_host(&next, allowed).map_err(|reason| CallError::HttpDenied {
-                        url: next.to_string(),
-                        reason: format!("redirected from {url}: {reason}"),
-                    })?;
-                    if next.host_str() != url.host_str() {
-                        for secret in ["authorization", "cookie", "proxy-authorization"] {
-                            headers.remove(secret);
-                        }
-                    }
-                    // 303 always, and 301/302 after a POST, continue as a GET.
-                    if status == reqwest::StatusCode::SEE_OTHER
-                        || (method == reqwest::Method::POST && matches!(status.as_u16(), 301 | 302))
-                    {
-                        method = reqwest::Method::GET;
-                        body = None;
-                    }
-                    url = next;
-                    continue;
-                }
-                let mut kept = BTreeMap::new();
-                for (name, value) in response.headers() {
-                    if let Ok(value) = value.to_str() {
-                        kept.insert(name.as_str().to_owned(), value.to_owned());
-                    }
-                }
-                let mut bytes = Vec::new();
-                while let Some(chunk) = response
-                    .chunk()
-                    .await
-                    .map_err(|e| transport(error_chain(&e)))?
-                {
-                    if bytes.len() as u64 + chunk.len() as u64 > max_body_bytes {
-                        return Err(transport(format!(
-                            "the HTTP response is larger than {max_body_bytes} bytes"
-                        )));
-                    }
-                    bytes.extend_from_slice(&chunk);
-                }
-                return Ok(GuestResponse {
-                    status: status.as_u16(),
-                    headers: kept,
-                    body: bytes,
-                });
+        Ok((
+            runtime,
+            Fetch {
+                http,
+                method,
+                url,
+                headers,
+                body,
+                allowed: allowed.to_vec(),
+                max_body_bytes,
+            },
+        ))
+    }
+
+    /// Performs `request` if every hop is allowed, within `remaining`, while this thread
+    /// waits (a blocking call's worker).
+    pub(crate) fn send(
+        &self,
+        request: GuestRequest,
+        body: Option<Vec<u8>>,
+        allowed: &[String],
+        max_body_bytes: u64,
+        remaining: Duration,
+        timeout: Duration,
+    ) -> Result<GuestResponse, CallError> {
+        let (runtime, fetch) = self.prepare(request, body, allowed, max_body_bytes)?;
+        let (answer, answered) = std::sync::mpsc::sync_channel(1);
+        let task = runtime.spawn(async move {
+            let _ = answer.send(fetch.run().await);
+        });
+        let outcome = match answered.recv_timeout(remaining) {
+            Ok(outcome) => outcome,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                Err(CallError::Timeout { limit: timeout })
             }
-            Err(transport(format!("more than {MAX_REDIRECTS} redirects")))
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(transport("the request task failed"))
+            }
         };
-        runtime.block_on(async {
-            match tokio::time::timeout(remaining, work).await {
-                Ok(result) => result,
-                Err(_) => Err(CallError::Timeout { limit: timeout }),
+        task.abort();
+        outcome
+    }
+
+    /// As [`send`](Self::send), awaited: a suspendable call's wait. Dropping the future
+    /// abandons the request.
+    pub(crate) async fn send_async(
+        &self,
+        request: GuestRequest,
+        body: Option<Vec<u8>>,
+        allowed: &[String],
+        max_body_bytes: u64,
+        remaining: Duration,
+        timeout: Duration,
+    ) -> Result<GuestResponse, CallError> {
+        let (runtime, fetch) = self.prepare(request, body, allowed, max_body_bytes)?;
+        // The deadline is kept on the HTTP runtime: the waiting worker runs none.
+        let mut task =
+            runtime.spawn(async move { tokio::time::timeout(remaining, fetch.run()).await });
+        let outcome = match (&mut task).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(CallError::Timeout { limit: timeout }),
+            Err(e) => Err(transport(format!("the request task failed: {e}"))),
+        };
+        task.abort();
+        outcome
+    }
+}
+
+/// A checked request, owned, ready to run on the HTTP runtime.
+struct Fetch {
+    http: reqwest::Client,
+    method: reqwest::Method,
+    url: Url,
+    headers: HeaderMap,
+    body: Option<Vec<u8>>,
+    allowed: Vec<String>,
+    max_body_bytes: u64,
+}
+
+impl Fetch {
+    /// Sends the request, following allowed redirects by hand, and reads the body
+    /// within its cap.
+    async fn run(self) -> Result<GuestResponse, CallError> {
+        let Self {
+            http,
+            mut method,
+            mut url,
+            mut headers,
+            mut body,
+            allowed,
+            max_body_bytes,
+        } = self;
+        for _ in 0..=MAX_REDIRECTS {
+            let mut builder = http
+                .request(method.clone(), url.clone())
+                .headers(headers.clone());
+            if let Some(bytes) = &body {
+                builder = builder.body(bytes.clone());
             }
-        })
+            let mut response = builder.send().await.map_err(|e| {
+                let chain = error_chain(&e);
+                if chain.contains(NOT_REACHABLE) {
+                    CallError::HttpDenied {
+                        url: url.to_string(),
+                        reason: format!("HTTP request to {url} is not allowed: {chain}"),
+                    }
+                } else {
+                    transport(chain)
+                }
+            })?;
+            let status = response.status();
+            if status.is_redirection()
+                && let Some(location) = response.headers().get(LOCATION)
+            {
+                let next = location
+                    .to_str()
+                    .ok()
+                    .and_then(|l| url.join(l).ok())
+                    .ok_or_else(|| transport("a redirect's Location is not a URL"))?;
+                check_host(&next, &allowed).map_err(|reason| CallError::HttpDenied {
+                    url: next.to_string(),
+                    reason: format!("redirected from {url}: {reason}"),
+                })?;
+                if next.host_str() != url.host_str() {
+                    for secret in ["authorization", "cookie", "proxy-authorization"] {
+                        headers.remove(secret);
+                    }
+                }
+                // 303 always, and 301/302 after a POST, continue as a GET.
+                if status == reqwest::StatusCode::SEE_OTHER
+                    || (method == reqwest::Method::POST && matches!(status.as_u16(), 301 | 302))
+                {
+                    method = reqwest::Method::GET;
+                    body = None;
+                }
+                url = next;
+                continue;
+            }
+            let mut kept = BTreeMap::new();
+            for (name, value) in response.headers() {
+                if let Ok(value) = value.to_str() {
+                    kept.insert(name.as_str().to_owned(), value.to_owned());
+                }
+            }
+            let mut bytes = Vec::new();
+            while let Some(chunk) = response
+                .chunk()
+                .await
+                .map_err(|e| transport(error_chain(&e)))?
+            {
+                if bytes.len() as u64 + chunk.len() as u64 > max_body_bytes {
+                    return Err(transport(format!(
+                        "the HTTP response is larger than {max_body_bytes} bytes"
+                    )));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            return Ok(GuestResponse {
+                status: status.as_u16(),
+                headers: kept,
+                body: bytes,
+            });
+        }
+        Err(transport(format!("more than {MAX_REDIRECTS} redirects")))
     }
 }
 

@@ -147,6 +147,25 @@ pub(crate) struct CallState {
     pub(crate) suspend: Option<Suspend>,
 }
 
+/// Pending once (waking itself at once), then ready: lets the worker poll others.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
 /// Marks the current call as waiting on an async host function; the returned guard marks
 /// it running again when dropped. `None` when the scheduler keeps it counted as running.
 #[derive(Clone)]
@@ -309,16 +328,20 @@ impl Drop for EpochTicker {
 }
 
 /// Builds the linker: every env function, and every embedder host function.
+/// The blocking linker's I/O functions wait on their thread; the suspendable one's
+/// (`http_request` and async host functions) wait without holding a worker, and only
+/// `call_async` can run them.
 pub(crate) fn linker(
     engine: &wasmtime::Engine,
     host_functions: &[HostFunction],
     runtime: Option<&tokio::runtime::Handle>,
+    suspendable: bool,
 ) -> wasmtime::Result<Linker<StoreData>> {
     let mut linker = Linker::new(engine);
-    abi::define_env(&mut linker)?;
+    abi::define_env(&mut linker, suspendable)?;
     wasi_common::sync::add_to_linker(&mut linker, StoreData::wasi_ctx)?;
     for function in host_functions {
-        abi::define_user(&mut linker, function, runtime)?;
+        abi::define_user(&mut linker, function, runtime, suspendable)?;
     }
     Ok(linker)
 }
@@ -434,7 +457,7 @@ impl Instance {
                     1,
                     Box::pin(async move {
                         let waiting = suspend.and_then(|suspend| (suspend.0)());
-                        tokio::task::yield_now().await;
+                        YieldOnce(false).await;
                         drop(waiting);
                     }),
                 ));

@@ -39,7 +39,21 @@ fn answer(stream: TcpStream, port: u16) {
         header.clear();
     }
     let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+    // `/gate/N`: answers once N requests to it are waiting at once.
+    if let Some(count) = path
+        .strip_prefix("/gate/")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        GATE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..2000 {
+            if GATE.load(std::sync::atomic::Ordering::SeqCst) >= count {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     let (status, location, body) = match path {
+        gate if gate.starts_with("/gate/") => ("200 OK", None, "open".to_owned()),
         "/hello" => ("200 OK", None, "hello from the test server".to_owned()),
         "/big" => ("200 OK", None, "x".repeat(10_000)),
         "/slow" => {
@@ -66,6 +80,9 @@ fn answer(stream: TcpStream, port: u16) {
     let _ = stream.write_all(head.as_bytes());
     let _ = stream.write_all(body.as_bytes());
 }
+
+/// Requests waiting at the `/gate/N` route.
+static GATE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn grant() -> Grant {
     Grant::default()
@@ -264,4 +281,30 @@ fn the_sdk_fetches_the_same() {
         .call("fetch", json!({ "url": url }).to_string())
         .unwrap();
     assert_eq!(ours, serde_json::from_slice::<Value>(&theirs).unwrap());
+}
+
+/// Issue 16: a call waiting on the network gives its worker back. Two workers, sixteen
+/// calls whose requests are answered only once all sixteen are waiting at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_do_not_hold_the_workers() {
+    let port = server();
+    let engine = common::builder().workers(2).build().unwrap();
+    let module = add(&engine, TENANT, "c_guest");
+    let grant = grant()
+        .allow_host("127.0.0.1")
+        .with_timeout(Duration::from_secs(20));
+    let input = json!({ "url": format!("http://127.0.0.1:{port}/gate/16") }).to_string();
+    let calls = (0..16).map(|_| {
+        let (engine, grant, input) = (engine.clone(), grant.clone(), input.clone());
+        tokio::spawn(async move {
+            let ctx = deadlift_engine::CallContext::new(TENANT);
+            engine
+                .call(&module, "fetch", input.as_bytes(), &grant, &ctx)
+                .await
+        })
+    });
+    for call in futures_util::future::join_all(calls).await {
+        let out: Value = serde_json::from_slice(&call.unwrap().unwrap().output).unwrap();
+        assert_eq!(out, json!({"status": 200, "body": "open"}));
+    }
 }

@@ -376,3 +376,39 @@ async fn time_slicing_lets_a_short_call_past_a_long_one() {
         long.await.unwrap();
     }
 }
+
+/// Worker threads run no Tokio runtime: a sync host function may block on a Tokio
+/// primitive as on any thread (the agent's `emit` waits for its commit so), in a blocking
+/// call and in a suspendable one alike. (An earlier version of the suspendable workers
+/// ran a runtime on them, and such a wait panicked.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_host_function_may_block_on_a_worker() {
+    for sliced in [false, true] {
+        let engine = Engine::builder()
+            .workers(2)
+            .max_instances(16)
+            .time_slice(sliced.then_some(Duration::from_millis(5)))
+            .host_function(HostFunction::bytes("reflect", |_ctx, input| {
+                let (answer, answered) = tokio::sync::oneshot::channel();
+                let input = input.to_vec();
+                std::thread::spawn(move || answer.send(input));
+                answered
+                    .blocking_recv()
+                    .map_err(|e| HostError::new(e.to_string()))
+            }))
+            .build()
+            .unwrap();
+        let module = add(&engine, TENANT, "host_caller");
+        let out = engine
+            .call(
+                &module,
+                "call_reflect",
+                b"ping",
+                &reflecting(),
+                &CallContext::new(TENANT),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.output, b"ping", "sliced: {sliced}");
+    }
+}
