@@ -443,6 +443,22 @@ impl Inner {
         &self.shards[thread_slot() % self.shards.len()]
     }
 
+    /// A call's pool, after the checks every call passes, with a warm instance if one is
+    /// idle.
+    fn checkout(
+        &self,
+        module: &ModuleId,
+        input: &[u8],
+        grant: &Grant,
+        ctx: &CallContext,
+        started: std::time::Instant,
+    ) -> Result<(Arc<InstancePool>, Option<Instance>), CallError> {
+        self.admit(input, grant)?;
+        let pool = self.pool_for(module, grant, ctx, started)?;
+        let idle = pool.idle.lock().pop();
+        Ok((pool, idle))
+    }
+
     /// The checks every call passes before it takes an instance.
     fn admit(&self, input: &[u8], grant: &Grant) -> Result<(), CallError> {
         if grant.memory_bytes > self.max_memory_bytes {
@@ -509,9 +525,7 @@ impl Inner {
         ctx: &CallContext,
         started: std::time::Instant,
     ) -> Result<CallOutput, CallError> {
-        self.admit(input, grant)?;
-        let pool = self.pool_for(module, grant, ctx, started)?;
-        let idle = pool.idle.lock().pop();
+        let (pool, idle) = self.checkout(module, input, grant, ctx, started)?;
         let mut instance = match idle {
             Some(instance) => instance,
             None => self.instantiate(&pool, grant, ctx)?,
@@ -534,9 +548,7 @@ impl Inner {
         started: std::time::Instant,
         suspend: executor::Suspend,
     ) -> Result<CallOutput, CallError> {
-        self.admit(input, grant)?;
-        let pool = self.pool_for(module, grant, ctx, started)?;
-        let idle = pool.idle.lock().pop();
+        let (pool, idle) = self.checkout(module, input, grant, ctx, started)?;
         let mut instance = match idle {
             Some(instance) => instance,
             None => {

@@ -346,6 +346,20 @@ pub(crate) fn linker(
     Ok(linker)
 }
 
+/// How an instance is initialised: a Haskell reactor's `hs_init` (after `_initialize`
+/// when there is one), or one unit function, or nothing.
+enum Initialiser {
+    Haskell {
+        reactor: Option<TypedFunc<(), ()>>,
+        hs_init: wasmtime::Func,
+        results: usize,
+    },
+    Unit(Option<TypedFunc<(), ()>>),
+}
+
+/// `hs_init(argc, argv)` with no arguments.
+const HS_INIT_ARGS: [wasmtime::Val; 2] = [wasmtime::Val::I32(0), wasmtime::Val::I32(0)];
+
 /// A guest export the host may call: `() -> i32` (a return code) or `() -> ()`.
 enum Export {
     Code(TypedFunc<(), i32>),
@@ -539,19 +553,16 @@ impl Instance {
             .ok()
     }
 
-    fn initialise(&mut self) -> wasmtime::Result<()> {
+    /// What initialising the instance runs, as the SDK chooses it.
+    fn initialiser(&mut self) -> Initialiser {
         if let Some(hs_init) = self.instance.get_func(&mut self.store, "hs_init") {
-            if let Some(reactor) = self.unit_export("_initialize") {
-                reactor.call(&mut self.store, ())?;
-            }
+            let reactor = self.unit_export("_initialize");
             let results = hs_init.ty(&self.store).results().len();
-            let mut out = vec![wasmtime::Val::I32(0); results];
-            hs_init.call(
-                &mut self.store,
-                &[wasmtime::Val::I32(0), wasmtime::Val::I32(0)],
-                &mut out,
-            )?;
-            return Ok(());
+            return Initialiser::Haskell {
+                reactor,
+                hs_init,
+                results,
+            };
         }
         // As the SDK: `__wasm_call_ctors` wins when present, even with a wrong type.
         let init = if self
@@ -563,42 +574,46 @@ impl Instance {
         } else {
             self.unit_export("_initialize")
         };
-        if let Some(init) = init {
-            init.call(&mut self.store, ())?;
+        Initialiser::Unit(init)
+    }
+
+    fn initialise(&mut self) -> wasmtime::Result<()> {
+        match self.initialiser() {
+            Initialiser::Haskell {
+                reactor,
+                hs_init,
+                results,
+            } => {
+                if let Some(reactor) = reactor {
+                    reactor.call(&mut self.store, ())?;
+                }
+                let mut out = vec![wasmtime::Val::I32(0); results];
+                hs_init.call(&mut self.store, &HS_INIT_ARGS, &mut out)
+            }
+            Initialiser::Unit(Some(init)) => init.call(&mut self.store, ()),
+            Initialiser::Unit(None) => Ok(()),
         }
-        Ok(())
     }
 
     /// [`initialise`](Self::initialise) with `call_async`.
     async fn initialise_async(&mut self) -> wasmtime::Result<()> {
-        if let Some(hs_init) = self.instance.get_func(&mut self.store, "hs_init") {
-            if let Some(reactor) = self.unit_export("_initialize") {
-                reactor.call_async(&mut self.store, ()).await?;
+        match self.initialiser() {
+            Initialiser::Haskell {
+                reactor,
+                hs_init,
+                results,
+            } => {
+                if let Some(reactor) = reactor {
+                    reactor.call_async(&mut self.store, ()).await?;
+                }
+                let mut out = vec![wasmtime::Val::I32(0); results];
+                hs_init
+                    .call_async(&mut self.store, &HS_INIT_ARGS, &mut out)
+                    .await
             }
-            let results = hs_init.ty(&self.store).results().len();
-            let mut out = vec![wasmtime::Val::I32(0); results];
-            hs_init
-                .call_async(
-                    &mut self.store,
-                    &[wasmtime::Val::I32(0), wasmtime::Val::I32(0)],
-                    &mut out,
-                )
-                .await?;
-            return Ok(());
+            Initialiser::Unit(Some(init)) => init.call_async(&mut self.store, ()).await,
+            Initialiser::Unit(None) => Ok(()),
         }
-        let init = if self
-            .instance
-            .get_func(&mut self.store, "__wasm_call_ctors")
-            .is_some()
-        {
-            self.unit_export("__wasm_call_ctors")
-        } else {
-            self.unit_export("_initialize")
-        };
-        if let Some(init) = init {
-            init.call_async(&mut self.store, ()).await?;
-        }
-        Ok(())
     }
 
     /// Looks the export up once and caches it. Calls borrow the cached `TypedFunc`:

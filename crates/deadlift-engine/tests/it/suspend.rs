@@ -32,6 +32,37 @@ async fn until(what: &str, check: impl Fn() -> bool) {
     panic!("never: {what}");
 }
 
+/// An async `reflect` that answers only once released: counts the calls waiting on it.
+struct Gate {
+    waiting: Arc<AtomicUsize>,
+    release: tokio::sync::watch::Sender<bool>,
+    released: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Gate {
+    fn new() -> Self {
+        let (release, released) = tokio::sync::watch::channel(false);
+        Self {
+            waiting: Arc::default(),
+            release,
+            released,
+        }
+    }
+
+    fn offer(&self, builder: deadlift_engine::EngineBuilder) -> deadlift_engine::EngineBuilder {
+        let (waiting, released) = (self.waiting.clone(), self.released.clone());
+        builder.host_function(HostFunction::bytes_async("reflect", move |_ctx, input| {
+            let waiting = waiting.clone();
+            let mut released = released.clone();
+            async move {
+                waiting.fetch_add(1, Ordering::SeqCst);
+                let _ = released.wait_for(|go| *go).await;
+                Ok(input)
+            }
+        }))
+    }
+}
+
 fn reflecting() -> Grant {
     Grant::default()
         .allow(["reflect"])
@@ -104,27 +135,18 @@ async fn an_async_host_function_answers_as_a_sync_one_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_calls_wait_at_once_on_two_workers() {
     const CALLS: usize = 2000;
-    let waiting = Arc::new(AtomicUsize::new(0));
-    let (release, released) = tokio::sync::watch::channel(false);
-    let engine = {
-        let waiting = waiting.clone();
-        Engine::builder()
-            .workers(2)
-            .max_instances(CALLS as u32)
-            .tenant_queue(CALLS)
-            .tenant_suspended(CALLS)
-            .host_function(HostFunction::bytes_async("reflect", move |_ctx, input| {
-                let waiting = waiting.clone();
-                let mut released = released.clone();
-                async move {
-                    waiting.fetch_add(1, Ordering::SeqCst);
-                    let _ = released.wait_for(|go| *go).await;
-                    Ok(input)
-                }
-            }))
-            .build()
-            .unwrap()
-    };
+    let gate = Gate::new();
+    let engine = gate
+        .offer(
+            Engine::builder()
+                .workers(2)
+                .max_instances(CALLS as u32)
+                .tenant_queue(CALLS)
+                .tenant_suspended(CALLS),
+        )
+        .build()
+        .unwrap();
+    let (waiting, release) = (gate.waiting.clone(), gate.release);
     let module = add(&engine, TENANT, "host_caller");
     let calls: Vec<_> = (0..CALLS)
         .map(|i| {
@@ -158,25 +180,12 @@ async fn thousands_of_calls_wait_at_once_on_two_workers() {
 /// waiting calls hold (an instance and a fiber stack each) stays bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_calls_stay_within_the_instance_bound() {
-    let waiting = Arc::new(AtomicUsize::new(0));
-    let (release, released) = tokio::sync::watch::channel(false);
-    let engine = {
-        let waiting = waiting.clone();
-        Engine::builder()
-            .workers(2)
-            .max_instances(32)
-            .host_function(HostFunction::bytes_async("reflect", move |_ctx, input| {
-                let waiting = waiting.clone();
-                let mut released = released.clone();
-                async move {
-                    waiting.fetch_add(1, Ordering::SeqCst);
-                    let _ = released.wait_for(|go| *go).await;
-                    Ok(input)
-                }
-            }))
-            .build()
-            .unwrap()
-    };
+    let gate = Gate::new();
+    let engine = gate
+        .offer(Engine::builder().workers(2).max_instances(32))
+        .build()
+        .unwrap();
+    let (waiting, release) = (gate.waiting.clone(), gate.release);
     let module = add(&engine, TENANT, "host_caller");
     let refused = Arc::new(AtomicUsize::new(0));
     let calls: Vec<_> = (0..48)
