@@ -383,6 +383,24 @@ fn the_console_in_a_real_browser() {
             .unwrap();
         wait_text(&client, "#error", "run_not_found").await;
 
+        // The operator of the platform: tenants, policy, peers and the outbox.
+        client
+            .execute("sessionStorage.clear();", Vec::new())
+            .await
+            .unwrap();
+        let operator = json!({
+            "url": payments["url"], "agent": payments["agent"], "token": platform_admin,
+        });
+        sign_in(&client, &operator, None).await;
+        client
+            .goto(&format!("{}#/operator", payments["url"].as_str().unwrap()))
+            .await
+            .unwrap();
+        wait_text(&client, "#tenant-list", "acme").await;
+        wait_text(&client, "#peers-table", acme["agent"].as_str().unwrap()).await;
+        wait_text(&client, "#outbox-table", "delivered").await;
+        wait_text(&client, "#policy-json", "max_timeout_ms").await;
+
         client.close().await.unwrap();
     });
     drop(showcase);
