@@ -108,6 +108,7 @@ codes! {
     HostFunctionDenied = "host_function_denied" => UNPROCESSABLE_ENTITY,
     HostFunctionUnknown = "host_function_unknown" => UNPROCESSABLE_ENTITY,
     HostFunctionFailed = "host_function_failed" => UNPROCESSABLE_ENTITY,
+    ReplayDiverged = "replay_diverged" => UNPROCESSABLE_ENTITY,
     ImportDenied = "import_denied" => UNPROCESSABLE_ENTITY,
     FunctionSignature = "function_signature" => UNPROCESSABLE_ENTITY,
     LinkFailed = "link_failed" => UNPROCESSABLE_ENTITY,

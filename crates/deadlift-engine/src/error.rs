@@ -64,6 +64,16 @@ pub enum CallError {
     },
     #[error("internal engine error: {message}")]
     Internal { message: String },
+    /// Replaying a tape, the guest made a host call the tape cannot answer; it was not
+    /// run.
+    #[error(
+        "host call {index} diverged from the tape: the guest called `{function}`, the tape has {expected}"
+    )]
+    Diverged {
+        index: usize,
+        function: String,
+        expected: String,
+    },
 }
 
 impl CallError {
@@ -92,6 +102,7 @@ impl CallError {
             Self::Overloaded { .. } => Code::Overloaded,
             Self::Shed { .. } => Code::TenantOverloaded,
             Self::Internal { .. } => Code::Internal,
+            Self::Diverged { .. } => Code::ReplayDiverged,
         }
     }
 
@@ -107,6 +118,7 @@ impl CallError {
                 | Self::Trap { .. }
                 | Self::HostFunction { .. }
                 | Self::Internal { .. }
+                | Self::Diverged { .. }
         )
     }
 }

@@ -28,6 +28,8 @@ pub struct CallContext {
     pub emitted: Option<EmitBuffer>,
     /// What the call may still emit, reset from its grant when the call starts.
     pub(crate) emit_budget: EmitBudget,
+    /// Records the call's host calls, or answers them from an earlier recording.
+    pub tape: Option<crate::tape::Tape>,
 }
 
 /// Events (and their bytes) a call may still emit: each instance keeps one, and every
@@ -93,6 +95,12 @@ impl CallContext {
 
     pub fn with_emit_buffer(mut self, buffer: EmitBuffer) -> Self {
         self.emitted = Some(buffer);
+        self
+    }
+
+    /// Records the call's host calls on `tape`, or (a replaying tape) answers them from it.
+    pub fn with_tape(mut self, tape: crate::tape::Tape) -> Self {
+        self.tape = Some(tape);
         self
     }
 }

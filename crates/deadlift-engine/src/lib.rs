@@ -54,6 +54,7 @@ pub mod host;
 pub mod names;
 pub mod registry;
 pub mod subject;
+pub mod tape;
 
 pub use code::Code;
 pub use engine::{Engine, EngineBuilder, EngineError, EngineStats, Fairness};

@@ -231,7 +231,9 @@ impl ErrorKind {
             | CallError::InputTooLarge { .. }
             | CallError::OutputTooLarge { .. }
             | CallError::GrantInvalid { .. }
-            | CallError::HttpDenied { .. } => Self::Config,
+            | CallError::HttpDenied { .. }
+            // Only replays diverge, and a replay's call is never retried.
+            | CallError::Diverged { .. } => Self::Config,
         }
     }
 }

@@ -309,6 +309,13 @@ impl Engine {
     }
 }
 
+/// Whether the call answers its host calls from a recorded tape.
+fn replaying(ctx: &CallContext) -> bool {
+    ctx.tape
+        .as_ref()
+        .is_some_and(crate::tape::Tape::is_replaying)
+}
+
 /// Cancels a call whose caller went away before it finished.
 struct CancelOnDrop(Option<host::CancelToken>);
 
@@ -455,7 +462,12 @@ impl Inner {
     ) -> Result<(Arc<InstancePool>, Option<Instance>), CallError> {
         self.admit(input, grant)?;
         let pool = self.pool_for(module, grant, ctx, started)?;
-        let idle = pool.idle.lock().pop();
+        // A replay runs on a fresh instance, and leaves it (its state is not live state).
+        let idle = if replaying(ctx) {
+            None
+        } else {
+            pool.idle.lock().pop()
+        };
         Ok((pool, idle))
     }
 
@@ -501,9 +513,11 @@ impl Inner {
         pool: &InstancePool,
         instance: Instance,
         result: &Result<CallOutput, CallError>,
+        ctx: &CallContext,
     ) {
-        let keep =
-            instance.reusable() && result.as_ref().err().is_none_or(|e| !e.poisons_instance());
+        let keep = instance.reusable()
+            && !replaying(ctx)
+            && result.as_ref().err().is_none_or(|e| !e.poisons_instance());
         if keep {
             let mut idle = pool.idle.lock();
             if idle.len() < self.max_idle_per_pool {
@@ -531,7 +545,7 @@ impl Inner {
             None => self.instantiate(&pool, grant, ctx)?,
         };
         let result = instance.call(function, input, grant, ctx, started);
-        self.give_back(&pool, instance, &result);
+        self.give_back(&pool, instance, &result, ctx);
         result
     }
 
@@ -573,7 +587,7 @@ impl Inner {
             .call_async(function, input, grant, ctx, started)
             .await;
         instance.set_suspend(None);
-        self.give_back(&pool, instance, &result);
+        self.give_back(&pool, instance, &result, ctx);
         result
     }
 

@@ -8,6 +8,7 @@ use wasmtime::{Caller, FuncType, Linker, Val, ValType};
 use super::{Abort, ENV, LogLevel, StoreData, USER};
 use crate::error::CallError;
 use crate::host::{HostFunction, HostImpl};
+use crate::tape::{Answer, HostCall, Replayed, Tape};
 
 /// A Wasm value type in an env function signature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,20 +151,21 @@ fn http_response(data: &mut StoreData, response: super::http::GuestResponse) -> 
 fn http_request(mut c: Ctx<'_>, request: i64, body: i64) -> Res<i64> {
     let data = c.data_mut();
     let (parsed, body) = http_request_args(data, request, body)?;
+    let recording = match http_tape(data, &parsed, body.as_ref())? {
+        HttpTape::Replayed(response) => return http_response(data, response.map_err(abort)?),
+        HttpTape::Run(recording) => recording,
+    };
     let call = &data.call;
-    let response = data
-        .http
-        .clone()
-        .send(
-            parsed,
-            body,
-            &call.allowed_hosts,
-            call.max_http_response_bytes,
-            call.remaining(),
-            call.timeout(),
-        )
-        .map_err(abort)?;
-    http_response(data, response)
+    let response = data.http.clone().send(
+        parsed,
+        body,
+        &call.allowed_hosts,
+        call.max_http_response_bytes,
+        call.remaining(),
+        call.timeout(),
+    );
+    record_http(recording, &response);
+    http_response(data, response.map_err(abort)?)
 }
 
 /// [`http_request`] for a suspendable call: it waits without holding its worker.
@@ -175,6 +177,12 @@ fn define_http_request_async(linker: &mut Linker<StoreData>) -> Res<()> {
             Box::new(async move {
                 let data = c.data_mut();
                 let (parsed, body) = http_request_args(data, request, body)?;
+                let recording = match http_tape(data, &parsed, body.as_ref())? {
+                    HttpTape::Replayed(response) => {
+                        return http_response(data, response.map_err(abort)?);
+                    }
+                    HttpTape::Run(recording) => recording,
+                };
                 let call = &data.call;
                 let (allowed, max_bytes) =
                     (call.allowed_hosts.clone(), call.max_http_response_bytes);
@@ -185,6 +193,7 @@ fn define_http_request_async(linker: &mut Linker<StoreData>) -> Res<()> {
                     .send_async(parsed, body, &allowed, max_bytes, remaining, timeout)
                     .await;
                 drop(waiting);
+                record_http(recording, &response);
                 http_response(c.data_mut(), response.map_err(abort)?)
             })
         },
@@ -467,8 +476,21 @@ pub(crate) fn define_user(
                     }
                 }
             }
-            let outcome = func(&data.call.ctx, &args);
-            drop(args);
+            let outcome = match data.call.ctx.tape.clone() {
+                None => {
+                    let outcome = func(&data.call.ctx, &args);
+                    drop(args);
+                    outcome
+                }
+                Some(tape) => {
+                    let owned: Vec<Vec<u8>> = args.iter().map(|a| a.to_vec()).collect();
+                    drop(args);
+                    taped(&tape, &function.name, owned, |args| {
+                        let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+                        func(&data.call.ctx, &refs)
+                    })?
+                }
+            };
             match outcome {
                 Ok(output) => {
                     if let Some(slot) = results.first_mut() {
@@ -490,6 +512,95 @@ pub(crate) fn define_user(
     Ok(())
 }
 
+type HostOutcome = Result<Option<Vec<u8>>, crate::host::HostError>;
+
+/// A host call under a tape: answered from it (replaying; a divergence aborts the call,
+/// and nothing runs), or run and recorded.
+fn taped(
+    tape: &Tape,
+    function: &str,
+    args: Vec<Vec<u8>>,
+    run: impl FnOnce(&[Vec<u8>]) -> HostOutcome,
+) -> Res<HostOutcome> {
+    if tape.is_replaying() {
+        return match tape.replay(function, &args) {
+            Replayed::Answer(Answer::Output(output)) => Ok(Ok(output)),
+            Replayed::Answer(Answer::Error(message)) => Ok(Err(crate::host::HostError(message))),
+            Replayed::Diverged(error) => Err(abort(error)),
+        };
+    }
+    let outcome = run(&args);
+    tape.record(HostCall {
+        function: function.to_owned(),
+        args,
+        answer: answer_of(&outcome),
+    });
+    Ok(outcome)
+}
+
+fn answer_of(outcome: &HostOutcome) -> Answer {
+    match outcome {
+        Ok(output) => Answer::Output(output.clone()),
+        Err(e) => Answer::Error(e.0.clone()),
+    }
+}
+
+/// `http_request` under a tape: the request's document and body are its arguments, the
+/// response (as JSON) or the error's message its answer.
+enum HttpTape {
+    /// Answered from the tape.
+    Replayed(Result<super::http::GuestResponse, CallError>),
+    /// Run it, and record it here (if recording).
+    Run(Option<(Tape, Vec<Vec<u8>>)>),
+}
+
+fn http_tape(
+    data: &StoreData,
+    request: &super::http::GuestRequest,
+    body: Option<&Vec<u8>>,
+) -> Res<HttpTape> {
+    let Some(tape) = data.call.ctx.tape.clone() else {
+        return Ok(HttpTape::Run(None));
+    };
+    let args = vec![
+        serde_json::to_vec(request).unwrap_or_default(),
+        body.cloned().unwrap_or_default(),
+    ];
+    if !tape.is_replaying() {
+        return Ok(HttpTape::Run(Some((tape, args))));
+    }
+    let failed = |message: String| CallError::HostFunction {
+        name: "http_request".into(),
+        message,
+    };
+    Ok(HttpTape::Replayed(
+        match tape.replay("http_request", &args) {
+            Replayed::Answer(Answer::Output(bytes)) => {
+                serde_json::from_slice(&bytes.unwrap_or_default())
+                    .map_err(|e| failed(e.to_string()))
+            }
+            Replayed::Answer(Answer::Error(message)) => Err(failed(message)),
+            Replayed::Diverged(error) => return Err(abort(error)),
+        },
+    ))
+}
+
+fn record_http(
+    recording: Option<(Tape, Vec<Vec<u8>>)>,
+    response: &Result<super::http::GuestResponse, CallError>,
+) {
+    if let Some((tape, args)) = recording {
+        tape.record(HostCall {
+            function: "http_request".into(),
+            args,
+            answer: match response {
+                Ok(response) => Answer::Output(serde_json::to_vec(response).ok()),
+                Err(e) => Answer::Error(e.to_string()),
+            },
+        });
+    }
+}
+
 fn user_type(engine: &wasmtime::Engine, function: &HostFunction) -> FuncType {
     let results: &[ValType] = if function.returns {
         &[ValType::I64]
@@ -501,6 +612,29 @@ fn user_type(engine: &wasmtime::Engine, function: &HostFunction) -> FuncType {
         std::iter::repeat_n(ValType::I64, function.params),
         results.iter().cloned(),
     )
+}
+
+/// Puts a host function's answer in the guest's memory (or fails the call).
+fn finish_user(
+    caller: &mut Ctx<'_>,
+    results: &mut [Val],
+    answer: HostOutcome,
+    failed: &dyn Fn(String) -> wasmtime::Error,
+) -> Res<()> {
+    let output = answer.map_err(|e| failed(e.0))?;
+    if let Some(slot) = results.first_mut() {
+        let handle = match output {
+            Some(bytes) => put(caller.data_mut(), &bytes)?,
+            None => 0,
+        };
+        *slot = Val::I64(handle);
+    }
+    Ok(())
+}
+
+/// Never called: a replayed host call is answered from its tape.
+fn unreachable_host() -> HostOutcome {
+    Err(crate::host::HostError::new("a replayed host call ran"))
 }
 
 /// How an async host function's wait ended.
@@ -568,6 +702,13 @@ fn define_user_async(
                     }
                 }
                 let call = &data.call;
+                let tape = call.ctx.tape.clone();
+                if let Some(tape) = tape.as_ref().filter(|t| t.is_replaying()) {
+                    // Answered from the tape: the future is never made.
+                    let answer = taped(tape, &name, args, |_| unreachable_host())?;
+                    return finish_user(&mut caller, results, answer, &failed);
+                }
+                let recorded_args = tape.as_ref().map(|_| args.clone());
                 let (deadline, timeout) = (call.deadline(), call.timeout());
                 let (cancel, ctx) = (call.ctx.cancel.clone(), call.ctx.clone());
                 let waiting = call.suspend.as_ref().and_then(|suspend| (suspend.0)());
@@ -590,9 +731,8 @@ fn define_user_async(
                 let joined = task.await;
                 drop(abort_on_drop);
                 drop(waiting);
-                let output = match joined {
-                    Ok(Waited::Answered(Ok(output))) => output,
-                    Ok(Waited::Answered(Err(e))) => return Err(failed(e.0)),
+                let answer = match joined {
+                    Ok(Waited::Answered(answer)) => answer,
                     Ok(Waited::Timeout) => {
                         return Err(abort(CallError::Timeout { limit: timeout }));
                     }
@@ -602,14 +742,14 @@ fn define_user_async(
                     }
                     Err(e) => return Err(failed(format!("the host function did not finish: {e}"))),
                 };
-                if let Some(slot) = results.first_mut() {
-                    let handle = match output {
-                        Some(bytes) => put(caller.data_mut(), &bytes)?,
-                        None => 0,
-                    };
-                    *slot = Val::I64(handle);
+                if let (Some(tape), Some(args)) = (tape, recorded_args) {
+                    tape.record(HostCall {
+                        function: name.clone(),
+                        args,
+                        answer: answer_of(&answer),
+                    });
                 }
-                Ok(())
+                finish_user(&mut caller, results, answer, &failed)
             })
         },
     )?;

@@ -117,7 +117,7 @@ impl reqwest::dns::Resolve for CheckedResolver {
 }
 
 /// The request a guest sends: the JSON document of `http_request`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 pub(crate) struct GuestRequest {
     pub url: String,
     #[serde(default)]
@@ -127,7 +127,7 @@ pub(crate) struct GuestRequest {
 }
 
 /// What the guest gets back.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
 pub(crate) struct GuestResponse {
     pub status: u16,
     pub headers: BTreeMap<String, String>,

@@ -821,6 +821,7 @@ fn begin_call(
     call.ctx.run_id.clone_from(&ctx.run_id);
     call.ctx.cancel = ctx.cancel.clone();
     call.ctx.emitted.clone_from(&ctx.emitted);
+    call.ctx.tape.clone_from(&ctx.tape);
     call.ctx
         .emit_budget
         .reset(grant.max_emits, grant.max_emit_bytes);

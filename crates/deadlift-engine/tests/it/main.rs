@@ -16,4 +16,5 @@ mod logs;
 mod outbound;
 mod registry;
 mod suspend;
+mod tapes;
 mod wasi;

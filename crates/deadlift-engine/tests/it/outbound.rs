@@ -54,6 +54,10 @@ fn answer(stream: TcpStream, port: u16) {
     }
     let (status, location, body) = match path {
         gate if gate.starts_with("/gate/") => ("200 OK", None, "open".to_owned()),
+        "/count" => {
+            COUNTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            ("200 OK", None, "counted".to_owned())
+        }
         "/hello" => ("200 OK", None, "hello from the test server".to_owned()),
         "/big" => ("200 OK", None, "x".repeat(10_000)),
         "/slow" => {
@@ -80,6 +84,9 @@ fn answer(stream: TcpStream, port: u16) {
     let _ = stream.write_all(head.as_bytes());
     let _ = stream.write_all(body.as_bytes());
 }
+
+/// Requests the `/count` route answered.
+static COUNTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Requests waiting at the `/gate/N` route.
 static GATE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -307,4 +314,30 @@ async fn requests_in_flight_do_not_hold_the_workers() {
         let out: Value = serde_json::from_slice(&call.unwrap().unwrap().output).unwrap();
         assert_eq!(out, json!({"status": 200, "body": "open"}));
     }
+}
+
+/// Issue 15: a recorded request is answered from the tape on replay; none is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_request_is_answered_from_the_tape_and_not_sent() {
+    use deadlift_engine::tape::Tape;
+    let port = server();
+    let engine = common::engine();
+    let module = add(&engine, TENANT, "c_guest");
+    let grant = grant().allow_host("127.0.0.1");
+    let input = json!({ "url": format!("http://127.0.0.1:{port}/count") }).to_string();
+    let tape = Tape::recording();
+    let ctx = deadlift_engine::CallContext::new(TENANT).with_tape(tape.clone());
+    let live = engine
+        .call(&module, "fetch", input.as_bytes(), &grant, &ctx)
+        .await
+        .unwrap();
+    assert_eq!(COUNTED.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(tape.calls()[0].function, "http_request");
+    let ctx = deadlift_engine::CallContext::new(TENANT).with_tape(Tape::replaying(tape.calls()));
+    let replayed = engine
+        .call(&module, "fetch", input.as_bytes(), &grant, &ctx)
+        .await
+        .unwrap();
+    assert_eq!(replayed.output, live.output);
+    assert_eq!(COUNTED.load(std::sync::atomic::Ordering::SeqCst), 1);
 }

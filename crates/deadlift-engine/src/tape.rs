@@ -1,0 +1,174 @@
+//! Tapes: a call's host calls, in order, with their arguments and answers. Recording one
+//! costs a copy of each host call's bytes; replaying one answers every host call from the
+//! tape instead of running it, so a new version of a plug-in can run on recorded inputs
+//! deterministically and with no side effect (no KV write, no event, no request). A host
+//! call the tape cannot answer (another function, other arguments, one call too many) is
+//! a divergence: it is not run, and the call fails with `CallError::Diverged`.
+//!
+//! A tape covers the `extism:host/user` functions (the built-ins `kv_*` and `emit`
+//! included) and `http_request`. Config comes from the grant, as in the recorded call
+//! when the replay is given the same grant; vars are the instance's own state.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::error::CallError;
+
+/// One host call as the guest made it and as the host answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCall {
+    pub function: String,
+    /// The bytes behind each argument handle.
+    #[serde(with = "hex_list")]
+    pub args: Vec<Vec<u8>>,
+    /// The answer: bytes (none for a function without a result, or an empty answer), or
+    /// the host function's error message.
+    pub answer: Answer,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Answer {
+    Output(#[serde(with = "hex_option")] Option<Vec<u8>>),
+    Error(String),
+}
+
+/// Records a call's host calls, or answers them from an earlier recording. Cheap to
+/// clone: clones share the tape.
+#[derive(Debug, Clone)]
+pub struct Tape(Arc<Mutex<State>>);
+
+#[derive(Debug)]
+struct State {
+    /// `None` while recording; the recording to answer from while replaying.
+    replay: Option<Vec<HostCall>>,
+    /// Recorded calls, or (replaying) how many were answered.
+    calls: Vec<HostCall>,
+    answered: usize,
+}
+
+/// What a replayed host call gets.
+pub(crate) enum Replayed {
+    Answer(Answer),
+    /// Not on the tape: the call fails without running it.
+    Diverged(CallError),
+}
+
+impl Tape {
+    /// A tape that records the host calls of the call it is given to.
+    pub fn recording() -> Self {
+        Self(Arc::new(Mutex::new(State {
+            replay: None,
+            calls: Vec::new(),
+            answered: 0,
+        })))
+    }
+
+    /// A tape that answers host calls from `recorded`, in order.
+    pub fn replaying(recorded: Vec<HostCall>) -> Self {
+        Self(Arc::new(Mutex::new(State {
+            replay: Some(recorded),
+            calls: Vec::new(),
+            answered: 0,
+        })))
+    }
+
+    /// The host calls recorded so far.
+    pub fn calls(&self) -> Vec<HostCall> {
+        self.0.lock().calls.clone()
+    }
+
+    /// Replaying: how many recorded host calls the call used; recording: how many it made.
+    pub fn used(&self) -> usize {
+        let state = self.0.lock();
+        if state.replay.is_some() {
+            state.answered
+        } else {
+            state.calls.len()
+        }
+    }
+
+    pub fn is_replaying(&self) -> bool {
+        self.0.lock().replay.is_some()
+    }
+
+    pub(crate) fn record(&self, call: HostCall) {
+        let mut state = self.0.lock();
+        if state.replay.is_none() {
+            state.calls.push(call);
+        }
+    }
+
+    /// The recorded answer to this host call, if the tape has it next.
+    pub(crate) fn replay(&self, function: &str, args: &[Vec<u8>]) -> Replayed {
+        let mut state = self.0.lock();
+        let index = state.answered;
+        let Some(recorded) = state.replay.as_ref() else {
+            return Replayed::Diverged(CallError::Internal {
+                message: "the tape is recording, not replaying".into(),
+            });
+        };
+        let diverged = |expected: String| {
+            Replayed::Diverged(CallError::Diverged {
+                index,
+                function: function.to_owned(),
+                expected,
+            })
+        };
+        match recorded.get(index) {
+            None => diverged("no more host calls".into()),
+            Some(call) if call.function != function => {
+                diverged(format!("a call of `{}`", call.function))
+            }
+            Some(call) if call.args != args => {
+                diverged(format!("`{}` with other arguments", call.function))
+            }
+            Some(call) => {
+                let answer = call.answer.clone();
+                state.answered += 1;
+                Replayed::Answer(answer)
+            }
+        }
+    }
+}
+
+mod hex_list {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(args: &[Vec<u8>], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(args.iter().map(hex::encode))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<Vec<u8>>, D::Error> {
+        Vec::<String>::deserialize(deserializer)?
+            .iter()
+            .map(|text| hex::decode(text).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+mod hex_option {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        bytes: &Option<Vec<u8>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(bytes) => serializer.serialize_some(&hex::encode(bytes)),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(deserializer)?
+            .map(|text| hex::decode(text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
