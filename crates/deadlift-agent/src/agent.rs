@@ -284,6 +284,7 @@ impl AgentBuilder {
             policy.clone(),
             self.runtime,
         )?;
+        let tapes = crate::tapes::Tapes::start(db.clone(), journal.clone(), policy.clone());
         let telemetry = match &self.otlp_endpoint {
             Some(endpoint) => Some(Telemetry::start(
                 endpoint,
@@ -313,6 +314,7 @@ impl AgentBuilder {
             default_grant: self.default_grant,
             max_body_bytes: self.max_body_bytes,
             telemetry,
+            tapes,
         };
         Ok((agent, new_admin_token))
     }
@@ -351,6 +353,7 @@ pub struct Agent {
     default_grant: Grant,
     max_body_bytes: usize,
     telemetry: Option<Telemetry>,
+    tapes: crate::tapes::Tapes,
 }
 
 impl Agent {
@@ -399,6 +402,11 @@ impl Agent {
         if let Some(telemetry) = &self.telemetry {
             telemetry.shutdown().await;
         }
+    }
+
+    /// Recorded calls (tapes).
+    pub fn tapes(&self) -> &crate::tapes::Tapes {
+        &self.tapes
     }
 
     /// The OpenTelemetry exporter, when the agent exports spans.

@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod policy;
 mod schema;
 pub mod store;
+pub mod tapes;
 pub mod telemetry;
 pub mod workflow;
 

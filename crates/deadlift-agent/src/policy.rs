@@ -48,6 +48,8 @@ pub struct Limits {
     pub host_functions: BTreeSet<String>,
     /// Whether a tenant may grant WASI (never directories: those are the operator's).
     pub wasi: bool,
+    /// Recorded calls (tapes) kept per module name and function; 0 records none.
+    pub tapes_kept: u64,
 }
 
 impl Default for Limits {
@@ -70,6 +72,7 @@ impl Default for Limits {
                 .map(str::to_owned)
                 .collect(),
             wasi: true,
+            tapes_kept: 1000,
         }
     }
 }

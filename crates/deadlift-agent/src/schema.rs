@@ -191,4 +191,22 @@ CREATE TABLE peer_views (
     updated_unix_ms INTEGER NOT NULL
 );
 "#,
+    // Tapes: recorded calls, for replaying new versions of plug-ins on real traffic.
+    r#"
+CREATE TABLE tapes (
+    id INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    module_name TEXT NOT NULL,
+    module_id TEXT NOT NULL,
+    function TEXT NOT NULL,
+    input TEXT NOT NULL,
+    output TEXT,
+    error TEXT,
+    host_calls TEXT NOT NULL,
+    fuel_used INTEGER NOT NULL,
+    duration_us INTEGER NOT NULL,
+    created_unix_ms INTEGER NOT NULL
+);
+CREATE INDEX tapes_by_module ON tapes (tenant, module_name, function, id);
+"#,
 ];

@@ -10,7 +10,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::client::{Remote, cell, path_segment, print_json, report, table};
+use crate::client::{Remote, cell, path_segment, print_json, report, rows, table};
 use crate::local::read_module;
 
 #[derive(Debug, Subcommand)]
@@ -63,6 +63,25 @@ pub enum ModuleCommand {
         /// Input (JSON or any text)
         #[arg(long, default_value = "")]
         input: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Replay a module's recorded calls through new bytes: what would change
+    Test {
+        /// The candidate .wasm file (pushed as `<against>-candidate`, which nothing calls)
+        file: PathBuf,
+        /// The module name whose recorded calls are replayed
+        #[arg(long)]
+        against: String,
+        /// Only the newest this many calls (default 100)
+        #[arg(long)]
+        last: Option<u32>,
+        /// Only calls recorded since this time (RFC 3339)
+        #[arg(long)]
+        since: Option<String>,
+        /// Only calls of this function
+        #[arg(long)]
+        function: Option<String>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -288,6 +307,57 @@ pub async fn module(command: ModuleCommand) -> anyhow::Result<()> {
                 );
             }
         }
+        ModuleCommand::Test {
+            file,
+            against,
+            last,
+            since,
+            function,
+            remote,
+        } => {
+            let client = remote.client()?;
+            let bytes = read_module(&file)?;
+            // Bytes the tenant has already (under any name) are replayed as they are.
+            let id = deadlift::registry::ModuleId::of(&bytes).to_string();
+            let known = client
+                .json(client.request(Method::GET, &format!("/v1/modules/{}", path_segment(&id))))
+                .await;
+            let candidate = match known {
+                Ok(info) => info,
+                Err(_) => {
+                    client
+                        .json(
+                            client
+                                .request(Method::POST, "/v1/modules")
+                                .query(&[("name", format!("{against}-candidate"))])
+                                .body(bytes),
+                        )
+                        .await?
+                }
+            };
+            let mut query = vec![("against", against)];
+            query.extend(last.map(|n| ("last", n.to_string())));
+            if let Some(since) = since {
+                query.push(("since", crate::runs::rfc3339_ms(&since)?.to_string()));
+            }
+            query.extend(function.map(|f| ("function", f)));
+            let path = format!(
+                "/v1/modules/{}/replay",
+                path_segment(&cell(&candidate["id"]))
+            );
+            let report = client
+                .json(client.request(Method::POST, &path).query(&query))
+                .await?;
+            if remote.json {
+                return print_json(&report);
+            }
+            print_replay(&report);
+            // A changed behaviour is what the command is for, not a failure; a candidate
+            // that now fails calls is.
+            if report["failed"].as_u64().unwrap_or(0) > 0 {
+                std::process::exit(1);
+            }
+        }
         ModuleCommand::Call {
             module,
             function,
@@ -405,4 +475,37 @@ pub async fn kv(command: KvCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The replay report as a table and totals.
+fn print_replay(report: &serde_json::Value) {
+    let rows = rows(&report["calls"], |c| {
+        vec![
+            cell(&c["tape"]),
+            cell(&c["function"]),
+            cell(&c["verdict"]),
+            outcome(&c["recorded"]),
+            outcome(&c["replayed"]),
+        ]
+    });
+    table(
+        &["tape", "function", "verdict", "recorded", "replayed"],
+        &rows,
+    );
+    println!(
+        "{} calls: {} identical, {} changed, {} newly failing, {} no longer failing, {} diverged",
+        cell(&report["total"]),
+        cell(&report["identical"]),
+        cell(&report["changed"]),
+        cell(&report["failed"]),
+        cell(&report["fixed"]),
+        cell(&report["diverged"]),
+    );
+}
+
+fn outcome(outcome: &serde_json::Value) -> String {
+    match (&outcome["output"], &outcome["error"]) {
+        (serde_json::Value::Null, error) => format!("error {}", cell(&error["code"])),
+        (output, _) => output.to_string(),
+    }
 }

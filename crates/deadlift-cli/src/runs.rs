@@ -92,7 +92,7 @@ pub enum DlqCommand {
     },
 }
 
-fn rfc3339_ms(text: &str) -> anyhow::Result<i64> {
+pub(crate) fn rfc3339_ms(text: &str) -> anyhow::Result<i64> {
     Ok(chrono::DateTime::parse_from_rfc3339(text)
         .with_context(|| format!("`{text}` is not an RFC 3339 time (e.g. 2026-11-22T10:00:00Z)"))?
         .timestamp_millis())

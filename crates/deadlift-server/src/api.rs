@@ -34,6 +34,10 @@ pub(super) fn routes() -> Router<AgentState> {
         )
         .route("/v1/modules/{reference}/call/{function}", post(call_module))
         .route(
+            "/v1/modules/{reference}/replay",
+            post(crate::replay::replay_calls),
+        )
+        .route(
             "/v1/modules/{reference}/manifest",
             get(get_manifest).put(put_manifest),
         )
@@ -60,7 +64,7 @@ pub(super) fn routes() -> Router<AgentState> {
         workflows::delete_workflow, workflows::start_run, workflows::publish_events,
         workflows::list_runs, workflows::get_run, workflows::retry_run, workflows::cancel_run,
         workflows::live_runs, workflows::list_dead_letters, workflows::replay_dead_letter,
-        workflows::get_trace, whoami,
+        workflows::get_trace, whoami, crate::replay::replay_calls,
         peers::identity, peers::list_peers, peers::add_peer, peers::remove_peer,
         peers::outbox, peers::replay, peers::receive,
         peers::list_views, peers::set_view, peers::remove_view,
@@ -255,7 +259,7 @@ async fn module_from_form(mut form: Multipart) -> Result<NewModule, ApiError> {
     Ok(module)
 }
 
-async fn resolve(
+pub(crate) async fn resolve(
     agent: &AgentState,
     tenant: String,
     reference: String,
@@ -406,6 +410,10 @@ async fn call_module(
     let tenant = caller.tenant()?;
     let info = resolve(&agent, tenant.clone(), reference).await?;
     let started = std::time::SystemTime::now();
+    let tape = agent
+        .tapes()
+        .enabled(&tenant)
+        .then(deadlift_engine::tape::Tape::recording);
     // The module's manifest when it has one (held to the policy), else the default;
     // the call itself may only narrow it.
     let mut grant = agent.call_grant(&tenant, &info.id).await?;
@@ -422,9 +430,15 @@ async fn call_module(
             &function,
             &body,
             &grant,
-            &CallContext::new(tenant.clone()),
+            &match &tape {
+                Some(tape) => CallContext::new(tenant.clone()).with_tape(tape.clone()),
+                None => CallContext::new(tenant.clone()),
+            },
         )
         .await;
+    crate::replay::record_call(
+        &agent, &tenant, &info, &function, &body, tape, &called, started,
+    );
     export_call(
         &agent, &tenant, &info.id, &function, &headers, started, &grant, &called,
     );

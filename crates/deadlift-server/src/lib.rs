@@ -13,6 +13,7 @@ pub mod error;
 mod hooks;
 mod peers;
 mod policy;
+mod replay;
 mod ui;
 mod v1;
 mod workflows;

@@ -349,3 +349,47 @@ fn run_prints_the_output_bytes_exactly_and_no_colour_into_a_pipe() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Issue 15: `module test` replays a module's recorded calls through new bytes.
+#[test]
+fn module_test_replays_recorded_calls_through_new_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let admin = server.admin_token.clone().unwrap();
+    server.ok(Some(&admin), &["tenant", "create", "acme"]);
+    let created = server.ok(Some(&admin), &["token", "create", "acme", "--json"]);
+    let token: serde_json::Value = serde_json::from_str(&created).unwrap();
+    let token = token["token"].as_str().unwrap().to_owned();
+    server.ok(
+        Some(&token),
+        &["module", "push", &fixture("add_ten"), "--name", "adder"],
+    );
+    for input in ["1", "2"] {
+        server.ok(
+            Some(&token),
+            &["module", "call", "adder", "_main", "--input", input],
+        );
+    }
+    let candidate = fixture("multiply_by_five");
+    let mut report = serde_json::Value::Null;
+    // Tapes are written in the background: ask until both are there.
+    for _ in 0..100 {
+        let out = server.ok(
+            Some(&token),
+            &["module", "test", &candidate, "--against", "adder", "--json"],
+        );
+        report = serde_json::from_str(&out).unwrap();
+        if report["total"] == 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(report["changed"], 2, "{report}");
+    assert_eq!(report["calls"][1]["recorded"]["output"], 12);
+    assert_eq!(report["calls"][1]["replayed"]["output"], 10);
+    let table = server.ok(
+        Some(&token),
+        &["module", "test", &fixture("add_ten"), "--against", "adder"],
+    );
+    assert!(table.contains("2 calls: 2 identical, 0 changed"), "{table}");
+}

@@ -1,0 +1,161 @@
+//! Issue 15: tapes recorded by direct calls, replayed through a candidate module over
+//! HTTP: identical, changed (with both outputs and a diff), diverged; nothing the host
+//! did happens again; a tenant replays only its own tapes.
+
+use serde_json::{Value, json};
+
+use crate::common::fixture;
+use crate::common::server::TestAgent;
+
+async fn push(agent: &TestAgent, token: &str, name: &str, bytes: Vec<u8>) {
+    let pushed = agent
+        .http
+        .post(agent.url(&format!("/v1/modules?name={name}")))
+        .bearer_auth(token)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        pushed.status().is_success(),
+        "{}",
+        pushed.text().await.unwrap()
+    );
+}
+
+async fn call(agent: &TestAgent, token: &str, module: &str, function: &str, input: &str) -> Value {
+    let grant_hosts = agent
+        .http
+        .post(agent.url(&format!("/v1/modules/{module}/call/{function}")))
+        .bearer_auth(token)
+        .body(input.to_owned())
+        .send()
+        .await
+        .unwrap();
+    grant_hosts.json().await.unwrap()
+}
+
+/// Replays until `expected` tapes are there (they are written in the background).
+async fn replay(
+    agent: &TestAgent,
+    token: &str,
+    candidate: &str,
+    against: &str,
+    expected: u64,
+) -> Value {
+    let mut report = Value::Null;
+    for _ in 0..100 {
+        report = agent
+            .http
+            .post(agent.url(&format!("/v1/modules/{candidate}/replay?against={against}")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if report["total"] == expected {
+            return report;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("never {expected} tapes: {report}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recorded_calls_replay_through_a_candidate() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start_with(dir.path(), |b| {
+        b.default_grant(
+            deadlift_engine::Grant::default()
+                .allow(["kv_get", "kv_set", "kv_delete"])
+                .with_timeout(std::time::Duration::from_secs(2)),
+        )
+    })
+    .await;
+    let acme = agent.tenant_token("acme").await;
+    push(&agent, &acme, "counter", fixture("kv_counter")).await;
+    for expected in [1, 2, 3] {
+        let out = call(&agent, &acme, "counter", "increment", "visits").await;
+        assert_eq!(out["output"], expected, "{out}");
+    }
+
+    // The same bytes: every call identical; the counter the replays read is the tape's,
+    // and the live one is not written.
+    let same = replay(&agent, &acme, "counter", "counter", 3).await;
+    assert_eq!(
+        (same["identical"].as_u64(), same["changed"].as_u64()),
+        (Some(3), Some(0)),
+        "{same}"
+    );
+    let stored: Value = agent
+        .http
+        .get(agent.url("/v1/kv/visits"))
+        .bearer_auth(&acme)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stored, json!(3));
+
+    // Another plug-in against the same tapes: all changed, both outputs shown.
+    push(&agent, &acme, "adder", fixture("add_ten")).await;
+    call(&agent, &acme, "adder", "_main", "1").await;
+    call(&agent, &acme, "adder", "_main", "2").await;
+    push(&agent, &acme, "times-five", fixture("multiply_by_five")).await;
+    let changed = replay(&agent, &acme, "times-five", "adder", 2).await;
+    assert_eq!(changed["changed"], 2, "{changed}");
+    let first = &changed["calls"][0];
+    assert_eq!(first["verdict"], "changed");
+    assert_eq!(first["recorded"]["output"], 11);
+    assert_eq!(first["replayed"]["output"], 5);
+    assert_eq!(first["diff"][0]["path"], "/");
+
+    // A candidate that makes a host call the tapes lack: diverged, not run.
+    let delete_first = wat::parse_str(
+        r#"(module
+            (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
+            (import "extism:host/user" "kv_delete" (func $kv_delete (param i64)))
+            (memory (export "memory") 1)
+            (func (export "increment") (result i32)
+              (call $kv_delete (call $alloc (i64.const 1)))
+              (i32.const 0)))"#,
+    )
+    .unwrap();
+    push(&agent, &acme, "eraser", delete_first).await;
+    let diverged = replay(&agent, &acme, "eraser", "counter", 3).await;
+    assert_eq!(diverged["diverged"], 3, "{diverged}");
+    assert_eq!(
+        diverged["calls"][0]["replayed"]["error"]["code"],
+        "replay_diverged"
+    );
+    let still: Value = agent
+        .http
+        .get(agent.url("/v1/kv/visits"))
+        .bearer_auth(&acme)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(still, json!(3), "the diverging kv_delete did not run");
+
+    // Another tenant sees none of Acme's tapes, and cannot use Acme's module.
+    let globex = agent.tenant_token("globex").await;
+    push(&agent, &globex, "counter", fixture("kv_counter")).await;
+    let theirs = replay(&agent, &globex, "counter", "counter", 0).await;
+    assert_eq!(theirs["calls"], json!([]));
+    let refused = agent
+        .http
+        .post(agent.url("/v1/modules/times-five/replay?against=adder"))
+        .bearer_auth(&globex)
+        .send()
+        .await
+        .unwrap();
+    TestAgent::expect_error(refused, 404, "module_not_found").await;
+    agent.stop().await;
+}
