@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use deadlift_engine::tape::HostCall;
-use rusqlite::{Connection, params};
+use deadlift_engine::tape::{HostCall, Tape};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -23,6 +23,10 @@ use crate::workflow::Journal;
 
 /// Recorded calls waiting to be written; beyond, they are dropped (and counted).
 const QUEUE: usize = 4096;
+/// Calls recorded per second, per (tenant, module, function): the newest 1,000 tapes of
+/// a module called 30,000 times a second are a few seconds of its traffic anyway, and
+/// recording every call would cost the call path a third of its rate.
+pub const RECORDED_PER_SECOND: u32 = 100;
 /// Most tapes written in one transaction.
 const BATCH: usize = 256;
 
@@ -59,7 +63,9 @@ pub struct TapeError {
 #[derive(Debug, Clone)]
 pub struct Recording {
     pub tenant: String,
-    pub module_name: String,
+    /// The name the call used; `None` to take the module's own name (looked up by the
+    /// writer, off the call path).
+    pub module_name: Option<String>,
     pub module_id: String,
     pub function: String,
     pub input: Vec<u8>,
@@ -86,6 +92,8 @@ pub struct Tapes {
     db: Database,
     policy: PolicyHandle,
     dropped: Arc<AtomicU64>,
+    /// Per (tenant, module, function) hash: the current second and calls recorded in it.
+    rate: parking_lot::Mutex<std::collections::HashMap<u64, (u64, u32)>>,
 }
 
 impl Tapes {
@@ -103,9 +111,21 @@ impl Tapes {
                 let now = now_ms();
                 let written = journal
                     .write(move |tx| {
+                        let mut written = std::collections::BTreeSet::new();
                         for recording in &writing {
                             let kept = policy.limits(&recording.tenant).tapes_kept;
-                            insert(tx, recording, now, kept)?;
+                            if let Some(name) = insert(tx, recording, now, kept)? {
+                                written.insert((
+                                    recording.tenant.clone(),
+                                    name,
+                                    recording.function.clone(),
+                                    kept,
+                                ));
+                            }
+                        }
+                        // Each series keeps its newest tapes: pruned once a batch.
+                        for (tenant, name, function, kept) in written {
+                            prune(tx, &tenant, &name, &function, kept)?;
                         }
                         Ok(())
                     })
@@ -121,7 +141,34 @@ impl Tapes {
             db,
             policy,
             dropped,
+            rate: parking_lot::Mutex::default(),
         }
+    }
+
+    /// A tape for a call about to start, if it is to be recorded: the tenant's calls are
+    /// recorded, and this module's function has not had its share this second.
+    pub fn tape_for(&self, tenant: &str, module: &str, function: &str) -> Option<Tape> {
+        if !self.enabled(tenant) {
+            return None;
+        }
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (tenant, module, function).hash(&mut hasher);
+        let key = hasher.finish();
+        let second = u64::try_from(now_ms() / 1000).unwrap_or(0);
+        let mut rate = self.rate.lock();
+        if rate.len() > 100_000 {
+            rate.retain(|_, (at, _)| *at == second);
+        }
+        let (at, count) = rate.entry(key).or_insert((second, 0));
+        if *at != second {
+            (*at, *count) = (second, 0);
+        }
+        if *count >= RECORDED_PER_SECOND {
+            return None;
+        }
+        *count += 1;
+        Some(Tape::recording())
     }
 
     /// Whether calls of `tenant` are recorded.
@@ -158,10 +205,30 @@ fn corrupt(e: impl std::fmt::Display) -> DbError {
     DbError::Corrupt(e.to_string())
 }
 
-fn insert(conn: &Connection, recording: &Recording, now: i64, kept: u64) -> Result<(), DbError> {
+/// Stores one tape; answers the module name it went under (none when not stored).
+fn insert(
+    conn: &Connection,
+    recording: &Recording,
+    now: i64,
+    kept: u64,
+) -> Result<Option<String>, DbError> {
     if kept == 0 {
-        return Ok(());
+        return Ok(None);
     }
+    let module_name = match &recording.module_name {
+        Some(name) => name.clone(),
+        None => {
+            let named: Option<String> = conn
+                .prepare_cached("SELECT name FROM modules WHERE tenant = ?1 AND id = ?2")?
+                .query_row(params![recording.tenant, recording.module_id], |row| {
+                    row.get(0)
+                })
+                .optional()?;
+            // The module went away meanwhile: nothing to replay against.
+            let Some(name) = named else { return Ok(None) };
+            name
+        }
+    };
     let (output, error) = match &recording.outcome {
         Ok(output) => (Some(hex::encode(output)), None),
         Err(error) => (None, Some(serde_json::to_string(error).map_err(corrupt)?)),
@@ -173,7 +240,7 @@ fn insert(conn: &Connection, recording: &Recording, now: i64, kept: u64) -> Resu
     )?
     .execute(params![
         recording.tenant,
-        recording.module_name,
+        module_name,
         recording.module_id,
         recording.function,
         hex::encode(&recording.input),
@@ -184,17 +251,27 @@ fn insert(conn: &Connection, recording: &Recording, now: i64, kept: u64) -> Resu
         i64::try_from(recording.duration_us).unwrap_or(i64::MAX),
         now,
     ])?;
-    // Keep the newest `kept` of this (tenant, module name, function).
+    Ok(Some(module_name))
+}
+
+/// Keeps the newest `kept` tapes of a (tenant, module name, function).
+fn prune(
+    conn: &Connection,
+    tenant: &str,
+    name: &str,
+    function: &str,
+    kept: u64,
+) -> Result<(), DbError> {
     conn.prepare_cached(
         "DELETE FROM tapes WHERE tenant = ?1 AND module_name = ?2 AND function = ?3
          AND id <= (SELECT id FROM tapes WHERE tenant = ?1 AND module_name = ?2 AND function = ?3
                     ORDER BY id DESC LIMIT 1 OFFSET ?4)",
     )?
     .execute(params![
-        recording.tenant,
-        recording.module_name,
-        recording.function,
-        i64::try_from(kept).unwrap_or(i64::MAX),
+        tenant,
+        name,
+        function,
+        i64::try_from(kept).unwrap_or(i64::MAX)
     ])?;
     Ok(())
 }

@@ -412,8 +412,7 @@ async fn call_module(
     let started = std::time::SystemTime::now();
     let tape = agent
         .tapes()
-        .enabled(&tenant)
-        .then(deadlift_engine::tape::Tape::recording);
+        .tape_for(&tenant, &info.id.to_string(), &function);
     // The module's manifest when it has one (held to the policy), else the default;
     // the call itself may only narrow it.
     let mut grant = agent.call_grant(&tenant, &info.id).await?;
@@ -437,7 +436,14 @@ async fn call_module(
         )
         .await;
     crate::replay::record_call(
-        &agent, &tenant, &info, &function, &body, tape, &called, started,
+        &agent,
+        &tenant,
+        (&info.id, Some(&info.name)),
+        &function,
+        &body,
+        tape,
+        &called,
+        started,
     );
     export_call(
         &agent, &tenant, &info.id, &function, &headers, started, &grant, &called,

@@ -23,7 +23,7 @@ use crate::{AgentState, ApiError, Caller, Path, Query};
 pub(crate) fn record_call(
     agent: &deadlift_agent::Agent,
     tenant: &str,
-    module: &ModuleInfo,
+    module: (&deadlift_engine::ModuleId, Option<&str>),
     function: &str,
     input: &[u8],
     tape: Option<Tape>,
@@ -39,8 +39,8 @@ pub(crate) fn record_call(
     };
     agent.tapes().record(Recording {
         tenant: tenant.to_owned(),
-        module_name: module.name.clone(),
-        module_id: module.id.to_string(),
+        module_name: module.1.map(str::to_owned),
+        module_id: module.0.to_string(),
         function: function.to_owned(),
         input: input.to_vec(),
         outcome,

@@ -340,16 +340,25 @@ pub(crate) async fn execute(
         )
     })?;
     let started = std::time::SystemTime::now();
+    let tape = agent.tapes().tape_for(V1_TENANT, &hash, V1_ENTRY);
+    let ctx = match &tape {
+        Some(tape) => CallContext::new(V1_TENANT).with_tape(tape.clone()),
+        None => CallContext::new(V1_TENANT),
+    };
     let called = agent
         .engine()
-        .call_direct(
-            &id,
-            V1_ENTRY,
-            &body,
-            agent.default_grant(),
-            &CallContext::new(V1_TENANT),
-        )
+        .call_direct(&id, V1_ENTRY, &body, agent.default_grant(), &ctx)
         .await;
+    crate::replay::record_call(
+        &agent,
+        V1_TENANT,
+        (&id, None),
+        V1_ENTRY,
+        &body,
+        tape,
+        &called,
+        started,
+    );
     crate::api::export_call(
         &agent,
         V1_TENANT,
