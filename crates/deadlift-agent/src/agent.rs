@@ -276,6 +276,11 @@ impl AgentBuilder {
             u64::try_from(self.runtime.retention.dedupe_window_ms).unwrap_or(0),
         );
         let policy = PolicyHandle::new(self.policy);
+        let tapes = Arc::new(crate::tapes::Tapes::start(
+            db.clone(),
+            journal.clone(),
+            policy.clone(),
+        ));
         let workflows = Runtime::start(
             engine.clone(),
             journal.clone(),
@@ -283,8 +288,8 @@ impl AgentBuilder {
             peers.clone(),
             policy.clone(),
             self.runtime,
+            tapes.clone(),
         )?;
-        let tapes = crate::tapes::Tapes::start(db.clone(), journal.clone(), policy.clone());
         let telemetry = match &self.otlp_endpoint {
             Some(endpoint) => Some(Telemetry::start(
                 endpoint,
@@ -353,7 +358,7 @@ pub struct Agent {
     default_grant: Grant,
     max_body_bytes: usize,
     telemetry: Option<Telemetry>,
-    tapes: crate::tapes::Tapes,
+    tapes: Arc<crate::tapes::Tapes>,
 }
 
 impl Agent {

@@ -178,15 +178,20 @@ async fn replay_one(
     stored: StoredTape,
 ) -> ReplayedCall {
     let input = hex::decode(&stored.input).unwrap_or_default();
-    // Every host call is answered from the tape, so the grant may name them all: nothing
-    // they would do happens.
+    // Every host call is answered from the tape or refused as a divergence, so the grant
+    // may name every host function the candidate imports: none of them runs.
     let mut grant = base.clone();
-    for call in &stored.host_calls {
-        if call.function == "http_request" {
-            grant.allowed_hosts.push("*".into());
-        } else {
-            grant.host_functions.insert(call.function.clone());
+    for import in &module.imports {
+        if import.module == "extism:host/user" {
+            grant.host_functions.insert(import.name.clone());
         }
+    }
+    if stored
+        .host_calls
+        .iter()
+        .any(|c| c.function == "http_request")
+    {
+        grant.allowed_hosts.push("*".into());
     }
     let ctx = CallContext::new(tenant).with_tape(Tape::replaying(stored.host_calls.clone()));
     let replayed = agent

@@ -197,6 +197,7 @@ impl Runtime {
         peers: PeerDirectory,
         policy: PolicyHandle,
         config: RuntimeConfig,
+        tapes: Arc<crate::tapes::Tapes>,
     ) -> Result<Self, DbError> {
         let (run_sender, run_receiver) = mpsc::unbounded_channel();
         let outlets = sqlite::writer::Outlets {
@@ -224,7 +225,12 @@ impl Runtime {
             peers.clone(),
             outlets.clone(),
         )?;
-        let steps = Arc::new(StepExecutor::new(engine.clone(), peers, policy.clone()));
+        let steps = Arc::new(StepExecutor::new(
+            engine.clone(),
+            peers,
+            policy.clone(),
+            tapes,
+        ));
         let runner = Arc::new(Runner::new(
             journal.clone(),
             steps.clone(),

@@ -5,6 +5,7 @@
 //! Callers differ only in what they do with the outcome (journal it now, record the
 //! whole run after answering, record the hook call).
 
+use crate::tapes::{Recording, TapeError, Tapes};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -107,15 +108,23 @@ pub(crate) struct StepExecutor {
     peers: PeerDirectory,
     policy: PolicyHandle,
     resolved: Mutex<HashMap<(String, String), (ModuleId, Instant)>>,
+    /// Records the calls of steps and hooks as tapes.
+    tapes: Arc<Tapes>,
 }
 
 impl StepExecutor {
-    pub fn new(engine: Engine, peers: PeerDirectory, policy: PolicyHandle) -> Self {
+    pub fn new(
+        engine: Engine,
+        peers: PeerDirectory,
+        policy: PolicyHandle,
+        tapes: Arc<Tapes>,
+    ) -> Self {
         Self {
             engine,
             peers,
             policy,
             resolved: Mutex::new(HashMap::new()),
+            tapes,
         }
     }
 
@@ -367,11 +376,34 @@ impl StepExecutor {
         if let Some(run_id) = at.run_id {
             ctx = ctx.with_run_id(run_id);
         }
-        let out = self
-            .engine
-            .call(&id, function, input, grant, &ctx)
-            .await
-            .map_err(|e| (Some(module_id.clone()), call_failure(&e)))?;
+        let tape = self.tapes.tape_for(at.tenant, &module_id, function);
+        if let Some(tape) = &tape {
+            ctx = ctx.with_tape(tape.clone());
+        }
+        let called = self.engine.call(&id, function, input, grant, &ctx).await;
+        if let Some(tape) = tape {
+            self.tapes.record(Recording {
+                tenant: at.tenant.to_owned(),
+                // The module's own name, looked up by the tape writer.
+                module_name: None,
+                module_id: module_id.clone(),
+                function: function.to_owned(),
+                input: input.to_vec(),
+                outcome: match &called {
+                    Ok(out) => Ok(out.output.clone()),
+                    Err(e) => Err(TapeError {
+                        code: e.code().as_str().to_owned(),
+                        message: e.to_string(),
+                    }),
+                },
+                host_calls: tape.calls(),
+                fuel_used: called.as_ref().map_or(0, |out| out.fuel_used),
+                duration_us: called.as_ref().map_or(0, |out| {
+                    u64::try_from(out.duration.as_micros()).unwrap_or(u64::MAX)
+                }),
+            });
+        }
+        let out = called.map_err(|e| (Some(module_id.clone()), call_failure(&e)))?;
         let output = if out.output.is_empty() {
             Value::Null
         } else {

@@ -159,3 +159,44 @@ async fn recorded_calls_replay_through_a_candidate() {
     TestAgent::expect_error(refused, 404, "module_not_found").await;
     agent.stop().await;
 }
+
+/// Issue 15: a workflow step's call is recorded as the module's tape too.
+#[tokio::test(flavor = "multi_thread")]
+async fn workflow_steps_are_recorded_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let acme = agent.tenant_token("acme").await;
+    push(&agent, &acme, "counter", fixture("kv_counter")).await;
+    let applied = agent
+        .http
+        .put(agent.url("/v1/workflows/count"))
+        .bearer_auth(&acme)
+        .header("content-type", "application/toml")
+        .body(
+            "[[steps]]\nid = \"count\"\ncall = \"counter\"\nfunction = \"increment\"\n\
+             input = \"'visits'\"\ngrant = { host_functions = [\"kv_get\", \"kv_set\", \"kv_delete\"] }\n",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        applied.status().is_success(),
+        "{}",
+        applied.text().await.unwrap()
+    );
+    let run: Value = agent
+        .http
+        .post(agent.url("/v1/workflows/count/runs?wait=true"))
+        .bearer_auth(&acme)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let report = replay(&agent, &acme, "counter", "counter", 1).await;
+    assert_eq!(report["identical"], 1, "{report}");
+    assert_eq!(report["calls"][0]["function"], "increment");
+    agent.stop().await;
+}
