@@ -23,6 +23,8 @@ use crate::workflow::Journal;
 
 /// Recorded calls waiting to be written; beyond, they are dropped (and counted).
 const QUEUE: usize = 4096;
+/// The largest tape stored (input, output and host-call arguments).
+pub const MAX_TAPE_BYTES: usize = 1 << 20;
 /// Calls recorded per second, per (tenant, module, function): the newest 1,000 tapes of
 /// a module called 30,000 times a second are a few seconds of its traffic anyway, and
 /// recording every call would cost the call path a third of its rate.
@@ -176,9 +178,18 @@ impl Tapes {
         self.policy.current().limits(tenant).tapes_kept > 0
     }
 
-    /// Hands a call over to be stored; never waits.
-    pub fn record(&self, recording: Recording) {
-        if self.queue.try_send(recording).is_err() {
+    /// Hands a call over to be stored; never waits. A call whose tape overflowed, or
+    /// whose input and output together pass [`MAX_TAPE_BYTES`], is not stored (counted as
+    /// dropped): a tenant's tapes take at most `tapes_kept` × that on disk per series.
+    pub fn record(&self, recording: Recording, tape: &Tape) {
+        let size = recording.input.len()
+            + recording.outcome.as_ref().map_or(0, Vec::len)
+            + recording
+                .host_calls
+                .iter()
+                .map(|c| c.args.iter().map(Vec::len).sum::<usize>())
+                .sum::<usize>();
+        if tape.overflowed() || size > MAX_TAPE_BYTES || self.queue.try_send(recording).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -47,7 +47,14 @@ struct State {
     /// Recorded calls, or (replaying) how many were answered.
     calls: Vec<HostCall>,
     answered: usize,
+    /// Bytes recorded so far; past [`MAX_RECORDED_BYTES`] recording stops.
+    bytes: usize,
+    overflowed: bool,
 }
+
+/// The most argument and answer bytes one tape records: past it the tape is incomplete
+/// (`overflowed`), and a replay could not answer from it anyway.
+pub const MAX_RECORDED_BYTES: usize = 4 << 20;
 
 /// What a replayed host call gets.
 pub(crate) enum Replayed {
@@ -63,6 +70,8 @@ impl Tape {
             replay: None,
             calls: Vec::new(),
             answered: 0,
+            bytes: 0,
+            overflowed: false,
         })))
     }
 
@@ -72,6 +81,8 @@ impl Tape {
             replay: Some(recorded),
             calls: Vec::new(),
             answered: 0,
+            bytes: 0,
+            overflowed: false,
         })))
     }
 
@@ -94,11 +105,28 @@ impl Tape {
         self.0.lock().replay.is_some()
     }
 
+    /// Whether the recording stopped short ([`MAX_RECORDED_BYTES`]).
+    pub fn overflowed(&self) -> bool {
+        self.0.lock().overflowed
+    }
+
     pub(crate) fn record(&self, call: HostCall) {
         let mut state = self.0.lock();
-        if state.replay.is_none() {
-            state.calls.push(call);
+        if state.replay.is_some() || state.overflowed {
+            return;
         }
+        let size = call.args.iter().map(Vec::len).sum::<usize>()
+            + match &call.answer {
+                Answer::Output(output) => output.as_ref().map_or(0, Vec::len),
+                Answer::Error(message) => message.len(),
+            };
+        state.bytes = state.bytes.saturating_add(size);
+        if state.bytes > MAX_RECORDED_BYTES {
+            state.overflowed = true;
+            state.calls = Vec::new();
+            return;
+        }
+        state.calls.push(call);
     }
 
     /// The recorded answer to this host call, if the tape has it next.
@@ -170,5 +198,30 @@ mod hex_option {
         Option::<String>::deserialize(deserializer)?
             .map(|text| hex::decode(text).map_err(serde::de::Error::custom))
             .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hostile plug-in cannot make its tape hold more than the cap: past it, the tape
+    /// is marked incomplete and keeps nothing.
+    #[test]
+    fn a_tape_stops_recording_past_its_cap() {
+        let tape = Tape::recording();
+        let call = |bytes: usize| HostCall {
+            function: "kv_get".into(),
+            args: vec![vec![0; bytes]],
+            answer: Answer::Output(None),
+        };
+        tape.record(call(MAX_RECORDED_BYTES / 2));
+        assert!(!tape.overflowed());
+        assert_eq!(tape.calls().len(), 1);
+        tape.record(call(MAX_RECORDED_BYTES / 2 + 1));
+        assert!(tape.overflowed());
+        assert!(tape.calls().is_empty());
+        tape.record(call(1));
+        assert!(tape.calls().is_empty());
     }
 }

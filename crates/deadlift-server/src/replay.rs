@@ -37,7 +37,7 @@ pub(crate) fn record_call(
         Ok(out) => (Ok(out.output.clone()), out.fuel_used),
         Err(error) => (Err(tape_error(error)), 0),
     };
-    agent.tapes().record(Recording {
+    let recording = Recording {
         tenant: tenant.to_owned(),
         module_name: module.1.map(str::to_owned),
         module_id: module.0.to_string(),
@@ -48,7 +48,8 @@ pub(crate) fn record_call(
         fuel_used,
         duration_us: u64::try_from(started.elapsed().unwrap_or_default().as_micros())
             .unwrap_or(u64::MAX),
-    });
+    };
+    agent.tapes().record(recording, &tape);
 }
 
 fn tape_error(error: &CallError) -> TapeError {

@@ -382,7 +382,7 @@ impl StepExecutor {
         }
         let called = self.engine.call(&id, function, input, grant, &ctx).await;
         if let Some(tape) = tape {
-            self.tapes.record(Recording {
+            let recording = Recording {
                 tenant: at.tenant.to_owned(),
                 // The module's own name, looked up by the tape writer.
                 module_name: None,
@@ -401,7 +401,8 @@ impl StepExecutor {
                 duration_us: called.as_ref().map_or(0, |out| {
                     u64::try_from(out.duration.as_micros()).unwrap_or(u64::MAX)
                 }),
-            });
+            };
+            self.tapes.record(recording, &tape);
         }
         let out = called.map_err(|e| (Some(module_id.clone()), call_failure(&e)))?;
         let output = if out.output.is_empty() {
