@@ -229,6 +229,31 @@ pub(crate) async fn metrics(State(agent): State<AgentState>) -> Response {
         pending,
     );
     counter(
+        "deadlift_tapes_dropped_total",
+        "Recorded calls not stored: over the size cap, or the writer behind.",
+        "counter",
+        agent.tapes().dropped(),
+    );
+    if let Some(telemetry) = agent.telemetry() {
+        let stats = telemetry.stats();
+        counter(
+            "deadlift_spans_exported_total",
+            "OpenTelemetry spans the collector accepted.",
+            "counter",
+            stats
+                .spans_exported
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        counter(
+            "deadlift_spans_dropped_total",
+            "OpenTelemetry spans lost: the collector refused or was unreachable, or the exporter was behind.",
+            "counter",
+            stats
+                .spans_dropped
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+    }
+    counter(
         "deadlift_idle_instances",
         "Warm instances in pools.",
         "gauge",

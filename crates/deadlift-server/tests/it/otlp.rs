@@ -216,6 +216,21 @@ async fn runs_steps_and_calls_reach_an_otlp_receiver_as_spans() {
         attribute(failing, "deadlift.tenant").as_deref(),
         Some("default")
     );
+    // The exporter's own counts are in /metrics (once the collector's answer is in).
+    let exported = |metrics: &str| {
+        metrics
+            .lines()
+            .any(|l| l.starts_with("deadlift_spans_exported_total ") && !l.ends_with(" 0"))
+    };
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = agent.metrics().await;
+        if exported(&metrics) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(exported(&metrics), "{metrics}");
     // The resource names the service and the agent.
     let resource = received.lock().unwrap()[0].0.clone();
     assert!(
