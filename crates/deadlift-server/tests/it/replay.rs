@@ -89,16 +89,7 @@ async fn recorded_calls_replay_through_a_candidate() {
         (Some(3), Some(0)),
         "{same}"
     );
-    let stored: Value = agent
-        .http
-        .get(agent.url("/v1/kv/visits"))
-        .bearer_auth(&acme)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stored = agent.get_json("/v1/kv/visits", &acme).await;
     assert_eq!(stored, json!(3));
 
     // Another plug-in against the same tapes: all changed, both outputs shown.
@@ -132,16 +123,7 @@ async fn recorded_calls_replay_through_a_candidate() {
         diverged["calls"][0]["replayed"]["error"]["code"],
         "replay_diverged"
     );
-    let still: Value = agent
-        .http
-        .get(agent.url("/v1/kv/visits"))
-        .bearer_auth(&acme)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let still = agent.get_json("/v1/kv/visits", &acme).await;
     assert_eq!(still, json!(3), "the diverging kv_delete did not run");
 
     // Another tenant sees none of Acme's tapes, and cannot use Acme's module.

@@ -133,16 +133,7 @@ async fn a_trace_joins_a_peers_side_and_nothing_else() {
     .await;
     let stored = set_view(&acme_agent, &acme_own, "platform", &acme_on_platform).await;
     assert_eq!(stored.status().as_u16(), 200);
-    let views: Value = acme_agent
-        .http
-        .get(acme_agent.url("/v1/peer-views"))
-        .bearer_auth(&acme_own)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let views = acme_agent.get_json("/v1/peer-views", &acme_own).await;
     assert_eq!(views[0]["peer"], "platform");
     assert!(!views.to_string().contains(&acme_on_platform), "{views}");
 

@@ -102,6 +102,19 @@ impl TestAgent {
         token["token"].as_str().unwrap().to_owned()
     }
 
+    /// `GET path` with `token`, as JSON.
+    pub async fn get_json(&self, path: &str, token: &str) -> serde_json::Value {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The text of `/metrics`.
     pub async fn metrics(&self) -> String {
         self.http
