@@ -82,6 +82,10 @@ pub enum ModuleCommand {
         /// Only calls of this function
         #[arg(long)]
         function: Option<String>,
+        /// Config for the candidate, replacing the module's own (repeatable): the same
+        /// bytes configured otherwise are a new version too
+        #[arg(long, value_name = "KEY=VALUE")]
+        config: Vec<String>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -313,10 +317,18 @@ pub async fn module(command: ModuleCommand) -> anyhow::Result<()> {
             last,
             since,
             function,
+            config,
             remote,
         } => {
             let client = remote.client()?;
             let bytes = read_module(&file)?;
+            let mut entries = serde_json::Map::new();
+            for entry in &config {
+                let (key, value) = entry
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--config {entry}: use KEY=VALUE"))?;
+                entries.insert(key.to_owned(), json!(value));
+            }
             // Bytes the tenant has already (under any name) are replayed as they are.
             let id = deadlift::registry::ModuleId::of(&bytes).to_string();
             let known = client
@@ -346,7 +358,12 @@ pub async fn module(command: ModuleCommand) -> anyhow::Result<()> {
                 path_segment(&cell(&candidate["id"]))
             );
             let report = client
-                .json(client.request(Method::POST, &path).query(&query))
+                .json(
+                    client
+                        .request(Method::POST, &path)
+                        .query(&query)
+                        .json(&json!({ "config": entries })),
+                )
                 .await?;
             if remote.json {
                 return print_json(&report);

@@ -77,6 +77,9 @@ pub struct Report {
     pub payments_run: Run,
     pub acme_run: Run,
     pub acme_counters: Value,
+    /// Acme tries a loyalty v2 (a threshold of 15) against the charges the platform
+    /// recorded: the replay report.
+    pub loyalty_v2: Value,
     /// Each agent's web console, with a token to sign in with.
     pub consoles: Vec<Console>,
 }
@@ -132,6 +135,16 @@ fn purchases() -> Vec<Purchase> {
         amount_cents: 500,
         days_ago: 3,
     });
+    // Two more of Acme's customers: one very loyal, one new.
+    for (customer, count) in [("cus_bob", 16), ("cus_cy", 3)] {
+        table.extend((0..count).map(|i| Purchase {
+            customer,
+            merchant: "acme",
+            category: "coffee",
+            amount_cents: 300 + i * 5,
+            days_ago: 1 + i,
+        }));
+    }
     table
 }
 
@@ -434,6 +447,40 @@ pub async fn run(dir: PathBuf) -> anyhow::Result<Story> {
         .workflows()
         .run("acme", &hooked.run_id)
         .await?;
+    // Two more charges, and then Acme prepares a loyalty v2 (the same plug-in with a
+    // threshold of 15) and replays it against the charges the platform recorded, on the
+    // platform's agent: nothing happens again (no email, no lookup), and Acme sees whose
+    // outcome would change.
+    for (charge_id, customer) in [("ch_1002", "cus_bob"), ("ch_1003", "cus_cy")] {
+        payments
+            .agent
+            .hook("before_charge")
+            .call(
+                "acme",
+                json!({
+                    "charge_id": charge_id, "customer": customer, "merchant": "acme",
+                    "amount_cents": 300, "category": "coffee",
+                }),
+            )
+            .await
+            .context("calling Acme's plug-in at before_charge")?;
+    }
+    let mut loyalty_v2 = Value::Null;
+    // Tapes are written in the background: until the three charges are there.
+    for _ in 0..200 {
+        loyalty_v2 = call(
+            http.post(format!("{}/v1/modules/acme-loyalty/replay", payments.url))
+                .bearer_auth(&acme_token)
+                .query(&[("against", "acme-loyalty")])
+                .json(&json!({ "config": { "loyalty_threshold": "15" } })),
+        )
+        .await
+        .context("Acme replaying loyalty v2")?;
+        if loyalty_v2["total"] == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut acme_counters = serde_json::Map::new();
     for key in ["discounts:cus_ada", "discounts"] {
         // Counters are stored as decimal text, which reads as a JSON number.
@@ -451,6 +498,7 @@ pub async fn run(dir: PathBuf) -> anyhow::Result<Story> {
         payments_run,
         acme_run,
         acme_counters: Value::Object(acme_counters),
+        loyalty_v2,
         consoles: vec![
             Console {
                 agent: payments_identity.name.clone(),
@@ -509,6 +557,20 @@ pub fn print(report: &Report, serving: bool) {
     print_run("acme    ", &report.acme_run);
     println!("== Acme's satisfaction counters (its own KV)");
     println!("  {}", report.acme_counters);
+    println!(
+        "== Acme tries loyalty v2 (threshold 15) on the {} charges the platform recorded (nothing is sent again)",
+        report.loyalty_v2["total"]
+    );
+    for call in report.loyalty_v2["calls"].as_array().into_iter().flatten() {
+        println!(
+            "  {} ({}): {} (discount sent: {} -> {})",
+            call["input"]["customer"].as_str().unwrap_or("?"),
+            call["input"]["charge_id"].as_str().unwrap_or("?"),
+            call["verdict"].as_str().unwrap_or("?"),
+            call["recorded"]["output"]["discount_sent"],
+            call["replayed"]["output"]["discount_sent"],
+        );
+    }
     if !serving {
         return;
     }

@@ -74,6 +74,16 @@ pub(super) struct ReplayQuery {
     since: Option<i64>,
 }
 
+/// What the candidate runs with besides its own manifest.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReplayOptions {
+    /// Config entries that replace the module's own for the replay (Extism config):
+    /// a new version can be the same bytes configured otherwise.
+    #[serde(default)]
+    config: std::collections::BTreeMap<String, String>,
+}
+
 /// What a call gave: its output (JSON when it is JSON, else text, else hex) or its error.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub(super) struct Outcome {
@@ -88,6 +98,8 @@ pub(super) struct Outcome {
 pub(super) struct ReplayedCall {
     tape: i64,
     function: String,
+    /// The recorded input (JSON when it is JSON, else text, else hex).
+    input: Value,
     /// `identical`, `changed`, `newly_failing`, `no_longer_failing`, `still_failing` or
     /// `diverged` (the candidate made a host call the tape cannot answer).
     verdict: &'static str,
@@ -121,6 +133,7 @@ pub(super) struct ReplayReport {
 /// Replays the tenant's recorded calls of module `against` through module `candidate`.
 #[utoipa::path(post, path = "/v1/modules/{reference}/replay", tag = "modules", security(("bearer" = [])),
     params(("reference" = String, Path, description = "The candidate module: `name`, `name@version` or `sha256:<hex>`"), ReplayQuery),
+    request_body(content = Option<ReplayOptions>, description = "Optional: config entries for the candidate"),
     responses((status = 200, description = "Every replayed call and the totals", body = ReplayReport),
         (status = 404, description = "No such module", body = ErrorBody)))]
 pub(super) async fn replay_calls(
@@ -128,8 +141,14 @@ pub(super) async fn replay_calls(
     caller: Caller,
     Path(candidate): Path<String>,
     Query(query): Query<ReplayQuery>,
+    crate::RawBody(body): crate::RawBody,
 ) -> Result<Json<ReplayReport>, ApiError> {
     let tenant = caller.tenant()?;
+    let options: ReplayOptions = if body.iter().all(u8::is_ascii_whitespace) {
+        ReplayOptions::default()
+    } else {
+        crate::parse_json(&body)?
+    };
     let module = crate::api::resolve(&agent, tenant.clone(), candidate).await?;
     let tapes = agent
         .tapes()
@@ -143,7 +162,8 @@ pub(super) async fn replay_calls(
             },
         )
         .await?;
-    let base = agent.call_grant(&tenant, &module.id).await?;
+    let mut base = agent.call_grant(&tenant, &module.id).await?;
+    base.config.extend(options.config);
     let mut report = ReplayReport {
         against: query.against,
         candidate: module.id.to_string(),
@@ -243,6 +263,7 @@ async fn replay_one(
     ReplayedCall {
         tape: stored.id,
         function: stored.function,
+        input: shown(&input),
         verdict,
         recorded,
         replayed: replayed_outcome,

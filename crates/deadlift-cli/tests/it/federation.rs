@@ -430,6 +430,33 @@ fn the_showcase_tells_the_whole_story() {
         assert_eq!(report[side]["steps"].as_array().unwrap().len(), 1, "{side}");
     }
     assert_eq!(report["payments_run"]["workflow"], "hook:before_charge");
+    // Issue 15: Acme's loyalty v2 (threshold 15) replayed on the platform's recorded
+    // charges: only Ada's outcome changes, and nothing is sent again.
+    let v2 = &report["loyalty_v2"];
+    assert_eq!(
+        (
+            v2["total"].as_u64(),
+            v2["changed"].as_u64(),
+            v2["identical"].as_u64()
+        ),
+        (Some(3), Some(1), Some(2)),
+        "{v2}"
+    );
+    let changed: Vec<&Value> = v2["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["verdict"] == "changed")
+        .collect();
+    assert_eq!(changed[0]["input"]["customer"], "cus_ada");
+    assert_eq!(changed[0]["replayed"]["output"]["discount_sent"], false);
+    let sent_to: Vec<&str> = report["emails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["to"].as_str().unwrap())
+        .collect();
+    assert_eq!(sent_to, ["cus_ada", "cus_bob"], "the replay sent no email");
     assert!(
         report["payments_run"]["steps"][0]["logs"][0]["message"]
             .as_str()
