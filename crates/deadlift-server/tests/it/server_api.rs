@@ -498,7 +498,9 @@ async fn schemathesis_finds_nothing() {
     ] {
         let run = || {
             let mut command = tokio::process::Command::new(format!("{bin}/schemathesis"));
+            // It keeps a cache where it runs: in the test's directory, not the repository.
             command
+                .current_dir(dir.path())
                 .args(["--no-color", "--config-file", config, "run", &schema])
                 .args(["--max-examples", "8", "--seed", "14", "--workers", "2"]);
             for header in &headers {
