@@ -502,17 +502,19 @@ async fn schemathesis_finds_nothing() {
             command
                 .current_dir(dir.path())
                 .args(["--no-color", "--config-file", config, "run", &schema])
-                .args(["--max-examples", "8", "--seed", "14", "--workers", "2"]);
+                // One worker: with two threads, Python 3.11's parser can fail inside the
+                // tool ("AST constructor recursion depth mismatch": its recursion counter
+                // is not thread-safe there).
+                .args(["--max-examples", "8", "--seed", "14", "--workers", "1"]);
             for header in &headers {
                 command.args(["--header", header]);
             }
             command.output()
         };
         let mut out = run().await.unwrap();
-        // The tool itself can crash in its own Python internals (seen once: "SystemError:
-        // AST constructor recursion depth mismatch" while formatting a traceback); that is
-        // no finding about the API, so a run that reports only such an error, and no
-        // failure, is run once more.
+        // The tool itself can crash in its own Python internals; that is no finding about
+        // the API, so a run that reports only such an error, and no failure, is run once
+        // more.
         let crashed = |out: &std::process::Output| {
             let report = String::from_utf8_lossy(&out.stdout);
             !out.status.success()
