@@ -8,16 +8,15 @@ use crate::{Path, Query};
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorBody;
 use crate::{AgentState, ApiError, Caller, RawBody, json, multipart_error, parse_json};
-use crate::{hooks, peers, policy, v1, workflows};
-use deadlift_agent::agent::new_token;
+use crate::{hooks, peers, policy, tenants, v1, workflows};
 use deadlift_agent::manifest::{Manifest, ManifestError};
-use deadlift_agent::store::{Principal, TokenInfo};
+use deadlift_agent::store::TokenInfo;
 use deadlift_agent::telemetry::CallSpan;
 use deadlift_agent::workflow::TraceParent;
 use deadlift_engine::Code;
@@ -41,14 +40,9 @@ pub(super) fn routes() -> Router<AgentState> {
             "/v1/modules/{reference}/manifest",
             get(get_manifest).put(put_manifest),
         )
-        .route("/v1/tenants", get(list_tenants).post(create_tenant))
-        .route("/v1/tenants/{tenant}/tokens", post(create_token))
-        .route("/v1/tokens", get(list_tokens))
-        .route("/v1/tokens/{id}", delete(revoke_token))
         .route("/v1/kv", get(list_kv))
         .route("/v1/kv/{key}", get(get_kv).put(put_kv).delete(delete_kv))
         .route("/v1/openapi.json", get(openapi))
-        .route("/v1/whoami", get(whoami))
 }
 
 /// The API's description, generated from the handlers and types above.
@@ -58,13 +52,14 @@ pub(super) fn routes() -> Router<AgentState> {
     paths(
         list_modules, upload_module, get_module, delete_module, call_module,
         put_manifest, get_manifest,
-        create_tenant, list_tenants, create_token, list_tokens, revoke_token,
+        tenants::create_tenant, tenants::list_tenants, tenants::create_token,
+        tenants::list_tokens, tenants::revoke_token,
         list_kv, get_kv, put_kv, delete_kv,
         workflows::apply_workflow, workflows::list_workflows, workflows::get_workflow,
         workflows::delete_workflow, workflows::start_run, workflows::publish_events,
         workflows::list_runs, workflows::get_run, workflows::retry_run, workflows::cancel_run,
         workflows::live_runs, workflows::list_dead_letters, workflows::replay_dead_letter,
-        workflows::get_trace, whoami, crate::replay::replay_calls,
+        workflows::get_trace, tenants::whoami, crate::replay::replay_calls,
         peers::identity, peers::list_peers, peers::add_peer, peers::remove_peer,
         peers::outbox, peers::replay, peers::receive,
         peers::list_views, peers::set_view, peers::remove_view,
@@ -74,7 +69,7 @@ pub(super) fn routes() -> Router<AgentState> {
         crate::ui::index, crate::ui::script, crate::ui::style,
         v1::status, v1::upload, v1::list, v1::execute, v1::create_workflow, v1::execute_workflow
     ),
-    components(schemas(ErrorBody, ModuleInfo, CallResponse, LogLine, TokenInfo, CreatedToken, NewTenant, NewToken)),
+    components(schemas(ErrorBody, ModuleInfo, CallResponse, LogLine, TokenInfo, tenants::CreatedToken, tenants::NewTenant, tenants::NewToken)),
     modifiers(&BearerAuth)
 )]
 pub(super) struct ApiDoc;
@@ -148,7 +143,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 }
 
 /// Runs blocking storage work off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(work).await?
@@ -485,107 +480,6 @@ async fn call_module(
     .into_response())
 }
 
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct NewTenant {
-    /// 1 to 64 characters of a-z, 0-9, `-` or `_`.
-    #[schema(pattern = "^[a-z0-9_-]{1,64}$")]
-    name: String,
-}
-
-#[utoipa::path(post, path = "/v1/tenants", tag = "tenants", security(("bearer" = [])), request_body = NewTenant,
-    responses((status = 201, description = "Created"), (status = 400, description = "Invalid name or body", body = ErrorBody),
-        (status = 409, description = "Exists", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
-async fn create_tenant(
-    State(agent): State<AgentState>,
-    caller: Caller,
-    RawBody(body): RawBody,
-) -> Result<Response, ApiError> {
-    caller.require_admin()?;
-    let NewTenant { name } = parse_json(&body)?;
-    if let Err(reason) = deadlift_engine::names::tenant_name(&name) {
-        return Err(ApiError::new(
-            Code::TenantInvalid,
-            format!("a tenant name {reason}"),
-        ));
-    }
-    let db = agent.db().clone();
-    let created_name = name.clone();
-    let created = blocking(move || Ok(db.create_tenant(&created_name)?)).await?;
-    if !created {
-        return Err(ApiError::new(
-            Code::TenantExists,
-            format!("tenant `{name}` already exists"),
-        ));
-    }
-    Ok(json(
-        StatusCode::CREATED,
-        serde_json::json!({ "name": name }),
-    ))
-}
-
-#[utoipa::path(get, path = "/v1/tenants", tag = "tenants", security(("bearer" = [])),
-    responses((status = 200, description = "Every tenant's name"), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
-async fn list_tenants(
-    State(agent): State<AgentState>,
-    caller: Caller,
-) -> Result<Response, ApiError> {
-    caller.require_admin()?;
-    let db = agent.db().clone();
-    let tenants = blocking(move || Ok(db.tenants()?)).await?;
-    Ok(Json(serde_json::json!({ "tenants": tenants })).into_response())
-}
-
-#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct NewToken {
-    description: Option<String>,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-struct CreatedToken {
-    /// The secret: shown once, stored only as a hash.
-    token: String,
-    #[serde(flatten)]
-    info: TokenInfo,
-}
-
-#[utoipa::path(post, path = "/v1/tenants/{tenant}/tokens", tag = "tenants", security(("bearer" = [])),
-    params(("tenant" = String, Path, description = "The tenant the token acts for")), request_body(content = Option<NewToken>, description = "Optional: a label for the token"),
-    responses((status = 201, description = "The new token; its secret is shown only now", body = CreatedToken),
-        (status = 404, description = "No such tenant", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
-async fn create_token(
-    State(agent): State<AgentState>,
-    caller: Caller,
-    Path(tenant): Path<String>,
-    RawBody(body): RawBody,
-) -> Result<Response, ApiError> {
-    caller.require_admin()?;
-    let request: NewToken = if body.is_empty() {
-        NewToken::default()
-    } else {
-        parse_json(&body)?
-    };
-    let db = agent.db().clone();
-    let created = blocking(move || {
-        if !db.tenant_exists(&tenant)? {
-            return Err(ApiError::new(
-                Code::TenantNotFound,
-                format!("no tenant `{tenant}`"),
-            ));
-        }
-        let token = new_token().map_err(|e| ApiError::new(Code::Internal, e.to_string()))?;
-        let info = db.add_token(
-            &token,
-            &Principal::Tenant(tenant),
-            request.description.as_deref(),
-        )?;
-        Ok(CreatedToken { token, info })
-    })
-    .await?;
-    Ok(json(StatusCode::CREATED, created))
-}
-
 /// Exports a direct call as a span, when the agent exports spans: in the caller's trace
 /// when its `traceparent` header carries one.
 #[allow(clippy::too_many_arguments)]
@@ -619,60 +513,6 @@ pub(crate) fn export_call(
             .map(|out| out.fuel_used),
         error: called.as_ref().err().map(|e| e.code().as_str().to_owned()),
     });
-}
-
-/// Who a token is, as the console shows it.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub(super) struct WhoAmI {
-    /// This agent's name.
-    agent: String,
-    /// `admin` or `tenant`.
-    principal: &'static str,
-    /// The tenant the request acts for: the token's, or the admin's `X-Deadlift-Tenant`.
-    tenant: Option<String>,
-}
-
-#[utoipa::path(get, path = "/v1/whoami", tag = "tenants", security(("bearer" = [])),
-    responses((status = 200, description = "The caller", body = WhoAmI)))]
-async fn whoami(State(agent): State<AgentState>, caller: Caller) -> Json<WhoAmI> {
-    Json(WhoAmI {
-        agent: agent.federation().identity().name.clone(),
-        principal: match caller.principal {
-            Principal::Admin => "admin",
-            Principal::Tenant(_) => "tenant",
-        },
-        tenant: caller.acting_for.clone(),
-    })
-}
-
-#[utoipa::path(get, path = "/v1/tokens", tag = "tenants", security(("bearer" = [])),
-    responses((status = 200, description = "Every token, without secrets"), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
-async fn list_tokens(
-    State(agent): State<AgentState>,
-    caller: Caller,
-) -> Result<Response, ApiError> {
-    caller.require_admin()?;
-    let db = agent.db().clone();
-    let tokens = blocking(move || Ok(db.tokens(None)?)).await?;
-    Ok(Json(serde_json::json!({ "tokens": tokens })).into_response())
-}
-
-#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tenants", security(("bearer" = [])),
-    params(("id" = String, Path, description = "The token's id")),
-    responses((status = 204, description = "Revoked"), (status = 404, description = "No such token", body = ErrorBody), (status = 401, description = "No or an invalid token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
-async fn revoke_token(
-    State(agent): State<AgentState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
-    caller.require_admin()?;
-    let db = agent.db().clone();
-    let revoked = blocking(move || Ok(db.revoke_token(&id)?)).await?;
-    if revoked {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::new(Code::TokenNotFound, "no such token"))
-    }
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

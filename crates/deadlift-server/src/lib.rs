@@ -14,6 +14,7 @@ mod hooks;
 mod peers;
 mod policy;
 mod replay;
+mod tenants;
 mod ui;
 mod v1;
 mod workflows;
@@ -62,6 +63,7 @@ pub fn router_listening(agent: Arc<Agent>, listening: Listening) -> Router {
         .merge(peers::routes())
         .merge(hooks::routes())
         .merge(policy::routes())
+        .merge(tenants::routes())
         .merge(ui::routes())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -12,16 +12,13 @@
 //! The pool is last-in-first-out, so sequential calls meet the same instance and see
 //! the state they left, as with one Extism `Plugin`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::Mutex;
-
-use wasmtime::InstancePre;
-
 mod builder;
 mod compiled;
+mod pools;
 mod shard;
 mod workers;
 
@@ -32,34 +29,14 @@ pub use shard::{DURATION_BUCKETS_US, EngineStats};
 pub use workers::Fairness;
 
 use crate::error::CallError;
-use crate::executor::{self, CallOutput, EpochTicker, Instance, LogLevel, StoreData, WASI_P1};
-use crate::grant::{Grant, InstanceShape};
+use crate::executor::{self, CallOutput, EpochTicker, Instance, LogLevel};
+use crate::grant::Grant;
 use crate::host::{self, CallContext};
 use crate::registry::{ModuleError, ModuleId, ModuleInfo, NewModule, Registry};
-use compiled::{CodeCache, CompileGate, Compiled};
+use compiled::{CodeCache, CompileGate};
+use pools::InstancePool;
 use shard::{Counters, Shard, thread_slot};
 use workers::{Admission, Job, WorkerPool};
-
-/// Warm instances of one module for one tenant and grant shape, in one shard.
-struct InstancePool {
-    tenant: String,
-    shape: InstanceShape,
-    /// Kept for the code cache's use marks.
-    compiled: Arc<Compiled>,
-    /// When a call last started here (µs since the engine started): which warm
-    /// instances go first when slots run out.
-    last_used_us: AtomicU64,
-    pre: InstancePre<StoreData>,
-    idle: Mutex<Vec<Instance>>,
-    /// Its instances run calls with `call_async` (`Inner::suspendable`).
-    suspendable: bool,
-}
-
-impl InstancePool {
-    fn serves(&self, tenant: &str, grant: &Grant, suspendable: bool) -> bool {
-        self.tenant == tenant && self.shape.admits(grant) && self.suspendable == suspendable
-    }
-}
 
 struct Inner {
     /// Plain, then metered: index with `usize::from(metered)`.
@@ -490,46 +467,6 @@ impl Inner {
         Ok(())
     }
 
-    /// This thread's pool for the call, marked used now.
-    fn pool_for(
-        &self,
-        module: &ModuleId,
-        grant: &Grant,
-        ctx: &CallContext,
-        started: std::time::Instant,
-    ) -> Result<Arc<InstancePool>, CallError> {
-        let pool = self.pool(self.shard(), module, grant, ctx)?;
-        pool.compiled.touch();
-        pool.last_used_us.store(
-            u64::try_from(started.duration_since(self.started).as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-        Ok(pool)
-    }
-
-    /// Gives a used instance back to its pool, unless the call spoiled it.
-    fn give_back(
-        &self,
-        pool: &InstancePool,
-        instance: Instance,
-        result: &Result<CallOutput, CallError>,
-        ctx: &CallContext,
-    ) {
-        let keep = instance.reusable()
-            && !replaying(ctx)
-            && result.as_ref().err().is_none_or(|e| !e.poisons_instance());
-        if keep {
-            let mut idle = pool.idle.lock();
-            if idle.len() < self.max_idle_per_pool {
-                idle.push(instance);
-            }
-        } else {
-            self.stats
-                .instances_discarded
-                .fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     fn run(
         &self,
         module: &ModuleId,
@@ -589,143 +526,5 @@ impl Inner {
         instance.set_suspend(None);
         self.give_back(&pool, instance, &result, ctx);
         result
-    }
-
-    fn instantiate(
-        &self,
-        pool: &InstancePool,
-        grant: &Grant,
-        ctx: &CallContext,
-    ) -> Result<Instance, CallError> {
-        let created = match Instance::new(&pool.pre, grant, self.log_level, ctx, self.http.clone())
-        {
-            Err(CallError::Overloaded { .. }) => {
-                // Every slot is taken: give up the least recently used warm instances
-                // and try once more.
-                self.evict_idle();
-                Instance::new(&pool.pre, grant, self.log_level, ctx, self.http.clone())
-            }
-            other => other,
-        }?;
-        self.stats.instances_created.fetch_add(1, Ordering::Relaxed);
-        Ok(created)
-    }
-
-    /// Drops the warm instances of the least recently used pools: at least half of all
-    /// idle instances.
-    fn evict_idle(&self) {
-        let mut pools: Vec<(u64, Arc<InstancePool>)> = Vec::new();
-        let mut idle = 0;
-        for shard in &self.shards {
-            for pool in shard.pools().values().flatten() {
-                let count = pool.idle.lock().len();
-                if count > 0 {
-                    idle += count;
-                    pools.push((pool.last_used_us.load(Ordering::Relaxed), pool.clone()));
-                }
-            }
-        }
-        pools.sort_unstable_by_key(|(last_used, _)| *last_used);
-        let mut dropped = 0;
-        for (_, pool) in pools {
-            if dropped * 2 >= idle {
-                break;
-            }
-            let mut instances = pool.idle.lock();
-            dropped += instances.len();
-            instances.clear();
-        }
-    }
-
-    /// The pool for this module, tenant and grant; binds it on first use, which is where
-    /// ownership, imports and grants are checked.
-    fn pool(
-        &self,
-        shard: &Shard,
-        module: &ModuleId,
-        grant: &Grant,
-        ctx: &CallContext,
-    ) -> Result<Arc<InstancePool>, CallError> {
-        let suspendable = self.suspendable(grant);
-        let find = |pools: &HashMap<ModuleId, Vec<Arc<InstancePool>>>| {
-            pools
-                .get(module)?
-                .iter()
-                .find(|pool| pool.serves(&ctx.tenant, grant, suspendable))
-                .cloned()
-        };
-        if let Some(pool) = find(&shard.pools()) {
-            return Ok(pool);
-        }
-        let not_found = || CallError::ModuleNotFound {
-            module: module.to_string(),
-        };
-        let registered = self
-            .registry
-            .get(&ctx.tenant, module)
-            .map_err(|e| match e {
-                ModuleError::NotFound { .. } => not_found(),
-                other => CallError::Internal {
-                    message: other.to_string(),
-                },
-            })?;
-        let metered = grant.fuel.is_some();
-        let cached = self.code.get(&(*module, metered));
-        let compiled = match cached {
-            Some(compiled) => compiled,
-            None => {
-                let bytes = self
-                    .registry
-                    .bytes(&registered.id)
-                    .map_err(|_| not_found())?;
-                self.compiled(module, &bytes, None, metered)
-                    .map_err(|e| CallError::Internal {
-                        message: e.to_string(),
-                    })?
-            }
-        };
-        for name in &compiled.user_imports {
-            if !self.host_names.contains(name) {
-                return Err(CallError::HostFunctionUnknown { name: name.clone() });
-            }
-            if !grant.host_functions.contains(name) {
-                return Err(CallError::HostFunctionDenied { name: name.clone() });
-            }
-        }
-        if let Some(name) = compiled.wasi_imports.first()
-            && !grant.wasi
-        {
-            return Err(CallError::ImportDenied {
-                module: WASI_P1.to_owned(),
-                name: name.clone(),
-                reason: "the grant does not allow WASI".to_owned(),
-            });
-        }
-        let runtime = self.runtime(metered);
-        let linker = if suspendable {
-            &runtime.suspendable_linker
-        } else {
-            &runtime.linker
-        };
-        let pre = linker
-            .instantiate_pre(&compiled.module)
-            .map_err(|e| CallError::Link {
-                message: format!("{e:#}"),
-            })?;
-        let mut pools = shard.pools_mut();
-        if let Some(pool) = find(&pools) {
-            return Ok(pool);
-        }
-        let pool = Arc::new(InstancePool {
-            tenant: ctx.tenant.clone(),
-            shape: grant.instance_shape(),
-            compiled,
-            last_used_us: AtomicU64::new(0),
-            pre,
-            idle: Mutex::new(Vec::new()),
-            suspendable,
-        });
-        pools.entry(*module).or_default().push(pool.clone());
-        Ok(pool)
     }
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
-use super::InstancePool;
+use super::pools::InstancePool;
 use crate::code::Code;
 use crate::registry::ModuleId;
 
