@@ -29,6 +29,11 @@ pub const MAX_TAPE_BYTES: usize = 1 << 20;
 /// a module called 30,000 times a second are a few seconds of its traffic anyway, and
 /// recording every call would cost the call path a third of its rate.
 pub const RECORDED_PER_SECOND: u32 = 100;
+/// Calls recorded per second for one tenant, whatever its number of modules: one tenant
+/// cannot keep the journal's writer busy with its tapes.
+pub const RECORDED_PER_SECOND_PER_TENANT: u32 = 300;
+/// Calls recorded per second by the whole agent.
+pub const RECORDED_PER_SECOND_IN_ALL: u32 = 1000;
 /// Most tapes written in one transaction.
 const BATCH: usize = 256;
 
@@ -154,22 +159,42 @@ impl Tapes {
             return None;
         }
         use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (tenant, module, function).hash(&mut hasher);
-        let key = hasher.finish();
+        let key = |parts: &dyn Fn(&mut std::collections::hash_map::DefaultHasher)| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            parts(&mut hasher);
+            hasher.finish()
+        };
+        // Each series its share, each tenant its share of the writer, the agent a bound.
+        let limits = [
+            (
+                key(&|h| (tenant, module, function).hash(h)),
+                RECORDED_PER_SECOND,
+            ),
+            (
+                key(&|h| ("tenant", tenant).hash(h)),
+                RECORDED_PER_SECOND_PER_TENANT,
+            ),
+            (0, RECORDED_PER_SECOND_IN_ALL),
+        ];
         let second = u64::try_from(now_ms() / 1000).unwrap_or(0);
         let mut rate = self.rate.lock();
         if rate.len() > 100_000 {
             rate.retain(|_, (at, _)| *at == second);
         }
-        let (at, count) = rate.entry(key).or_insert((second, 0));
-        if *at != second {
-            (*at, *count) = (second, 0);
+        for (key, limit) in limits {
+            let (at, count) = rate.entry(key).or_insert((second, 0));
+            if *at != second {
+                (*at, *count) = (second, 0);
+            }
+            if *count >= limit {
+                return None;
+            }
         }
-        if *count >= RECORDED_PER_SECOND {
-            return None;
+        for (key, _) in limits {
+            if let Some((_, count)) = rate.get_mut(&key) {
+                *count += 1;
+            }
         }
-        *count += 1;
         Some(Tape::recording())
     }
 
@@ -339,4 +364,41 @@ fn list(
         })
     })
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tenant with many modules cannot record more than its share a second, and a
+    /// series no more than its own.
+    #[tokio::test]
+    async fn recording_is_bounded_per_series_and_per_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(&dir.path().join("agent.db")).unwrap();
+        let (journal, _receiver) = Journal::new(db.clone());
+        let tapes = Tapes::start(
+            db,
+            journal,
+            PolicyHandle::new(crate::policy::Policy::default()),
+        );
+        let recorded = |module: &str| {
+            (0..RECORDED_PER_SECOND * 2)
+                .filter(|_| tapes.tape_for("acme", module, "run").is_some())
+                .count() as u32
+        };
+        // Within one second (the test takes milliseconds; a second boundary may reset
+        // the counters once, which only makes the counts larger, never over twice).
+        let one = recorded("m0");
+        assert!(
+            (RECORDED_PER_SECOND..=RECORDED_PER_SECOND * 2).contains(&one),
+            "{one}"
+        );
+        let many: u32 = (1..20).map(|i| recorded(&format!("m{i}"))).sum::<u32>() + one;
+        assert!(many <= RECORDED_PER_SECOND_PER_TENANT * 2, "{many}");
+        assert!(
+            tapes.tape_for("globex", "m0", "run").is_some(),
+            "another tenant has its own share"
+        );
+    }
 }
