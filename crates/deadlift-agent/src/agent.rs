@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::federation::{DeliveryConfig, Federation, Identity, PeerDirectory, peers};
 use crate::hooks::{Hook, HookDecl, Hooks};
 use crate::policy::{Policy, PolicyHandle};
+use crate::releases::{NameUse, ReleaseError, Releases};
 use crate::store::{Database, DbError, Durability, Principal};
 use crate::workflow::{Journal, JournalSink, Retention, Runtime, RuntimeConfig};
 use deadlift_engine::engine::{Engine, EngineBuilder, EngineError};
@@ -281,6 +282,7 @@ impl AgentBuilder {
             journal.clone(),
             policy.clone(),
         ));
+        let releases = Arc::new(Releases::new(db.clone(), engine.clone()));
         let workflows = Runtime::start(
             engine.clone(),
             journal.clone(),
@@ -289,6 +291,7 @@ impl AgentBuilder {
             policy.clone(),
             self.runtime,
             tapes.clone(),
+            releases.clone(),
         )?;
         let telemetry = match &self.otlp_endpoint {
             Some(endpoint) => Some(Telemetry::start(
@@ -320,6 +323,7 @@ impl AgentBuilder {
             max_body_bytes: self.max_body_bytes,
             telemetry,
             tapes,
+            releases,
         };
         Ok((agent, new_admin_token))
     }
@@ -359,6 +363,7 @@ pub struct Agent {
     max_body_bytes: usize,
     telemetry: Option<Telemetry>,
     tapes: Arc<crate::tapes::Tapes>,
+    releases: Arc<Releases>,
 }
 
 impl Agent {
@@ -412,6 +417,28 @@ impl Agent {
     /// Recorded calls (tapes).
     pub fn tapes(&self) -> &crate::tapes::Tapes {
         &self.tapes
+    }
+
+    /// Which version serves each module name, and rollouts.
+    pub fn releases(&self) -> &Arc<Releases> {
+        &self.releases
+    }
+
+    /// What the tenant's workflows and hook bindings that call `name` by its bare name
+    /// need of the version that serves it.
+    pub async fn name_uses(&self, tenant: &str, name: &str) -> Result<Vec<NameUse>, ReleaseError> {
+        let mut uses = self
+            .workflows
+            .name_uses(tenant, name)
+            .await
+            .map_err(|e| ReleaseError::Lookup(e.to_string()))?;
+        uses.extend(
+            self.hooks
+                .name_uses(tenant, name)
+                .await
+                .map_err(|e| ReleaseError::Lookup(e.to_string()))?,
+        );
+        Ok(uses)
     }
 
     /// The OpenTelemetry exporter, when the agent exports spans.

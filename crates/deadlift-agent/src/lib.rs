@@ -7,11 +7,15 @@
 
 pub mod agent;
 pub mod clock;
+pub mod direct;
 pub mod federation;
 pub mod hooks;
 pub mod manifest;
 pub mod policy;
+pub mod releases;
+pub mod replay;
 mod schema;
+mod shadow;
 pub mod store;
 pub mod tapes;
 pub mod telemetry;

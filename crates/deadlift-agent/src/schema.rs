@@ -209,4 +209,34 @@ CREATE TABLE tapes (
 );
 CREATE INDEX tapes_by_module ON tapes (tenant, module_name, function, id);
 "#,
+    // Releases: which version of each module name serves it, and rollouts of another.
+    // Every existing name starts with its newest registration live, as before.
+    r#"
+CREATE TABLE module_releases (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    live TEXT NOT NULL,
+    live_version TEXT,
+    previous TEXT,
+    previous_version TEXT,
+    rollout TEXT,
+    updated_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, name)
+);
+CREATE TABLE module_release_history (
+    id INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    at_unix_ms INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    module TEXT NOT NULL,
+    version TEXT,
+    detail TEXT
+);
+CREATE INDEX module_release_history_by_name ON module_release_history (tenant, name, id);
+INSERT INTO module_releases (tenant, name, live, live_version, updated_unix_ms)
+    SELECT tenant, name, id, NULLIF(version, ''), created_unix_ms FROM modules AS m
+    WHERE rowid = (SELECT rowid FROM modules AS n WHERE n.tenant = m.tenant AND n.name = m.name
+                   ORDER BY created_unix_ms DESC, rowid DESC LIMIT 1);
+"#,
 ];

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::clock::now_ms;
+use crate::releases::ReleaseTable;
 use crate::schema::MIGRATIONS;
 use deadlift_engine::Code;
 
@@ -136,6 +137,8 @@ pub struct Database {
     /// Tokens and tenants known to exist, so that authenticating a request needs no
     /// query. Tokens leave it when revoked; tenants are never deleted.
     known: Arc<Mutex<Known>>,
+    /// What each module name stands for (`releases.rs`), kept in memory.
+    releases: Arc<ReleaseTable>,
 }
 
 #[derive(Debug, Default)]
@@ -217,11 +220,13 @@ impl Database {
             tx.pragma_update(None, "user_version", index as i64 + 1)?;
             tx.commit()?;
         }
+        let releases = Arc::new(ReleaseTable::load(&conn)?);
         let conn = Arc::new(Mutex::new(conn));
         Ok(Self {
             reader: conn.clone(),
             conn,
             known: Arc::default(),
+            releases,
         })
     }
 
@@ -232,6 +237,11 @@ impl Database {
     /// The connection, for the workflow journal's own SQL.
     pub(crate) fn lock(&self) -> MutexGuard<'_, Connection> {
         self.conn()
+    }
+
+    /// What each module name stands for.
+    pub fn releases(&self) -> &ReleaseTable {
+        &self.releases
     }
 
     /// A read-only connection to committed state, which a commit in progress does not
@@ -425,7 +435,11 @@ impl ModuleStore for Database {
             ],
         )
         .map_err(DbError::from)?;
+        let released = crate::releases::on_insert(&tx, info)?;
         tx.commit().map_err(DbError::from)?;
+        if let Some(release) = released {
+            self.releases.put(&info.tenant, &info.name, Some(release));
+        }
         Ok(())
     }
 
@@ -494,6 +508,13 @@ impl ModuleStore for Database {
         Ok(text.map(|t| Self::decode_info(&t)).transpose()?)
     }
 
+    fn current(&self, tenant: &str, name: &str) -> Result<Option<ModuleInfo>, StoreError> {
+        match self.releases.get(tenant, name) {
+            Some(release) => ModuleStore::get(self, tenant, &release.live.module),
+            None => self.newest(tenant, name),
+        }
+    }
+
     fn bytes(&self, id: &ModuleId) -> Result<Option<Arc<[u8]>>, StoreError> {
         let bytes: Option<Vec<u8>> = self
             .conn()
@@ -508,9 +529,14 @@ impl ModuleStore for Database {
     }
 
     fn delete(&self, tenant: &str, id: &ModuleId) -> Result<bool, StoreError> {
+        let info = ModuleStore::get(self, tenant, id)?;
         let id = id.to_string();
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(DbError::from)?;
+        let released = match &info {
+            Some(info) => crate::releases::on_delete(&tx, &self.releases, info)?,
+            None => None,
+        };
         let removed = tx
             .execute(
                 "DELETE FROM modules WHERE tenant = ?1 AND id = ?2",
@@ -531,6 +557,9 @@ impl ModuleStore for Database {
         )
         .map_err(DbError::from)?;
         tx.commit().map_err(DbError::from)?;
+        if let (Some(info), Some(release)) = (info, released) {
+            self.releases.put(tenant, &info.name, release);
+        }
         Ok(removed == 1)
     }
 }

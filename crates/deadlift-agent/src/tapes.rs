@@ -66,6 +66,15 @@ pub struct TapeError {
     pub message: String,
 }
 
+impl TapeError {
+    pub fn of(error: &deadlift_engine::CallError) -> Self {
+        Self {
+            code: error.code().as_str().to_owned(),
+            message: error.to_string(),
+        }
+    }
+}
+
 /// A call to record.
 #[derive(Debug, Clone)]
 pub struct Recording {

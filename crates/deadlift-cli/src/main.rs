@@ -16,6 +16,7 @@ mod hooks;
 mod local;
 mod modules;
 mod peers;
+mod releases;
 mod runs;
 mod serve;
 mod showcase;

@@ -89,6 +89,18 @@ pub enum ModuleCommand {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Roll a version out beside the live one: as a canary serving a share of calls
+    /// (rolled back by itself when its error rate passes the live one's by more than
+    /// the threshold), or in shadow, compared on live calls and serving none
+    Rollout(crate::releases::RolloutArgs),
+    /// Make a version live: NAME promotes the rollout's candidate, NAME@VERSION that
+    /// version
+    Promote(crate::releases::PromoteArgs),
+    /// End the rollout; without one, go back to the version live before the last
+    /// promotion
+    Rollback(crate::releases::NameArgs),
+    /// Show which version serves a name, the rollout in progress and the history
+    Release(crate::releases::NameArgs),
     /// Delete a module
     Delete {
         /// Module reference: name, name@version or sha256:...
@@ -408,12 +420,21 @@ pub async fn module(command: ModuleCommand) -> anyhow::Result<()> {
                 format!("(hex) {}", cell(&out["output_hex"]))
             };
             println!("{output}");
+            let served = match (out["version"].as_str(), out["canary"].as_bool()) {
+                (Some(version), Some(true)) => format!(" · version {version} (canary)"),
+                (Some(version), _) => format!(" · version {version}"),
+                (None, _) => String::new(),
+            };
             eprintln!(
-                "fuel {} · {} µs",
+                "fuel {} · {} µs{served}",
                 cell(&out["fuel_used"]),
                 cell(&out["duration_us"])
             );
         }
+        ModuleCommand::Rollout(args) => crate::releases::rollout(args).await?,
+        ModuleCommand::Promote(args) => crate::releases::promote(args).await?,
+        ModuleCommand::Rollback(args) => crate::releases::rollback(args).await?,
+        ModuleCommand::Release(args) => crate::releases::release(args).await?,
         ModuleCommand::Delete { module, remote } => {
             let client = remote.client()?;
             client

@@ -61,6 +61,7 @@ codes! {
     EventInvalid = "event_invalid" => BAD_REQUEST,
     PeerInvalid = "peer_invalid" => BAD_REQUEST,
     BindingInvalid = "binding_invalid" => BAD_REQUEST,
+    RolloutInvalid = "rollout_invalid" => BAD_REQUEST,
     // Who is asking is unknown or unproven.
     Unauthorized = "unauthorized" => UNAUTHORIZED,
     PeerUnknown = "peer_unknown" => UNAUTHORIZED,
@@ -89,6 +90,8 @@ codes! {
     ModuleConflict = "module_conflict" => CONFLICT,
     TenantExists = "tenant_exists" => CONFLICT,
     ModuleInUse = "module_in_use" => CONFLICT,
+    RolloutConflict = "rollout_conflict" => CONFLICT,
+    ModuleIncompatible = "module_incompatible" => CONFLICT,
     RunNotRetryable = "run_not_retryable" => CONFLICT,
     RunNotOpen = "run_not_open" => CONFLICT,
     DeliveryNotDead = "delivery_not_dead" => CONFLICT,

@@ -351,6 +351,11 @@ pub trait ModuleStore: Send + Sync + 'static {
             .filter(|m| m.name == name)
             .max_by_key(|m| m.created_unix_ms))
     }
+    /// The version a bare name means: by default the newest registration. Stores that
+    /// keep a live version per name (the agent's releases) override it.
+    fn current(&self, tenant: &str, name: &str) -> Result<Option<ModuleInfo>, StoreError> {
+        self.newest(tenant, name)
+    }
     fn bytes(&self, id: &ModuleId) -> Result<Option<Arc<[u8]>>, StoreError>;
     /// Removes a tenant's record (bytes go when no tenant refers to them). Returns
     /// whether there was one.
@@ -533,8 +538,8 @@ impl Registry {
         Ok(self.store.list(tenant)?)
     }
 
-    /// Finds a module by `sha256:<hex>`, `name@version`, or `name` (the newest
-    /// registration of that name).
+    /// Finds a module by `sha256:<hex>`, `name@version`, or `name` (the version the
+    /// store says is current: the newest registration, or the agent's live version).
     pub fn resolve(&self, tenant: &str, reference: &str) -> Result<ModuleInfo, ModuleError> {
         if reference.starts_with("sha256:") {
             return self.get(tenant, &reference.parse()?);
@@ -545,7 +550,7 @@ impl Registry {
         };
         let found = match version {
             Some(version) => self.store.named(tenant, name, Some(version))?,
-            None => self.store.newest(tenant, name)?,
+            None => self.store.current(tenant, name)?,
         };
         found.ok_or_else(|| ModuleError::NotFound {
             reference: reference.to_owned(),

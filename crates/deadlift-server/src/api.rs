@@ -15,13 +15,14 @@ use serde::{Deserialize, Serialize};
 use crate::error::ErrorBody;
 use crate::{AgentState, ApiError, Caller, RawBody, json, multipart_error, parse_json};
 use crate::{hooks, peers, policy, tenants, v1, workflows};
+use deadlift_agent::direct::{CallLimits, DirectCallError};
 use deadlift_agent::manifest::{Manifest, ManifestError};
 use deadlift_agent::store::TokenInfo;
 use deadlift_agent::telemetry::CallSpan;
 use deadlift_agent::workflow::TraceParent;
 use deadlift_engine::Code;
 use deadlift_engine::LogLine;
-use deadlift_engine::host::{CallContext, KvStore};
+use deadlift_engine::host::KvStore;
 use deadlift_engine::registry::{ModuleInfo, NewModule};
 
 pub(super) fn routes() -> Router<AgentState> {
@@ -60,6 +61,8 @@ pub(super) fn routes() -> Router<AgentState> {
         workflows::list_runs, workflows::get_run, workflows::retry_run, workflows::cancel_run,
         workflows::live_runs, workflows::list_dead_letters, workflows::replay_dead_letter,
         workflows::get_trace, tenants::whoami, crate::replay::replay_calls,
+        crate::releases::get_release, crate::releases::start_rollout, crate::releases::promote,
+        crate::releases::rollback,
         peers::identity, peers::list_peers, peers::add_peer, peers::remove_peer,
         peers::outbox, peers::replay, peers::receive,
         peers::list_views, peers::set_view, peers::remove_view,
@@ -306,6 +309,15 @@ async fn get_manifest(
         })
 }
 
+impl From<DirectCallError> for ApiError {
+    fn from(e: DirectCallError) -> Self {
+        match e {
+            DirectCallError::Module(e) => e.into(),
+            DirectCallError::Manifest(e) => e.into(),
+        }
+    }
+}
+
 impl From<ManifestError> for ApiError {
     fn from(e: ManifestError) -> Self {
         match &e {
@@ -344,6 +356,9 @@ async fn delete_module(
 ) -> Result<StatusCode, ApiError> {
     let tenant = caller.tenant()?;
     let info = resolve(&agent, tenant.clone(), reference).await?;
+    if let Some(reason) = agent.releases().in_use(&tenant, &info) {
+        return Err(ApiError::new(Code::ModuleInUse, reason));
+    }
     if let Some(workflow) = agent.workflows().module_in_use(&tenant, &info).await? {
         return Err(ApiError::new(
             Code::ModuleInUse,
@@ -368,6 +383,13 @@ struct CallResponse {
     logs: Vec<LogLine>,
     fuel_used: u64,
     duration_us: u64,
+    /// The module that served the call (`sha256:…`).
+    module: String,
+    /// Its version, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    /// Whether a canary of the module's name served the call.
+    canary: bool,
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -403,47 +425,38 @@ async fn call_module(
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let tenant = caller.tenant()?;
-    let info = resolve(&agent, tenant.clone(), reference).await?;
-    let started = std::time::SystemTime::now();
-    let tape = agent
-        .tapes()
-        .tape_for(&tenant, &info.id.to_string(), &function);
-    // The module's manifest when it has one (held to the policy), else the default;
-    // the call itself may only narrow it.
-    let mut grant = agent.call_grant(&tenant, &info.id).await?;
-    if let Some(ms) = query.timeout_ms {
-        grant.timeout = grant.timeout.min(std::time::Duration::from_millis(ms));
-    }
-    if let Some(fuel) = query.fuel {
-        grant.fuel = Some(grant.fuel.map_or(fuel, |granted| granted.min(fuel)));
-    }
-    let called = agent
-        .engine()
-        .call_direct(
-            &info.id,
-            &function,
-            &body,
-            &grant,
-            &match &tape {
-                Some(tape) => CallContext::new(tenant.clone()).with_tape(tape.clone()),
-                None => CallContext::new(tenant.clone()),
-            },
-        )
-        .await;
-    crate::replay::record_call(
+    let limits = CallLimits {
+        timeout: query.timeout_ms.map(std::time::Duration::from_millis),
+        fuel: query.fuel,
+    };
+    let call = agent
+        .call_module(&tenant, &reference, &function, &body, limits)
+        .await?;
+    export_call(
         &agent,
         &tenant,
-        (&info.id, Some(&info.name)),
+        &call.module,
         &function,
-        &body,
-        tape,
-        &called,
-        started,
+        &headers,
+        call.started,
+        &call.grant,
+        &call.result,
     );
-    export_call(
-        &agent, &tenant, &info.id, &function, &headers, started, &grant, &called,
-    );
-    let out = called?;
+    let served = [
+        (
+            header::HeaderName::from_static("x-deadlift-module"),
+            call.module.to_string(),
+        ),
+        (
+            header::HeaderName::from_static("x-deadlift-module-version"),
+            call.version.clone().unwrap_or_default(),
+        ),
+        (
+            header::HeaderName::from_static("x-deadlift-canary"),
+            call.canary.to_string(),
+        ),
+    ];
+    let out = call.result?;
     if query.format.as_deref() == Some("raw") {
         return Ok((
             [
@@ -457,6 +470,7 @@ async fn call_module(
                     out.duration.as_micros().to_string(),
                 ),
             ],
+            served,
             out.output,
         )
             .into_response());
@@ -476,6 +490,9 @@ async fn call_module(
         logs: out.logs,
         fuel_used: out.fuel_used,
         duration_us: u64::try_from(out.duration.as_micros()).unwrap_or(u64::MAX),
+        module: call.module.to_string(),
+        version: call.version,
+        canary: call.canary,
     })
     .into_response())
 }

@@ -13,6 +13,7 @@ pub mod error;
 mod hooks;
 mod peers;
 mod policy;
+mod releases;
 mod replay;
 mod tenants;
 mod ui;
@@ -62,6 +63,7 @@ pub fn router_listening(agent: Arc<Agent>, listening: Listening) -> Router {
         .merge(workflows::routes())
         .merge(peers::routes())
         .merge(hooks::routes())
+        .merge(releases::routes())
         .merge(policy::routes())
         .merge(tenants::routes())
         .merge(ui::routes())

@@ -1,63 +1,19 @@
 //! Regression replay over HTTP: `POST /v1/modules/{candidate}/replay?against=NAME` runs
 //! the tenant's recorded calls of module `NAME` (its tapes) through the candidate module,
 //! every host call answered from its tape (nothing the host does happens again), and
-//! reports per call and in total what changed. Also where the direct call route records
-//! its tapes.
-
-use std::time::SystemTime;
+//! reports per call and in total what changed (judged by the agent's `replay` module).
 
 use axum::Json;
 use axum::extract::State;
-use deadlift_agent::tapes::{Recording, StoredTape, TapeError, TapeFilter};
+use deadlift_agent::replay::{Outcome, Recorded, shown};
+use deadlift_agent::tapes::{StoredTape, TapeFilter};
+use deadlift_engine::Grant;
 use deadlift_engine::registry::ModuleInfo;
-use deadlift_engine::tape::Tape;
-use deadlift_engine::{CallContext, CallError, CallOutput, Grant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ErrorBody;
 use crate::{AgentState, ApiError, Caller, Path, Query};
-
-/// Records a direct call, when the tenant's calls are recorded.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn record_call(
-    agent: &deadlift_agent::Agent,
-    tenant: &str,
-    module: (&deadlift_engine::ModuleId, Option<&str>),
-    function: &str,
-    input: &[u8],
-    tape: Option<Tape>,
-    called: &Result<CallOutput, CallError>,
-    started: SystemTime,
-) {
-    let Some(tape) = tape else {
-        return;
-    };
-    let (outcome, fuel_used) = match called {
-        Ok(out) => (Ok(out.output.clone()), out.fuel_used),
-        Err(error) => (Err(tape_error(error)), 0),
-    };
-    let recording = Recording {
-        tenant: tenant.to_owned(),
-        module_name: module.1.map(str::to_owned),
-        module_id: module.0.to_string(),
-        function: function.to_owned(),
-        input: input.to_vec(),
-        outcome,
-        host_calls: tape.calls(),
-        fuel_used,
-        duration_us: u64::try_from(started.elapsed().unwrap_or_default().as_micros())
-            .unwrap_or(u64::MAX),
-    };
-    agent.tapes().record(recording, &tape);
-}
-
-fn tape_error(error: &CallError) -> TapeError {
-    TapeError {
-        code: error.code().as_str().to_owned(),
-        message: error.to_string(),
-    }
-}
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -82,15 +38,6 @@ pub(super) struct ReplayOptions {
     /// a new version can be the same bytes configured otherwise.
     #[serde(default)]
     config: std::collections::BTreeMap<String, String>,
-}
-
-/// What a call gave: its output (JSON when it is JSON, else text, else hex) or its error.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
-pub(super) struct Outcome {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    output: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<TapeError>,
 }
 
 /// One recorded call, replayed.
@@ -199,113 +146,30 @@ async fn replay_one(
     stored: StoredTape,
 ) -> ReplayedCall {
     let input = hex::decode(&stored.input).unwrap_or_default();
-    // Every host call is answered from the tape or refused as a divergence, so the grant
-    // may name every host function the candidate imports: none of them runs.
-    let mut grant = base.clone();
-    for import in &module.imports {
-        if import.module == "extism:host/user" {
-            grant.host_functions.insert(import.name.clone());
-        }
-    }
-    if stored
-        .host_calls
-        .iter()
-        .any(|c| c.function == "http_request")
-    {
-        grant.allowed_hosts.push("*".into());
-    }
-    let ctx = CallContext::new(tenant).with_tape(Tape::replaying(stored.host_calls.clone()));
-    let replayed = agent
-        .engine()
-        .call(&module.id, &stored.function, &input, &grant, &ctx)
-        .await;
-    let recorded = Outcome {
-        output: stored
-            .output
-            .as_deref()
-            .map(|hex| shown(&hex::decode(hex).unwrap_or_default())),
-        error: stored.error.clone(),
+    let recorded = match (&stored.output, &stored.error) {
+        (_, Some(error)) => Err(error.clone()),
+        (Some(output), None) => Ok(hex::decode(output).unwrap_or_default()),
+        (None, None) => Ok(Vec::new()),
     };
-    let (replayed_outcome, fuel, duration) = match &replayed {
-        Ok(out) => (
-            Outcome {
-                output: Some(shown(&out.output)),
-                error: None,
-            },
-            out.fuel_used,
-            u64::try_from(out.duration.as_micros()).unwrap_or(u64::MAX),
-        ),
-        Err(error) => (
-            Outcome {
-                output: None,
-                error: Some(tape_error(error)),
-            },
-            0,
-            0,
-        ),
+    let recorded = Recorded {
+        function: stored.function.clone(),
+        input,
+        host_calls: stored.host_calls,
+        outcome: recorded,
     };
-    let verdict = match (&replayed, recorded.error.is_some()) {
-        (Err(CallError::Diverged { .. }), _) => "diverged",
-        (Ok(_), false) if replayed_outcome == recorded => "identical",
-        (Ok(_), false) => "changed",
-        (Ok(_), true) => "no_longer_failing",
-        (Err(_), false) => "newly_failing",
-        (Err(_), true) => "still_failing",
-    };
-    let diff = match (&recorded.output, &replayed_outcome.output) {
-        (Some(before), Some(after)) if verdict == "changed" => {
-            let mut paths = Vec::new();
-            json_diff("", before, after, &mut paths);
-            paths
-        }
-        _ => Vec::new(),
-    };
+    let replayed =
+        deadlift_agent::replay::replay(agent.engine(), tenant, module, base, &recorded).await;
     ReplayedCall {
         tape: stored.id,
         function: stored.function,
-        input: shown(&input),
-        verdict,
-        recorded,
-        replayed: replayed_outcome,
-        diff,
+        input: shown(&recorded.input),
+        verdict: replayed.verdict.as_str(),
+        recorded: replayed.recorded,
+        replayed: replayed.replayed,
+        diff: replayed.diff,
         fuel_recorded: stored.fuel_used,
-        fuel_replayed: fuel,
+        fuel_replayed: replayed.fuel_used,
         duration_us_recorded: stored.duration_us,
-        duration_us_replayed: duration,
-    }
-}
-
-/// Output bytes as a person reads them: JSON, else text, else hex.
-fn shown(bytes: &[u8]) -> Value {
-    serde_json::from_slice(bytes).unwrap_or_else(|_| match std::str::from_utf8(bytes) {
-        Ok(text) => Value::String(text.to_owned()),
-        Err(_) => serde_json::json!({ "hex": hex::encode(bytes) }),
-    })
-}
-
-/// Each JSON Pointer path where `after` differs from `before`, with both values.
-fn json_diff(path: &str, before: &Value, after: &Value, out: &mut Vec<Value>) {
-    match (before, after) {
-        (Value::Object(a), Value::Object(b)) => {
-            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-            for key in keys {
-                let here = format!("{path}/{}", key.replace('~', "~0").replace('/', "~1"));
-                match (a.get(key), b.get(key)) {
-                    (Some(x), Some(y)) => json_diff(&here, x, y, out),
-                    (x, y) => {
-                        out.push(serde_json::json!({"path": here, "recorded": x, "replayed": y}))
-                    }
-                }
-            }
-        }
-        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
-            for (index, (x, y)) in a.iter().zip(b).enumerate() {
-                json_diff(&format!("{path}/{index}"), x, y, out);
-            }
-        }
-        (x, y) if x != y => {
-            out.push(serde_json::json!({"path": if path.is_empty() { "/" } else { path }, "recorded": x, "replayed": y}));
-        }
-        _ => {}
+        duration_us_replayed: replayed.duration_us,
     }
 }

@@ -20,7 +20,6 @@ use deadlift_agent::agent::{V1_TENANT, V1Access};
 use deadlift_agent::store::Principal;
 use deadlift_agent::workflow::v1::V1_ENTRY;
 use deadlift_engine::Code;
-use deadlift_engine::host::CallContext;
 use deadlift_engine::registry::{self, ModuleError, ModuleId, NewModule};
 
 pub(super) fn routes() -> Router<AgentState> {
@@ -339,26 +338,9 @@ pub(crate) async fn execute(
             format!("the body is not valid JSON: {e}"),
         )
     })?;
-    let started = std::time::SystemTime::now();
-    let tape = agent.tapes().tape_for(V1_TENANT, &hash, V1_ENTRY);
-    let ctx = match &tape {
-        Some(tape) => CallContext::new(V1_TENANT).with_tape(tape.clone()),
-        None => CallContext::new(V1_TENANT),
-    };
-    let called = agent
-        .engine()
-        .call_direct(&id, V1_ENTRY, &body, agent.default_grant(), &ctx)
+    let (started, called) = agent
+        .call_pinned(V1_TENANT, &id, V1_ENTRY, &body, agent.default_grant())
         .await;
-    crate::replay::record_call(
-        &agent,
-        V1_TENANT,
-        (&id, None),
-        V1_ENTRY,
-        &body,
-        tape,
-        &called,
-        started,
-    );
     crate::api::export_call(
         &agent,
         V1_TENANT,

@@ -149,6 +149,28 @@ impl Hooks {
         Ok(listed)
     }
 
+    /// `tenant`'s bindings to `name` by its bare name, with what each needs of the
+    /// version that serves it.
+    pub async fn name_uses(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Vec<crate::releases::NameUse>, HookError> {
+        let mut uses = Vec::new();
+        for hook in self.declared.values() {
+            if let Some(binding) = self.binding(tenant, &hook.name).await?
+                && binding.module == name
+            {
+                uses.push(crate::releases::NameUse {
+                    user: format!("hook `{}`", hook.name),
+                    function: binding.function,
+                    host_functions: hook.grant.host_functions.clone(),
+                });
+            }
+        }
+        Ok(uses)
+    }
+
     /// `tenant`'s binding to `hook`, if any.
     pub async fn binding(&self, tenant: &str, hook: &str) -> Result<Option<Binding>, HookError> {
         let (db, tenant, hook) = (self.db.clone(), tenant.to_owned(), hook.to_owned());
@@ -252,8 +274,13 @@ impl Hook<'_> {
             input: None,
             needs: Vec::new(),
             action: Action::Call {
-                // Bindings made before pinning existed resolve the reference now.
-                module: binding.pinned.unwrap_or(binding.module),
+                // A bare name goes to its release at each call (its live version, or
+                // a canary); `name@version` and ids stay pinned.
+                module: if crate::releases::is_bare_name(&binding.module) {
+                    binding.module
+                } else {
+                    binding.pinned.unwrap_or(binding.module)
+                },
                 function: binding.function,
                 grant: Box::new(declared.grant.clone()),
                 // A hook's caller is waiting: one attempt.

@@ -26,6 +26,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
 
+pub(crate) use event::random_fraction;
 pub use event::{CloudEvent, EventError, TraceParent};
 pub(crate) use journal::JournalReceiver;
 pub use journal::{Journal, JournalSink, JournalStats};
@@ -190,6 +191,7 @@ impl ApplyChecks for Checks<'_> {
 impl Runtime {
     /// Starts the journal writer, the runner, the scheduler and retention, and resumes
     /// every run a previous process left open. Needs a Tokio runtime.
+    #[allow(clippy::too_many_arguments)] // the agent's parts, each once
     pub(crate) fn start(
         engine: Engine,
         journal: Journal,
@@ -198,6 +200,7 @@ impl Runtime {
         policy: PolicyHandle,
         config: RuntimeConfig,
         tapes: Arc<crate::tapes::Tapes>,
+        releases: Arc<crate::releases::Releases>,
     ) -> Result<Self, DbError> {
         let (run_sender, run_receiver) = mpsc::unbounded_channel();
         let outlets = sqlite::writer::Outlets {
@@ -230,6 +233,7 @@ impl Runtime {
             peers,
             policy.clone(),
             tapes,
+            releases,
         ));
         let runner = Arc::new(Runner::new(
             journal.clone(),
@@ -309,8 +313,8 @@ impl Runtime {
         let owner = tenant.to_owned();
         let policy = self.policy.current();
         let workflow = tokio::task::spawn_blocking(move || {
-            // Pin each call to the module its reference names now: a later upload under
-            // the same name changes nothing until the workflow is applied again.
+            // Record the module each reference names now. `name@version` and ids stay
+            // pinned to it; a bare name follows its release (`releases.rs`).
             for step in &mut spec.steps {
                 step.pinned = step.call.as_deref().and_then(|reference| {
                     let info = engine.registry().resolve(&owner, reference).ok()?;
@@ -375,7 +379,8 @@ impl Runtime {
             .ok_or_else(|| WorkflowError::NotFound(name.to_owned()))
     }
 
-    /// Whether a live workflow of the tenant calls the module (by any reference form).
+    /// Whether a live workflow of the tenant calls the module: by its id, its
+    /// `name@version`, or its bare name while it is that name's live version.
     pub async fn module_in_use(
         &self,
         tenant: &str,
@@ -384,18 +389,50 @@ impl Runtime {
         let id = module.id.to_string();
         let name = module.name.clone();
         let versioned = module.version.as_ref().map(|v| format!("{name}@{v}"));
+        let registry = self.engine.registry().clone();
+        let (owner, bare) = (tenant.to_owned(), name.clone());
+        let live = tokio::task::spawn_blocking(move || registry.resolve(&owner, &bare))
+            .await
+            .map_err(DbError::from)?
+            .is_ok_and(|current| current.id == module.id);
         for workflow in self.workflows(tenant).await? {
             let uses = workflow.spec.steps.iter().any(|step| {
-                step.pinned.as_deref() == Some(id.as_str())
-                    || step.call.as_deref().is_some_and(|call| {
-                        call == id || call == name || Some(call) == versioned.as_deref()
-                    })
+                step.call.as_deref().is_some_and(|call| {
+                    call == id || Some(call) == versioned.as_deref() || (live && call == name)
+                })
             });
             if uses {
                 return Ok(Some(workflow.name));
             }
         }
         Ok(None)
+    }
+
+    /// The steps of the tenant's live workflows that call `name` by its bare name, with
+    /// what each needs of the version that serves it.
+    pub async fn name_uses(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Vec<crate::releases::NameUse>, WorkflowError> {
+        let mut uses = Vec::new();
+        for workflow in self.workflows(tenant).await? {
+            for step in &workflow.spec.steps {
+                if step.call.as_deref() != Some(name) {
+                    continue;
+                }
+                uses.push(crate::releases::NameUse {
+                    user: format!("workflow `{}` step `{}`", workflow.name, step.id),
+                    function: step.function.clone().unwrap_or_else(|| "_main".into()),
+                    host_functions: step
+                        .grant
+                        .as_ref()
+                        .map(|grant| grant.host_functions.iter().cloned().collect())
+                        .unwrap_or_default(),
+                });
+            }
+        }
+        Ok(uses)
     }
 
     /// Stores events durably (deduplicated by id) and starts the runs they trigger.

@@ -123,6 +123,13 @@ pub struct StepRecord {
     /// The module actually called (`sha256:...`), for call steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
+    /// The version of the module's name that served the step, when the step calls a
+    /// bare name (its release chose the version) and the version has a label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Whether a canary of the module's name served the step.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub canary: bool,
     /// The exported function called, for call steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub function: Option<String>,

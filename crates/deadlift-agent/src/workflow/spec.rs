@@ -571,9 +571,13 @@ impl Workflow {
                         }
                     }
                     Action::Call {
-                        // Versions applied before pinning existed resolve the name
-                        // at run time.
-                        module: step.pinned.clone().unwrap_or_else(|| module.clone()),
+                        // A bare name goes to its release at each call (its live
+                        // version, or a canary); `name@version` and ids are pinned.
+                        module: if crate::releases::is_bare_name(module) {
+                            module.clone()
+                        } else {
+                            step.pinned.clone().unwrap_or_else(|| module.clone())
+                        },
                         function,
                         grant: Box::new(grant),
                         retry,

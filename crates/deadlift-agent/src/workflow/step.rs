@@ -5,6 +5,9 @@
 //! Callers differ only in what they do with the outcome (journal it now, record the
 //! whole run after answering, record the hook call).
 
+use crate::releases::Releases;
+use crate::replay::Recorded;
+use crate::shadow::Shadowed;
 use crate::tapes::{Recording, TapeError, Tapes};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use super::spec::{Action, ErrorKind, RetrySpec, Step};
 use crate::clock::now_ms;
 use crate::federation::PeerDirectory;
 use crate::policy::PolicyHandle;
+use deadlift_engine::tape::Tape;
 use deadlift_engine::{
     CallContext, CallError, CancelToken, Code, EmittedEvent, Engine, Grant, LogLine, ModuleId,
 };
@@ -69,7 +73,7 @@ struct StepFailure {
     failure: Failure,
     attempts: u32,
     attempt_errors: Vec<Failure>,
-    module: Option<String>,
+    module: Option<Served>,
     /// Grant fields the policy narrowed for this step.
     clamped: Vec<&'static str>,
 }
@@ -91,9 +95,17 @@ impl StepFailure {
     }
 }
 
+/// The module that served an attempt, and how its release chose it.
+#[derive(Debug, Clone, Default)]
+struct Served {
+    id: String,
+    version: Option<String>,
+    canary: bool,
+}
+
 /// One successful attempt of a module call.
 struct Called {
-    module: String,
+    module: Served,
     output: Value,
     logs: Vec<LogLine>,
     logs_dropped: u64,
@@ -110,6 +122,8 @@ pub(crate) struct StepExecutor {
     resolved: Mutex<HashMap<(String, String), (ModuleId, Instant)>>,
     /// Records the calls of steps and hooks as tapes.
     tapes: Arc<Tapes>,
+    /// Which version serves a bare module name.
+    releases: Arc<Releases>,
 }
 
 impl StepExecutor {
@@ -118,6 +132,7 @@ impl StepExecutor {
         peers: PeerDirectory,
         policy: PolicyHandle,
         tapes: Arc<Tapes>,
+        releases: Arc<Releases>,
     ) -> Self {
         Self {
             engine,
@@ -125,6 +140,7 @@ impl StepExecutor {
             policy,
             resolved: Mutex::new(HashMap::new()),
             tapes,
+            releases,
         }
     }
 
@@ -147,7 +163,9 @@ impl StepExecutor {
                     record: StepRecord {
                         id: step.id.clone(),
                         status: StepStatus::Failed,
-                        module: failed.module,
+                        version: failed.module.as_ref().and_then(|m| m.version.clone()),
+                        canary: failed.module.as_ref().is_some_and(|m| m.canary),
+                        module: failed.module.map(|m| m.id),
                         function: match &step.action {
                             Action::Call { function, .. } => Some(function.clone()),
                             Action::Emit { .. } => None,
@@ -203,6 +221,8 @@ impl StepExecutor {
                 id: step.id.clone(),
                 status,
                 module,
+                version: None,
+                canary: false,
                 function: None,
                 fuel_used: None,
                 input: input.clone(),
@@ -289,13 +309,15 @@ impl StepExecutor {
                     })?;
                 let mut record = record(
                     StepStatus::Succeeded,
-                    Some(called.module),
+                    Some(called.module.id),
                     called.output,
                     called.logs,
                     attempts,
                     attempt_errors,
                     &called.emitted,
                 );
+                record.version = called.module.version;
+                record.canary = called.module.canary;
                 record.clamped = clamped.into_iter().map(str::to_owned).collect();
                 record.logs_dropped = called.logs_dropped;
                 record.function = Some(function.clone());
@@ -348,8 +370,10 @@ impl StepExecutor {
         }
     }
 
-    /// One attempt of a module call. A failure carries the module's id when it was
-    /// resolved.
+    /// One attempt of a module call. A failure carries the module when it was resolved.
+    /// A bare name goes through its release: the live version or a canary serves it
+    /// (the run's calls all on one side), the outcome counts towards the canary, and a
+    /// shadow rollout gets the call's tape to replay.
     async fn call_once(
         &self,
         at: StepScope<'_>,
@@ -357,18 +381,26 @@ impl StepExecutor {
         function: &str,
         grant: &Grant,
         input: &[u8],
-    ) -> Result<Called, (Option<String>, Failure)> {
+    ) -> Result<Called, (Option<Served>, Failure)> {
         let call_failure = |error: &CallError| Failure {
             step: None,
             code: error.code(),
             kind: Some(ErrorKind::of(error)),
             message: error.to_string(),
         };
-        let id = self
-            .resolve(at.tenant, module)
-            .await
-            .map_err(|e| (None, call_failure(&e)))?;
-        let module_id = id.to_string();
+        let routed = self.releases.route(at.tenant, module, at.run_id);
+        let id = match &routed {
+            Some(routed) => routed.version.module,
+            None => self
+                .resolve(at.tenant, module)
+                .await
+                .map_err(|e| (None, call_failure(&e)))?,
+        };
+        let served = Served {
+            id: id.to_string(),
+            version: routed.as_ref().and_then(|r| r.version.version.clone()),
+            canary: routed.as_ref().is_some_and(|r| r.canary),
+        };
         let buffer = Arc::new(Mutex::new(Vec::new()));
         let mut ctx = CallContext::new(at.tenant)
             .with_cancel(at.cancel.clone())
@@ -376,26 +408,47 @@ impl StepExecutor {
         if let Some(run_id) = at.run_id {
             ctx = ctx.with_run_id(run_id);
         }
-        let tape = self.tapes.tape_for(at.tenant, &module_id, function);
+        let sampled = self.tapes.tape_for(at.tenant, &served.id, function);
+        let shadowed = routed.as_ref().is_some_and(|r| r.shadow.is_some());
+        let tape = match &sampled {
+            Some(tape) => Some(tape.clone()),
+            None if shadowed => Some(Tape::recording()),
+            None => None,
+        };
         if let Some(tape) = &tape {
             ctx = ctx.with_tape(tape.clone());
         }
         let called = self.engine.call(&id, function, input, grant, &ctx).await;
-        if let Some(tape) = tape {
+        let outcome = match &called {
+            Ok(out) => Ok(out.output.clone()),
+            Err(e) => Err(TapeError::of(e)),
+        };
+        if let (Some(routed), Some(tape)) = (&routed, &tape)
+            && shadowed
+        {
+            self.releases.shadow(
+                at.tenant,
+                routed,
+                Shadowed {
+                    call: Recorded {
+                        function: function.to_owned(),
+                        input: input.to_vec(),
+                        host_calls: tape.calls(),
+                        outcome: outcome.clone(),
+                    },
+                    grant: grant.clone(),
+                },
+            );
+        }
+        if let Some(tape) = sampled {
             let recording = Recording {
                 tenant: at.tenant.to_owned(),
                 // The module's own name, looked up by the tape writer.
                 module_name: None,
-                module_id: module_id.clone(),
+                module_id: served.id.clone(),
                 function: function.to_owned(),
                 input: input.to_vec(),
-                outcome: match &called {
-                    Ok(out) => Ok(out.output.clone()),
-                    Err(e) => Err(TapeError {
-                        code: e.code().as_str().to_owned(),
-                        message: e.to_string(),
-                    }),
-                },
+                outcome,
                 host_calls: tape.calls(),
                 fuel_used: called.as_ref().map_or(0, |out| out.fuel_used),
                 duration_us: called.as_ref().map_or(0, |out| {
@@ -404,27 +457,58 @@ impl StepExecutor {
             };
             self.tapes.record(recording, &tape);
         }
-        let out = called.map_err(|e| (Some(module_id.clone()), call_failure(&e)))?;
+        let result = self.finish_call(at, served, called, &buffer, &call_failure);
+        if let Some(routed) = &routed {
+            let failed = result
+                .as_ref()
+                .err()
+                .is_some_and(|(_, _, against)| *against);
+            self.releases.observe(at.tenant, routed, failed);
+        }
+        result.map_err(|(served, failure, _)| (served, failure))
+    }
+
+    /// A call's output and emitted events as a step's, or why not, and whether that
+    /// counts against the version that served it (to judge a canary by).
+    fn finish_call(
+        &self,
+        at: StepScope<'_>,
+        served: Served,
+        called: Result<deadlift_engine::CallOutput, CallError>,
+        buffer: &Mutex<Vec<EmittedEvent>>,
+        call_failure: &dyn Fn(&CallError) -> Failure,
+    ) -> Result<Called, (Option<Served>, Failure, bool)> {
+        let out = match called {
+            Ok(out) => out,
+            Err(e) => {
+                let against = crate::releases::counts_against_version(&e);
+                return Err((Some(served), call_failure(&e), against));
+            }
+        };
         let output = if out.output.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&out.output).map_err(|e| {
-                let failure = Failure {
-                    step: None,
-                    code: Code::OutputNotJson,
-                    kind: Some(ErrorKind::Guest),
-                    message: format!("the step's output is not JSON: {e}"),
-                };
-                (Some(module_id.clone()), failure)
-            })?
+            match serde_json::from_slice(&out.output) {
+                Ok(value) => value,
+                Err(e) => {
+                    let failure = Failure {
+                        step: None,
+                        code: Code::OutputNotJson,
+                        kind: Some(ErrorKind::Guest),
+                        message: format!("the step's output is not JSON: {e}"),
+                    };
+                    // Output that is not JSON is the version's doing.
+                    return Err((Some(served), failure, true));
+                }
+            }
         };
         let emitted = std::mem::take(&mut *buffer.lock())
             .into_iter()
             .map(|event| new_event(at, event))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|failure| (Some(module_id.clone()), failure))?;
+            .map_err(|failure| (Some(served.clone()), failure, false))?;
         Ok(Called {
-            module: module_id,
+            module: served,
             output,
             logs: out.logs,
             logs_dropped: out.logs_dropped,
@@ -503,6 +587,8 @@ pub(crate) fn skipped(step: &Step, output: Value) -> StepOutcome {
             id: step.id.clone(),
             status: StepStatus::Skipped,
             module: None,
+            version: None,
+            canary: false,
             function: None,
             fuel_used: None,
             input: Value::Null,

@@ -9,6 +9,7 @@ mod common;
 
 mod federation;
 mod otlp;
+mod releases;
 mod replay;
 mod server_api;
 mod server_v1;

@@ -709,8 +709,8 @@ async fn retry_after_cancel_during_backoff_runs_the_retry() {
 }
 
 /// Issue 11: a bare module name resolved to the newest upload whatever its version,
-/// so anyone who could upload under the name changed what a workflow ran. A version
-/// now runs the module its names resolved to when it was applied.
+/// so anyone who could upload under the name changed what a workflow ran. An upload
+/// now changes nothing, applied again or not; a promotion (issue 15) moves the name.
 #[tokio::test]
 async fn a_workflow_version_runs_the_module_it_was_applied_with() {
     let dir = tempfile::tempdir().unwrap();
@@ -742,12 +742,23 @@ async fn a_workflow_version_runs_the_module_it_was_applied_with() {
     let run = client.run("pinned", json!(5)).await;
     assert_eq!(run["output"], json!(15), "{run}");
     assert_eq!(run["steps"][0]["module"], add_ten.as_str());
-    // Applying again moves the version to what the name means now.
+    // Applying again changes nothing either: the name still means its live version.
     client
         .applied("pinned", "[[steps]]\nid = \"add\"\ncall = \"adder\"\n")
         .await;
     let run = client.run("pinned", json!(5)).await;
+    assert_eq!(run["output"], json!(15), "{run}");
+    // Promoting version 2.0 moves the name, and with it the workflow.
+    let promoted = client
+        .request(Method::POST, "/v1/modules/adder/promote")
+        .json(&json!({"version": "2.0"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(promoted.status().as_u16(), 200);
+    let run = client.run("pinned", json!(5)).await;
     assert_eq!(run["output"], json!(25), "{run}");
+    assert_eq!(run["steps"][0]["version"], "2.0", "{run}");
     agent.stop().await;
 }
 
