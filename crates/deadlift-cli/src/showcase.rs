@@ -33,6 +33,11 @@ use crate::client::print_json;
 const DATABASE_LATENCY: Duration = Duration::from_millis(5);
 
 const ACME_LOYALTY: &[u8] = include_bytes!("../../../guests/wasm/acme_loyalty.wasm");
+/// The same plug-in, loyal from 15 similar purchases rather than 10.
+const ACME_LOYALTY_V2: &[u8] = include_bytes!("../../../guests/wasm/acme_loyalty_v2.wasm");
+/// The share of charges loyalty v2 serves as a canary: high, so that a handful of
+/// charges shows both sides.
+const CANARY_PERCENT: f64 = 50.0;
 const ACME_SATISFACTION: &[u8] = include_bytes!("../../../guests/wasm/acme_satisfaction.wasm");
 
 const SATISFACTION_WORKFLOW: &str = r#"
@@ -72,6 +77,7 @@ pub struct Email {
 pub struct Report {
     pub charge: Value,
     pub hook_output: Value,
+    /// The emails sent before the rollout.
     pub emails: Vec<Email>,
     pub trace_id: String,
     pub payments_run: Run,
@@ -80,8 +86,22 @@ pub struct Report {
     /// Acme tries a loyalty v2 (a threshold of 15) against the charges the platform
     /// recorded: the replay report.
     pub loyalty_v2: Value,
+    /// Then rolls it out as a canary: the release as the platform's agent shows it...
+    pub rollout: Value,
+    /// ...and the charges that came in next, each with the version that served it.
+    pub canary_charges: Vec<ServedCharge>,
     /// Each agent's web console, with a token to sign in with.
     pub consoles: Vec<Console>,
+}
+
+/// A charge during the canary, and which loyalty version served it.
+#[derive(Debug, Serialize)]
+pub struct ServedCharge {
+    pub charge_id: String,
+    pub customer: String,
+    pub version: Option<String>,
+    pub canary: bool,
+    pub discount_sent: bool,
 }
 
 /// Where to see one agent's side, and as whom.
@@ -365,7 +385,7 @@ pub async fn run(dir: PathBuf) -> anyhow::Result<Story> {
     call(
         http.post(format!("{}/v1/modules", payments.url))
             .bearer_auth(&acme_token)
-            .query(&[("name", "acme-loyalty")])
+            .query(&[("name", "acme-loyalty"), ("version", "1")])
             .body(ACME_LOYALTY.to_vec()),
     )
     .await
@@ -467,14 +487,22 @@ pub async fn run(dir: PathBuf) -> anyhow::Result<Story> {
             .await
             .context("calling Acme's plug-in at before_charge")?;
     }
+    // Version 2 goes up beside version 1; an upload changes nothing that runs.
+    call(
+        http.post(format!("{}/v1/modules", payments.url))
+            .bearer_auth(&acme_token)
+            .query(&[("name", "acme-loyalty"), ("version", "2")])
+            .body(ACME_LOYALTY_V2.to_vec()),
+    )
+    .await
+    .context("Acme pushing loyalty v2")?;
     let mut loyalty_v2 = Value::Null;
     // Tapes are written in the background: until the three charges are there.
     for _ in 0..200 {
         loyalty_v2 = call(
-            http.post(format!("{}/v1/modules/acme-loyalty/replay", payments.url))
+            http.post(format!("{}/v1/modules/acme-loyalty@2/replay", payments.url))
                 .bearer_auth(&acme_token)
-                .query(&[("against", "acme-loyalty")])
-                .json(&json!({ "config": { "loyalty_threshold": "15" } })),
+                .query(&[("against", "acme-loyalty")]),
         )
         .await
         .context("Acme replaying loyalty v2")?;
@@ -483,6 +511,59 @@ pub async fn run(dir: PathBuf) -> anyhow::Result<Story> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let emails_before_rollout = emails
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    // Satisfied with the replay, Acme rolls v2 out as a canary: it serves a share of
+    // charges, and would be rolled back by itself if it failed more than v1.
+    call(
+        http.post(format!("{}/v1/modules/acme-loyalty/rollout", payments.url))
+            .bearer_auth(&acme_token)
+            .json(&json!({ "candidate": "2", "percent": CANARY_PERCENT })),
+    )
+    .await
+    .context("Acme rolling loyalty v2 out")?;
+    let mut canary_charges = Vec::new();
+    for (number, customer) in [
+        "cus_ada", "cus_bob", "cus_cy", "cus_ada", "cus_bob", "cus_ada",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let charge_id = format!("ch_{}", 1004 + number);
+        let hooked = payments
+            .agent
+            .hook("before_charge")
+            .call(
+                "acme",
+                json!({
+                    "charge_id": charge_id, "customer": customer, "merchant": "acme",
+                    "amount_cents": 300, "category": "coffee",
+                }),
+            )
+            .await
+            .context("calling Acme's plug-in at before_charge")?;
+        let run = payments
+            .agent
+            .workflows()
+            .run("acme", &hooked.run_id)
+            .await?;
+        let step = run.steps.first().context("a hook run has its step")?;
+        canary_charges.push(ServedCharge {
+            charge_id,
+            customer: customer.into(),
+            version: step.version.clone(),
+            canary: step.canary,
+            discount_sent: hooked.output["discount_sent"] == true,
+        });
+    }
+    let rollout = call(
+        http.get(format!("{}/v1/modules/acme-loyalty/release", payments.url))
+            .bearer_auth(&acme_token),
+    )
+    .await
+    .context("reading loyalty's release")?;
     let mut acme_counters = serde_json::Map::new();
     for key in ["discounts:cus_ada", "discounts"] {
         // Counters are stored as decimal text, which reads as a JSON number.
@@ -492,15 +573,14 @@ pub async fn run(dir: PathBuf) -> anyhow::Result<Story> {
     let report = Report {
         charge,
         hook_output: hooked.output,
-        emails: emails
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone(),
+        emails: emails_before_rollout,
         trace_id: hooked.trace.trace_id_hex(),
         payments_run,
         acme_run,
         acme_counters: Value::Object(acme_counters),
         loyalty_v2,
+        rollout,
+        canary_charges,
         consoles: vec![
             Console {
                 agent: payments_identity.name.clone(),
@@ -571,6 +651,22 @@ pub fn print(report: &Report, serving: bool) {
             call["verdict"].as_str().unwrap_or("?"),
             call["recorded"]["output"]["discount_sent"],
             call["replayed"]["output"]["discount_sent"],
+        );
+    }
+    println!(
+        "== Acme rolls loyalty v2 out as a canary on {}% of charges (rolled back by itself if it fails more than v1)",
+        report.rollout["rollout"]["percent"]
+            .as_f64()
+            .unwrap_or_default()
+    );
+    for charge in &report.canary_charges {
+        println!(
+            "  {} ({}): served by acme-loyalty@{}{}, discount sent: {}",
+            charge.customer,
+            charge.charge_id,
+            charge.version.as_deref().unwrap_or("?"),
+            if charge.canary { " (canary)" } else { "" },
+            charge.discount_sent,
         );
     }
     if !serving {

@@ -463,6 +463,30 @@ fn the_showcase_tells_the_whole_story() {
             .unwrap()
             .contains("discount email sent")
     );
+    // Then v2 as a canary: each charge says which version served it, and what it did
+    // is that version's (Ada, with 12 purchases, gets a discount from v1 only).
+    let rollout = &report["rollout"]["rollout"];
+    assert_eq!(rollout["mode"], "canary", "{}", report["rollout"]);
+    assert_eq!(rollout["candidate"]["version"], "2");
+    assert_eq!(report["rollout"]["live"]["version"], "1");
+    let charges = report["canary_charges"].as_array().unwrap();
+    assert_eq!(charges.len(), 6);
+    for charge in charges {
+        let canary = charge["canary"] == true;
+        assert_eq!(
+            charge["version"],
+            if canary { "2" } else { "1" },
+            "{charge}"
+        );
+        if charge["customer"] == "cus_ada" {
+            assert_eq!(charge["discount_sent"], !canary, "{charge}");
+        }
+    }
+    let served = report["rollout"]["window"]["candidate_calls"]
+        .as_u64()
+        .unwrap()
+        + report["rollout"]["window"]["live_calls"].as_u64().unwrap();
+    assert_eq!(served, 6, "{}", report["rollout"]);
     assert_eq!(report["acme_run"]["workflow"], "satisfaction");
     assert_eq!(report["acme_run"]["event"]["type"], "discount.sent");
     // Acme's counters.
