@@ -878,7 +878,12 @@ impl Releases {
                         .map_or(0, |r| r.started_unix_ms + 1),
                 ),
             };
-            let detail = format!("{:?} of {percent}% over {window_s} s", spec.mode).to_lowercase();
+            let detail = match spec.mode {
+                RolloutMode::Canary => format!(
+                    "canary on {percent}% of calls, judged over {window_s} s after {min_calls} calls"
+                ),
+                RolloutMode::Shadow => format!("shadow of {percent}% of calls"),
+            };
             let mut release = Release::clone(&current);
             release.rollout = Some(rollout.clone());
             this.commit(

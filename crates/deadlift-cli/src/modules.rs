@@ -267,7 +267,11 @@ pub async fn module(command: ModuleCommand) -> anyhow::Result<()> {
             if remote.json {
                 return print_json(&info);
             }
-            println!("pushed {} as {}", cell(&info["id"]), cell(&info["name"]));
+            let name = match info["version"].as_str() {
+                Some(version) => format!("{}@{version}", cell(&info["name"])),
+                None => cell(&info["name"]),
+            };
+            println!("pushed {} as {name}", cell(&info["id"]));
         }
         ModuleCommand::Manifest {
             module,

@@ -134,15 +134,18 @@ fn show(remote: &Remote, name: &str, status: &Value) -> anyhow::Result<()> {
     println!("{name}: live {}", label(name, &status["live"]));
     let rollout = &status["rollout"];
     if rollout.is_object() {
-        println!(
-            "rollout: {} {} of {}% of calls (window {} s, judged after {} calls, at most {} points more errors)",
-            cell(&rollout["mode"]),
-            label(name, &rollout["candidate"]),
-            cell(&rollout["percent"]),
-            cell(&rollout["window_s"]),
-            cell(&rollout["min_calls"]),
-            cell(&rollout["max_error_increase"]),
-        );
+        let percent = rollout["percent"].as_f64().unwrap_or_default();
+        let candidate = label(name, &rollout["candidate"]);
+        if rollout["mode"] == "shadow" {
+            println!("rollout: {candidate} in shadow of {percent}% of calls");
+        } else {
+            println!(
+                "rollout: {candidate} as a canary on {percent}% of calls (judged over {} s after {} calls; rolled back past {} points more errors)",
+                cell(&rollout["window_s"]),
+                cell(&rollout["min_calls"]),
+                rollout["max_error_increase"].as_f64().unwrap_or_default(),
+            );
+        }
         let window = &status["window"];
         if window.is_object() {
             println!(

@@ -1,6 +1,6 @@
 //! The README, followed literally (issue 14: its quick start pushed `add_ten` under a name
 //! the workflow section did not use, and its example workflow always failed over HTTP).
-//! Its agent, workflow, replay and peer commands run here as written, against real agents, with
+//! Its agent, workflow, replay, release and peer commands run here as written, against real agents, with
 //! `deadlift` being this build's binary. Lines that hold a placeholder for something
 //! only a person can fill in (`<run id>`) are left out; the admin token, the agents'
 //! addresses and where the second agent keeps its files are filled in.
@@ -36,6 +36,10 @@ fn the_readmes_agent_workflow_and_peer_commands_work_as_written() {
     lines.extend(block_after(
         &readme,
         "## Trying a new version on real traffic",
+    ));
+    lines.extend(block_after(
+        &readme,
+        "A module name has versions, and one of them is live",
     ));
     lines.extend(block_after(&readme, "## Agents talking to agents"));
     // The second agent of the peers section: a free port, files in the temporary directory.
