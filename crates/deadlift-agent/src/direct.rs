@@ -177,6 +177,7 @@ impl Agent {
                             function: function.to_owned(),
                             input: input.to_vec(),
                             host_calls: tape.calls(),
+                            start: tape.start(),
                             outcome: outcome.clone(),
                         },
                         grant: grant.clone(),
@@ -193,6 +194,7 @@ impl Agent {
                 input: input.to_vec(),
                 outcome,
                 host_calls: tape.calls(),
+                start: tape.start(),
                 fuel_used: result.as_ref().map_or(0, |out| out.fuel_used),
                 duration_us: u64::try_from(started.elapsed().unwrap_or_default().as_micros())
                     .unwrap_or(u64::MAX),

@@ -4,7 +4,7 @@
 //! come here, so that both judge a call the same way.
 
 use deadlift_engine::registry::ModuleInfo;
-use deadlift_engine::tape::{HostCall, Tape};
+use deadlift_engine::tape::{HostCall, Start, Tape};
 use deadlift_engine::{CallContext, CallError, CallOutput, Engine, Grant};
 use serde::Serialize;
 use serde_json::Value;
@@ -96,12 +96,16 @@ pub struct Recorded {
     pub input: Vec<u8>,
     /// What the host was asked, and answered, in order.
     pub host_calls: Vec<HostCall>,
+    /// The vars and config it started with.
+    pub start: Start,
     pub outcome: Result<Vec<u8>, TapeError>,
 }
 
 /// Runs a recorded call's input through `module` with its host calls answered from
-/// the recording, and compares the outcome. The grant's limits apply; it may name every
-/// host function the module imports, since none of them runs.
+/// the recording, on an instance with the recorded vars, and compares the outcome. The
+/// grant's limits apply; it may name every host function the module imports, since none
+/// of them runs. Its config goes over the recorded call's (a candidate's own config, or
+/// the replay's, changes what it names and nothing else).
 pub async fn replay(
     engine: &Engine,
     tenant: &str,
@@ -110,6 +114,9 @@ pub async fn replay(
     recorded: &Recorded,
 ) -> Replayed {
     let mut grant = base.clone();
+    let mut config = recorded.start.config.clone();
+    config.extend(base.config.clone());
+    grant.config = config;
     for import in &module.imports {
         if import.module == "extism:host/user" {
             grant.host_functions.insert(import.name.clone());
@@ -122,7 +129,8 @@ pub async fn replay(
     {
         grant.allowed_hosts.push("*".into());
     }
-    let ctx = CallContext::new(tenant).with_tape(Tape::replaying(recorded.host_calls.clone()));
+    let tape = Tape::replaying_from(recorded.host_calls.clone(), recorded.start.clone());
+    let ctx = CallContext::new(tenant).with_tape(tape);
     let called = engine
         .call(
             &module.id,

@@ -239,4 +239,8 @@ INSERT INTO module_releases (tenant, name, live, live_version, updated_unix_ms)
     WHERE rowid = (SELECT rowid FROM modules AS n WHERE n.tenant = m.tenant AND n.name = m.name
                    ORDER BY created_unix_ms DESC, rowid DESC LIMIT 1);
 "#,
+    // What a recorded call started with: the instance's vars and the grant's config.
+    r#"
+ALTER TABLE tapes ADD COLUMN start TEXT;
+"#,
 ];

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use deadlift_engine::tape::{HostCall, Tape};
+use deadlift_engine::tape::{HostCall, Start, Tape};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -55,9 +55,17 @@ pub struct StoredTape {
     pub error: Option<TapeError>,
     #[schema(value_type = Vec<Object>)]
     pub host_calls: Vec<HostCall>,
+    /// What the call started with: the instance's vars (hex) and the grant's config.
+    #[serde(default, skip_serializing_if = "is_empty_start")]
+    #[schema(value_type = Object)]
+    pub start: Start,
     pub fuel_used: u64,
     pub duration_us: u64,
     pub created_unix_ms: i64,
+}
+
+fn is_empty_start(start: &Start) -> bool {
+    *start == Start::default()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -87,6 +95,7 @@ pub struct Recording {
     pub input: Vec<u8>,
     pub outcome: Result<Vec<u8>, TapeError>,
     pub host_calls: Vec<HostCall>,
+    pub start: Start,
     pub fuel_used: u64,
     pub duration_us: u64,
 }
@@ -222,7 +231,8 @@ impl Tapes {
                 .host_calls
                 .iter()
                 .map(|c| c.args.iter().map(Vec::len).sum::<usize>())
-                .sum::<usize>();
+                .sum::<usize>()
+            + recording.start.vars.values().map(Vec::len).sum::<usize>();
         if tape.overflowed() || size > MAX_TAPE_BYTES || self.queue.try_send(recording).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -280,8 +290,8 @@ fn insert(
     };
     conn.prepare_cached(
         "INSERT INTO tapes (tenant, module_name, module_id, function, input, output, error,
-            host_calls, fuel_used, duration_us, created_unix_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            host_calls, fuel_used, duration_us, created_unix_ms, start)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     )?
     .execute(params![
         recording.tenant,
@@ -295,6 +305,11 @@ fn insert(
         i64::try_from(recording.fuel_used).unwrap_or(i64::MAX),
         i64::try_from(recording.duration_us).unwrap_or(i64::MAX),
         now,
+        if is_empty_start(&recording.start) {
+            None
+        } else {
+            Some(serde_json::to_string(&recording.start).map_err(corrupt)?)
+        },
     ])?;
     Ok(Some(module_name))
 }
@@ -330,7 +345,7 @@ fn list(
     let limit = filter.last.unwrap_or(100).clamp(1, 1000);
     let mut statement = conn.prepare_cached(
         "SELECT id, module_name, module_id, function, input, output, error, host_calls,
-                fuel_used, duration_us, created_unix_ms
+                fuel_used, duration_us, created_unix_ms, start
          FROM tapes WHERE tenant = ?1 AND module_name = ?2
            AND (?3 IS NULL OR function = ?3) AND (?4 IS NULL OR created_unix_ms >= ?4)
          ORDER BY id DESC LIMIT ?5",
@@ -350,12 +365,25 @@ fn list(
                 row.get::<_, i64>(8)?,
                 row.get::<_, i64>(9)?,
                 row.get::<_, i64>(10)?,
+                row.get::<_, Option<String>>(11)?,
             ))
         },
     )?;
     rows.map(|row| {
-        let (id, module_name, module_id, function, input, output, error, calls, fuel, us, at) =
-            row?;
+        let (
+            id,
+            module_name,
+            module_id,
+            function,
+            input,
+            output,
+            error,
+            calls,
+            fuel,
+            us,
+            at,
+            start,
+        ) = row?;
         Ok(StoredTape {
             id,
             module_name,
@@ -367,6 +395,10 @@ fn list(
                 .map(|e| serde_json::from_str(&e).map_err(corrupt))
                 .transpose()?,
             host_calls: serde_json::from_str(&calls).map_err(corrupt)?,
+            start: start
+                .map(|s| serde_json::from_str(&s).map_err(corrupt))
+                .transpose()?
+                .unwrap_or_default(),
             fuel_used: u64::try_from(fuel).unwrap_or(0),
             duration_us: u64::try_from(us).unwrap_or(0),
             created_unix_ms: at,

@@ -6,9 +6,12 @@
 //! a divergence: it is not run, and the call fails with `CallError::Diverged`.
 //!
 //! A tape covers the `extism:host/user` functions (the built-ins `kv_*` and `emit`
-//! included) and `http_request`. Config comes from the grant, as in the recorded call
-//! when the replay is given the same grant; vars are the instance's own state.
+//! included) and `http_request`, and what the call started with besides its input
+//! ([`Start`]): the instance's vars, which a replay's fresh instance starts with, and the
+//! grant's config, which the embedder may give the replay's grant (a replay runs with the
+//! config of the grant it is given).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -35,6 +38,17 @@ pub enum Answer {
     Error(String),
 }
 
+/// What a recorded call started with besides its input.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Start {
+    /// The instance's Extism vars when the call began (they live across calls).
+    #[serde(default, with = "hex_map", skip_serializing_if = "BTreeMap::is_empty")]
+    pub vars: BTreeMap<String, Vec<u8>>,
+    /// The grant's config.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+}
+
 /// Records a call's host calls, or answers them from an earlier recording. Cheap to
 /// clone: clones share the tape.
 #[derive(Debug, Clone)]
@@ -46,6 +60,8 @@ struct State {
     replay: Option<Vec<HostCall>>,
     /// Recorded calls, or (replaying) how many were answered.
     calls: Vec<HostCall>,
+    /// What the call started with: recorded when it begins, or given to replay from.
+    start: Start,
     answered: usize,
     /// Bytes recorded so far; past [`MAX_RECORDED_BYTES`] recording stops.
     bytes: usize,
@@ -69,17 +85,26 @@ impl Tape {
         Self(Arc::new(Mutex::new(State {
             replay: None,
             calls: Vec::new(),
+            start: Start::default(),
             answered: 0,
             bytes: 0,
             overflowed: false,
         })))
     }
 
-    /// A tape that answers host calls from `recorded`, in order.
+    /// A tape that answers host calls from `recorded`, in order, on an instance with no
+    /// vars.
     pub fn replaying(recorded: Vec<HostCall>) -> Self {
+        Self::replaying_from(recorded, Start::default())
+    }
+
+    /// A tape that answers host calls from `recorded`, in order, on an instance whose
+    /// vars are `start`'s (its config is the embedder's to put in the replay's grant).
+    pub fn replaying_from(recorded: Vec<HostCall>, start: Start) -> Self {
         Self(Arc::new(Mutex::new(State {
             replay: Some(recorded),
             calls: Vec::new(),
+            start,
             answered: 0,
             bytes: 0,
             overflowed: false,
@@ -89,6 +114,34 @@ impl Tape {
     /// The host calls recorded so far.
     pub fn calls(&self) -> Vec<HostCall> {
         self.0.lock().calls.clone()
+    }
+
+    /// What the recorded call started with (or what a replay starts from).
+    pub fn start(&self) -> Start {
+        self.0.lock().start.clone()
+    }
+
+    /// Recording: notes what the call starts with. Counts towards the tape's size.
+    pub(crate) fn begin(
+        &self,
+        vars: &BTreeMap<String, Vec<u8>>,
+        config: &BTreeMap<String, String>,
+    ) {
+        let mut state = self.0.lock();
+        if state.replay.is_some() {
+            return;
+        }
+        let size = vars.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + config.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        state.bytes = state.bytes.saturating_add(size);
+        if state.bytes > MAX_RECORDED_BYTES {
+            state.overflowed = true;
+            return;
+        }
+        state.start = Start {
+            vars: vars.clone(),
+            config: config.clone(),
+        };
     }
 
     /// Replaying: how many recorded host calls the call used; recording: how many it made.
@@ -175,6 +228,32 @@ mod hex_list {
         Vec::<String>::deserialize(deserializer)?
             .iter()
             .map(|text| hex::decode(text).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+mod hex_map {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<String, Vec<u8>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(map.iter().map(|(k, v)| (k, hex::encode(v))))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<BTreeMap<String, Vec<u8>>, D::Error> {
+        BTreeMap::<String, String>::deserialize(deserializer)?
+            .into_iter()
+            .map(|(k, v)| {
+                hex::decode(v)
+                    .map(|v| (k, v))
+                    .map_err(serde::de::Error::custom)
+            })
             .collect()
     }
 }

@@ -155,6 +155,7 @@ async fn replay_one(
         function: stored.function.clone(),
         input,
         host_calls: stored.host_calls,
+        start: stored.start,
         outcome: recorded,
     };
     let replayed =

@@ -434,6 +434,7 @@ impl StepExecutor {
                         function: function.to_owned(),
                         input: input.to_vec(),
                         host_calls: tape.calls(),
+                        start: tape.start(),
                         outcome: outcome.clone(),
                     },
                     grant: grant.clone(),
@@ -450,6 +451,7 @@ impl StepExecutor {
                 input: input.to_vec(),
                 outcome,
                 host_calls: tape.calls(),
+                start: tape.start(),
                 fuel_used: called.as_ref().map_or(0, |out| out.fuel_used),
                 duration_us: called.as_ref().map_or(0, |out| {
                     u64::try_from(out.duration.as_micros()).unwrap_or(u64::MAX)

@@ -336,7 +336,7 @@ pub(crate) fn define_env(linker: &mut Linker<StoreData>, suspendable: bool) -> R
 }
 
 /// Size of the bookkeeping the SDK charges per var against the var cap.
-const VAR_OVERHEAD: u64 = 48;
+pub(crate) const VAR_OVERHEAD: u64 = 48;
 
 fn var_set(mut c: Ctx<'_>, key: i64, value: i64) -> Res<()> {
     let data = c.data_mut();

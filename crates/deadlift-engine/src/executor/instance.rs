@@ -467,6 +467,9 @@ fn begin_call(
         })?;
     }
     store.set_epoch_deadline(1);
+    if let Some(tape) = &ctx.tape {
+        start_tape(store.data_mut(), tape, grant)?;
+    }
     let call = &mut store.data_mut().call;
     // Field by field, so that a warm instance reuses the tenant string's allocation.
     call.ctx.tenant.clone_from(&ctx.tenant);
@@ -485,6 +488,37 @@ fn begin_call(
     call.timeout = grant.timeout;
     call.deadline = started.checked_add(grant.timeout);
     call.logs.start(grant.max_log_lines, grant.max_log_bytes);
+    Ok(())
+}
+
+/// A recording tape notes the vars and config the call starts with; a replaying one
+/// gives the (fresh) instance the recorded call's vars, charged as `var_set` charges them.
+fn start_tape(
+    data: &mut StoreData,
+    tape: &crate::tape::Tape,
+    grant: &Grant,
+) -> Result<(), CallError> {
+    if !tape.is_replaying() {
+        tape.begin(&data.vars, &grant.config);
+        return Ok(());
+    }
+    let vars = tape.start().vars;
+    if vars.is_empty() {
+        return Ok(());
+    }
+    let held: u64 = vars
+        .iter()
+        .map(|(k, v)| (k.len() + v.len()) as u64 + super::abi::VAR_OVERHEAD)
+        .sum();
+    if held > data.max_var_bytes {
+        return Err(CallError::MemoryLimit {
+            limit_bytes: data.max_var_bytes,
+        });
+    }
+    data.budget
+        .charge_vars(held)
+        .map_err(|Abort(error)| error)?;
+    data.vars = vars;
     Ok(())
 }
 

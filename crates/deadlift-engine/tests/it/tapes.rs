@@ -148,3 +148,48 @@ async fn a_host_call_the_tape_lacks_diverges_and_is_not_run() {
     ));
     assert_eq!(runs.load(Ordering::SeqCst), 1, "no replayed host call ran");
 }
+
+/// A tape notes the vars and config its call started with; a replay's fresh instance
+/// starts with those vars, so state kept in vars replays as it ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tape_records_the_vars_and_config_a_call_starts_with() {
+    let engine = Engine::builder().workers(1).build().unwrap();
+    let module = add(&engine, TENANT, "vars_config");
+    let grant = Grant::default().with_config("greeting", "Hi");
+    let plain = CallContext::new(TENANT);
+    for _ in 0..2 {
+        engine
+            .call(&module, "greet", b"Ada", &grant, &plain)
+            .await
+            .unwrap();
+    }
+    let tape = Tape::recording();
+    let live = engine
+        .call(
+            &module,
+            "get_count",
+            b"",
+            &grant,
+            &CallContext::new(TENANT).with_tape(tape.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(live.output, b"2");
+    let start = tape.start();
+    assert_eq!(start.vars.get("count").map(Vec::as_slice), Some(&b"2"[..]));
+    assert_eq!(start.config.get("greeting").map(String::as_str), Some("Hi"));
+
+    let from_start = CallContext::new(TENANT).with_tape(Tape::replaying_from(Vec::new(), start));
+    let replayed = engine
+        .call(&module, "get_count", b"", &grant, &from_start)
+        .await
+        .unwrap();
+    assert_eq!(replayed.output, b"2");
+    // Without the recorded start, a replay's fresh instance has no vars.
+    let bare = CallContext::new(TENANT).with_tape(Tape::replaying(Vec::new()));
+    let replayed = engine
+        .call(&module, "get_count", b"", &grant, &bare)
+        .await
+        .unwrap();
+    assert_eq!(replayed.output, b"0");
+}

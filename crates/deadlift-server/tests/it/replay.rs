@@ -182,3 +182,89 @@ async fn workflow_steps_are_recorded_too() {
     assert_eq!(report["calls"][0]["function"], "increment");
     agent.stop().await;
 }
+
+/// Issue 15: a replay starts where the recorded call started. Its fresh instance holds
+/// the vars the live instance held (a count kept in vars replays identical), and the
+/// recorded config applies under the candidate's own (a candidate with no manifest reads
+/// the greeting the live call read).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_starts_with_the_recorded_vars_and_config() {
+    let dir = tempfile::tempdir().unwrap();
+    // One worker: every call meets the same warm instance, and its vars.
+    let agent = TestAgent::start_with(dir.path(), |b| b.workers(1)).await;
+    let acme = agent.tenant_token("acme").await;
+    push(&agent, &acme, "greeter", fixture("vars_config")).await;
+    let manifest = agent
+        .http
+        .put(agent.url("/v1/modules/greeter/manifest"))
+        .bearer_auth(&acme)
+        .json(&json!({"config": {"greeting": "Hi"}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(manifest.status().is_success());
+    for _ in 0..2 {
+        let out = call(&agent, &acme, "greeter", "greet", "Ada").await;
+        assert_eq!(out["output_text"], "Hi, Ada!", "{out}");
+    }
+    let out = call(&agent, &acme, "greeter", "get_count", "").await;
+    assert_eq!(out["output"], 2, "{out}");
+
+    let same = replay(&agent, &acme, "greeter", "greeter", 3).await;
+    assert_eq!(same["identical"], 3, "{same}");
+    let counted = same["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["function"] == "get_count")
+        .unwrap();
+    assert_eq!(counted["replayed"]["output"], 2, "{counted}");
+
+    // A candidate with no manifest that outputs its config `greeting`: it reads the
+    // greeting the live call read...
+    let echo_greeting = wat::parse_str(
+        r#"(module
+            (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
+            (import "extism:host/env" "store_u64" (func $store_u64 (param i64 i64)))
+            (import "extism:host/env" "config_get" (func $config_get (param i64) (result i64)))
+            (import "extism:host/env" "length" (func $length (param i64) (result i64)))
+            (import "extism:host/env" "output_set" (func $output_set (param i64 i64)))
+            (memory (export "memory") 1)
+            (func (export "greet") (result i32)
+              (local $key i64) (local $value i64)
+              (local.set $key (call $alloc (i64.const 8)))
+              ;; "greeting", little-endian
+              (call $store_u64 (local.get $key) (i64.const 0x676e697465657267))
+              (local.set $value (call $config_get (local.get $key)))
+              (call $output_set (local.get $value) (call $length (local.get $value)))
+              (i32.const 0)))"#,
+    )
+    .unwrap();
+    push(&agent, &acme, "echo-greeting", echo_greeting).await;
+    let replayed = |body: Value| {
+        let (agent, acme) = (&agent, &acme);
+        async move {
+            agent
+                .http
+                .post(agent.url("/v1/modules/echo-greeting/replay?against=greeter&function=greet"))
+                .bearer_auth(acme)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let recorded = replayed(json!({})).await;
+    assert_eq!(recorded["total"], 2, "{recorded}");
+    assert_eq!(
+        recorded["calls"][0]["replayed"]["output"], "Hi",
+        "{recorded}"
+    );
+    // ...and a config given to the replay goes over the recorded one.
+    let given = replayed(json!({"config": {"greeting": "Howdy"}})).await;
+    assert_eq!(given["calls"][0]["replayed"]["output"], "Howdy", "{given}");
+    agent.stop().await;
+}
