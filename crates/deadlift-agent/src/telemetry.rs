@@ -427,6 +427,12 @@ fn step_spans(
         if let Some(fuel) = step.fuel_used {
             attributes.push(i64_attr("deadlift.fuel_used", fuel));
         }
+        if let Some(version) = &step.version {
+            attributes.push(KeyValue::new("deadlift.module.version", version.clone()));
+        }
+        if step.canary {
+            attributes.push(KeyValue::new("deadlift.canary", true));
+        }
         spans.push(span(
             trace_id,
             new_span_id(),

@@ -102,7 +102,7 @@ async fn runs_steps_and_calls_reach_an_otlp_receiver_as_spans() {
             .bearer_auth(ADMIN)
             .header("x-deadlift-tenant", "default")
     };
-    let pushed: Value = request(reqwest::Method::POST, "/v1/modules?name=add-ten")
+    let pushed: Value = request(reqwest::Method::POST, "/v1/modules?name=add-ten&version=1")
         .body(fixture("add_ten"))
         .send()
         .await
@@ -191,6 +191,11 @@ async fn runs_steps_and_calls_reach_an_otlp_receiver_as_spans() {
     assert_eq!(
         attribute(in_run, "deadlift.function").as_deref(),
         Some("_main")
+    );
+    // The version of the name that served it.
+    assert_eq!(
+        attribute(in_run, "deadlift.module.version").as_deref(),
+        Some("1")
     );
     let fuel: u64 = attribute(in_run, "deadlift.fuel_used")
         .unwrap()
