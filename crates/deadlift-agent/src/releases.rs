@@ -45,6 +45,9 @@ pub const DEFAULT_MIN_CALLS: u64 = 20;
 pub const DEFAULT_MAX_ERROR_INCREASE: f64 = 5.0;
 /// History entries kept per name.
 const HISTORY_KEPT: i64 = 100;
+/// Rollouts one tenant may have in progress at once: each holds counters and, in
+/// shadow, examples in memory.
+pub const MAX_ROLLOUTS_PER_TENANT: usize = 16;
 /// Buckets a window is counted in.
 const BUCKETS: u64 = 30;
 
@@ -250,6 +253,15 @@ impl ReleaseTable {
             .read()
             .get(&(tenant.to_owned(), name.to_owned()))
             .cloned()
+    }
+
+    /// How many of `tenant`'s names have a rollout in progress.
+    fn rollouts(&self, tenant: &str) -> usize {
+        self.rows
+            .read()
+            .iter()
+            .filter(|((owner, _), release)| owner == tenant && release.rollout.is_some())
+            .count()
     }
 
     pub(crate) fn put(&self, tenant: &str, name: &str, release: Option<Release>) {
@@ -723,9 +735,7 @@ impl Releases {
         {
             return;
         }
-        self.judges
-            .lock()
-            .remove(&(tenant.to_owned(), name.to_owned()));
+        self.forget(tenant, name);
         tracing::warn!(tenant, module = name, candidate = %rollout.candidate.module, "canary rolled back: {detail}");
         let (db, tenant, name) = (self.db.clone(), tenant.to_owned(), name.to_owned());
         let record = move || {
@@ -862,6 +872,11 @@ impl Releases {
                     Version::of(&candidate).label(name)
                 )));
             }
+            if this.db.releases().rollouts(tenant) >= MAX_ROLLOUTS_PER_TENANT {
+                return Err(ReleaseError::Conflict(format!(
+                    "{MAX_ROLLOUTS_PER_TENANT} rollouts are in progress already; end one first"
+                )));
+            }
             compatible(&candidate, name, &uses)?;
             let rollout = Rollout {
                 candidate: Version::of(&candidate),
@@ -940,7 +955,10 @@ impl Releases {
                 previous: Some(current.live.clone()),
                 rollout: None,
             };
-            let detail = format!("was {}", current.live.label(name));
+            let mut detail = format!("was {}", current.live.label(name));
+            if let Some(rollout) = &current.rollout {
+                detail = format!("{detail}; {}", this.summary(tenant, name, rollout));
+            }
             this.commit(
                 tenant,
                 name,
@@ -973,11 +991,12 @@ impl Releases {
             if let Some(rollout) = &current.rollout {
                 let mut release = Release::clone(&current);
                 release.rollout = None;
+                let summary = this.summary(tenant, name, rollout);
                 return this.commit(
                     tenant,
                     name,
                     Some(release),
-                    entry("rolled_back", &rollout.candidate, None),
+                    entry("rolled_back", &rollout.candidate, Some(summary)),
                 );
             }
             let Some(previous) = &current.previous else {
@@ -1040,11 +1059,52 @@ impl Releases {
             write_row(&tx, tenant, name, release.as_ref(), &entry)?;
             tx.commit().map_err(DbError::from)?;
         }
-        self.judges
-            .lock()
-            .remove(&(tenant.to_owned(), name.to_owned()));
+        self.forget(tenant, name);
         self.db.releases().put(tenant, name, release);
         Ok(())
+    }
+
+    /// What `name`'s rollout did, in words, for the history entry that ends it.
+    fn summary(&self, tenant: &str, name: &str, rollout: &Rollout) -> String {
+        match rollout.mode {
+            RolloutMode::Canary => {
+                let now = u64::try_from(now_ms()).unwrap_or(0);
+                let mut judges = self.judges.lock();
+                let Some(judge) = judges
+                    .get_mut(&(tenant.to_owned(), name.to_owned()))
+                    .filter(|j| j.started == rollout.started_unix_ms)
+                else {
+                    return "the canary served no calls".into();
+                };
+                let (calls, errors) = judge.candidate.totals(now);
+                let (live_calls, live_errors) = judge.live.totals(now);
+                format!(
+                    "over the last {} s the canary served {calls} calls with {errors} errors, the live version {live_calls} with {live_errors}",
+                    rollout.window_s
+                )
+            }
+            RolloutMode::Shadow => {
+                let stats = self.shadow.stats(tenant, name, rollout.started_unix_ms);
+                format!(
+                    "the shadow compared {} calls: {} identical, {} changed, {} newly failing, {} no longer failing, {} still failing, {} diverged ({} skipped)",
+                    stats.compared,
+                    stats.identical,
+                    stats.changed,
+                    stats.newly_failing,
+                    stats.no_longer_failing,
+                    stats.still_failing,
+                    stats.diverged,
+                    stats.skipped
+                )
+            }
+        }
+    }
+
+    /// Drops the counters of `name`'s rollout, which has ended.
+    fn forget(&self, tenant: &str, name: &str) {
+        let key = (tenant.to_owned(), name.to_owned());
+        self.judges.lock().remove(&key);
+        self.shadow.forget(&key);
     }
 
     /// Why `module` cannot be deleted now, if it serves its name or is being rolled out.

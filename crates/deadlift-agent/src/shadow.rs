@@ -102,6 +102,10 @@ impl Shadows {
             .unwrap_or_default()
     }
 
+    pub(crate) fn forget(&self, key: &(String, String)) {
+        self.stats.lock().remove(key);
+    }
+
     fn update(
         &self,
         tenant: &str,

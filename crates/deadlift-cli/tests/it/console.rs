@@ -401,6 +401,131 @@ fn the_console_in_a_real_browser() {
         wait_text(&client, "#outbox-table", "delivered").await;
         wait_text(&client, "#policy-json", "max_timeout_ms").await;
 
+        // Acme on the platform's agent again, where its loyalty v2 is a canary beside v1
+        // (last: rolling it back changes what serves the name).
+        client
+            .execute("sessionStorage.clear();", Vec::new())
+            .await
+            .unwrap();
+        sign_in(&client, payments, None).await;
+        let payments_url = payments["url"].as_str().unwrap();
+        let acme_on_payments = payments["token"].as_str().unwrap();
+        // A charge's step says which version of the name served it...
+        assert_eq!(report["payments_run"]["steps"][0]["version"], "1");
+        client
+            .goto(&format!("{payments_url}#/runs/{hook_run}"))
+            .await
+            .unwrap();
+        client
+            .wait()
+            .at_most(PATIENCE)
+            .for_element(Locator::Css("#waterfall [data-step] summary"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_text(&client, "#waterfall .step-version", "version 1").await;
+        // ...and, when the canary served it, says so (the showcase's charges fall on
+        // either side at random: when its report has one on the canary's side).
+        let runs = api(
+            reqwest::Method::GET,
+            format!("{}/v1/runs?limit=50", base(payments)),
+            acme_on_payments,
+            "acme",
+            None,
+        )
+        .await;
+        let mut canary_run = None;
+        for run in runs["runs"].as_array().unwrap() {
+            let id = run["id"].as_str().unwrap();
+            let run = api(
+                reqwest::Method::GET,
+                format!("{}/v1/runs/{id}", base(payments)),
+                acme_on_payments,
+                "acme",
+                None,
+            )
+            .await;
+            let steps = run["steps"].as_array().cloned().unwrap_or_default();
+            if steps.iter().any(|step| step["canary"] == true) {
+                canary_run = Some(id.to_owned());
+                break;
+            }
+        }
+        let canary_charged = report["canary_charges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|charge| charge["canary"] == true);
+        assert_eq!(canary_run.is_some(), canary_charged, "{}", report["canary_charges"]);
+        if let Some(canary_run) = canary_run {
+            client
+                .goto(&format!("{payments_url}#/runs/{canary_run}"))
+                .await
+                .unwrap();
+            client
+                .wait()
+                .at_most(PATIENCE)
+                .for_element(Locator::Css("#waterfall [data-step] summary"))
+                .await
+                .unwrap()
+                .click()
+                .await
+                .unwrap();
+            wait_text(&client, "#waterfall .step-version", "version 2").await;
+            wait_text(&client, "#waterfall .wf-details .status-canary", "canary").await;
+        }
+
+        // The module's release: v1 live, v2 a canary on half the calls; rolled back.
+        client
+            .goto(&format!("{payments_url}#/modules/acme-loyalty"))
+            .await
+            .unwrap();
+        let summary = wait_text(&client, "#release .release-summary", "acme-loyalty@1").await;
+        assert!(summary.contains("canary of acme-loyalty@2"), "{summary}");
+        let rollout = wait_text(&client, "#release-rollout", "acme-loyalty@2").await;
+        assert!(rollout.contains("canary") && rollout.contains("50%"), "{rollout}");
+        wait_text(&client, "#release-window-table", "Candidate").await;
+        wait_text(&client, "#release-history-table", "rollout").await;
+        wait_text(&client, "#module-versions", "acme-loyalty @2").await;
+        assert!(
+            client.find(Locator::Css("#release-promote")).await.is_ok(),
+            "no promote button during a rollout"
+        );
+        client.set_window_size(390, 844).await.unwrap();
+        assert!(fits_the_width(&client).await, "the module page scrolls sideways on a phone");
+        client.set_window_size(1280, 800).await.unwrap();
+        client
+            .find(Locator::Css("#release-rollback"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_text(&client, "#notice", "Rolled back").await;
+        wait_text(&client, "#release-history-table tbody tr:first-child", "rolled_back").await;
+        let summary = wait_text(&client, "#release .release-summary", "none in progress").await;
+        assert!(summary.contains("acme-loyalty@1"), "{summary}");
+        for gone in ["#release-rollout", "#release-promote", "#release-rollback"] {
+            assert!(
+                client.find(Locator::Css(gone)).await.is_err(),
+                "`{gone}` is still shown after the rollback"
+            );
+        }
+        // The agent says the same.
+        let release = api(
+            reqwest::Method::GET,
+            format!("{}/v1/modules/acme-loyalty/release", base(payments)),
+            acme_on_payments,
+            "acme",
+            None,
+        )
+        .await;
+        assert!(release.get("rollout").is_none(), "{release}");
+        assert_eq!(release["live"]["version"], "1", "{release}");
+        assert_eq!(release["history"][0]["action"], "rolled_back", "{release}");
+
         client.close().await.unwrap();
     });
     drop(showcase);

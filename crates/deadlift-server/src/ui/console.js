@@ -58,6 +58,7 @@
   const enc = encodeURIComponent;
   const runHref = (id) => '#/runs/' + enc(id);
   const traceHref = (id) => '#/traces/' + enc(id);
+  const moduleHref = (name) => '#/modules/' + enc(name);
   const pad = (n) => String(n).padStart(2, '0');
   const clamp = (n, lo, hi) => Math.min(hi, Math.max(lo, n));
   // A class name derived from server data: only plain words, anything else is "unknown".
@@ -78,6 +79,8 @@
     if (ms < 60000) return `${(ms / 1000).toFixed(ms < 10000 ? 2 : 1)} s`;
     return `${Math.floor(ms / 60000)} min ${Math.round((ms % 60000) / 1000)} s`;
   }
+
+  const fmtPercent = (n) => (Number.isFinite(n) ? `${Math.round(n * 10) / 10}%` : '—');
 
   function fmtBytes(n) {
     if (!Number.isFinite(n)) return '—';
@@ -298,6 +301,7 @@
     const page = (title, render, nav = '#/' + section, tenant = true) => ({ title, render, nav, tenant });
     if (section === 'runs') return id === undefined ? page('Runs', renderRuns) : page('Run', (v, c) => renderRun(v, c, id));
     if (section === 'traces' && id !== undefined) return page('Trace', (v, c) => renderTrace(v, c, id), '#/runs');
+    if (section === 'modules' && id !== undefined) return page('Module', (v, c) => renderModule(v, c, id));
     if (id !== undefined) return null;
     switch (section) {
       case 'workflows': return page('Workflows', renderWorkflows);
@@ -631,7 +635,9 @@
     const list = (items, render) => h('ul', { class: 'plain' }, items.map((i) => h('li', null, render(i))));
     return h('div', { class: 'wf-details' },
       dl([
-        step.module && ['Module', abbrev(step.module)],
+        step.module && ['Module', h('span', null, abbrev(step.module),
+          step.version != null ? h('span', { class: 'step-version', text: ` version ${step.version}` }) : null,
+          step.canary ? [' ', badge('canary')] : null)],
         ['Attempts', String(step.attempts ?? 1)],
         ['Started', timeEl(step.started_unix_ms)],
         ['Finished', timeEl(step.finished_unix_ms)],
@@ -775,7 +781,9 @@
       i.module ? h('span', { class: 'muted', text: i.module + ' ' }) : null, h('code', { text: i.name }))));
   }
 
-  function moduleCard(module, hooks, ctx) {
+  // One module's card; on the list its name links to the name's page, where the cards sit
+  // under a "Versions" heading (so theirs are one level down).
+  function moduleCard(module, hooks, ctx, { level = 'h2', link = true } = {}) {
     const bound = boundHooks(module, hooks);
     const body = h('div', { class: 'manifest-body' });
     const manifest = h('details', { class: 'manifest' }, h('summary', { text: 'Manifest' }), body);
@@ -806,7 +814,8 @@
       byModule.get(from).push(item);
     }
     return h('article', { class: 'card', dataset: { moduleId: module.id } },
-      h('h2', null, module.name, module.version ? h('span', { class: 'muted', text: ` @${module.version}` }) : null),
+      h(level, null, link ? h('a', { href: moduleHref(module.name), text: module.name }) : module.name,
+        module.version ? h('span', { class: 'muted', text: ` @${module.version}` }) : null),
       module.title ? h('p', { class: 'card-title', text: module.title }) : null,
       module.description ? h('p', { text: module.description }) : null,
       dl([
@@ -841,6 +850,198 @@
     list.sort((a, b) => String(a.name).localeCompare(String(b.name)));
     const hookList = asArray(hooks, 'hooks');
     view.append(h('div', { id: 'modules-list', class: 'cards' }, list.map((m) => moduleCard(m, hookList, ctx))));
+  }
+
+  // One module name: its release (what serves the name, promote and roll back) and the
+  // versions pushed under it.
+  async function renderModule(view, ctx, name) {
+    heading(view, 'Module', ctx);
+    view.append(h('p', { class: 'subtitle' }, h('code', { text: name })), loadingNote());
+    const [modules, hooks, release] = await Promise.all([
+      api('/v1/modules', { signal: ctx.signal }),
+      api('/v1/hooks', { signal: ctx.signal }).catch((e) => { if (isAbort(e)) throw e; showError(e); return []; }),
+      // Settled here: without a release the versions are still worth showing.
+      api(`/v1/modules/${enc(name)}/release`, { signal: ctx.signal }).then((status) => ({ status }),
+        (error) => { if (isAbort(error)) throw error; return { error }; }),
+    ]);
+    view.querySelector('.loading').remove();
+    const versions = asArray(modules, 'modules').filter((m) => m.name === name)
+      .sort((a, b) => (b.created_unix_ms ?? 0) - (a.created_unix_ms ?? 0));
+    if (!versions.length) {
+      view.append(h('p', { class: 'empty' }, 'No module has this name. ', h('a', { href: '#/modules', text: 'See all modules' }), '.'));
+      if (release.error) throw release.error; // module_not_found, in the banner
+      return;
+    }
+    const hookList = asArray(hooks, 'hooks');
+    view.append(releaseSection(name, release, ctx),
+      h('section', { class: 'block', 'aria-labelledby': 'versions-title' },
+        h('h2', { id: 'versions-title', text: 'Versions' }),
+        h('p', { class: 'intro', text: 'Every version pushed under this name, newest first. A call of the bare name goes to the release’s live version (or its candidate, for a canary’s share).' }),
+        h('div', { id: 'module-versions', class: 'cards' },
+          versions.map((m) => moduleCard(m, hookList, ctx, { level: 'h3', link: false })))));
+  }
+
+  // A version of a module name: name@version, or its abbreviated id when it has no label.
+  const versionText = (name, v) => (v.version != null ? `${name}@${v.version}` : shortId(v.module));
+  const versionEl = (name, v) => (!v ? h('span', { class: 'muted', text: 'none' })
+    : v.version != null ? h('code', { class: 'version', title: v.module, text: `${name}@${v.version}` }) : abbrev(v.module));
+
+  // The "Release" section: drawn from a release answer, and drawn again from the answer
+  // of a promotion or a rollback.
+  function releaseSection(name, release, ctx) {
+    const title = h('h2', { id: 'release-title', tabindex: '-1', text: 'Release' });
+    const body = h('div', { id: 'release-body' });
+    const section = h('section', { class: 'block release', id: 'release', 'aria-labelledby': 'release-title' }, title, body);
+    const buttons = () => section.querySelectorAll('button[data-release]');
+    const show = (status) => {
+      body.replaceChildren();
+      append(body, releaseBody(name, status, act));
+    };
+
+    async function reload() {
+      try {
+        show(await api(`/v1/modules/${enc(name)}/release`, { signal: ctx.signal }));
+      } catch (err) {
+        showError(err);
+        for (const b of buttons()) b.disabled = false;
+      }
+    }
+
+    async function act(e) {
+      const verb = e.currentTarget.dataset.release;
+      for (const b of buttons()) b.disabled = true;
+      section.setAttribute('aria-busy', 'true');
+      clearError();
+      clearNotice();
+      try {
+        const status = await api(`/v1/modules/${enc(name)}/${verb}`,
+          { method: 'POST', body: verb === 'promote' ? {} : undefined, signal: ctx.signal });
+        show(status);
+        const live = status && status.live ? versionText(name, status.live) : name;
+        showNotice(verb === 'promote' ? `Promoted: ${live} is live.` : `Rolled back: ${live} serves every call of ${name}.`);
+        title.focus(); // the button is gone: keep focus near
+      } catch (err) {
+        showError(err);
+        if (ctx.signal.aborted) return;
+        // Refused because the release changed meanwhile (an automatic rollback, another
+        // tab): show it as it is now.
+        if (err.status === 409) await reload();
+        else for (const b of buttons()) b.disabled = false;
+      } finally {
+        section.removeAttribute('aria-busy');
+      }
+    }
+
+    if (release.status) show(release.status);
+    else {
+      body.replaceChildren(emptyNote(release.error.status === 404 ? 'No release is recorded for this name.' : 'Could not be loaded.'));
+      showError(release.error);
+    }
+    return section;
+  }
+
+  function releaseBody(name, status, act) {
+    const { live, previous, rollout } = status;
+    const history = asArray(status.history, 'history');
+    const button = (verb, label, cls, help) => [
+      h('button', {
+        type: 'button', class: cls, id: `release-${verb}`, dataset: { release: verb }, text: label,
+        'aria-describedby': `release-${verb}-help`, onclick: act,
+      }),
+      h('span', { class: 'help', id: `release-${verb}-help`, text: help })];
+    const canRollBack = rollout || previous;
+    return [
+      dl([
+        ['Live', versionEl(name, live)],
+        ['Previous', previous ? versionEl(name, previous) : h('span', { class: 'muted', text: 'none' })],
+        ['Rollout', rollout ? h('span', null, `${rollout.mode ?? 'rollout'} of `, versionEl(name, rollout.candidate),
+          ` on ${fmtPercent(rollout.percent)} of calls`) : h('span', { class: 'muted', text: 'none in progress' })],
+      ], 'kv summary release-summary'),
+      rollout || canRollBack ? h('div', { class: 'actions release-actions' },
+        rollout ? h('div', { class: 'action' }, button('promote', 'Promote candidate', 'button',
+          `Makes ${versionText(name, rollout.candidate)} live and ends the rollout.`)) : null,
+        canRollBack ? h('div', { class: 'action' }, button('rollback', 'Roll back', 'button secondary', rollout
+          ? `Ends the rollout: ${versionText(name, live)} serves every call again.`
+          : `Makes ${versionText(name, previous)} live again.`)) : null) : null,
+      rollout ? rolloutBlock(name, status) : null,
+      h('h3', { id: 'release-history-title', text: 'History' }),
+      dataTable('release-history-table', `Release history of ${name}, newest first`, ['Time', 'Action', 'Version', 'Detail'],
+        history.map((entry) => h('tr', { dataset: { action: safeClass(entry.action) } },
+          h('th', { scope: 'row' }, timeEl(entry.at_unix_ms)),
+          h('td', null, badge(entry.action)),
+          h('td', null, versionEl(name, entry)),
+          h('td', { text: entry.detail ?? '—' }))), 'No history.'),
+    ];
+  }
+
+  // The rollout in progress: its terms, and how each side is doing.
+  function rolloutBlock(name, status) {
+    const { live, rollout } = status;
+    const shadow = rollout.mode === 'shadow';
+    const windowText = rollout.window_s % 60 === 0 && rollout.window_s >= 60 ? `${rollout.window_s / 60} min` : `${rollout.window_s} s`;
+    return h('section', { id: 'release-rollout', class: 'rollout', dataset: { mode: safeClass(rollout.mode) }, 'aria-labelledby': 'release-rollout-title' },
+      h('h3', { id: 'release-rollout-title', text: shadow ? 'Shadow in progress' : 'Canary in progress' }),
+      dl([
+        ['Mode', h('span', null, badge(rollout.mode), ' — ', shadow
+          ? 'the candidate replays its share of live calls from their tapes and serves none'
+          : 'the candidate serves its share of calls')],
+        ['Candidate', versionEl(name, rollout.candidate)],
+        ['Share', `${fmtPercent(rollout.percent)} of calls`],
+        ['Started', timeEl(rollout.started_unix_ms)],
+        !shadow && ['Judged', `over ${windowText}, after ${rollout.min_calls} calls; rolled back by itself if its error rate exceeds the live one’s by more than ${rollout.max_error_increase} points`],
+      ]),
+      shadow ? shadowBlock(name, status.shadow) : canaryWindow(name, live, rollout, status.window, windowText));
+  }
+
+  function canaryWindow(name, live, rollout, counts, windowText) {
+    if (!counts) return emptyNote('No calls counted yet.');
+    const row = (side, version, calls, errs) => h('tr', { dataset: { side: side.toLowerCase() } },
+      h('th', { scope: 'row' }, side, h('br'), versionEl(name, version)),
+      h('td', { class: 'num', text: String(calls ?? 0) }),
+      h('td', { class: 'num', text: String(errs ?? 0) }),
+      h('td', { class: 'num', text: calls ? fmtPercent((100 * (errs ?? 0)) / calls) : '—' }));
+    return dataTable('release-window-table', `Calls in the last ${windowText}, by side`, ['Side', 'Calls', 'Errors', 'Error rate'], [
+      row('Live', live, counts.live_calls, counts.live_errors),
+      row('Candidate', rollout.candidate, counts.candidate_calls, counts.candidate_errors),
+    ], '');
+  }
+
+  const outcomeEl = (outcome) => (outcome && outcome.error ? h('p', null, failureEl(outcome.error)) : pretty(outcome ? outcome.output : undefined));
+  const jsonText = (value) => (value === undefined ? '—' : JSON.stringify(value));
+
+  // A shadow: how the candidate's replays compared with the live answers, and the newest
+  // calls that were not identical.
+  function shadowBlock(name, stats) {
+    if (!stats) return emptyNote('Nothing compared yet.');
+    const count = (n) => String(n ?? 0);
+    const examples = asArray(stats.examples, 'examples');
+    return [
+      dl([
+        ['Compared', count(stats.compared)],
+        ['Identical', count(stats.identical)],
+        ['Changed', count(stats.changed)],
+        ['Newly failing', count(stats.newly_failing)],
+        ['No longer failing', count(stats.no_longer_failing)],
+        ['Still failing', count(stats.still_failing)],
+        ['Diverged', count(stats.diverged)],
+        ['Skipped (too many replays)', count(stats.skipped)],
+      ], 'kv counts shadow-counts'),
+      h('h4', { text: 'Examples' }),
+      examples.length ? h('ol', { class: 'plain examples', id: 'shadow-examples' }, examples.map((ex, i) =>
+        h('li', { class: 'example', dataset: { verdict: safeClass(ex.verdict) } },
+          h('details', { open: i === 0 },
+            h('summary', null, timeEl(ex.at_unix_ms), ' ', h('code', { text: ex.function ?? '' }), ' ', badge(ex.verdict)),
+            h('div', { class: 'io' },
+              h('div', null, h('h5', { text: 'Input' }), pretty(ex.input)),
+              h('div', null, h('h5', { text: 'Live' }), outcomeEl(ex.live)),
+              h('div', null, h('h5', { text: 'Candidate' }), outcomeEl(ex.candidate))),
+            (ex.diff || []).length ? dataTable(`shadow-diff-${i}`, 'Differences in the output, live against candidate', ['Path', 'Live', 'Candidate'],
+              ex.diff.map((d) => h('tr', null,
+                h('th', { scope: 'row' }, h('code', { text: d.path ?? '/' })),
+                h('td', null, h('code', { text: jsonText(d.recorded) })),
+                h('td', null, h('code', { text: jsonText(d.replayed) })))), '') : null))))
+        : emptyNote(stats.compared ? 'Every compared call was identical.' : 'No call compared yet.'),
+    ];
   }
 
   async function renderHooks(view, ctx) {

@@ -450,3 +450,66 @@ async fn a_tenant_cannot_see_or_move_another_tenants_release() {
     assert_eq!(status["live"]["version"], "1");
     assert!(status["rollout"].is_null());
 }
+
+/// Each rollout holds counters (and, in shadow, examples) in memory: a tenant has at most
+/// 16 in progress, and one that ends writes what it did into the history.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_has_at_most_16_rollouts_in_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(dir.path()).await;
+    let acme = agent.tenant_token("acme").await;
+    let constant = |n: u32| {
+        wat::parse_str(format!(
+            r#"(module (memory (export "memory") 1) (func (export "_main") (result i32) i32.const {n}))"#
+        ))
+        .unwrap()
+    };
+    for n in 0..17 {
+        let name = format!("m{n}");
+        push(&agent, &acme, &name, "1", constant(2 * n)).await;
+        push(&agent, &acme, &name, "2", constant(2 * n + 1)).await;
+        let started = post(
+            &agent,
+            &acme,
+            &format!("/v1/modules/{name}/rollout"),
+            json!({"candidate": "2", "mode": if n % 2 == 0 { "canary" } else { "shadow" }}),
+        )
+        .await;
+        if n < 16 {
+            assert_eq!(
+                started.status().as_u16(),
+                200,
+                "{}",
+                started.text().await.unwrap()
+            );
+        } else {
+            let message = TestAgent::expect_error(started, 409, "rollout_conflict").await;
+            assert!(message.contains("16 rollouts"), "{message}");
+        }
+    }
+    // Another tenant is not counted against Acme's.
+    let globex = agent.tenant_token("globex").await;
+    push(&agent, &globex, "m0", "1", constant(100)).await;
+    push(&agent, &globex, "m0", "2", constant(101)).await;
+    post_ok(
+        &agent,
+        &globex,
+        "/v1/modules/m0/rollout",
+        json!({"candidate": "2"}),
+    )
+    .await;
+    // One ends, with what it did; then there is room again.
+    let ended = post_ok(&agent, &acme, "/v1/modules/m1/rollback", json!({})).await;
+    let detail = ended["history"][0]["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("the shadow compared 0 calls"),
+        "{detail}"
+    );
+    post_ok(
+        &agent,
+        &acme,
+        "/v1/modules/m16/rollout",
+        json!({"candidate": "2"}),
+    )
+    .await;
+}
