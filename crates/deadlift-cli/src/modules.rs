@@ -543,6 +543,17 @@ fn print_replay(report: &serde_json::Value) {
         cell(&report["fixed"]),
         cell(&report["diverged"]),
     );
+    let totals = &report["totals"];
+    if totals["calls"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "over the {} calls that succeeded both times: fuel {} -> {}, time {} µs -> {} µs",
+            cell(&totals["calls"]),
+            cell(&totals["fuel_recorded"]),
+            cell(&totals["fuel_replayed"]),
+            cell(&totals["duration_us_recorded"]),
+            cell(&totals["duration_us_replayed"]),
+        );
+    }
 }
 
 fn outcome(outcome: &serde_json::Value) -> String {

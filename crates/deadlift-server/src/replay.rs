@@ -9,6 +9,7 @@ use deadlift_agent::replay::{Outcome, Recorded, shown};
 use deadlift_agent::tapes::{StoredTape, TapeFilter};
 use deadlift_engine::Grant;
 use deadlift_engine::registry::ModuleInfo;
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -74,8 +75,24 @@ pub(super) struct ReplayReport {
     /// Calls that failed when recorded and succeed now.
     fixed: usize,
     diverged: usize,
+    /// Fuel and time of the calls that succeeded both when recorded and replayed,
+    /// summed: the change in cost.
+    totals: CostTotals,
     calls: Vec<ReplayedCall>,
 }
+
+/// Fuel and time summed over the calls that succeeded both times.
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
+pub(super) struct CostTotals {
+    calls: usize,
+    fuel_recorded: u64,
+    fuel_replayed: u64,
+    duration_us_recorded: u64,
+    duration_us_replayed: u64,
+}
+
+/// Recorded calls one replay runs at once.
+const REPLAYS_AT_ONCE: usize = 4;
 
 /// Replays the tenant's recorded calls of module `against` through module `candidate`.
 #[utoipa::path(post, path = "/v1/modules/{reference}/replay", tag = "modules", security(("bearer" = [])),
@@ -120,11 +137,15 @@ pub(super) async fn replay_calls(
         failed: 0,
         fixed: 0,
         diverged: 0,
+        totals: CostTotals::default(),
         calls: Vec::new(),
     };
-    // Oldest first: as the calls happened.
-    for stored in tapes.into_iter().rev() {
-        let call = replay_one(&agent, &tenant, &module, &base, stored).await;
+    // Oldest first, as the calls happened; a few at once (each is one of the tenant's
+    // calls on the engine, in its fair share).
+    let mut replayed = futures_util::stream::iter(tapes.into_iter().rev())
+        .map(|stored| replay_one(&agent, &tenant, &module, &base, stored))
+        .buffered(REPLAYS_AT_ONCE);
+    while let Some(call) = replayed.next().await {
         match call.verdict {
             "identical" => report.identical += 1,
             "changed" => report.changed += 1,
@@ -132,6 +153,14 @@ pub(super) async fn replay_calls(
             "no_longer_failing" => report.fixed += 1,
             "diverged" => report.diverged += 1,
             _ => {}
+        }
+        if matches!(call.verdict, "identical" | "changed") {
+            let totals = &mut report.totals;
+            totals.calls += 1;
+            totals.fuel_recorded += call.fuel_recorded;
+            totals.fuel_replayed += call.fuel_replayed;
+            totals.duration_us_recorded += call.duration_us_recorded;
+            totals.duration_us_replayed += call.duration_us_replayed;
         }
         report.calls.push(call);
     }

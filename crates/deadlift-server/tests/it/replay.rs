@@ -89,6 +89,9 @@ async fn recorded_calls_replay_through_a_candidate() {
         (Some(3), Some(0)),
         "{same}"
     );
+    // The cost totals cover the calls that succeeded both times.
+    assert_eq!(same["totals"]["calls"], 3, "{same}");
+    assert!(same["totals"]["duration_us_replayed"].as_u64().unwrap() > 0);
     let stored = agent.get_json("/v1/kv/visits", &acme).await;
     assert_eq!(stored, json!(3));
 
