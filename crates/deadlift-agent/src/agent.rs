@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::federation::{DeliveryConfig, Federation, Identity, PeerDirectory, peers};
 use crate::hooks::{Hook, HookDecl, Hooks};
 use crate::policy::{Policy, PolicyHandle};
@@ -324,6 +325,7 @@ impl AgentBuilder {
             telemetry,
             tapes,
             releases,
+            cluster: std::sync::OnceLock::new(),
         };
         Ok((agent, new_admin_token))
     }
@@ -364,6 +366,8 @@ pub struct Agent {
     telemetry: Option<Telemetry>,
     tapes: Arc<crate::tapes::Tapes>,
     releases: Arc<Releases>,
+    /// Set once the agent joins a cluster.
+    cluster: std::sync::OnceLock<Arc<Cluster>>,
 }
 
 impl Agent {
@@ -407,6 +411,9 @@ impl Agent {
     /// Stops background work and commits what the journal holds. Runs still executing
     /// resume at the next start.
     pub async fn shutdown(&self) {
+        if let Some(cluster) = self.cluster.get() {
+            cluster.leave().await;
+        }
         self.federation.shutdown().await;
         self.workflows.shutdown().await;
         if let Some(telemetry) = &self.telemetry {
@@ -417,6 +424,22 @@ impl Agent {
     /// Recorded calls (tapes).
     pub fn tapes(&self) -> &crate::tapes::Tapes {
         &self.tapes
+    }
+
+    /// Joins a cluster on NATS JetStream (`cluster.rs`): from then on events posted here
+    /// go to the cluster's stream, and this agent journals its share of them.
+    pub async fn join_cluster(&self, config: &ClusterConfig) -> Result<(), ClusterError> {
+        if self.cluster.get().is_some() {
+            return Err(ClusterError::Joined);
+        }
+        let cluster =
+            Cluster::join(config, self.workflows.journal().clone(), &self.workflows).await?;
+        self.cluster.set(cluster).map_err(|_| ClusterError::Joined)
+    }
+
+    /// The cluster this agent serves in, if any.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
     }
 
     /// Which version serves each module name, and rollouts.

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod clock;
+pub mod cluster;
 pub mod direct;
 pub mod federation;
 pub mod hooks;

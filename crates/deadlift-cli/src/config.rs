@@ -96,6 +96,18 @@ pub struct ServeConfig {
     /// [default: power-loss]
     #[arg(long, env = "DEADLIFT_DURABILITY", value_parser = parse_durability)]
     pub durability: Option<deadlift::store::Durability>,
+    /// Cluster mode: NATS server URLs, comma-separated (`nats://10.0.0.1:4222,...`);
+    /// events go to the cluster's JetStream stream and agents share them out
+    /// [default: no cluster]
+    #[arg(long, env = "DEADLIFT_NATS")]
+    pub nats: Option<String>,
+    /// A NATS credentials file (a user JWT and its NKey seed) for cluster mode
+    #[arg(long, env = "DEADLIFT_NATS_CREDENTIALS")]
+    pub nats_credentials: Option<PathBuf>,
+    /// Replicas of the cluster's streams: 1 on one NATS server, 3 on a cluster of three
+    /// or more [default: 1]
+    #[arg(long, env = "DEADLIFT_NATS_REPLICAS")]
+    pub nats_replicas: Option<usize>,
     /// The operator's ceilings on the grants tenants write: the config file's `[policy]`
     /// section only (`examples/agent.toml`)
     #[arg(skip)]
@@ -132,6 +144,8 @@ pub struct Resolved {
     pub retention: deadlift::workflow::Retention,
     pub durability: deadlift::store::Durability,
     pub policy: deadlift::policy::Policy,
+    /// Cluster mode, when NATS URLs are given.
+    pub cluster: Option<deadlift::cluster::ClusterConfig>,
 }
 
 impl ServeConfig {
@@ -169,6 +183,9 @@ impl ServeConfig {
             run_retention_count: self.run_retention_count.or(file.run_retention_count),
             dedupe_window_hours: self.dedupe_window_hours.or(file.dedupe_window_hours),
             durability: self.durability.or(file.durability),
+            nats: self.nats.or(file.nats),
+            nats_credentials: self.nats_credentials.or(file.nats_credentials),
+            nats_replicas: self.nats_replicas.or(file.nats_replicas),
             policy: self.policy.or(file.policy),
         }
     }
@@ -220,7 +237,32 @@ impl ServeConfig {
                 .dedupe_window_hours
                 .map_or(defaults.dedupe_window_ms, hours),
         };
+        let cluster = match self
+            .nats
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        {
+            None => None,
+            Some(urls) => {
+                let replicas = self.nats_replicas.unwrap_or(1);
+                anyhow::ensure!(
+                    (1..=5).contains(&replicas),
+                    "nats_replicas must be between 1 and 5 (JetStream's limit)"
+                );
+                Some(deadlift::cluster::ClusterConfig {
+                    urls: urls.split(',').map(|u| u.trim().to_owned()).collect(),
+                    credentials: self.nats_credentials.clone(),
+                    replicas,
+                    dedupe_window: std::time::Duration::from_millis(
+                        u64::try_from(retention.dedupe_window_ms).unwrap_or(0),
+                    )
+                    .max(std::time::Duration::from_secs(1)),
+                })
+            }
+        };
         Ok(Resolved {
+            cluster,
             name: self.name.unwrap_or_else(|| "deadlift".to_owned()),
             listen: self
                 .listen

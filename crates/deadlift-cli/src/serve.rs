@@ -55,6 +55,12 @@ pub async fn serve(config: Resolved, config_file: Option<PathBuf>) -> anyhow::Re
         engine.time_slice(settings.time_slice)
     });
     let (agent, new_admin_token) = tokio::task::spawn_blocking(move || builder.build()).await??;
+    if let Some(cluster) = &config.cluster {
+        agent
+            .join_cluster(cluster)
+            .await
+            .context("cannot join the cluster")?;
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -65,6 +71,14 @@ pub async fn serve(config: Resolved, config_file: Option<PathBuf>) -> anyhow::Re
         identity.name,
         identity.public_key()
     );
+    if let Some(cluster) = &config.cluster {
+        println!(
+            "cluster mode: NATS {} (streams with {} replica{})",
+            cluster.urls.join(","),
+            cluster.replicas,
+            if cluster.replicas == 1 { "" } else { "s" }
+        );
+    }
     let resumed = agent.workflows().resumed_runs();
     if resumed > 0 {
         println!("resumed {resumed} runs left open by the previous process");

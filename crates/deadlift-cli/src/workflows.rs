@@ -275,6 +275,10 @@ pub async fn event(command: EventCommand) -> anyhow::Result<()> {
             .map(cell)
             .collect();
         match runs.as_slice() {
+            [] if published["clustered"] == true => println!(
+                "published {}: stored by the cluster; the agent that takes it starts its runs",
+                cell(&published["id"])
+            ),
             [] => println!("published {} (no workflow matched)", cell(&published["id"])),
             runs => println!(
                 "published {}; runs {}",

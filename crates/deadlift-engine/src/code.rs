@@ -125,6 +125,7 @@ codes! {
     Overloaded = "overloaded" => SERVICE_UNAVAILABLE,
     TenantOverloaded = "tenant_overloaded" => TOO_MANY_REQUESTS,
     ShuttingDown = "shutting_down" => SERVICE_UNAVAILABLE,
+    ClusterUnavailable = "cluster_unavailable" => SERVICE_UNAVAILABLE,
     // Our fault, not the caller's.
     Storage = "storage" => INTERNAL_SERVER_ERROR,
     Internal = "internal" => INTERNAL_SERVER_ERROR,

@@ -97,6 +97,12 @@ impl From<CallError> for ApiError {
     }
 }
 
+impl From<deadlift_agent::cluster::ClusterError> for ApiError {
+    fn from(e: deadlift_agent::cluster::ClusterError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}
+
 impl From<ModuleError> for ApiError {
     fn from(e: ModuleError) -> Self {
         Self::new(e.code(), e.to_string())

@@ -215,7 +215,12 @@ pub(super) async fn publish_events(
                 .or_insert_with(|| serde_json::Value::String(traceparent.to_owned()));
         }
     }
-    let ingested = agent.workflows().publish(&tenant, events).await?;
+    // In a cluster, the cluster's stream takes the events (once acknowledged there,
+    // whichever agent pulls one journals it); alone, this agent's journal.
+    let ingested = match agent.cluster() {
+        Some(cluster) => cluster.publish(&tenant, events).await?,
+        None => agent.workflows().publish(&tenant, events).await?,
+    };
     Ok(json(
         StatusCode::ACCEPTED,
         Published {

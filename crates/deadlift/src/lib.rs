@@ -40,7 +40,9 @@ pub use deadlift_agent::{
     Agent, AgentBuilder, AgentError, CloudEvent, DEFAULT_TENANT, Runtime, V1_TENANT, V1Access,
     WorkflowError, WorkflowSpec,
 };
-pub use deadlift_agent::{agent, federation, hooks, policy, store, workflow};
+pub use deadlift_agent::{
+    agent, cluster, direct, federation, hooks, policy, releases, replay, store, tapes, workflow,
+};
 
 /// The HTTP server over an [`Agent`].
 pub use deadlift_server as server;

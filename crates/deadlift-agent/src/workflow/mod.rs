@@ -408,6 +408,13 @@ impl Runtime {
         Ok(None)
     }
 
+    /// What the cluster's v1 NATS trigger listens for.
+    pub(crate) fn v1_triggers(&self) -> V1Triggers {
+        V1Triggers {
+            journal: self.journal.clone(),
+        }
+    }
+
     /// The steps of the tenant's live workflows that call `name` by its bare name, with
     /// what each needs of the version that serves it.
     pub async fn name_uses(
@@ -627,5 +634,24 @@ async fn prune_periodically(journal: Journal, retention: Retention, every: Durat
             Ok((runs, events)) => tracing::info!(runs, events, "retention pruned history"),
             Err(error) => tracing::warn!(%error, "retention failed"),
         }
+    }
+}
+
+/// The subjects that start v1 workflows: each v1 workflow's first module's subject, its
+/// event trigger (`v1.rs`).
+#[derive(Debug, Clone)]
+pub(crate) struct V1Triggers {
+    journal: Journal,
+}
+
+impl V1Triggers {
+    pub(crate) async fn subjects(&self) -> Result<std::collections::BTreeSet<String>, DbError> {
+        Ok(self
+            .journal
+            .live_workflows(Some(crate::V1_TENANT))
+            .await?
+            .into_iter()
+            .filter_map(|(_, version)| version.spec.trigger.event)
+            .collect())
     }
 }

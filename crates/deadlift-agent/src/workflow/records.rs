@@ -313,6 +313,10 @@ pub struct Ingested {
     pub duplicate: bool,
     /// Runs this event started.
     pub runs: Vec<String>,
+    /// Stored by the cluster's stream: whichever agent pulls it starts its runs, so
+    /// `runs` is empty here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clustered: bool,
 }
 
 /// A change to a run, for watchers (`runs tail`).

@@ -7,6 +7,7 @@
 
 mod common;
 
+mod cluster;
 mod federation;
 mod otlp;
 mod releases;

@@ -88,6 +88,7 @@ impl Writer {
                 id,
                 duplicate: true,
                 runs: Vec::new(),
+                clustered: false,
             });
         };
         effects.count(EVENTS_STORED);
@@ -111,6 +112,7 @@ impl Writer {
                 id,
                 duplicate: false,
                 runs: Vec::new(),
+                clustered: false,
             });
         }
         // An event a peer sent is not relayed to other peers: this agent would sign what
@@ -139,6 +141,7 @@ impl Writer {
                 id,
                 duplicate: false,
                 runs,
+                clustered: false,
             });
         }
         let trace = event.trace();
@@ -175,6 +178,7 @@ impl Writer {
             id,
             duplicate: false,
             runs,
+            clustered: false,
         })
     }
 }

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod server;
 
 /// The bytes of a prebuilt guest fixture (`guests/wasm/<name>.wasm`).

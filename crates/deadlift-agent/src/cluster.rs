@@ -1,0 +1,393 @@
+//! Cluster mode on NATS JetStream: many agents serving the same tenants. This is its
+//! first part: events and the original Deadlift's NATS trigger.
+//!
+//! - **Events** posted to any agent go into one JetStream stream (`DEADLIFT_EVENTS`,
+//!   subject `deadlift.events.<tenant>`), each with a `Nats-Msg-Id` made of its tenant,
+//!   source and id, so that the same event posted twice, to the same agent or another,
+//!   is stored once within the stream's duplicate window. An agent answers `202` only
+//!   once the stream has acknowledged the event (replicated, on an R3 stream).
+//! - **Ingest**: every agent pulls from one shared durable consumer (`deadlift-ingest`),
+//!   so each stored event is handed to one agent, which journals it in its own SQLite
+//!   (routing it to workflows and starting runs there, in one transaction) and only then
+//!   acknowledges it. An agent that dies before acknowledging loses the event to another
+//!   agent when the consumer's ack wait ends.
+//! - **The v1 NATS trigger**: a message published on a NATS core subject equal to a v1
+//!   workflow's first module's subject becomes a `v1` event of that type (in a queue
+//!   group, so one agent takes it), which starts the workflow at its second module.
+//!
+//! Not yet shared through JetStream (each agent keeps its own, as without a cluster):
+//! modules, workflows, tenants and tokens, runs and their step journal, the outbox,
+//! schedules and history. So every agent must be given the same modules and workflows,
+//! and an agent that dies mid-run resumes that run when it restarts, not elsewhere.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::V1_TENANT;
+use crate::workflow::{CloudEvent, Ingested, Journal, Runtime};
+use deadlift_engine::Code;
+
+/// The stream every agent publishes events to.
+pub const EVENTS_STREAM: &str = "DEADLIFT_EVENTS";
+/// Events of tenant `t` are stored under `deadlift.events.t`.
+const EVENTS_SUBJECT: &str = "deadlift.events";
+/// The durable consumer all agents pull events from.
+pub const INGEST_CONSUMER: &str = "deadlift-ingest";
+/// The queue group of the v1 trigger's subscriptions.
+const V1_QUEUE: &str = "deadlift-v1";
+/// Events one agent journals at once (each waits for its commit before its ack).
+const INGESTING: usize = 256;
+/// How long an agent holds a pulled event before it goes to another agent.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How often the v1 trigger looks for new v1 workflows.
+const V1_RESCAN: Duration = Duration::from_secs(1);
+
+/// How an agent joins a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// NATS server URLs (`nats://host:4222`); the client fails over among them.
+    pub urls: Vec<String>,
+    /// A NATS credentials file (a user JWT and its NKey seed).
+    pub credentials: Option<PathBuf>,
+    /// Replicas of the streams this agent creates: 1 on a single server, 3 on a cluster
+    /// of three or more (what survives a server's loss).
+    pub replicas: usize,
+    /// How long the stream recognises an event id it has stored.
+    pub dedupe_window: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            urls: Vec::new(),
+            credentials: None,
+            replicas: 1,
+            dedupe_window: Duration::from_secs(2 * 60 * 60),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot connect to NATS at {urls}: {message}")]
+    Connect { urls: String, message: String },
+    #[error("JetStream refused the agent's streams: {0}")]
+    Setup(String),
+    #[error("the cluster did not store the event: {0}")]
+    Publish(String),
+    #[error("this agent is in a cluster already")]
+    Joined,
+}
+
+impl ClusterError {
+    pub fn code(&self) -> Code {
+        match self {
+            Self::Publish(_) => Code::ClusterUnavailable,
+            _ => Code::Internal,
+        }
+    }
+}
+
+/// This agent's membership of a cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Cluster {
+    /// Connects, makes sure the stream and the shared consumer exist, and starts pulling
+    /// events and serving the v1 trigger.
+    pub(crate) async fn join(
+        config: &ClusterConfig,
+        journal: Journal,
+        runtime: &Runtime,
+    ) -> Result<Arc<Self>, ClusterError> {
+        let urls = config.urls.join(",");
+        let connect_error = |message: String| ClusterError::Connect {
+            urls: urls.clone(),
+            message,
+        };
+        let mut options = async_nats::ConnectOptions::new()
+            .name("deadlift")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5));
+        if let Some(path) = &config.credentials {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|e| connect_error(format!("credentials {}: {e}", path.display())))?;
+        }
+        let addresses: Vec<async_nats::ServerAddr> = config
+            .urls
+            .iter()
+            .map(|url| {
+                url.parse()
+                    .map_err(|e| connect_error(format!("{url}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let client = tokio::time::timeout(
+            Duration::from_secs(10),
+            async_nats::connect_with_options(addresses, options),
+        )
+        .await
+        .map_err(|_| connect_error("no server answered within 10 s".into()))?
+        .map_err(|e| connect_error(e.to_string()))?;
+        let jetstream = jetstream::new(client.clone());
+        let events = jetstream
+            .get_or_create_stream(stream::Config {
+                name: EVENTS_STREAM.into(),
+                subjects: vec![format!("{EVENTS_SUBJECT}.*")],
+                storage: stream::StorageType::File,
+                num_replicas: config.replicas.max(1),
+                duplicate_window: config.dedupe_window,
+                // Work-queue retention: an event acknowledged by the agent that
+                // journaled it leaves the stream (that agent's journal keeps it).
+                retention: stream::RetentionPolicy::WorkQueue,
+                ..stream::Config::default()
+            })
+            .await
+            .map_err(|e| ClusterError::Setup(e.to_string()))?;
+        let ingest: consumer::PullConsumer = events
+            .get_or_create_consumer(
+                INGEST_CONSUMER,
+                consumer::pull::Config {
+                    durable_name: Some(INGEST_CONSUMER.into()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    max_ack_pending: 4096,
+                    ..consumer::pull::Config::default()
+                },
+            )
+            .await
+            .map_err(|e| ClusterError::Setup(e.to_string()))?;
+        let cluster = Arc::new(Self {
+            client: client.clone(),
+            jetstream,
+            tasks: Mutex::new(Vec::new()),
+        });
+        let pulling = tokio::spawn(pull_events(ingest, journal));
+        let triggering = tokio::spawn(v1_trigger(
+            client,
+            Arc::downgrade(&cluster),
+            runtime.v1_triggers(),
+        ));
+        cluster.tasks.lock().extend([pulling, triggering]);
+        Ok(cluster)
+    }
+
+    /// Stores `events` of `tenant` in the cluster's stream; answers once the stream has
+    /// acknowledged each. `runs` stays empty: whichever agent ingests an event starts
+    /// its runs.
+    pub async fn publish(
+        &self,
+        tenant: &str,
+        events: Vec<CloudEvent>,
+    ) -> Result<Vec<Ingested>, ClusterError> {
+        let subject = format!("{EVENTS_SUBJECT}.{tenant}");
+        let mut pending = Vec::with_capacity(events.len());
+        for event in &events {
+            let body =
+                serde_json::to_vec(event).map_err(|e| ClusterError::Publish(e.to_string()))?;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", message_id(tenant, event).as_str());
+            let ack = self
+                .jetstream
+                .publish_with_headers(subject.clone(), headers, body.into())
+                .await
+                .map_err(|e| ClusterError::Publish(e.to_string()))?;
+            pending.push(ack);
+        }
+        let mut ingested = Vec::with_capacity(events.len());
+        for (event, ack) in events.iter().zip(pending) {
+            let ack = ack
+                .await
+                .map_err(|e| ClusterError::Publish(e.to_string()))?;
+            ingested.push(Ingested {
+                id: event.id.clone(),
+                duplicate: ack.duplicate,
+                runs: Vec::new(),
+                clustered: true,
+            });
+        }
+        Ok(ingested)
+    }
+
+    /// Stops pulling and triggering, and flushes what the client still holds.
+    pub async fn leave(&self) {
+        for task in self.tasks.lock().drain(..) {
+            task.abort();
+        }
+        let _ = self.client.flush().await;
+    }
+}
+
+/// The stream's deduplication key of an event: its tenant, source and id (hashed, so that
+/// any source fits a header).
+fn message_id(tenant: &str, event: &CloudEvent) -> String {
+    let digest = Sha256::new()
+        .chain_update(tenant.as_bytes())
+        .chain_update([0])
+        .chain_update(event.source.as_bytes())
+        .chain_update([0])
+        .chain_update(event.id.as_bytes())
+        .finalize();
+    hex::encode(digest)
+}
+
+/// Pulls events from the shared consumer and journals each here, acknowledging it only
+/// after the journal's commit. Reconnects after a failure.
+async fn pull_events(consumer: consumer::PullConsumer, journal: Journal) {
+    let ingesting = Arc::new(Semaphore::new(INGESTING));
+    loop {
+        let mut messages = match consumer.messages().await {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!("cannot pull events from the cluster: {error}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(message) = messages.next().await {
+            let message = match message {
+                Ok(message) => message,
+                Err(error) => {
+                    tracing::warn!("pulling events from the cluster: {error}");
+                    break;
+                }
+            };
+            let Ok(permit) = ingesting.clone().acquire_owned().await else {
+                return;
+            };
+            let journal = journal.clone();
+            tokio::spawn(async move {
+                ingest(&journal, message).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Journals one pulled event, then acknowledges it. An event that can never be journaled
+/// (not an event, an unknown subject) is terminated, so that it is not redelivered for
+/// ever; one the journal could not take now is left to be redelivered.
+async fn ingest(journal: &Journal, message: jetstream::Message) {
+    let tenant = message
+        .subject
+        .strip_prefix(EVENTS_SUBJECT)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .filter(|tenant| deadlift_engine::names::tenant_name(tenant).is_ok())
+        .map(str::to_owned);
+    let event = serde_json::from_slice::<CloudEvent>(&message.payload)
+        .ok()
+        .filter(|event| event.validate().is_ok());
+    let (Some(tenant), Some(event)) = (tenant, event) else {
+        tracing::warn!(subject = %message.subject, "not a Deadlift event; dropped from the cluster's stream");
+        let _ = message.ack_with(jetstream::AckKind::Term).await;
+        return;
+    };
+    match journal.publish(&tenant, vec![event]).await {
+        Ok(_) => {
+            if let Err(error) = message.double_ack().await {
+                tracing::warn!(
+                    "an event journaled here was not acknowledged ({error}); another agent may journal it again"
+                );
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%tenant, "cannot journal an event from the cluster ({error}); it will be redelivered");
+            let _ = message
+                .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+    }
+}
+
+/// Subscribes, in a queue group, to the subject of each v1 workflow's first module and
+/// turns each message into a `v1` event of that type, stored in the cluster's stream.
+async fn v1_trigger(
+    client: async_nats::Client,
+    cluster: std::sync::Weak<Cluster>,
+    triggers: crate::workflow::V1Triggers,
+) {
+    let mut subscribed: BTreeMap<String, JoinHandle<()>> = BTreeMap::new();
+    loop {
+        let wanted: BTreeSet<String> = match triggers.subjects().await {
+            Ok(subjects) => subjects,
+            Err(error) => {
+                tracing::warn!("cannot read the v1 workflows: {error}");
+                BTreeSet::new()
+            }
+        };
+        subscribed.retain(|subject, task| {
+            let keep = wanted.contains(subject);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for subject in wanted {
+            if subscribed.contains_key(&subject) {
+                continue;
+            }
+            match client
+                .queue_subscribe(subject.clone(), V1_QUEUE.into())
+                .await
+            {
+                Ok(subscriber) => {
+                    let task = tokio::spawn(forward_v1(subscriber, cluster.clone()));
+                    subscribed.insert(subject, task);
+                }
+                Err(error) => {
+                    tracing::warn!(%subject, "cannot subscribe for the v1 trigger: {error}")
+                }
+            }
+        }
+        tokio::time::sleep(V1_RESCAN).await;
+    }
+}
+
+/// Each message on a v1 trigger subject, as a `v1` event: its data the message's JSON
+/// (or its text), its id the message's `Nats-Msg-Id` when it has one.
+async fn forward_v1(mut subscriber: async_nats::Subscriber, cluster: std::sync::Weak<Cluster>) {
+    while let Some(message) = subscriber.next().await {
+        let Some(cluster) = cluster.upgrade() else {
+            return;
+        };
+        let data = serde_json::from_slice::<Value>(&message.payload).unwrap_or_else(|_| {
+            Value::String(String::from_utf8_lossy(&message.payload).into_owned())
+        });
+        let mut event = CloudEvent::new(
+            message.subject.to_string(),
+            format!("nats://{}", message.subject),
+            data,
+        );
+        if let Some(id) = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|id| id.as_str().to_owned())
+            .filter(|id| !id.is_empty() && id.len() <= 256)
+        {
+            event.id = id;
+        }
+        if let Err(error) = event.validate() {
+            tracing::warn!(subject = %message.subject, "a v1 trigger message is not an event: {error}");
+            continue;
+        }
+        if let Err(error) = cluster.publish(V1_TENANT, vec![event]).await {
+            tracing::warn!(subject = %message.subject, "a v1 trigger message was not stored: {error}");
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Issue 13 (its first part): agents in a cluster on a real nats-server with JetStream.
+//! Events posted to any agent, duplicates sent to another agent included, are stored once
+//! by the cluster's stream and each runs exactly once on one of the agents; a message on
+//! a NATS core subject starts the v1 workflow whose first module has that subject.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::fixture;
+use crate::common::nats::NatsServer;
+use crate::common::server::TestAgent;
+use deadlift_agent::cluster::ClusterConfig;
+
+async fn joined(dir: &std::path::Path, nats: &NatsServer) -> TestAgent {
+    let agent = TestAgent::start(dir).await;
+    agent
+        .agent
+        .join_cluster(&ClusterConfig {
+            urls: vec![nats.url.clone()],
+            ..ClusterConfig::default()
+        })
+        .await
+        .expect("the agent joins the cluster");
+    agent
+}
+
+/// Acme's module and workflow, given to an agent (this part of cluster mode does not
+/// share them yet).
+async fn configure(agent: &TestAgent, token: &str) {
+    let pushed = agent
+        .http
+        .post(agent.url("/v1/modules?name=adder"))
+        .bearer_auth(token)
+        .body(fixture("add_ten"))
+        .send()
+        .await
+        .unwrap();
+    assert!(pushed.status().is_success());
+    let applied = agent
+        .http
+        .put(agent.url("/v1/workflows/orders"))
+        .bearer_auth(token)
+        .header("content-type", "application/toml")
+        .body(
+            "trigger = { event = \"orders.created\" }\n[[steps]]\nid = \"add\"\ncall = \"adder\"\n",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        applied.status().as_u16(),
+        200,
+        "{}",
+        applied.text().await.unwrap()
+    );
+}
+
+async fn post_event(agent: &TestAgent, token: &str, id: &str, data: i64) -> Value {
+    let response = agent
+        .http
+        .post(agent.url("/v1/events"))
+        .bearer_auth(token)
+        .header("content-type", "application/cloudevents+json")
+        .json(&json!({"specversion": "1.0", "id": id, "source": "/shop", "type": "orders.created", "data": data}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    response.json().await.unwrap()
+}
+
+/// Every run of workflow `orders` on `agent`, by its event id.
+async fn runs_by_event(agent: &TestAgent, token: &str) -> Vec<(String, Value)> {
+    let page = agent
+        .get_json("/v1/runs?workflow=orders&limit=500", token)
+        .await;
+    page["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| (run["event_id"].as_str().unwrap().to_owned(), run.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_posted_to_any_agent_run_exactly_once_in_the_cluster() {
+    let nats = NatsServer::start();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = joined(dir_a.path(), &nats).await;
+    let b = joined(dir_b.path(), &nats).await;
+    let token_a = a.tenant_token("acme").await;
+    let token_b = b.tenant_token("acme").await;
+    configure(&a, &token_a).await;
+    configure(&b, &token_b).await;
+
+    // 120 events, alternately to each agent; every fourth again to the other agent,
+    // which the cluster's stream recognises.
+    let events = 120;
+    for n in 0..events {
+        let id = format!("order-{n}");
+        let (first, second) = if n % 2 == 0 {
+            ((&a, &token_a), (&b, &token_b))
+        } else {
+            ((&b, &token_b), (&a, &token_a))
+        };
+        let answer = post_event(first.0, first.1, &id, n).await;
+        assert_eq!(answer["events"][0]["duplicate"], false, "{answer}");
+        assert_eq!(answer["events"][0]["clustered"], true, "{answer}");
+        if n % 4 == 0 {
+            let again = post_event(second.0, second.1, &id, n).await;
+            assert_eq!(again["events"][0]["duplicate"], true, "{again}");
+        }
+    }
+
+    // Each event runs once, on one agent or the other.
+    let mut seen = BTreeMap::new();
+    for _ in 0..300 {
+        seen.clear();
+        for (agent, token) in [(&a, &token_a), (&b, &token_b)] {
+            for (event, run) in runs_by_event(agent, token).await {
+                seen.entry(event).or_insert_with(Vec::new).push(run);
+            }
+        }
+        if seen.values().map(Vec::len).sum::<usize>() >= events as usize
+            && seen.values().flatten().all(|r| r["status"] == "succeeded")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen.len(), events as usize, "every event ran");
+    // Both agents pull from the shared consumer: each journals a share.
+    let on_a = runs_by_event(&a, &token_a).await.len();
+    assert!(
+        (1..events as usize).contains(&on_a),
+        "agent a ran {on_a} of {events}"
+    );
+    let doubled: Vec<&String> = seen
+        .iter()
+        .filter(|(_, runs)| runs.len() > 1)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(doubled.is_empty(), "events that ran twice: {doubled:?}");
+    assert!(
+        seen.values()
+            .flatten()
+            .all(|run| run["status"] == "succeeded")
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_on_a_nats_subject_starts_the_v1_workflow_at_its_second_module() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = joined(dir.path(), &nats).await;
+    for (bytes, subject) in [
+        (fixture("add_ten"), "shop.orders.ingest"),
+        (fixture("multiply_by_five"), "shop.orders.score"),
+    ] {
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "binary",
+                reqwest::multipart::Part::bytes(bytes).file_name("m.wasm"),
+            )
+            .text("title", subject)
+            .text("subject", subject);
+        let uploaded = agent
+            .http
+            .post(agent.url("/api/v1/modules"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            uploaded.status().as_u16(),
+            201,
+            "{}",
+            uploaded.text().await.unwrap()
+        );
+    }
+    let created = agent
+        .http
+        .post(agent.url("/api/v1/workflows"))
+        .json(&json!({"name": "orders", "pipeline": ["shop.orders.ingest", "shop.orders.score"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let id = created.text().await.unwrap();
+    let workflow = format!("v1-workflow-{id}");
+
+    // The ingest module ran elsewhere: its output, 5, is published on its subject. The
+    // agent subscribes within a second of the workflow's creation, so the message is
+    // sent until a run appears, always with the same id: it runs once.
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "order-1");
+    let mut runs = Vec::new();
+    for _ in 0..100 {
+        client
+            .publish_with_headers("shop.orders.ingest", headers.clone(), "5".into())
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let page = agent
+            .http
+            .get(agent.url(&format!("/v1/runs?workflow={workflow}")))
+            .bearer_auth(crate::common::server::ADMIN)
+            .header("x-deadlift-tenant", "v1")
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap();
+        runs = page["runs"].as_array().cloned().unwrap_or_default();
+        if runs.iter().any(|r| r["status"] == "succeeded") {
+            break;
+        }
+    }
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let run_id = runs[0]["id"].as_str().unwrap();
+    let run = agent
+        .http
+        .get(agent.url(&format!("/v1/runs/{run_id}")))
+        .bearer_auth(crate::common::server::ADMIN)
+        .header("x-deadlift-tenant", "v1")
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(run["output"], 25, "{run}");
+    assert_eq!(run["steps"][0]["status"], "skipped", "{run}");
+    assert_eq!(run["event"]["type"], "shop.orders.ingest");
+    agent.stop().await;
+}
