@@ -212,7 +212,11 @@ mod tests {
         for &code in Code::ALL {
             let ours = matches!(
                 code,
-                Code::Internal | Code::Storage | Code::Overloaded | Code::ShuttingDown
+                Code::Internal
+                    | Code::Storage
+                    | Code::Overloaded
+                    | Code::ShuttingDown
+                    | Code::ClusterUnavailable
             );
             assert_eq!(code.status().is_server_error(), ours, "{code}");
         }
