@@ -428,13 +428,22 @@ impl Agent {
 
     /// Joins a cluster on NATS JetStream (`cluster.rs`): from then on events posted here
     /// go to the cluster's stream, and this agent journals its share of them.
-    pub async fn join_cluster(&self, config: &ClusterConfig) -> Result<(), ClusterError> {
+    pub async fn join_cluster(
+        self: &Arc<Self>,
+        config: &ClusterConfig,
+    ) -> Result<(), ClusterError> {
         if self.cluster.get().is_some() {
             return Err(ClusterError::Joined);
         }
-        let cluster =
-            Cluster::join(config, self.workflows.journal().clone(), &self.workflows).await?;
+        let cluster = Cluster::join(config, self).await?;
         self.cluster.set(cluster).map_err(|_| ClusterError::Joined)
+    }
+
+    /// A setting changed through this agent's API: in a cluster, the others get it.
+    pub fn changed(&self, setting: crate::cluster::Setting) {
+        if let Some(cluster) = self.cluster.get() {
+            cluster.changed(setting);
+        }
     }
 
     /// The cluster this agent serves in, if any.

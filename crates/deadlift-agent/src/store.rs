@@ -126,6 +126,18 @@ pub struct TokenInfo {
     pub created_unix_ms: i64,
 }
 
+/// A token as stored (its hash, never its secret): what a cluster's agents share.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    /// The SHA-256 of the secret, hex.
+    pub hash: String,
+    pub tenant: Option<String>,
+    pub admin: bool,
+    pub description: Option<String>,
+    pub created_unix_ms: i64,
+}
+
 /// The agent's database. Cheap to clone; one connection serialised behind a mutex,
 /// which SQLite in WAL mode serves well for an agent's write rate.
 #[derive(Debug, Clone)]
@@ -385,6 +397,56 @@ impl Database {
             })?
             .collect::<Result<_, _>>()?;
         Ok(tokens)
+    }
+
+    /// A token's stored record, if there is one.
+    pub fn token_record(&self, id: &str) -> Result<Option<TokenRecord>, DbError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT id, hash, tenant, admin, description, created_unix_ms FROM tokens
+                 WHERE id = ?1",
+                [id],
+                |row| {
+                    Ok(TokenRecord {
+                        id: row.get(0)?,
+                        hash: hex::encode(row.get::<_, Vec<u8>>(1)?),
+                        tenant: row.get(2)?,
+                        admin: row.get(3)?,
+                        description: row.get(4)?,
+                        created_unix_ms: row.get(5)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Stores a tenant token made on another agent of the cluster (its tenant must be
+    /// here). Admin tokens are each agent's own and are refused.
+    pub fn put_token_record(&self, record: &TokenRecord) -> Result<(), DbError> {
+        let hash = hex::decode(&record.hash)
+            .ok()
+            .filter(|hash| hash.len() == 32)
+            .ok_or_else(|| DbError::Corrupt(format!("token {}: not a SHA-256", record.id)))?;
+        let Some(tenant) = record.tenant.as_deref().filter(|_| !record.admin) else {
+            return Err(DbError::Corrupt(format!(
+                "token {}: an admin token is not shared",
+                record.id
+            )));
+        };
+        self.conn().execute(
+            "INSERT INTO tokens (id, hash, tenant, admin, description, created_unix_ms)
+             VALUES (?1, ?2, ?3, 0, ?4, ?5)
+             ON CONFLICT (id) DO UPDATE SET description = excluded.description",
+            params![
+                record.id,
+                hash,
+                tenant,
+                record.description,
+                record.created_unix_ms
+            ],
+        )?;
+        Ok(())
     }
 
     pub fn revoke_token(&self, id: &str) -> Result<bool, DbError> {

@@ -55,6 +55,7 @@ pub async fn serve(config: Resolved, config_file: Option<PathBuf>) -> anyhow::Re
         engine.time_slice(settings.time_slice)
     });
     let (agent, new_admin_token) = tokio::task::spawn_blocking(move || builder.build()).await??;
+    let agent = Arc::new(agent);
     if let Some(cluster) = &config.cluster {
         agent
             .join_cluster(cluster)
@@ -103,7 +104,6 @@ pub async fn serve(config: Resolved, config_file: Option<PathBuf>) -> anyhow::Re
         "deadlift agent listening on http://{}",
         listener.local_addr()?
     );
-    let agent = Arc::new(agent);
     let reload = config_file.map(|path| tokio::spawn(reload_policy_on_hangup(agent.clone(), path)));
     deadlift::server::serve(agent.clone(), listener, shutdown_signal()).await?;
     if let Some(reload) = reload {

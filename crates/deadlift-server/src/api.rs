@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ErrorBody;
 use crate::{AgentState, ApiError, Caller, RawBody, json, multipart_error, parse_json};
 use crate::{hooks, peers, policy, tenants, v1, workflows};
+use deadlift_agent::cluster::Setting;
 use deadlift_agent::direct::{CallLimits, DirectCallError};
 use deadlift_agent::manifest::{Manifest, ManifestError};
 use deadlift_agent::store::TokenInfo;
@@ -223,6 +224,10 @@ async fn upload_module(
     };
     let engine = agent.engine().clone();
     let info = blocking(move || Ok(engine.add_module(&tenant, module)?)).await?;
+    agent.changed(Setting::Module {
+        tenant: info.tenant.clone(),
+        id: info.id,
+    });
     Ok(json(StatusCode::CREATED, info))
 }
 
@@ -280,9 +285,10 @@ async fn put_manifest(
 ) -> Result<Json<Manifest>, ApiError> {
     let tenant = caller.tenant()?;
     let manifest: Manifest = parse_json(&body)?;
-    agent
+    let id = agent
         .set_manifest(&tenant, &reference, manifest.clone())
         .await?;
+    agent.changed(Setting::Manifest { tenant, id });
     Ok(Json(manifest))
 }
 
@@ -366,7 +372,9 @@ async fn delete_module(
         ));
     }
     let engine = agent.engine().clone();
-    blocking(move || Ok(engine.delete_module(&tenant, &info.id)?)).await?;
+    let (owner, id) = (tenant.clone(), info.id);
+    blocking(move || Ok(engine.delete_module(&owner, &id)?)).await?;
+    agent.changed(Setting::Module { tenant, id });
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use deadlift_agent::cluster::Setting;
 use serde::{Deserialize, Serialize};
 
 use crate::api::blocking;
@@ -57,6 +58,7 @@ pub(super) async fn create_tenant(
             format!("tenant `{name}` already exists"),
         ));
     }
+    agent.changed(Setting::Tenant(name.clone()));
     Ok(json(
         StatusCode::CREATED,
         serde_json::json!({ "name": name }),
@@ -122,6 +124,7 @@ pub(super) async fn create_token(
         Ok(CreatedToken { token, info })
     })
     .await?;
+    agent.changed(Setting::Token(created.info.id.clone()));
     Ok(json(StatusCode::CREATED, created))
 }
 
@@ -171,8 +174,10 @@ pub(super) async fn revoke_token(
 ) -> Result<StatusCode, ApiError> {
     caller.require_admin()?;
     let db = agent.db().clone();
-    let revoked = blocking(move || Ok(db.revoke_token(&id)?)).await?;
+    let revoking = id.clone();
+    let revoked = blocking(move || Ok(db.revoke_token(&revoking)?)).await?;
     if revoked {
+        agent.changed(Setting::Token(id));
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::new(Code::TokenNotFound, "no such token"))

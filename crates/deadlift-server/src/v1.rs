@@ -251,12 +251,18 @@ pub(crate) async fn upload(
     })
     .await?;
     match added {
-        Ok(info) => Ok((
-            StatusCode::CREATED,
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            info.id.hex(),
-        )
-            .into_response()),
+        Ok(info) => {
+            agent.changed(deadlift_agent::cluster::Setting::Module {
+                tenant: info.tenant.clone(),
+                id: info.id,
+            });
+            Ok((
+                StatusCode::CREATED,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                info.id.hex(),
+            )
+                .into_response())
+        }
         Err(ModuleError::NameConflict { existing, .. }) => Err(ApiError::new(
             Code::ModuleConflict,
             format!(

@@ -2,6 +2,7 @@
 //! tenant: apply and list workflow documents, publish CloudEvents, start and watch
 //! runs (including a live Server-Sent Events stream), retry runs and replay dead letters.
 
+use deadlift_agent::cluster::Setting;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -75,6 +76,10 @@ pub(super) async fn apply_workflow(
     }
     .map_err(deadlift_agent::workflow::WorkflowError::from)?;
     let version = agent.workflows().apply(&tenant, spec, Some(&name)).await?;
+    agent.changed(Setting::Workflow {
+        tenant: tenant.clone(),
+        name: name.clone(),
+    });
     Ok(Json(version))
 }
 
@@ -110,6 +115,10 @@ pub(super) async fn delete_workflow(
 ) -> Result<StatusCode, ApiError> {
     let tenant = caller.tenant()?;
     agent.workflows().delete(&tenant, &name).await?;
+    agent.changed(Setting::Workflow {
+        tenant: tenant.clone(),
+        name: name.clone(),
+    });
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -1,5 +1,6 @@
 //! Cluster mode on NATS JetStream: many agents serving the same tenants. This is its
-//! first part: events and the original Deadlift's NATS trigger.
+//! first part: shared settings (`shared.rs`), events and the original Deadlift's NATS
+//! trigger.
 //!
 //! - **Events** posted to any agent go into one JetStream stream (`DEADLIFT_EVENTS`,
 //!   subject `deadlift.events.<tenant>`), each with a `Nats-Msg-Id` made of its tenant,
@@ -16,9 +17,13 @@
 //!   group, so one agent takes it), which starts the workflow at its second module.
 //!
 //! Not yet shared through JetStream (each agent keeps its own, as without a cluster):
-//! modules, workflows, tenants and tokens, runs and their step journal, the outbox,
-//! schedules and history. So every agent must be given the same modules and workflows,
-//! and an agent that dies mid-run resumes that run when it restarts, not elsewhere.
+//! runs and their step journal, the outbox, schedules, history, plug-in KV, releases,
+//! hook bindings, peers and the policy. So an agent that dies mid-run resumes that run
+//! when it restarts, not elsewhere, and each agent lists the runs it ran.
+
+mod shared;
+
+pub use shared::Setting;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -103,6 +108,7 @@ impl ClusterError {
 pub struct Cluster {
     client: async_nats::Client,
     jetstream: jetstream::Context,
+    shared: shared::Shared,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -111,9 +117,10 @@ impl Cluster {
     /// events and serving the v1 trigger.
     pub(crate) async fn join(
         config: &ClusterConfig,
-        journal: Journal,
-        runtime: &Runtime,
+        agent: &Arc<crate::Agent>,
     ) -> Result<Arc<Self>, ClusterError> {
+        let journal: Journal = agent.workflows().journal().clone();
+        let runtime: &Runtime = agent.workflows();
         let urls = config.urls.join(",");
         let connect_error = |message: String| ClusterError::Connect {
             urls: urls.clone(),
@@ -172,10 +179,14 @@ impl Cluster {
             )
             .await
             .map_err(|e| ClusterError::Setup(e.to_string()))?;
+        let seed = shared::local_settings(agent).await?;
+        let (shared, sharing) =
+            shared::Shared::start(&jetstream, config.replicas, Arc::downgrade(agent), seed).await?;
         let cluster = Arc::new(Self {
             client: client.clone(),
             jetstream,
-            tasks: Mutex::new(Vec::new()),
+            shared,
+            tasks: Mutex::new(sharing),
         });
         let pulling = tokio::spawn(pull_events(ingest, journal));
         let triggering = tokio::spawn(v1_trigger(
@@ -222,6 +233,11 @@ impl Cluster {
             });
         }
         Ok(ingested)
+    }
+
+    /// A setting changed through this agent: the cluster gets it.
+    pub fn changed(&self, setting: Setting) {
+        self.shared.changed(setting);
     }
 
     /// Stops pulling and triggering, and flushes what the client still holds.

@@ -1,5 +1,6 @@
 //! Issue 13 (its first part): agents in a cluster on a real nats-server with JetStream.
-//! Events posted to any agent, duplicates sent to another agent included, are stored once
+//! A tenant, token, module and workflow made on one agent are there on the others;
+//! events posted to any agent, duplicates sent to another agent included, are stored once
 //! by the cluster's stream and each runs exactly once on one of the agents; a message on
 //! a NATS core subject starts the v1 workflow whose first module has that subject.
 
@@ -26,8 +27,7 @@ async fn joined(dir: &std::path::Path, nats: &NatsServer) -> TestAgent {
     agent
 }
 
-/// Acme's module and workflow, given to an agent (this part of cluster mode does not
-/// share them yet).
+/// Acme's module and workflow, made on one agent.
 async fn configure(agent: &TestAgent, token: &str) {
     let pushed = agent
         .http
@@ -55,6 +55,21 @@ async fn configure(agent: &TestAgent, token: &str) {
         "{}",
         applied.text().await.unwrap()
     );
+}
+
+/// Waits (10 s at most) until `done` holds.
+async fn until<F, Fut>(done: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the cluster never got there");
 }
 
 async fn post_event(agent: &TestAgent, token: &str, id: &str, data: i64) -> Value {
@@ -90,10 +105,11 @@ async fn events_posted_to_any_agent_run_exactly_once_in_the_cluster() {
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = joined(dir_a.path(), &nats).await;
     let b = joined(dir_b.path(), &nats).await;
-    let token_a = a.tenant_token("acme").await;
-    let token_b = b.tenant_token("acme").await;
-    configure(&a, &token_a).await;
-    configure(&b, &token_b).await;
+    // Made on agent a only: the tenant, its token, the module and the workflow reach b.
+    let token = a.tenant_token("acme").await;
+    configure(&a, &token).await;
+    until(|| async { b.get_json("/v1/workflows/orders", &token).await["name"] == "orders" }).await;
+    let (token_a, token_b) = (token.clone(), token);
 
     // 120 events, alternately to each agent; every fourth again to the other agent,
     // which the cluster's stream recognises.
@@ -240,4 +256,122 @@ async fn a_message_on_a_nats_subject_starts_the_v1_workflow_at_its_second_module
     assert_eq!(run["steps"][0]["status"], "skipped", "{run}");
     assert_eq!(run["event"]["type"], "shop.orders.ingest");
     agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_one_agent_is_given_the_others_have() {
+    let nats = NatsServer::start();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut agents = Vec::new();
+    for dir in &dirs {
+        agents.push(joined(dir.path(), &nats).await);
+    }
+    let (one, others) = agents.split_first().unwrap();
+    let token = one.tenant_token("acme").await;
+    configure(one, &token).await;
+    let manifest = one
+        .http
+        .put(one.url("/v1/modules/adder/manifest"))
+        .bearer_auth(&token)
+        .json(&json!({"config": {"greeting": "Hi"}, "timeout_ms": 500}))
+        .send()
+        .await
+        .unwrap();
+    assert!(manifest.status().is_success());
+
+    for other in others {
+        // The token made on the first agent works here; the module answers; the
+        // workflow runs; the manifest is the same.
+        until(|| async {
+            other.get_json("/v1/modules/adder/manifest", &token).await["timeout_ms"] == 500
+        })
+        .await;
+        let called = other
+            .http
+            .post(other.url("/v1/modules/adder/call/_main"))
+            .bearer_auth(&token)
+            .body("1")
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap();
+        assert_eq!(called["output"], 11, "{called}");
+        let run = other
+            .http
+            .post(other.url("/v1/workflows/orders/runs?wait=true"))
+            .bearer_auth(&token)
+            .json(&json!(5))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap();
+        assert_eq!(run["output"], 15, "{run}");
+    }
+
+    // Deleting the workflow and revoking the token on one agent does so everywhere.
+    let deleted = one
+        .http
+        .delete(one.url("/v1/workflows/orders"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success());
+    let tokens = one
+        .get_json("/v1/tokens", crate::common::server::ADMIN)
+        .await;
+    let id = tokens["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant"] == "acme")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for other in others {
+        until(|| async {
+            other
+                .http
+                .get(other.url("/v1/workflows/orders"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+                == 404
+        })
+        .await;
+    }
+    let revoked = one
+        .http
+        .delete(one.url(&format!("/v1/tokens/{id}")))
+        .bearer_auth(crate::common::server::ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status().as_u16(), 204);
+    for other in others {
+        until(|| async {
+            other
+                .http
+                .get(other.url("/v1/modules"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+                == 401
+        })
+        .await;
+    }
+    for agent in agents {
+        agent.stop().await;
+    }
 }

@@ -1,0 +1,519 @@
+//! Settings every agent of a cluster shares: tenants, tenant tokens (their hashes),
+//! modules (metadata in the KV bucket, bytes in the object store `deadlift-modules`),
+//! module manifests and workflows. Each lives under one key of the KV bucket
+//! `deadlift-settings` (`tenants.<t>`, `tokens.<id>`, `modules.<t>.<hex>`,
+//! `manifests.<t>.<hex>`, `workflows.<t>.<name>`); a deleted one is a deleted key.
+//!
+//! Each agent keeps its own copy in its SQLite database, as without a cluster, and the
+//! bucket keeps the copies together:
+//! - a change made through this agent's API is named to [`Shared::changed`]; a publisher
+//!   task reads the local value and puts it (or deletes the key) when the bucket holds
+//!   something else;
+//! - a watcher task follows every key of the bucket (its current values first) and
+//!   applies each value that differs from the local one, through the same agent methods
+//!   the API uses (so a module is validated and compiled here too). What cannot be
+//!   applied yet (a workflow whose module has not arrived) is tried again every second.
+//!
+//! Applying a remote value never names a change, so nothing echoes back and forth; an
+//! agent's own puts come back to it as values equal to its own, which it skips. Admin
+//! tokens stay each agent's own (each operator configures its agent's).
+
+use std::collections::BTreeMap;
+use std::sync::Weak;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, object_store};
+use deadlift_engine::registry::{ModuleId, NewModule};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+use super::ClusterError;
+use crate::Agent;
+use crate::workflow::{WorkflowError, WorkflowSpec};
+
+/// The KV bucket of shared settings.
+pub const SETTINGS_BUCKET: &str = "deadlift-settings";
+/// The object store of module bytes, by module id (hex).
+pub const MODULES_BUCKET: &str = "deadlift-modules";
+/// How often settings that could not be applied are tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// A setting changed through this agent's API (or found here when it joined).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Setting {
+    Tenant(String),
+    /// A tenant token, by id.
+    Token(String),
+    Module {
+        tenant: String,
+        id: ModuleId,
+    },
+    Manifest {
+        tenant: String,
+        id: ModuleId,
+    },
+    Workflow {
+        tenant: String,
+        name: String,
+    },
+}
+
+impl Setting {
+    fn key(&self) -> String {
+        match self {
+            Self::Tenant(tenant) => format!("tenants.{tenant}"),
+            Self::Token(id) => format!("tokens.{id}"),
+            Self::Module { tenant, id } => format!("modules.{tenant}.{}", id.hex()),
+            Self::Manifest { tenant, id } => format!("manifests.{tenant}.{}", id.hex()),
+            Self::Workflow { tenant, name } => format!("workflows.{tenant}.{name}"),
+        }
+    }
+
+    fn from_key(key: &str) -> Option<Self> {
+        let (kind, rest) = key.split_once('.')?;
+        let tenant_and = |rest: &str| -> Option<(String, String)> {
+            let (tenant, rest) = rest.split_once('.')?;
+            deadlift_engine::names::tenant_name(tenant).ok()?;
+            Some((tenant.to_owned(), rest.to_owned()))
+        };
+        match kind {
+            "tenants" => {
+                deadlift_engine::names::tenant_name(rest).ok()?;
+                Some(Self::Tenant(rest.to_owned()))
+            }
+            "tokens" => Some(Self::Token(rest.to_owned())),
+            "modules" => {
+                let (tenant, hex) = tenant_and(rest)?;
+                Some(Self::Module {
+                    tenant,
+                    id: hex.parse().ok()?,
+                })
+            }
+            "manifests" => {
+                let (tenant, hex) = tenant_and(rest)?;
+                Some(Self::Manifest {
+                    tenant,
+                    id: hex.parse().ok()?,
+                })
+            }
+            "workflows" => {
+                let (tenant, name) = tenant_and(rest)?;
+                Some(Self::Workflow { tenant, name })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The shared settings of this agent's cluster.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    changes: mpsc::UnboundedSender<Setting>,
+}
+
+impl Shared {
+    /// Opens (or makes) the bucket and the object store, names everything this agent
+    /// holds to the publisher (what the cluster lacks is put), and starts following the
+    /// bucket. Returns the tasks it started.
+    pub(crate) async fn start(
+        jetstream: &jetstream::Context,
+        replicas: usize,
+        agent: Weak<Agent>,
+        seed: Vec<Setting>,
+    ) -> Result<(Self, Vec<tokio::task::JoinHandle<()>>), ClusterError> {
+        let setup = |e: &dyn std::fmt::Display| ClusterError::Setup(e.to_string());
+        let settings = jetstream
+            .create_key_value(kv::Config {
+                bucket: SETTINGS_BUCKET.into(),
+                history: 1,
+                num_replicas: replicas.max(1),
+                storage: jetstream::stream::StorageType::File,
+                ..kv::Config::default()
+            })
+            .await
+            .map_err(|e| setup(&e))?;
+        let modules = jetstream
+            .create_object_store(object_store::Config {
+                bucket: MODULES_BUCKET.into(),
+                num_replicas: replicas.max(1),
+                storage: jetstream::stream::StorageType::File,
+                ..object_store::Config::default()
+            })
+            .await
+            .map_err(|e| setup(&e))?;
+        let (changes, queued) = mpsc::unbounded_channel();
+        for setting in seed {
+            let _ = changes.send(setting);
+        }
+        let publishing = tokio::spawn(publish(
+            queued,
+            settings.clone(),
+            modules.clone(),
+            agent.clone(),
+        ));
+        let following = tokio::spawn(follow(settings, modules, agent));
+        Ok((Self { changes }, vec![publishing, following]))
+    }
+
+    /// A setting changed here: the cluster gets its new value (or its deletion).
+    pub(crate) fn changed(&self, setting: Setting) {
+        let _ = self.changes.send(setting);
+    }
+}
+
+/// What this agent holds that the cluster shares, to name to the publisher when it
+/// joins.
+pub(crate) async fn local_settings(agent: &Agent) -> Result<Vec<Setting>, ClusterError> {
+    let lookup =
+        |e: &dyn std::fmt::Display| ClusterError::Setup(format!("reading the local settings: {e}"));
+    let db = agent.db().clone();
+    let engine = agent.engine().clone();
+    let (tenants, tokens, modules) = tokio::task::spawn_blocking(move || {
+        let tenants = db.tenants()?;
+        let tokens = db.tokens(None)?;
+        let mut modules = Vec::new();
+        for tenant in &tenants {
+            for info in engine
+                .registry()
+                .list(tenant)
+                .map_err(|e| crate::store::DbError::Corrupt(e.to_string()))?
+            {
+                modules.push((tenant.clone(), info.id));
+            }
+        }
+        Ok::<_, crate::store::DbError>((tenants, tokens, modules))
+    })
+    .await
+    .map_err(|e| lookup(&e))?
+    .map_err(|e| lookup(&e))?;
+    let mut seed: Vec<Setting> = tenants.iter().cloned().map(Setting::Tenant).collect();
+    for (tenant, id) in modules {
+        seed.push(Setting::Module {
+            tenant: tenant.clone(),
+            id,
+        });
+        seed.push(Setting::Manifest { tenant, id });
+    }
+    for tenant in &tenants {
+        for workflow in agent
+            .workflows()
+            .workflows(tenant)
+            .await
+            .map_err(|e| lookup(&e))?
+        {
+            seed.push(Setting::Workflow {
+                tenant: tenant.clone(),
+                name: workflow.name,
+            });
+        }
+    }
+    seed.extend(
+        tokens
+            .into_iter()
+            .filter(|token| !token.admin)
+            .map(|token| Setting::Token(token.id)),
+    );
+    Ok(seed)
+}
+
+/// The setting's value here, as the bucket holds it; `None` when it is not here.
+async fn local(agent: &Agent, setting: &Setting) -> Result<Option<Value>, String> {
+    match setting {
+        Setting::Tenant(tenant) => {
+            let (db, tenant) = (agent.db().clone(), tenant.clone());
+            let exists = tokio::task::spawn_blocking(move || db.tenant_exists(&tenant))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            Ok(exists.then(|| json!({})))
+        }
+        Setting::Token(id) => {
+            let (db, id) = (agent.db().clone(), id.clone());
+            let record = tokio::task::spawn_blocking(move || db.token_record(&id))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            Ok(record
+                .filter(|record| record.tenant.is_some())
+                .map(|record| json!(record)))
+        }
+        Setting::Module { tenant, id } => {
+            let (engine, tenant, id) = (agent.engine().clone(), tenant.clone(), *id);
+            let info = tokio::task::spawn_blocking(move || engine.registry().get(&tenant, &id))
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(info.ok().map(|info| {
+                json!({
+                    "name": info.name,
+                    "version": info.version,
+                    "title": info.title,
+                    "description": info.description,
+                })
+            }))
+        }
+        Setting::Manifest { tenant, id } => Ok(agent
+            .manifest(tenant, id)
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|manifest| json!(manifest))),
+        Setting::Workflow { tenant, name } => {
+            match agent.workflows().workflow(tenant, name).await {
+                Ok(version) => Ok(Some(shared_spec(version.spec))),
+                Err(WorkflowError::NotFound(_)) => Ok(None),
+                Err(error) => Err(error.to_string()),
+            }
+        }
+    }
+}
+
+/// A workflow document as shared: what the agent pins at apply is left out, since each
+/// agent pins it again.
+fn shared_spec(mut spec: WorkflowSpec) -> Value {
+    for step in &mut spec.steps {
+        step.pinned = None;
+    }
+    json!(spec)
+}
+
+/// Puts each named setting's local value into the bucket (its module's bytes into the
+/// object store first), or deletes its key, when the bucket holds something else.
+async fn publish(
+    mut queued: mpsc::UnboundedReceiver<Setting>,
+    settings: kv::Store,
+    modules: object_store::ObjectStore,
+    agent: Weak<Agent>,
+) {
+    while let Some(setting) = queued.recv().await {
+        let Some(agent) = agent.upgrade() else {
+            return;
+        };
+        let mut delay = Duration::from_millis(100);
+        while let Err(error) = publish_one(&agent, &settings, &modules, &setting).await {
+            tracing::warn!(key = %setting.key(), "cannot share a setting with the cluster ({error}); trying again");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+}
+
+async fn publish_one(
+    agent: &Agent,
+    settings: &kv::Store,
+    modules: &object_store::ObjectStore,
+    setting: &Setting,
+) -> Result<(), String> {
+    let key = setting.key();
+    let here = local(agent, setting).await?;
+    let there = settings
+        .get(key.clone())
+        .await
+        .map_err(|e| e.to_string())?
+        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok());
+    if here == there {
+        return Ok(());
+    }
+    match here {
+        Some(value) => {
+            if let Setting::Module { id, .. } = setting
+                && modules.info(id.hex()).await.is_err()
+            {
+                let bytes = agent
+                    .engine()
+                    .registry()
+                    .bytes(id)
+                    .map_err(|e| e.to_string())?;
+                modules
+                    .put(id.hex().as_str(), &mut &bytes[..])
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            let body = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
+            settings
+                .put(key, body.into())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        None => settings.delete(key).await.map_err(|e| e.to_string())?,
+    }
+    Ok(())
+}
+
+/// Follows every key of the bucket and applies what differs here; what cannot be
+/// applied yet is kept and tried again.
+async fn follow(settings: kv::Store, modules: object_store::ObjectStore, agent: Weak<Agent>) {
+    let mut waiting: BTreeMap<String, Option<Value>> = BTreeMap::new();
+    loop {
+        let mut watch = match settings.watch_with_history(">").await {
+            Ok(watch) => watch,
+            Err(error) => {
+                tracing::warn!("cannot follow the cluster's settings: {error}");
+                tokio::time::sleep(RETRY_EVERY).await;
+                continue;
+            }
+        };
+        let mut retry = tokio::time::interval(RETRY_EVERY);
+        loop {
+            tokio::select! {
+                entry = watch.next() => {
+                    let Some(Ok(entry)) = entry else { break };
+                    let value = match entry.operation {
+                        kv::Operation::Put => serde_json::from_slice::<Value>(&entry.value).ok(),
+                        kv::Operation::Delete | kv::Operation::Purge => None,
+                    };
+                    waiting.remove(&entry.key);
+                    let Some(agent) = agent.upgrade() else { return };
+                    if let Err(error) = apply(&agent, &modules, &entry.key, value.clone()).await {
+                        tracing::debug!(key = %entry.key, "a shared setting waits: {error}");
+                        waiting.insert(entry.key, value);
+                    }
+                }
+                _ = retry.tick(), if !waiting.is_empty() => {
+                    let Some(agent) = agent.upgrade() else { return };
+                    for (key, value) in std::mem::take(&mut waiting) {
+                        if let Err(error) = apply(&agent, &modules, &key, value.clone()).await {
+                            tracing::debug!(%key, "a shared setting still waits: {error}");
+                            waiting.insert(key, value);
+                        }
+                    }
+                }
+            }
+        }
+        tracing::warn!("lost the cluster's settings; following them again");
+        tokio::time::sleep(RETRY_EVERY).await;
+    }
+}
+
+/// Makes the local setting under `key` what the cluster holds (`None`: deleted).
+async fn apply(
+    agent: &Agent,
+    modules: &object_store::ObjectStore,
+    key: &str,
+    there: Option<Value>,
+) -> Result<(), String> {
+    let Some(setting) = Setting::from_key(key) else {
+        return Ok(());
+    };
+    let here = local(agent, &setting).await?;
+    if here == there {
+        return Ok(());
+    }
+    match (setting, there) {
+        (Setting::Tenant(tenant), Some(_)) => {
+            let db = agent.db().clone();
+            tokio::task::spawn_blocking(move || db.create_tenant(&tenant))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        // Tenants are never deleted.
+        (Setting::Tenant(_), None) => {}
+        (Setting::Token(_), Some(value)) => {
+            let record: crate::store::TokenRecord =
+                serde_json::from_value(value).map_err(|e| e.to_string())?;
+            let db = agent.db().clone();
+            tokio::task::spawn_blocking(move || db.put_token_record(&record))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        (Setting::Token(id), None) => {
+            let db = agent.db().clone();
+            tokio::task::spawn_blocking(move || db.revoke_token(&id))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        (Setting::Module { tenant, id }, Some(value)) => {
+            // The metadata is immutable: a module here under this id is the one.
+            if here.is_some() {
+                return Ok(());
+            }
+            let mut object = modules.get(id.hex()).await.map_err(|e| e.to_string())?;
+            let mut bytes = Vec::new();
+            object
+                .read_to_end(&mut bytes)
+                .await
+                .map_err(|e| e.to_string())?;
+            if ModuleId::of(&bytes) != id {
+                return Err(format!("the cluster's bytes of {id} are not that module"));
+            }
+            let text = |field: &str| value[field].as_str().map(str::to_owned);
+            let module = NewModule {
+                name: text("name").unwrap_or_default(),
+                version: text("version"),
+                title: text("title"),
+                description: text("description"),
+                bytes,
+            };
+            let engine = agent.engine().clone();
+            tokio::task::spawn_blocking(move || engine.add_module(&tenant, module))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        (Setting::Module { tenant, id }, None) => {
+            let engine = agent.engine().clone();
+            let _ = tokio::task::spawn_blocking(move || engine.delete_module(&tenant, &id))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        (Setting::Manifest { tenant, id }, Some(value)) => {
+            let manifest: crate::manifest::Manifest =
+                serde_json::from_value(value).map_err(|e| e.to_string())?;
+            agent
+                .set_manifest(&tenant, &id.to_string(), manifest)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        // A manifest goes with its module.
+        (Setting::Manifest { .. }, None) => {}
+        (Setting::Workflow { tenant, name }, Some(value)) => {
+            let spec: WorkflowSpec = serde_json::from_value(value).map_err(|e| e.to_string())?;
+            agent
+                .workflows()
+                .apply(&tenant, spec, Some(&name))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        (Setting::Workflow { tenant, name }, None) => {
+            match agent.workflows().delete(&tenant, &name).await {
+                Ok(()) | Err(WorkflowError::NotFound(_)) => {}
+                Err(error) => return Err(error.to_string()),
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_setting_is_found_again_from_its_key() {
+        let id = ModuleId::of(b"m");
+        for setting in [
+            Setting::Tenant("acme".into()),
+            Setting::Token("0a1b2c3d4e5f".into()),
+            Setting::Module {
+                tenant: "acme".into(),
+                id,
+            },
+            Setting::Manifest {
+                tenant: "acme".into(),
+                id,
+            },
+            Setting::Workflow {
+                tenant: "acme".into(),
+                name: "orders.v2".into(),
+            },
+        ] {
+            assert_eq!(Setting::from_key(&setting.key()), Some(setting));
+        }
+        assert_eq!(Setting::from_key("tenants.Bad"), None);
+        assert_eq!(Setting::from_key("modules.acme.nothex"), None);
+        assert_eq!(Setting::from_key("other.x"), None);
+    }
+}
