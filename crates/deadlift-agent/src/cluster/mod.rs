@@ -54,6 +54,10 @@ const V1_QUEUE: &str = "deadlift-v1";
 const INGESTING: usize = 256;
 /// How long an agent holds a pulled event before it goes to another agent.
 const ACK_WAIT: Duration = Duration::from_secs(30);
+/// The KV bucket where an agent claims a scheduled firing before it fires it.
+pub const FIRINGS_BUCKET: &str = "deadlift-firings";
+/// How long a claim is kept: longer than any two agents' clocks disagree.
+const FIRINGS_KEPT: Duration = Duration::from_secs(24 * 60 * 60);
 /// How often the v1 trigger looks for new v1 workflows.
 const V1_RESCAN: Duration = Duration::from_secs(1);
 
@@ -179,6 +183,18 @@ impl Cluster {
             )
             .await
             .map_err(|e| ClusterError::Setup(e.to_string()))?;
+        let firings = jetstream
+            .create_key_value(async_nats::jetstream::kv::Config {
+                bucket: FIRINGS_BUCKET.into(),
+                history: 1,
+                max_age: FIRINGS_KEPT,
+                num_replicas: config.replicas.max(1),
+                storage: stream::StorageType::File,
+                ..async_nats::jetstream::kv::Config::default()
+            })
+            .await
+            .map_err(|e| ClusterError::Setup(e.to_string()))?;
+        runtime.claim_firings_with(Arc::new(Firings(firings)));
         let seed = shared::local_settings(agent).await?;
         let (shared, sharing) =
             shared::Shared::start(&jetstream, config.replicas, Arc::downgrade(agent), seed).await?;
@@ -404,6 +420,38 @@ async fn forward_v1(mut subscriber: async_nats::Subscriber, cluster: std::sync::
         }
         if let Err(error) = cluster.publish(V1_TENANT, vec![event]).await {
             tracing::warn!(subject = %message.subject, "a v1 trigger message was not stored: {error}");
+        }
+    }
+}
+
+/// Scheduled firings claimed in a KV bucket: the first agent to create a firing's key
+/// fires it, and the others skip it. A claim that cannot be made (NATS unreachable) is
+/// skipped too: a firing is missed rather than doubled, as one missed while the agent
+/// was down is.
+#[derive(Debug)]
+struct Firings(async_nats::jetstream::kv::Store);
+
+#[async_trait::async_trait]
+impl crate::workflow::FiringClaims for Firings {
+    async fn claim(&self, tenant: &str, workflow: &str, fire_unix_ms: i64) -> bool {
+        // Workflow names may hold characters a key may not: the key is a hash.
+        let digest = Sha256::new()
+            .chain_update(tenant.as_bytes())
+            .chain_update([0])
+            .chain_update(workflow.as_bytes())
+            .finalize();
+        let key = format!("{}.{fire_unix_ms}", hex::encode(digest));
+        match self.0.create(key, bytes::Bytes::new()).await {
+            Ok(_) => true,
+            Err(error)
+                if error.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists =>
+            {
+                false
+            }
+            Err(error) => {
+                tracing::warn!(%tenant, %workflow, "cannot claim a scheduled firing ({error}); skipped");
+                false
+            }
         }
     }
 }

@@ -34,6 +34,7 @@ pub use records::{
     DeadLetter, Failure, Finish, Ingested, NewRun, Retention, Run, RunFilter, RunStatus,
     RunSummary, RunUpdate, StepRecord, StepStatus, TriggerKind, WorkflowVersion,
 };
+pub use schedule::FiringClaims;
 pub use spec::{FieldError, SpecError, Workflow, WorkflowSpec};
 pub use step::StepOutcome;
 pub(crate) use step::StepScope;
@@ -140,6 +141,8 @@ pub struct Runtime {
     heads: Mutex<HashMap<(String, String), i64>>,
     /// Told when the outbox has new work (the deliverer wakes).
     outbox_ready: Arc<Notify>,
+    /// Who fires scheduled firings, in a cluster.
+    claims: schedule::Claims,
     /// Bounds v1 executes answered but not yet recorded.
     v1_unrecorded: Arc<Semaphore>,
     /// The operator's ceilings on tenants' grants.
@@ -241,6 +244,7 @@ impl Runtime {
             outlets.clone(),
             config.source.clone(),
         ));
+        let claims = schedule::Claims::default();
         let tasks = vec![
             tokio::spawn(
                 runner
@@ -250,6 +254,7 @@ impl Runtime {
             tokio::spawn(schedule::run(
                 journal.clone(),
                 outlets.workflows_changed.clone(),
+                claims.clone(),
             )),
             tokio::spawn(prune_periodically(
                 journal.clone(),
@@ -270,6 +275,7 @@ impl Runtime {
             outbox_ready: outlets.outbox.clone(),
             v1_unrecorded: v1::unrecorded(),
             policy,
+            claims,
         })
     }
 
@@ -406,6 +412,11 @@ impl Runtime {
             }
         }
         Ok(None)
+    }
+
+    /// From now on, only the firings `claims` grants are fired here.
+    pub(crate) fn claim_firings_with(&self, claims: Arc<dyn schedule::FiringClaims>) {
+        let _ = self.claims.set(claims);
     }
 
     /// What the cluster's v1 NATS trigger listens for.

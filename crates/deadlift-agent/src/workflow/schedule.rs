@@ -1,7 +1,9 @@
 //! The scheduler: starts runs of workflows with a `schedule` trigger at the times their
 //! cron expressions give (UTC). Each firing is an event with a deterministic id
 //! (`schedule:<workflow>:<unix ms>`), so a firing is never run twice, even across a
-//! restart. Firings missed while the agent was down are not caught up.
+//! restart. Firings missed while the agent was down are not caught up. In a cluster,
+//! every agent's scheduler sees the same workflows, and only the agent that claims a
+//! firing (`FiringClaims`) fires it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -57,7 +59,18 @@ async fn load(
     entries
 }
 
-pub(crate) async fn run(journal: Journal, changed: Arc<Notify>) {
+/// Who fires a firing, when several agents could.
+#[async_trait::async_trait]
+pub trait FiringClaims: Send + Sync + std::fmt::Debug {
+    /// Whether this agent fires `workflow`'s firing at `fire_unix_ms`: false when another
+    /// agent has claimed it (or the claim could not be made).
+    async fn claim(&self, tenant: &str, workflow: &str, fire_unix_ms: i64) -> bool;
+}
+
+/// Where the claims are made, once the agent has joined a cluster.
+pub(crate) type Claims = Arc<std::sync::OnceLock<Arc<dyn FiringClaims>>>;
+
+pub(crate) async fn run(journal: Journal, changed: Arc<Notify>, claims: Claims) {
     let mut compiled = HashMap::new();
     let mut after = Utc::now();
     loop {
@@ -81,6 +94,13 @@ pub(crate) async fn run(journal: Journal, changed: Arc<Notify>) {
         }
         for (entry, at) in entries.iter().zip(&next) {
             if *at != Some(earliest) {
+                continue;
+            }
+            if let Some(claims) = claims.get()
+                && !claims
+                    .claim(&entry.tenant, &entry.workflow, earliest.timestamp_millis())
+                    .await
+            {
                 continue;
             }
             let fired = journal

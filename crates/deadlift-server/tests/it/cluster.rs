@@ -375,3 +375,77 @@ async fn what_one_agent_is_given_the_others_have() {
         agent.stop().await;
     }
 }
+
+/// A scheduled workflow is on every agent (shared settings), and each of its firings runs
+/// once in the cluster: the agent that claims the firing fires it.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_scheduled_firing_runs_once_in_the_cluster() {
+    let nats = NatsServer::start();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut agents = Vec::new();
+    for dir in &dirs {
+        agents.push(joined(dir.path(), &nats).await);
+    }
+    let token = agents[0].tenant_token("acme").await;
+    let pushed = agents[0]
+        .http
+        .post(agents[0].url("/v1/modules?name=adder"))
+        .bearer_auth(&token)
+        .body(fixture("add_ten"))
+        .send()
+        .await
+        .unwrap();
+    assert!(pushed.status().is_success());
+    let applied = agents[0]
+        .http
+        .put(agents[0].url("/v1/workflows/tick"))
+        .bearer_auth(&token)
+        .header("content-type", "application/toml")
+        .body("trigger = { schedule = \"* * * * * *\" }\n[[steps]]\nid = \"add\"\ncall = \"adder\"\ninput = \"1\"\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        applied.status().as_u16(),
+        200,
+        "{}",
+        applied.text().await.unwrap()
+    );
+    for agent in &agents[1..] {
+        until(|| async { agent.get_json("/v1/workflows/tick", &token).await["name"] == "tick" })
+            .await;
+    }
+    // Every agent schedules it; three or more firings later, each ran on one agent.
+    let mut firings: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..200 {
+        firings.clear();
+        for agent in &agents {
+            let page = agent
+                .get_json("/v1/runs?workflow=tick&limit=500", &token)
+                .await;
+            for run in page["runs"].as_array().unwrap() {
+                *firings
+                    .entry(run["event_id"].as_str().unwrap().to_owned())
+                    .or_default() += 1;
+            }
+        }
+        if firings.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(firings.len() >= 3, "{firings:?}");
+    assert!(firings.values().all(|&runs| runs == 1), "{firings:?}");
+    // Deleted on one agent, it stops on every agent.
+    let deleted = agents[0]
+        .http
+        .delete(agents[0].url("/v1/workflows/tick"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success());
+    for agent in agents {
+        agent.stop().await;
+    }
+}
