@@ -439,10 +439,11 @@ impl Agent {
         self.cluster.set(cluster).map_err(|_| ClusterError::Joined)
     }
 
-    /// A setting changed through this agent's API: in a cluster, the others get it.
-    pub fn changed(&self, setting: crate::cluster::Setting) {
+    /// A setting changed through this agent's API: in a cluster, the others get it
+    /// (answers once the cluster holds it).
+    pub async fn changed(&self, setting: crate::cluster::Setting) {
         if let Some(cluster) = self.cluster.get() {
-            cluster.changed(setting);
+            cluster.changed(setting).await;
         }
     }
 

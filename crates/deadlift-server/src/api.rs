@@ -224,10 +224,12 @@ async fn upload_module(
     };
     let engine = agent.engine().clone();
     let info = blocking(move || Ok(engine.add_module(&tenant, module)?)).await?;
-    agent.changed(Setting::Module {
-        tenant: info.tenant.clone(),
-        id: info.id,
-    });
+    agent
+        .changed(Setting::Module {
+            tenant: info.tenant.clone(),
+            id: info.id,
+        })
+        .await;
     Ok(json(StatusCode::CREATED, info))
 }
 
@@ -288,7 +290,7 @@ async fn put_manifest(
     let id = agent
         .set_manifest(&tenant, &reference, manifest.clone())
         .await?;
-    agent.changed(Setting::Manifest { tenant, id });
+    agent.changed(Setting::Manifest { tenant, id }).await;
     Ok(Json(manifest))
 }
 
@@ -374,7 +376,7 @@ async fn delete_module(
     let engine = agent.engine().clone();
     let (owner, id) = (tenant.clone(), info.id);
     blocking(move || Ok(engine.delete_module(&owner, &id)?)).await?;
-    agent.changed(Setting::Module { tenant, id });
+    agent.changed(Setting::Module { tenant, id }).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -58,7 +58,7 @@ pub(super) async fn create_tenant(
             format!("tenant `{name}` already exists"),
         ));
     }
-    agent.changed(Setting::Tenant(name.clone()));
+    agent.changed(Setting::Tenant(name.clone())).await;
     Ok(json(
         StatusCode::CREATED,
         serde_json::json!({ "name": name }),
@@ -124,7 +124,7 @@ pub(super) async fn create_token(
         Ok(CreatedToken { token, info })
     })
     .await?;
-    agent.changed(Setting::Token(created.info.id.clone()));
+    agent.changed(Setting::Token(created.info.id.clone())).await;
     Ok(json(StatusCode::CREATED, created))
 }
 
@@ -177,7 +177,7 @@ pub(super) async fn revoke_token(
     let revoking = id.clone();
     let revoked = blocking(move || Ok(db.revoke_token(&revoking)?)).await?;
     if revoked {
-        agent.changed(Setting::Token(id));
+        agent.changed(Setting::Token(id)).await;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::new(Code::TokenNotFound, "no such token"))

@@ -252,10 +252,12 @@ pub(crate) async fn upload(
     .await?;
     match added {
         Ok(info) => {
-            agent.changed(deadlift_agent::cluster::Setting::Module {
-                tenant: info.tenant.clone(),
-                id: info.id,
-            });
+            agent
+                .changed(deadlift_agent::cluster::Setting::Module {
+                    tenant: info.tenant.clone(),
+                    id: info.id,
+                })
+                .await;
             Ok((
                 StatusCode::CREATED,
                 [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],

@@ -76,10 +76,12 @@ pub(super) async fn apply_workflow(
     }
     .map_err(deadlift_agent::workflow::WorkflowError::from)?;
     let version = agent.workflows().apply(&tenant, spec, Some(&name)).await?;
-    agent.changed(Setting::Workflow {
-        tenant: tenant.clone(),
-        name: name.clone(),
-    });
+    agent
+        .changed(Setting::Workflow {
+            tenant: tenant.clone(),
+            name: name.clone(),
+        })
+        .await;
     Ok(Json(version))
 }
 
@@ -115,10 +117,12 @@ pub(super) async fn delete_workflow(
 ) -> Result<StatusCode, ApiError> {
     let tenant = caller.tenant()?;
     agent.workflows().delete(&tenant, &name).await?;
-    agent.changed(Setting::Workflow {
-        tenant: tenant.clone(),
-        name: name.clone(),
-    });
+    agent
+        .changed(Setting::Workflow {
+            tenant: tenant.clone(),
+            name: name.clone(),
+        })
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 

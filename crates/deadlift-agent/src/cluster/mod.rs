@@ -58,6 +58,11 @@ const ACK_WAIT: Duration = Duration::from_secs(30);
 pub const FIRINGS_BUCKET: &str = "deadlift-firings";
 /// How long a claim is kept: longer than any two agents' clocks disagree.
 const FIRINGS_KEPT: Duration = Duration::from_secs(24 * 60 * 60);
+/// The header carrying the settings revision an event's agent knew when it stored it.
+const SETTINGS_REVISION: &str = "Deadlift-Settings-Revision";
+/// How long an agent waits to catch up with an event's settings before it hands the event
+/// back to the cluster.
+const CATCH_UP: Duration = Duration::from_secs(5);
 /// How often the v1 trigger looks for new v1 workflows.
 const V1_RESCAN: Duration = Duration::from_secs(1);
 
@@ -204,7 +209,11 @@ impl Cluster {
             shared,
             tasks: Mutex::new(sharing),
         });
-        let pulling = tokio::spawn(pull_events(ingest, journal));
+        let pulling = tokio::spawn(pull_events(
+            ingest,
+            journal,
+            cluster.shared.revisions.clone(),
+        ));
         let triggering = tokio::spawn(v1_trigger(
             client,
             Arc::downgrade(&cluster),
@@ -223,12 +232,16 @@ impl Cluster {
         events: Vec<CloudEvent>,
     ) -> Result<Vec<Ingested>, ClusterError> {
         let subject = format!("{EVENTS_SUBJECT}.{tenant}");
+        // The settings this agent knows now: the agent that journals the events applies
+        // as far first.
+        let revision = self.shared.revisions.known();
         let mut pending = Vec::with_capacity(events.len());
         for event in &events {
             let body =
                 serde_json::to_vec(event).map_err(|e| ClusterError::Publish(e.to_string()))?;
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", message_id(tenant, event).as_str());
+            headers.insert(SETTINGS_REVISION, revision.to_string().as_str());
             let ack = self
                 .jetstream
                 .publish_with_headers(subject.clone(), headers, body.into())
@@ -251,9 +264,10 @@ impl Cluster {
         Ok(ingested)
     }
 
-    /// A setting changed through this agent: the cluster gets it.
-    pub fn changed(&self, setting: Setting) {
-        self.shared.changed(setting);
+    /// A setting changed through this agent: the cluster gets it. Answers once the
+    /// cluster holds it.
+    pub async fn changed(&self, setting: Setting) {
+        self.shared.changed(setting).await;
     }
 
     /// Stops pulling and triggering, and flushes what the client still holds.
@@ -280,7 +294,11 @@ fn message_id(tenant: &str, event: &CloudEvent) -> String {
 
 /// Pulls events from the shared consumer and journals each here, acknowledging it only
 /// after the journal's commit. Reconnects after a failure.
-async fn pull_events(consumer: consumer::PullConsumer, journal: Journal) {
+async fn pull_events(
+    consumer: consumer::PullConsumer,
+    journal: Journal,
+    revisions: Arc<shared::Revisions>,
+) {
     let ingesting = Arc::new(Semaphore::new(INGESTING));
     loop {
         let mut messages = match consumer.messages().await {
@@ -302,9 +320,9 @@ async fn pull_events(consumer: consumer::PullConsumer, journal: Journal) {
             let Ok(permit) = ingesting.clone().acquire_owned().await else {
                 return;
             };
-            let journal = journal.clone();
+            let (journal, revisions) = (journal.clone(), revisions.clone());
             tokio::spawn(async move {
-                ingest(&journal, message).await;
+                ingest(&journal, &revisions, message).await;
                 drop(permit);
             });
         }
@@ -314,7 +332,7 @@ async fn pull_events(consumer: consumer::PullConsumer, journal: Journal) {
 /// Journals one pulled event, then acknowledges it. An event that can never be journaled
 /// (not an event, an unknown subject) is terminated, so that it is not redelivered for
 /// ever; one the journal could not take now is left to be redelivered.
-async fn ingest(journal: &Journal, message: jetstream::Message) {
+async fn ingest(journal: &Journal, revisions: &shared::Revisions, message: jetstream::Message) {
     let tenant = message
         .subject
         .strip_prefix(EVENTS_SUBJECT)
@@ -329,6 +347,24 @@ async fn ingest(journal: &Journal, message: jetstream::Message) {
         let _ = message.ack_with(jetstream::AckKind::Term).await;
         return;
     };
+    // Not before this agent has the settings (workflows, modules) the event's agent had.
+    let needed = message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(SETTINGS_REVISION))
+        .and_then(|value| value.as_str().parse::<u64>().ok())
+        .unwrap_or(0);
+    let started = tokio::time::Instant::now();
+    while revisions.applied() < needed {
+        if started.elapsed() > CATCH_UP {
+            tracing::warn!(%tenant, needed, applied = revisions.applied(), "behind the cluster's settings; the event goes back");
+            let _ = message
+                .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     match journal.publish(&tenant, vec![event]).await {
         Ok(_) => {
             if let Err(error) = message.double_ack().await {

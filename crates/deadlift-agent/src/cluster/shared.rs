@@ -17,9 +17,17 @@
 //! Applying a remote value never names a change, so nothing echoes back and forth; an
 //! agent's own puts come back to it as values equal to its own, which it skips. Admin
 //! tokens stay each agent's own (each operator configures its agent's).
+//!
+//! **Read your writes.** An API change answers only once the bucket holds it, and each
+//! agent knows the bucket revision through which it has applied everything
+//! ([`Revisions`]). Events carry the newest revision their agent knew when it stored
+//! them, and the agent that pulls an event journals it only once it has applied as far:
+//! a workflow applied on one agent runs for an event posted to it right after, wherever
+//! the event is journaled.
 
 use std::collections::BTreeMap;
-use std::sync::Weak;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, object_store};
@@ -27,7 +35,7 @@ use deadlift_engine::registry::{ModuleId, NewModule};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::ClusterError;
 use crate::Agent;
@@ -39,6 +47,8 @@ pub const SETTINGS_BUCKET: &str = "deadlift-settings";
 pub const MODULES_BUCKET: &str = "deadlift-modules";
 /// How often settings that could not be applied are tried again.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// How long an API change waits for the bucket to hold it.
+const PUBLISH_WAIT: Duration = Duration::from_secs(5);
 
 /// A setting changed through this agent's API (or found here when it joined).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,10 +117,36 @@ impl Setting {
     }
 }
 
+/// Bucket revisions this agent knows of.
+#[derive(Debug, Default)]
+pub(crate) struct Revisions {
+    /// Every entry through this revision is applied here (or waits for nothing).
+    applied: AtomicU64,
+    /// The newest revision this agent put.
+    put: AtomicU64,
+}
+
+impl Revisions {
+    /// What an event stored now must wait for where it is journaled.
+    pub(crate) fn known(&self) -> u64 {
+        self.applied
+            .load(Ordering::Acquire)
+            .max(self.put.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+}
+
+/// A change to publish, and who waits for it to be in the bucket.
+type Change = (Setting, Option<oneshot::Sender<()>>);
+
 /// The shared settings of this agent's cluster.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    changes: mpsc::UnboundedSender<Setting>,
+    changes: mpsc::UnboundedSender<Change>,
+    pub(crate) revisions: Arc<Revisions>,
 }
 
 impl Shared {
@@ -145,21 +181,27 @@ impl Shared {
             .map_err(|e| setup(&e))?;
         let (changes, queued) = mpsc::unbounded_channel();
         for setting in seed {
-            let _ = changes.send(setting);
+            let _ = changes.send((setting, None));
         }
+        let revisions = Arc::new(Revisions::default());
         let publishing = tokio::spawn(publish(
             queued,
             settings.clone(),
             modules.clone(),
             agent.clone(),
+            revisions.clone(),
         ));
-        let following = tokio::spawn(follow(settings, modules, agent));
-        Ok((Self { changes }, vec![publishing, following]))
+        let following = tokio::spawn(follow(settings, modules, agent, revisions.clone()));
+        Ok((Self { changes, revisions }, vec![publishing, following]))
     }
 
-    /// A setting changed here: the cluster gets its new value (or its deletion).
-    pub(crate) fn changed(&self, setting: Setting) {
-        let _ = self.changes.send(setting);
+    /// A setting changed here: the cluster gets its new value (or its deletion). Answers
+    /// once the bucket holds it, or after [`PUBLISH_WAIT`] (the publisher keeps trying).
+    pub(crate) async fn changed(&self, setting: Setting) {
+        let (done, published) = oneshot::channel();
+        if self.changes.send((setting, Some(done))).is_ok() {
+            let _ = tokio::time::timeout(PUBLISH_WAIT, published).await;
+        }
     }
 }
 
@@ -280,39 +322,57 @@ fn shared_spec(mut spec: WorkflowSpec) -> Value {
 /// Puts each named setting's local value into the bucket (its module's bytes into the
 /// object store first), or deletes its key, when the bucket holds something else.
 async fn publish(
-    mut queued: mpsc::UnboundedReceiver<Setting>,
+    mut queued: mpsc::UnboundedReceiver<Change>,
     settings: kv::Store,
     modules: object_store::ObjectStore,
     agent: Weak<Agent>,
+    revisions: Arc<Revisions>,
 ) {
-    while let Some(setting) = queued.recv().await {
+    while let Some((setting, done)) = queued.recv().await {
         let Some(agent) = agent.upgrade() else {
             return;
         };
         let mut delay = Duration::from_millis(100);
-        while let Err(error) = publish_one(&agent, &settings, &modules, &setting).await {
-            tracing::warn!(key = %setting.key(), "cannot share a setting with the cluster ({error}); trying again");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(10));
+        loop {
+            match publish_one(&agent, &settings, &modules, &setting).await {
+                Ok(Some(revision)) => {
+                    revisions.put.fetch_max(revision, Ordering::AcqRel);
+                    break;
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::warn!(key = %setting.key(), "cannot share a setting with the cluster ({error}); trying again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        if let Some(done) = done {
+            let _ = done.send(());
         }
     }
 }
 
+/// Puts (or deletes) one setting; the bucket's revision of the change, or the entry's
+/// revision when the bucket already held the same.
 async fn publish_one(
     agent: &Agent,
     settings: &kv::Store,
     modules: &object_store::ObjectStore,
     setting: &Setting,
-) -> Result<(), String> {
+) -> Result<Option<u64>, String> {
     let key = setting.key();
     let here = local(agent, setting).await?;
-    let there = settings
-        .get(key.clone())
+    let entry = settings
+        .entry(key.clone())
         .await
-        .map_err(|e| e.to_string())?
-        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok());
+        .map_err(|e| e.to_string())?;
+    let there = entry
+        .as_ref()
+        .filter(|entry| entry.operation == kv::Operation::Put)
+        .and_then(|entry| serde_json::from_slice::<Value>(&entry.value).ok());
     if here == there {
-        return Ok(());
+        return Ok(entry.map(|entry| entry.revision));
     }
     match here {
         Some(value) => {
@@ -330,20 +390,45 @@ async fn publish_one(
                     .map_err(|e| e.to_string())?;
             }
             let body = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
-            settings
+            let revision = settings
                 .put(key, body.into())
                 .await
                 .map_err(|e| e.to_string())?;
+            Ok(Some(revision))
         }
-        None => settings.delete(key).await.map_err(|e| e.to_string())?,
+        None => {
+            settings
+                .delete(key.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            // A delete answers no revision: the key's newest entry is the delete.
+            let entry = settings.entry(key).await.map_err(|e| e.to_string())?;
+            Ok(entry.map(|entry| entry.revision))
+        }
     }
-    Ok(())
 }
 
 /// Follows every key of the bucket and applies what differs here; what cannot be
 /// applied yet is kept and tried again.
-async fn follow(settings: kv::Store, modules: object_store::ObjectStore, agent: Weak<Agent>) {
-    let mut waiting: BTreeMap<String, Option<Value>> = BTreeMap::new();
+async fn follow(
+    settings: kv::Store,
+    modules: object_store::ObjectStore,
+    agent: Weak<Agent>,
+    revisions: Arc<Revisions>,
+) {
+    // Key -> (revision, value) of entries not applied yet.
+    let mut waiting: BTreeMap<String, (u64, Option<Value>)> = BTreeMap::new();
+    // The newest revision seen.
+    let mut seen = 0;
+    let advance = |waiting: &BTreeMap<String, (u64, Option<Value>)>, seen: u64| {
+        let through = waiting
+            .values()
+            .map(|(revision, _)| revision - 1)
+            .min()
+            .unwrap_or(seen)
+            .min(seen);
+        revisions.applied.fetch_max(through, Ordering::AcqRel);
+    };
     loop {
         let mut watch = match settings.watch_with_history(">").await {
             Ok(watch) => watch,
@@ -363,20 +448,23 @@ async fn follow(settings: kv::Store, modules: object_store::ObjectStore, agent: 
                         kv::Operation::Delete | kv::Operation::Purge => None,
                     };
                     waiting.remove(&entry.key);
+                    seen = seen.max(entry.revision);
                     let Some(agent) = agent.upgrade() else { return };
                     if let Err(error) = apply(&agent, &modules, &entry.key, value.clone()).await {
                         tracing::debug!(key = %entry.key, "a shared setting waits: {error}");
-                        waiting.insert(entry.key, value);
+                        waiting.insert(entry.key, (entry.revision, value));
                     }
+                    advance(&waiting, seen);
                 }
                 _ = retry.tick(), if !waiting.is_empty() => {
                     let Some(agent) = agent.upgrade() else { return };
-                    for (key, value) in std::mem::take(&mut waiting) {
+                    for (key, (revision, value)) in std::mem::take(&mut waiting) {
                         if let Err(error) = apply(&agent, &modules, &key, value.clone()).await {
                             tracing::debug!(%key, "a shared setting still waits: {error}");
-                            waiting.insert(key, value);
+                            waiting.insert(key, (revision, value));
                         }
                     }
+                    advance(&waiting, seen);
                 }
             }
         }
