@@ -258,6 +258,13 @@ impl ServeConfig {
                         u64::try_from(retention.dedupe_window_ms).unwrap_or(0),
                     )
                     .max(std::time::Duration::from_secs(1)),
+                    history_kept: retention
+                        .max_age_ms
+                        .and_then(|ms| u64::try_from(ms).ok())
+                        .map_or(
+                            deadlift::cluster::ClusterConfig::default().history_kept,
+                            std::time::Duration::from_millis,
+                        ),
                 })
             }
         };

@@ -16,11 +16,15 @@
 //!   workflow's first module's subject becomes a `v1` event of that type (in a queue
 //!   group, so one agent takes it), which starts the workflow at its second module.
 //!
+//! - **History** (`history.rs`): every agent stores the runs the others finish, so any
+//!   agent answers for the cluster's runs.
+//!
 //! Not yet shared through JetStream (each agent keeps its own, as without a cluster):
-//! runs and their step journal, the outbox, schedules, history, plug-in KV, releases,
-//! hook bindings, peers and the policy. So an agent that dies mid-run resumes that run
-//! when it restarts, not elsewhere, and each agent lists the runs it ran.
+//! runs in progress and their step journal, the outbox, dead letters, plug-in KV,
+//! releases, hook bindings, peers and the policy. So an agent that dies mid-run resumes
+//! that run when it restarts, not elsewhere.
 
+mod history;
 mod shared;
 
 pub use shared::Setting;
@@ -78,6 +82,9 @@ pub struct ClusterConfig {
     pub replicas: usize,
     /// How long the stream recognises an event id it has stored.
     pub dedupe_window: Duration,
+    /// How long finished runs stay in the cluster's history stream (an agent away longer
+    /// misses older ones).
+    pub history_kept: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -87,6 +94,7 @@ impl Default for ClusterConfig {
             credentials: None,
             replicas: 1,
             dedupe_window: Duration::from_secs(2 * 60 * 60),
+            history_kept: Duration::from_secs(7 * 24 * 60 * 60),
         }
     }
 }
@@ -200,14 +208,23 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError::Setup(e.to_string()))?;
         runtime.claim_firings_with(Arc::new(Firings(firings)));
+        let mut tasks = history::start(
+            &jetstream,
+            config.replicas,
+            config.history_kept,
+            &agent.federation().identity().public_key(),
+            runtime,
+        )
+        .await?;
         let seed = shared::local_settings(agent).await?;
         let (shared, sharing) =
             shared::Shared::start(&jetstream, config.replicas, Arc::downgrade(agent), seed).await?;
+        tasks.extend(sharing);
         let cluster = Arc::new(Self {
             client: client.clone(),
             jetstream,
             shared,
-            tasks: Mutex::new(sharing),
+            tasks: Mutex::new(tasks),
         });
         let pulling = tokio::spawn(pull_events(
             ingest,

@@ -322,6 +322,21 @@ impl Journal {
         .await
     }
 
+    /// Stores a finished run another agent of the cluster ran (or brings it up to date);
+    /// whether anything changed.
+    pub(crate) async fn import_run(
+        &self,
+        tenant: &str,
+        run: crate::workflow::Run,
+    ) -> Result<bool, DbError> {
+        self.request(|reply| Command::Import {
+            tenant: tenant.to_owned(),
+            run: Box::new(run),
+            reply,
+        })
+        .await
+    }
+
     /// Applies the retention policy; (runs, events) deleted.
     pub async fn prune(&self, retention: Retention) -> Result<(usize, usize), DbError> {
         self.request(|reply| Command::Prune { retention, reply })

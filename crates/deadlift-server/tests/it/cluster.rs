@@ -136,40 +136,47 @@ async fn events_posted_to_any_agent_run_exactly_once_in_the_cluster() {
         assert_eq!(again["events"][0]["duplicate"], true, "{again}");
     }
 
-    // Each event runs once, on one agent or the other.
-    let mut seen = BTreeMap::new();
-    for _ in 0..300 {
-        seen.clear();
-        for (agent, token) in [(&a, &token_a), (&b, &token_b)] {
-            for (event, run) in runs_by_event(agent, token).await {
-                seen.entry(event).or_insert_with(Vec::new).push(run);
+    // Each event runs once, on one agent or the other, and every agent shows every
+    // run (the cluster's history): by run id, the same runs on both.
+    let mut listed = Vec::new();
+    for (agent, token) in [(&a, &token_a), (&b, &token_b)] {
+        let mut runs = Vec::new();
+        for _ in 0..300 {
+            runs = runs_by_event(agent, token).await;
+            if runs.len() >= events as usize && runs.iter().all(|(_, r)| r["status"] == "succeeded")
+            {
+                break;
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if seen.values().map(Vec::len).sum::<usize>() >= events as usize
-            && seen.values().flatten().all(|r| r["status"] == "succeeded")
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let by_event: BTreeMap<&String, usize> =
+            runs.iter().fold(BTreeMap::new(), |mut counts, (event, _)| {
+                *counts.entry(event).or_default() += 1;
+                counts
+            });
+        assert_eq!(by_event.len(), events as usize, "every event ran");
+        let doubled: Vec<_> = by_event.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(doubled.is_empty(), "events that ran twice: {doubled:?}");
+        assert!(runs.iter().all(|(_, run)| run["status"] == "succeeded"));
+        let mut ids: Vec<String> = runs
+            .iter()
+            .map(|(_, r)| r["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        listed.push(ids);
     }
-    assert_eq!(seen.len(), events as usize, "every event ran");
-    // Both agents pull from the shared consumer: each journals a share.
-    let on_a = runs_by_event(&a, &token_a).await.len();
-    assert!(
-        (1..events as usize).contains(&on_a),
-        "agent a ran {on_a} of {events}"
-    );
-    let doubled: Vec<&String> = seen
-        .iter()
-        .filter(|(_, runs)| runs.len() > 1)
-        .map(|(id, _)| id)
-        .collect();
-    assert!(doubled.is_empty(), "events that ran twice: {doubled:?}");
-    assert!(
-        seen.values()
-            .flatten()
-            .all(|run| run["status"] == "succeeded")
-    );
+    assert_eq!(listed[0], listed[1], "both agents show the same runs");
+    // Both agents pull from the shared consumer: each ran a share.
+    let started = |metrics: String| -> u64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("deadlift_runs_started_total "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (on_a, on_b) = (started(a.metrics().await), started(b.metrics().await));
+    assert_eq!(on_a + on_b, events as u64, "a ran {on_a}, b ran {on_b}");
+    assert!(on_a > 0 && on_b > 0, "a ran {on_a}, b ran {on_b}");
     a.stop().await;
     b.stop().await;
 }
@@ -421,28 +428,10 @@ async fn each_scheduled_firing_runs_once_in_the_cluster() {
         until(|| async { agent.get_json("/v1/workflows/tick", &token).await["name"] == "tick" })
             .await;
     }
-    // Every agent schedules it; three or more firings later, each ran on one agent.
-    let mut firings: BTreeMap<String, usize> = BTreeMap::new();
-    for _ in 0..200 {
-        firings.clear();
-        for agent in &agents {
-            let page = agent
-                .get_json("/v1/runs?workflow=tick&limit=500", &token)
-                .await;
-            for run in page["runs"].as_array().unwrap() {
-                *firings
-                    .entry(run["event_id"].as_str().unwrap().to_owned())
-                    .or_default() += 1;
-            }
-        }
-        if firings.len() >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(firings.len() >= 3, "{firings:?}");
-    assert!(firings.values().all(|&runs| runs == 1), "{firings:?}");
-    // Deleted on one agent, it stops on every agent.
+    // Every agent schedules it. Three or more firings later it is deleted (on one agent,
+    // so on all), and then every agent shows each firing's run once, and the agents
+    // together started exactly one run per firing.
+    until(|| async { firing_ids(&agents[0], &token).await.len() >= 3 }).await;
     let deleted = agents[0]
         .http
         .delete(agents[0].url("/v1/workflows/tick"))
@@ -451,7 +440,46 @@ async fn each_scheduled_firing_runs_once_in_the_cluster() {
         .await
         .unwrap();
     assert!(deleted.status().is_success());
+    // Until the last firings' runs are in every agent's history.
+    let (mut shown, mut started) = (Vec::new(), 0);
+    for _ in 0..100 {
+        (shown, started) = (Vec::new(), 0);
+        for agent in &agents {
+            let mut ids = firing_ids(agent, &token).await;
+            let count = ids.len();
+            ids.sort();
+            ids.dedup();
+            assert_eq!(ids.len(), count, "a firing ran twice: {ids:?}");
+            shown.push(ids);
+            started += agent
+                .metrics()
+                .await
+                .lines()
+                .find_map(|line| line.strip_prefix("deadlift_runs_started_total "))
+                .and_then(|n| n.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+        }
+        if shown.iter().all(|ids| *ids == shown[0]) && started == shown[0].len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(shown.iter().all(|ids| *ids == shown[0]), "{shown:?}");
+    assert_eq!(started, shown[0].len(), "{shown:?}");
     for agent in agents {
         agent.stop().await;
     }
+}
+
+/// The event ids of the runs of workflow `tick` an agent shows.
+async fn firing_ids(agent: &TestAgent, token: &str) -> Vec<String> {
+    let page = agent
+        .get_json("/v1/runs?workflow=tick&limit=500", token)
+        .await;
+    page["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| run["event_id"].as_str().unwrap().to_owned())
+        .collect()
 }

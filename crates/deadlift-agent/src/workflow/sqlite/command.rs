@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 
 use crate::store::DbError;
 use crate::workflow::event::CloudEvent;
-use crate::workflow::records::{Finish, Ingested, NewRun, Retention, RunTicket, StepRecord};
+use crate::workflow::records::{Finish, Ingested, NewRun, Retention, Run, RunTicket, StepRecord};
 use crate::workflow::spec::Workflow;
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, DbError>>;
@@ -79,6 +79,13 @@ pub(crate) enum Command {
         emitted: Vec<CloudEvent>,
         finish: Finish,
         reply: Reply<String>,
+    },
+    /// Stores (or updates) a finished run another agent of the cluster ran, by its id;
+    /// answers whether anything changed.
+    Import {
+        tenant: String,
+        run: Box<Run>,
+        reply: Reply<bool>,
     },
     Requeue {
         tenant: String,

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::event::{CloudEvent, TraceParent, new_id};
 use super::records::{
-    Failure, Finish, NewRun, Retention, RunStatus, RunTicket, StepRecord, StepStatus,
+    Failure, Finish, NewRun, Retention, Run, RunStatus, RunTicket, StepRecord, StepStatus,
     WorkflowVersion,
 };
 use super::spec::WorkflowSpec;
@@ -298,6 +298,71 @@ pub(crate) fn insert_finished_run(
         now,
     ])?;
     Ok((id, conn.last_insert_rowid()))
+}
+
+/// Stores a finished run another agent ran, with its steps, under its own id; a run
+/// already here under that id is brought up to date (the other agent retried it).
+/// Answers whether anything changed.
+pub(crate) fn import_run(conn: &Connection, tenant: &str, run: &Run) -> Result<bool, DbError> {
+    let summary = &run.summary;
+    if !summary.status.is_finished() {
+        return Ok(false);
+    }
+    let existing: Option<(i64, Option<i64>)> = conn
+        .prepare_cached("SELECT seq, finished_unix_ms FROM runs WHERE id = ?1 AND tenant = ?2")?
+        .query_row(params![summary.id, tenant], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .optional()?;
+    let run_seq = match existing {
+        Some((_, finished)) if finished >= summary.finished_unix_ms => return Ok(false),
+        Some((seq, _)) => {
+            conn.prepare_cached(
+                "UPDATE runs SET status = ?2, output = ?3, error = ?4, finished_unix_ms = ?5
+                 WHERE seq = ?1",
+            )?
+            .execute(params![
+                seq,
+                summary.status.as_str(),
+                run.output.as_ref().map(json_text).transpose()?,
+                summary.error.as_ref().map(json_text).transpose()?,
+                summary.finished_unix_ms,
+            ])?;
+            conn.prepare_cached("DELETE FROM run_steps WHERE run_seq = ?1")?
+                .execute([seq])?;
+            seq
+        }
+        None => {
+            conn.prepare_cached(
+                "INSERT INTO runs (id, tenant, workflow, workflow_version, trigger, event_id,
+                    status, input, output, error, traceparent, trace_id, depth,
+                    created_unix_ms, started_unix_ms, finished_unix_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 0, ?13, ?14, ?15)",
+            )?
+            .execute(params![
+                summary.id,
+                tenant,
+                summary.workflow,
+                summary.workflow_version,
+                summary.trigger.as_str(),
+                summary.event_id,
+                summary.status.as_str(),
+                json_text(&run.input)?,
+                run.output.as_ref().map(json_text).transpose()?,
+                summary.error.as_ref().map(json_text).transpose()?,
+                run.traceparent,
+                summary.trace_id,
+                summary.created_unix_ms,
+                summary.started_unix_ms,
+                summary.finished_unix_ms,
+            ])?;
+            conn.last_insert_rowid()
+        }
+    };
+    for (position, step) in run.steps.iter().enumerate() {
+        insert_step(conn, run_seq, position, step)?;
+    }
+    Ok(true)
 }
 
 pub(crate) fn mark_running(

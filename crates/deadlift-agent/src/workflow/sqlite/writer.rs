@@ -419,6 +419,11 @@ impl Writer {
                 })();
                 answer(result, reply, effects)
             }
+            Command::Import { tenant, run, reply } => {
+                // Not among the changed runs: an imported run is not this agent's to
+                // announce, export or share again.
+                answer(sql::import_run(tx, &tenant, &run), reply, effects)
+            }
             Command::Requeue {
                 tenant,
                 run_id,
@@ -529,6 +534,7 @@ fn fail_command(command: Command, error: DbError) {
         }
         Command::Record { reply, .. } => Effects::fail(reply, error()),
         Command::Requeue { reply, .. } => Effects::fail(reply, error()),
+        Command::Import { reply, .. } => Effects::fail(reply, error()),
         Command::Prune { reply, .. } => Effects::fail(reply, error()),
         Command::Schedule { reply, .. } | Command::Flush { reply } => Effects::fail(reply, error()),
     }

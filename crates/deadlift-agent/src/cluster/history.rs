@@ -1,0 +1,180 @@
+//! History every agent of a cluster answers for: each agent publishes the runs it
+//! finishes to the stream `DEADLIFT_HISTORY` (subject `deadlift.history.<tenant>`), and
+//! each follows that stream with a durable consumer of its own, storing the other
+//! agents' runs, with their steps, in its own journal (`Journal::import_run`). So
+//! `GET /v1/runs` and `GET /v1/runs/{id}` on any agent show the cluster's runs, a moment
+//! after they finish. An agent that was away catches up from where it left off.
+//!
+//! Imported runs are records only: this agent never resumes, announces, exports or
+//! shares them again. Dead letters, retries and cancels stay with the agent that ran
+//! the run.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
+
+use super::ClusterError;
+use crate::workflow::{Journal, Run, Runtime};
+
+/// The stream of finished runs.
+pub const HISTORY_STREAM: &str = "DEADLIFT_HISTORY";
+const HISTORY_SUBJECT: &str = "deadlift.history";
+/// The header naming the agent that ran a run (its identity's key, hashed).
+const RAN_BY: &str = "Deadlift-Agent";
+
+/// Starts publishing this agent's finished runs and importing the others'.
+pub(crate) async fn start(
+    jetstream: &jetstream::Context,
+    replicas: usize,
+    kept: Duration,
+    agent_key: &str,
+    runtime: &Runtime,
+) -> Result<Vec<JoinHandle<()>>, ClusterError> {
+    let setup = |e: &dyn std::fmt::Display| ClusterError::Setup(e.to_string());
+    let history = jetstream
+        .get_or_create_stream(stream::Config {
+            name: HISTORY_STREAM.into(),
+            subjects: vec![format!("{HISTORY_SUBJECT}.*")],
+            storage: stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            max_age: kept,
+            duplicate_window: Duration::from_secs(120).min(kept),
+            ..stream::Config::default()
+        })
+        .await
+        .map_err(|e| setup(&e))?;
+    let me = agent_id(agent_key);
+    let durable = format!("history-{me}");
+    let imports: consumer::PullConsumer = history
+        .get_or_create_consumer(
+            &durable,
+            consumer::pull::Config {
+                durable_name: Some(durable.clone()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_wait: Duration::from_secs(30),
+                ..consumer::pull::Config::default()
+            },
+        )
+        .await
+        .map_err(|e| setup(&e))?;
+    let journal = runtime.journal().clone();
+    let publishing = tokio::spawn(publish(
+        jetstream.clone(),
+        journal.clone(),
+        runtime.subscribe().0,
+        me.clone(),
+    ));
+    let importing = tokio::spawn(import(imports, journal, me));
+    Ok(vec![publishing, importing])
+}
+
+/// A short stable name for this agent among the cluster's: its public key, hashed.
+fn agent_id(public_key: &str) -> String {
+    hex::encode(&Sha256::digest(public_key.as_bytes())[..8])
+}
+
+/// Publishes each run this agent finishes, read whole from its journal.
+async fn publish(
+    jetstream: jetstream::Context,
+    journal: Journal,
+    mut updates: tokio::sync::broadcast::Receiver<crate::workflow::RunUpdate>,
+    me: String,
+) {
+    loop {
+        let update = match updates.recv().await {
+            Ok(update) => update,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "runs finished faster than the cluster's history took them; some are not shared"
+                );
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        if !update.run.status.is_finished() {
+            continue;
+        }
+        let run = match journal.run(&update.tenant, &update.run.id).await {
+            Ok(Some(run)) => run,
+            Ok(None) => continue,
+            Err(error) => {
+                tracing::warn!(run = %update.run.id, "cannot read a finished run to share it: {error}");
+                continue;
+            }
+        };
+        let Ok(body) = serde_json::to_vec(&run) else {
+            continue;
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        let finished = run.summary.finished_unix_ms.unwrap_or_default();
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("{}:{finished}", run.summary.id).as_str(),
+        );
+        headers.insert(RAN_BY, me.as_str());
+        let subject = format!("{HISTORY_SUBJECT}.{}", update.tenant);
+        let stored = match jetstream
+            .publish_with_headers(subject, headers, body.into())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        if let Err(error) = stored {
+            tracing::warn!(run = %run.summary.id, "the cluster's history did not take a run: {error}");
+        }
+    }
+}
+
+/// Stores the other agents' finished runs here, acknowledging each once stored.
+async fn import(consumer: consumer::PullConsumer, journal: Journal, me: String) {
+    loop {
+        let mut messages = match consumer.messages().await {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!("cannot follow the cluster's history: {error}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(message) = messages.next().await {
+            let Ok(message) = message else {
+                break;
+            };
+            let mine = message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get(RAN_BY))
+                .is_some_and(|ran_by| ran_by.as_str() == me);
+            let tenant = message
+                .subject
+                .strip_prefix(HISTORY_SUBJECT)
+                .and_then(|rest| rest.strip_prefix('.'))
+                .filter(|tenant| deadlift_engine::names::tenant_name(tenant).is_ok())
+                .map(str::to_owned);
+            let run = serde_json::from_slice::<Run>(&message.payload).ok();
+            let (Some(tenant), Some(run), false) = (tenant, run, mine) else {
+                let _ = message.ack().await;
+                continue;
+            };
+            match journal.import_run(&tenant, run).await {
+                Ok(_) => {
+                    let _ = message.ack().await;
+                }
+                // The run's tenant may not be here yet: later.
+                Err(error) => {
+                    tracing::debug!(%tenant, "a run from the cluster's history waits: {error}");
+                    let _ = message
+                        .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
