@@ -435,7 +435,19 @@ impl Agent {
         if self.cluster.get().is_some() {
             return Err(ClusterError::Joined);
         }
-        let cluster = Cluster::join(config, self).await?;
+        // A JetStream cluster elects its leaders after it starts: until then it refuses
+        // streams, so setting up is tried again for a while.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let cluster = loop {
+            match Cluster::join(config, self).await {
+                Ok(cluster) => break cluster,
+                Err(ClusterError::Setup(reason)) if tokio::time::Instant::now() < deadline => {
+                    tracing::info!("the cluster is not ready ({reason}); trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        };
         self.cluster.set(cluster).map_err(|_| ClusterError::Joined)
     }
 

@@ -108,6 +108,11 @@ pub struct ServeConfig {
     /// or more [default: 1]
     #[arg(long, env = "DEADLIFT_NATS_REPLICAS")]
     pub nats_replicas: Option<usize>,
+    /// Seconds an event may be in an agent's hands without news before the cluster
+    /// hands it to another agent: how soon a dead agent's events run elsewhere
+    /// [default: 30]
+    #[arg(long, env = "DEADLIFT_NATS_ACK_WAIT_SECS")]
+    pub nats_ack_wait_secs: Option<u64>,
     /// The operator's ceilings on the grants tenants write: the config file's `[policy]`
     /// section only (`examples/agent.toml`)
     #[arg(skip)]
@@ -186,6 +191,7 @@ impl ServeConfig {
             nats: self.nats.or(file.nats),
             nats_credentials: self.nats_credentials.or(file.nats_credentials),
             nats_replicas: self.nats_replicas.or(file.nats_replicas),
+            nats_ack_wait_secs: self.nats_ack_wait_secs.or(file.nats_ack_wait_secs),
             policy: self.policy.or(file.policy),
         }
     }
@@ -258,6 +264,9 @@ impl ServeConfig {
                         u64::try_from(retention.dedupe_window_ms).unwrap_or(0),
                     )
                     .max(std::time::Duration::from_secs(1)),
+                    ack_wait: std::time::Duration::from_secs(
+                        self.nats_ack_wait_secs.unwrap_or(30).clamp(1, 3600),
+                    ),
                     history_kept: retention
                         .max_age_ms
                         .and_then(|ms| u64::try_from(ms).ok())

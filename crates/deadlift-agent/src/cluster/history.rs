@@ -25,6 +25,23 @@ const HISTORY_SUBJECT: &str = "deadlift.history";
 /// The header naming the agent that ran a run (its identity's key, hashed).
 const RAN_BY: &str = "Deadlift-Agent";
 
+/// Shares this agent's finished runs with the cluster's history.
+#[derive(Debug, Clone)]
+pub(crate) struct Sharer {
+    jetstream: jetstream::Context,
+    journal: Journal,
+    me: String,
+}
+
+impl Sharer {
+    /// Publishes one finished run (again: the stream drops a repeat), trying again for
+    /// up to [`SHARE_FOR`] while the cluster cannot take it (a NATS node died and the
+    /// stream elects a new leader); whether it was taken.
+    pub(crate) async fn share(&self, tenant: &str, run_id: &str) -> bool {
+        share_patiently(&self.jetstream, &self.journal, tenant, run_id, &self.me).await
+    }
+}
+
 /// Starts publishing this agent's finished runs and importing the others'.
 pub(crate) async fn start(
     jetstream: &jetstream::Context,
@@ -32,7 +49,7 @@ pub(crate) async fn start(
     kept: Duration,
     agent_key: &str,
     runtime: &Runtime,
-) -> Result<Vec<JoinHandle<()>>, ClusterError> {
+) -> Result<(Sharer, Vec<JoinHandle<()>>), ClusterError> {
     let setup = |e: &dyn std::fmt::Display| ClusterError::Setup(e.to_string());
     let history = jetstream
         .get_or_create_stream(stream::Config {
@@ -68,8 +85,13 @@ pub(crate) async fn start(
         runtime.subscribe().0,
         me.clone(),
     ));
-    let importing = tokio::spawn(import(imports, journal, me));
-    Ok(vec![publishing, importing])
+    let importing = tokio::spawn(import(imports, journal.clone(), me.clone()));
+    let sharer = Sharer {
+        jetstream: jetstream.clone(),
+        journal,
+        me,
+    };
+    Ok((sharer, vec![publishing, importing]))
 }
 
 /// A short stable name for this agent among the cluster's: its public key, hashed.
@@ -77,56 +99,114 @@ fn agent_id(public_key: &str) -> String {
     hex::encode(&Sha256::digest(public_key.as_bytes())[..8])
 }
 
-/// Publishes each run this agent finishes, read whole from its journal.
+/// Runs shared with the cluster at once.
+const SHARING: usize = 64;
+/// How long sharing a run is tried for.
+const SHARE_FOR: Duration = Duration::from_secs(30);
+
+async fn share_patiently(
+    jetstream: &jetstream::Context,
+    journal: &Journal,
+    tenant: &str,
+    run_id: &str,
+    me: &str,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + SHARE_FOR;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        if share(jetstream, journal, tenant, run_id, me).await {
+            return true;
+        }
+        if tokio::time::Instant::now() + wait > deadline {
+            return false;
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Publishes each run this agent finishes, read whole from its journal, a few at once.
+/// Should the updates outrun it, it shares again every run that finished since it last
+/// kept up (the stream and the importers drop what they have).
 async fn publish(
     jetstream: jetstream::Context,
     journal: Journal,
     mut updates: tokio::sync::broadcast::Receiver<crate::workflow::RunUpdate>,
     me: String,
 ) {
+    let sharing = std::sync::Arc::new(tokio::sync::Semaphore::new(SHARING));
+    let mut kept_up = crate::clock::now_ms();
     loop {
-        let update = match updates.recv().await {
-            Ok(update) => update,
+        let finished: Vec<(String, String)> = match updates.recv().await {
+            Ok(update) if update.run.status.is_finished() => {
+                kept_up = crate::clock::now_ms();
+                vec![(update.tenant, update.run.id)]
+            }
+            Ok(_) => continue,
             Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::warn!(
+                tracing::info!(
                     missed,
-                    "runs finished faster than the cluster's history took them; some are not shared"
+                    "runs finished faster than they were shared; sharing those since"
                 );
-                continue;
+                let since = kept_up - 1000;
+                kept_up = crate::clock::now_ms();
+                journal.finished_since(since).await.unwrap_or_default()
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         };
-        if !update.run.status.is_finished() {
-            continue;
+        for (tenant, run_id) in finished {
+            let Ok(permit) = sharing.clone().acquire_owned().await else {
+                return;
+            };
+            let (jetstream, journal, me) = (jetstream.clone(), journal.clone(), me.clone());
+            tokio::spawn(async move {
+                share_patiently(&jetstream, &journal, &tenant, &run_id, &me).await;
+                drop(permit);
+            });
         }
-        let run = match journal.run(&update.tenant, &update.run.id).await {
-            Ok(Some(run)) => run,
-            Ok(None) => continue,
-            Err(error) => {
-                tracing::warn!(run = %update.run.id, "cannot read a finished run to share it: {error}");
-                continue;
-            }
-        };
-        let Ok(body) = serde_json::to_vec(&run) else {
-            continue;
-        };
-        let mut headers = async_nats::HeaderMap::new();
-        let finished = run.summary.finished_unix_ms.unwrap_or_default();
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("{}:{finished}", run.summary.id).as_str(),
-        );
-        headers.insert(RAN_BY, me.as_str());
-        let subject = format!("{HISTORY_SUBJECT}.{}", update.tenant);
-        let stored = match jetstream
-            .publish_with_headers(subject, headers, body.into())
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(error) => Err(error.to_string()),
-        };
-        if let Err(error) = stored {
+    }
+}
+
+/// Publishes one finished run to the history stream; false when the stream did not
+/// take it.
+async fn share(
+    jetstream: &jetstream::Context,
+    journal: &Journal,
+    tenant: &str,
+    run_id: &str,
+    me: &str,
+) -> bool {
+    let run = match journal.run(tenant, run_id).await {
+        Ok(Some(run)) => run,
+        Ok(None) => return true,
+        Err(error) => {
+            tracing::warn!(run = %run_id, "cannot read a finished run to share it: {error}");
+            return false;
+        }
+    };
+    let Ok(body) = serde_json::to_vec(&run) else {
+        return true;
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    let finished = run.summary.finished_unix_ms.unwrap_or_default();
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("{}:{finished}", run.summary.id).as_str(),
+    );
+    headers.insert(RAN_BY, me);
+    let subject = format!("{HISTORY_SUBJECT}.{tenant}");
+    let stored = match jetstream
+        .publish_with_headers(subject, headers, body.into())
+        .await
+    {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    match stored {
+        Ok(()) => true,
+        Err(error) => {
             tracing::warn!(run = %run.summary.id, "the cluster's history did not take a run: {error}");
+            false
         }
     }
 }

@@ -9,9 +9,11 @@
 //!   once the stream has acknowledged the event (replicated, on an R3 stream).
 //! - **Ingest**: every agent pulls from one shared durable consumer (`deadlift-ingest`),
 //!   so each stored event is handed to one agent, which journals it in its own SQLite
-//!   (routing it to workflows and starting runs there, in one transaction) and only then
-//!   acknowledges it. An agent that dies before acknowledging loses the event to another
-//!   agent when the consumer's ack wait ends.
+//!   (routing it to workflows and starting runs there, in one transaction) and
+//!   acknowledges it only once those runs have ended, telling the cluster it is still at
+//!   work meanwhile. An agent that dies first loses the event to another agent when the
+//!   consumer's ack wait ends; that agent starts its runs again, unless it already knows
+//!   a run of it (from the cluster's history).
 //! - **The v1 NATS trigger**: a message published on a NATS core subject equal to a v1
 //!   workflow's first module's subject becomes a `v1` event of that type (in a queue
 //!   group, so one agent takes it), which starts the workflow at its second module.
@@ -21,8 +23,9 @@
 //!
 //! Not yet shared through JetStream (each agent keeps its own, as without a cluster):
 //! runs in progress and their step journal, the outbox, dead letters, plug-in KV,
-//! releases, hook bindings, peers and the policy. So an agent that dies mid-run resumes
-//! that run when it restarts, not elsewhere.
+//! releases, hook bindings, peers and the policy. So when an agent dies mid-run, its
+//! event runs again elsewhere from the first step, and if the agent comes back it
+//! resumes its own copy too.
 
 mod history;
 mod shared;
@@ -56,8 +59,6 @@ pub const INGEST_CONSUMER: &str = "deadlift-ingest";
 const V1_QUEUE: &str = "deadlift-v1";
 /// Events one agent journals at once (each waits for its commit before its ack).
 const INGESTING: usize = 256;
-/// How long an agent holds a pulled event before it goes to another agent.
-const ACK_WAIT: Duration = Duration::from_secs(30);
 /// The KV bucket where an agent claims a scheduled firing before it fires it.
 pub const FIRINGS_BUCKET: &str = "deadlift-firings";
 /// How long a claim is kept: longer than any two agents' clocks disagree.
@@ -85,6 +86,10 @@ pub struct ClusterConfig {
     /// How long finished runs stay in the cluster's history stream (an agent away longer
     /// misses older ones).
     pub history_kept: Duration,
+    /// How long an event may be in an agent's hands without news (it says every third of
+    /// this that its runs are still going) before the cluster hands it to another agent:
+    /// how soon the events of an agent that died run elsewhere.
+    pub ack_wait: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -95,6 +100,7 @@ impl Default for ClusterConfig {
             replicas: 1,
             dedupe_window: Duration::from_secs(2 * 60 * 60),
             history_kept: Duration::from_secs(7 * 24 * 60 * 60),
+            ack_wait: Duration::from_secs(30),
         }
     }
 }
@@ -189,7 +195,7 @@ impl Cluster {
                 consumer::pull::Config {
                     durable_name: Some(INGEST_CONSUMER.into()),
                     ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: ACK_WAIT,
+                    ack_wait: config.ack_wait,
                     max_ack_pending: 4096,
                     ..consumer::pull::Config::default()
                 },
@@ -208,7 +214,7 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError::Setup(e.to_string()))?;
         runtime.claim_firings_with(Arc::new(Firings(firings)));
-        let mut tasks = history::start(
+        let (sharer, mut tasks) = history::start(
             &jetstream,
             config.replicas,
             config.history_kept,
@@ -230,6 +236,8 @@ impl Cluster {
             ingest,
             journal,
             cluster.shared.revisions.clone(),
+            config.ack_wait,
+            sharer,
         ));
         let triggering = tokio::spawn(v1_trigger(
             client,
@@ -249,9 +257,9 @@ impl Cluster {
         events: Vec<CloudEvent>,
     ) -> Result<Vec<Ingested>, ClusterError> {
         let subject = format!("{EVENTS_SUBJECT}.{tenant}");
-        // The settings this agent knows now: the agent that journals the events applies
-        // as far first.
-        let revision = self.shared.revisions.known();
+        // The settings as they are now, whichever agent changed them: the agent that
+        // journals the events applies as far first.
+        let revision = self.shared.newest().await;
         let mut pending = Vec::with_capacity(events.len());
         for event in &events {
             let body =
@@ -315,6 +323,8 @@ async fn pull_events(
     consumer: consumer::PullConsumer,
     journal: Journal,
     revisions: Arc<shared::Revisions>,
+    ack_wait: Duration,
+    sharer: history::Sharer,
 ) {
     let ingesting = Arc::new(Semaphore::new(INGESTING));
     loop {
@@ -337,9 +347,9 @@ async fn pull_events(
             let Ok(permit) = ingesting.clone().acquire_owned().await else {
                 return;
             };
-            let (journal, revisions) = (journal.clone(), revisions.clone());
+            let (journal, revisions, sharer) = (journal.clone(), revisions.clone(), sharer.clone());
             tokio::spawn(async move {
-                ingest(&journal, &revisions, message).await;
+                ingest(&journal, &revisions, &sharer, message, ack_wait).await;
                 drop(permit);
             });
         }
@@ -349,7 +359,13 @@ async fn pull_events(
 /// Journals one pulled event, then acknowledges it. An event that can never be journaled
 /// (not an event, an unknown subject) is terminated, so that it is not redelivered for
 /// ever; one the journal could not take now is left to be redelivered.
-async fn ingest(journal: &Journal, revisions: &shared::Revisions, message: jetstream::Message) {
+async fn ingest(
+    journal: &Journal,
+    revisions: &shared::Revisions,
+    sharer: &history::Sharer,
+    message: jetstream::Message,
+    ack_wait: Duration,
+) {
     let tenant = message
         .subject
         .strip_prefix(EVENTS_SUBJECT)
@@ -382,19 +398,107 @@ async fn ingest(journal: &Journal, revisions: &shared::Revisions, message: jetst
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    match journal.publish(&tenant, vec![event]).await {
-        Ok(_) => {
-            if let Err(error) = message.double_ack().await {
-                tracing::warn!(
-                    "an event journaled here was not acknowledged ({error}); another agent may journal it again"
-                );
-            }
+    let event_id = event.id.clone();
+    // Delivered before: its agent may have died with it. A run of it this agent already
+    // knows (ran here, or one from the cluster's history) is the event's; none, and the
+    // event starts its runs here.
+    let redelivered = message.info().is_ok_and(|info| info.delivered > 1);
+    let known = if redelivered {
+        journal
+            .runs(
+                &tenant,
+                crate::workflow::RunFilter {
+                    event_id: Some(event_id.clone()),
+                    ..crate::workflow::RunFilter::default()
+                },
+            )
+            .await
+            .map(|runs| runs.into_iter().map(|run| run.id).collect::<Vec<_>>())
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let journaled = if known.is_empty() {
+        journal.publish(&tenant, vec![event]).await.map(|ingested| {
+            ingested
+                .into_iter()
+                .flat_map(|i| i.runs)
+                .collect::<Vec<_>>()
+        })
+    } else {
+        Ok(known)
+    };
+    match journaled {
+        Ok(runs) => {
+            // The event stays this agent's until its runs have ended and are in the
+            // cluster's history: if the agent dies first, the cluster hands the event to
+            // another agent, which finds the runs there or runs the event itself.
+            let (journal, sharer) = (journal.clone(), sharer.clone());
+            tokio::spawn(async move {
+                hold_until_finished(&journal, &tenant, &runs, &message, ack_wait / 3).await;
+                for run in &runs {
+                    // Still in hand while the history takes it.
+                    let sharing = sharer.share(&tenant, run);
+                    tokio::pin!(sharing);
+                    let mut progress = tokio::time::interval(ack_wait / 3);
+                    let shared = loop {
+                        tokio::select! {
+                            shared = &mut sharing => break shared,
+                            _ = progress.tick() => {
+                                let _ = message.ack_with(jetstream::AckKind::Progress).await;
+                            }
+                        }
+                    };
+                    if !shared {
+                        // Not in the history: another agent would not know the run. The
+                        // event goes back, and comes here again or runs elsewhere.
+                        tracing::warn!(%tenant, %run, "a run was not shared with the cluster; its event goes back");
+                        let _ = message
+                            .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                        return;
+                    }
+                }
+                if let Err(error) = message.double_ack().await {
+                    tracing::warn!(
+                        "an event whose runs ended here was not acknowledged ({error}); another agent may run it again"
+                    );
+                }
+            });
         }
         Err(error) => {
             tracing::warn!(%tenant, "cannot journal an event from the cluster ({error}); it will be redelivered");
             let _ = message
                 .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
                 .await;
+        }
+    }
+}
+
+/// Waits until every one of `runs` has ended, telling the cluster every few seconds that
+/// the event is still in hand (so that its ack wait does not run out).
+async fn hold_until_finished(
+    journal: &Journal,
+    tenant: &str,
+    runs: &[String],
+    message: &jetstream::Message,
+    progress_every: Duration,
+) {
+    let mut wait = Duration::from_millis(10);
+    let mut last_progress = tokio::time::Instant::now();
+    for run in runs {
+        loop {
+            match journal.run(tenant, run).await {
+                Ok(Some(run)) if !run.summary.status.is_finished() => {}
+                // Ended, gone (pruned), or unreadable: nothing more to wait for.
+                _ => break,
+            }
+            if last_progress.elapsed() > progress_every {
+                let _ = message.ack_with(jetstream::AckKind::Progress).await;
+                last_progress = tokio::time::Instant::now();
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(1));
         }
     }
 }

@@ -124,6 +124,8 @@ pub(crate) struct Revisions {
     applied: AtomicU64,
     /// The newest revision this agent put.
     put: AtomicU64,
+    /// The newest revision this agent has seen, applied or not.
+    seen: AtomicU64,
 }
 
 impl Revisions {
@@ -132,6 +134,7 @@ impl Revisions {
         self.applied
             .load(Ordering::Acquire)
             .max(self.put.load(Ordering::Acquire))
+            .max(self.seen.load(Ordering::Acquire))
     }
 
     pub(crate) fn applied(&self) -> u64 {
@@ -147,6 +150,8 @@ type Change = (Setting, Option<oneshot::Sender<()>>);
 pub(crate) struct Shared {
     changes: mpsc::UnboundedSender<Change>,
     pub(crate) revisions: Arc<Revisions>,
+    /// The bucket's stream, asked for its newest revision.
+    stream: jetstream::stream::Stream<()>,
 }
 
 impl Shared {
@@ -192,7 +197,31 @@ impl Shared {
             revisions.clone(),
         ));
         let following = tokio::spawn(follow(settings, modules, agent, revisions.clone()));
-        Ok((Self { changes, revisions }, vec![publishing, following]))
+        let stream = jetstream
+            .get_stream_no_info(format!("KV_{SETTINGS_BUCKET}"))
+            .await
+            .map_err(|e| setup(&e))?;
+        Ok((
+            Self {
+                changes,
+                revisions,
+                stream,
+            },
+            vec![publishing, following],
+        ))
+    }
+
+    /// The bucket's newest revision now (what this agent knows, if the cluster cannot
+    /// say): whatever a client changed before, through any agent, is at or before it.
+    pub(crate) async fn newest(&self) -> u64 {
+        let known = self.revisions.known();
+        match self.stream.get_info().await {
+            Ok(info) => info.state.last_sequence.max(known),
+            Err(error) => {
+                tracing::debug!("cannot ask the settings' newest revision: {error}");
+                known
+            }
+        }
     }
 
     /// A setting changed here: the cluster gets its new value (or its deletion). Answers
@@ -449,6 +478,7 @@ async fn follow(
                     };
                     waiting.remove(&entry.key);
                     seen = seen.max(entry.revision);
+                    revisions.seen.fetch_max(seen, Ordering::AcqRel);
                     let Some(agent) = agent.upgrade() else { return };
                     if let Err(error) = apply(&agent, &modules, &entry.key, value.clone()).await {
                         tracing::debug!(key = %entry.key, "a shared setting waits: {error}");

@@ -359,6 +359,15 @@ impl Journal {
             .await
     }
 
+    /// Every tenant's runs that finished at or after `since` (Unix ms).
+    pub(crate) async fn finished_since(
+        &self,
+        since: i64,
+    ) -> Result<Vec<(String, String)>, DbError> {
+        self.read(move |conn| sqlite::finished_since(conn, since))
+            .await
+    }
+
     pub async fn run(&self, tenant: &str, run_id: &str) -> Result<Option<Run>, DbError> {
         let (tenant, run_id) = (tenant.to_owned(), run_id.to_owned());
         self.read(move |conn| sqlite::get_run(conn, &tenant, &run_id))

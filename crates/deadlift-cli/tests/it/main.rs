@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 
+mod cluster;
 mod console;
 mod federation;
 mod readme;

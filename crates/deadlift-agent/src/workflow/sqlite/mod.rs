@@ -11,8 +11,8 @@ mod routing;
 pub(crate) mod writer;
 
 pub(crate) use reads::{
-    dead_letter_run, dead_letters, get_run, list_runs, open_run_counts, run_summary,
-    run_summary_by_id,
+    dead_letter_run, dead_letters, finished_since, get_run, list_runs, open_run_counts,
+    run_summary, run_summary_by_id,
 };
 
 use rusqlite::{Connection, OptionalExtension, Row, params};

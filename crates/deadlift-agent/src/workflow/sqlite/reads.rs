@@ -38,6 +38,18 @@ fn with_error((mut summary, error): (RunSummary, Option<String>)) -> Result<RunS
     Ok(summary)
 }
 
+/// Every tenant's runs that finished at or after `since` (Unix ms): (tenant, run id).
+pub(crate) fn finished_since(
+    conn: &Connection,
+    since: i64,
+) -> Result<Vec<(String, String)>, DbError> {
+    let mut statement = conn.prepare_cached(
+        "SELECT tenant, id FROM runs WHERE finished_unix_ms >= ?1 ORDER BY finished_unix_ms",
+    )?;
+    let rows = statement.query_map([since], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// Runs of a tenant, newest first, filtered.
 pub(crate) fn list_runs(
     conn: &Connection,
