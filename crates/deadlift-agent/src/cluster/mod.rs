@@ -296,11 +296,13 @@ impl Cluster {
     }
 
     /// Stops pulling and triggering, and flushes what the client still holds.
+    /// Stops pulling and triggering, and flushes what the client still holds, for a
+    /// moment at most: with every NATS server gone a flush would wait for ever.
     pub async fn leave(&self) {
         for task in self.tasks.lock().drain(..) {
             task.abort();
         }
-        let _ = self.client.flush().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
     }
 }
 

@@ -295,4 +295,24 @@ fn a_cluster_loses_no_event_when_an_agent_and_a_nats_node_die() {
             "agent {n}: events that succeeded twice: {doubled:?}"
         );
     }
+
+    // With every NATS server gone, an agent still stops when told to (SIGTERM).
+    drop(nats);
+    let mut survivor = agents[0].take().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &survivor.child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut stopped = None;
+    for _ in 0..300 {
+        stopped = survivor.child.try_wait().unwrap();
+        if stopped.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        stopped.is_some_and(|status| status.success()),
+        "the agent did not stop within 15 s without NATS: {stopped:?}"
+    );
 }
