@@ -7,14 +7,12 @@
 use std::time::{Duration, SystemTime};
 
 use deadlift_engine::registry::{ModuleError, ModuleId};
-use deadlift_engine::tape::Tape;
 use deadlift_engine::{CallContext, CallError, CallOutput, Code, Grant};
 
 use crate::Agent;
+use crate::keeping::{Keeping, Kept};
 use crate::manifest::ManifestError;
-use crate::releases::{Routed, Shadowed, counts_against_version};
-use crate::replay::Recorded;
-use crate::tapes::{Recording, TapeError};
+use crate::releases::{Routed, counts_against_version};
 
 /// What the caller narrows the module's grant to.
 #[derive(Debug, Clone, Copy, Default)]
@@ -146,14 +144,8 @@ impl Agent {
         routed: Option<&Routed>,
     ) -> (SystemTime, Result<CallOutput, CallError>) {
         let started = SystemTime::now();
-        let sampled = self.tapes().tape_for(tenant, &module.to_string(), function);
-        let shadowed = routed.as_ref().is_some_and(|r| r.shadow.is_some());
-        let tape = match &sampled {
-            Some(tape) => Some(tape.clone()),
-            None if shadowed => Some(Tape::recording()),
-            None => None,
-        };
-        let ctx = match &tape {
+        let keeping = Keeping::begin(self.tapes(), tenant, &module.to_string(), function, routed);
+        let ctx = match keeping.tape() {
             Some(tape) => CallContext::new(tenant).with_tape(tape.clone()),
             None => CallContext::new(tenant),
         };
@@ -161,46 +153,26 @@ impl Agent {
             .engine()
             .call_direct(module, function, input, grant, &ctx)
             .await;
-        let outcome = match &result {
-            Ok(out) => Ok(out.output.clone()),
-            Err(error) => Err(TapeError::of(error)),
-        };
         if let Some(routed) = routed {
             let failed = result.as_ref().err().is_some_and(counts_against_version);
             self.releases().observe(tenant, routed, failed);
-            if let (true, Some(tape)) = (shadowed, &tape) {
-                self.releases().shadow(
-                    tenant,
-                    routed,
-                    Shadowed {
-                        call: Recorded {
-                            function: function.to_owned(),
-                            input: input.to_vec(),
-                            host_calls: tape.calls(),
-                            start: tape.start(),
-                            outcome: outcome.clone(),
-                        },
-                        grant: grant.clone(),
-                    },
-                );
-            }
         }
-        if let Some(tape) = sampled {
-            let recording = Recording {
-                tenant: tenant.to_owned(),
-                module_name: name.map(str::to_owned),
+        keeping.end(
+            self.tapes(),
+            self.releases(),
+            Kept {
+                tenant,
+                routed,
                 module_id: module.to_string(),
-                function: function.to_owned(),
-                input: input.to_vec(),
-                outcome,
-                host_calls: tape.calls(),
-                start: tape.start(),
-                fuel_used: result.as_ref().map_or(0, |out| out.fuel_used),
+                module_name: name.map(str::to_owned),
+                function,
+                input,
+                grant,
+                result: &result,
                 duration_us: u64::try_from(started.elapsed().unwrap_or_default().as_micros())
                     .unwrap_or(u64::MAX),
-            };
-            self.tapes().record(recording, &tape);
-        }
+            },
+        );
         (started, result)
     }
 }

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod direct;
 pub mod federation;
 pub mod hooks;
+mod keeping;
 pub mod manifest;
 pub mod policy;
 pub mod releases;

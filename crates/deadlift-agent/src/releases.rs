@@ -849,17 +849,8 @@ impl Releases {
                 "`max_error_increase` must be between 0 and 100".into(),
             ));
         }
-        let this = self.clone();
-        let (tenant_owned, name_owned) = (tenant.to_owned(), name.to_owned());
-        tokio::task::spawn_blocking(move || {
-            let (tenant, name) = (&tenant_owned, &name_owned);
-            let _serialised = this.writes.lock();
+        self.change(tenant, name, move |this, tenant, name, current| {
             let candidate = this.version_of(tenant, name, &spec.candidate)?;
-            let current = this
-                .db
-                .releases()
-                .get(tenant, name)
-                .ok_or_else(|| ReleaseError::NameNotFound(name.clone()))?;
             if let Some(rollout) = &current.rollout {
                 return Err(ReleaseError::Conflict(format!(
                     "a rollout of {} is in progress; promote it or roll it back first",
@@ -908,8 +899,7 @@ impl Releases {
                 entry("rollout", &rollout.candidate, Some(detail)),
             )
         })
-        .await??;
-        self.status(tenant, name).await
+        .await
     }
 
     /// Makes `to` (or, without it, the rollout's candidate) `name`'s live version and
@@ -921,16 +911,7 @@ impl Releases {
         to: Option<String>,
         uses: Vec<NameUse>,
     ) -> Result<ReleaseStatus, ReleaseError> {
-        let this = self.clone();
-        let (tenant_owned, name_owned) = (tenant.to_owned(), name.to_owned());
-        tokio::task::spawn_blocking(move || {
-            let (tenant, name) = (&tenant_owned, &name_owned);
-            let _serialised = this.writes.lock();
-            let current = this
-                .db
-                .releases()
-                .get(tenant, name)
-                .ok_or_else(|| ReleaseError::NameNotFound(name.clone()))?;
+        self.change(tenant, name, move |this, tenant, name, current| {
             let target = match (&to, &current.rollout) {
                 (Some(reference), _) => this.version_of(tenant, name, reference)?,
                 (None, Some(rollout)) => this
@@ -966,8 +947,7 @@ impl Releases {
                 entry("promoted", &Version::of(&target), Some(detail)),
             )
         })
-        .await??;
-        self.status(tenant, name).await
+        .await
     }
 
     /// Ends `name`'s rollout, its candidate no longer serving; without one, makes the
@@ -978,16 +958,7 @@ impl Releases {
         name: &str,
         uses: Vec<NameUse>,
     ) -> Result<ReleaseStatus, ReleaseError> {
-        let this = self.clone();
-        let (tenant_owned, name_owned) = (tenant.to_owned(), name.to_owned());
-        tokio::task::spawn_blocking(move || {
-            let (tenant, name) = (&tenant_owned, &name_owned);
-            let _serialised = this.writes.lock();
-            let current = this
-                .db
-                .releases()
-                .get(tenant, name)
-                .ok_or_else(|| ReleaseError::NameNotFound(name.clone()))?;
+        self.change(tenant, name, move |this, tenant, name, current| {
             if let Some(rollout) = &current.rollout {
                 let mut release = Release::clone(&current);
                 release.rollout = None;
@@ -1018,6 +989,30 @@ impl Releases {
                 Some(release),
                 entry("reverted", previous, Some(detail)),
             )
+        })
+        .await
+    }
+
+    /// Makes one change to `name`'s release on a blocking thread, one change at a time,
+    /// given the release as it is then; answers the release's status after it.
+    async fn change(
+        self: &Arc<Self>,
+        tenant: &str,
+        name: &str,
+        change: impl FnOnce(&Self, &str, &str, Arc<Release>) -> Result<(), ReleaseError>
+        + Send
+        + 'static,
+    ) -> Result<ReleaseStatus, ReleaseError> {
+        let this = self.clone();
+        let (owner, key) = (tenant.to_owned(), name.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let _serialised = this.writes.lock();
+            let current = this
+                .db
+                .releases()
+                .get(&owner, &key)
+                .ok_or_else(|| ReleaseError::NameNotFound(key.clone()))?;
+            change(&this, &owner, &key, current)
         })
         .await??;
         self.status(tenant, name).await

@@ -5,10 +5,9 @@
 //! Callers differ only in what they do with the outcome (journal it now, record the
 //! whole run after answering, record the hook call).
 
+use crate::keeping::{Keeping, Kept};
 use crate::releases::Releases;
-use crate::replay::Recorded;
-use crate::shadow::Shadowed;
-use crate::tapes::{Recording, TapeError, Tapes};
+use crate::tapes::Tapes;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +22,6 @@ use super::spec::{Action, ErrorKind, RetrySpec, Step};
 use crate::clock::now_ms;
 use crate::federation::PeerDirectory;
 use crate::policy::PolicyHandle;
-use deadlift_engine::tape::Tape;
 use deadlift_engine::{
     CallContext, CallError, CancelToken, Code, EmittedEvent, Engine, Grant, LogLine, ModuleId,
 };
@@ -408,57 +406,35 @@ impl StepExecutor {
         if let Some(run_id) = at.run_id {
             ctx = ctx.with_run_id(run_id);
         }
-        let sampled = self.tapes.tape_for(at.tenant, &served.id, function);
-        let shadowed = routed.as_ref().is_some_and(|r| r.shadow.is_some());
-        let tape = match &sampled {
-            Some(tape) => Some(tape.clone()),
-            None if shadowed => Some(Tape::recording()),
-            None => None,
-        };
-        if let Some(tape) = &tape {
+        let keeping = Keeping::begin(
+            &self.tapes,
+            at.tenant,
+            &served.id,
+            function,
+            routed.as_ref(),
+        );
+        if let Some(tape) = keeping.tape() {
             ctx = ctx.with_tape(tape.clone());
         }
         let called = self.engine.call(&id, function, input, grant, &ctx).await;
-        let outcome = match &called {
-            Ok(out) => Ok(out.output.clone()),
-            Err(e) => Err(TapeError::of(e)),
-        };
-        if let (Some(routed), Some(tape)) = (&routed, &tape)
-            && shadowed
-        {
-            self.releases.shadow(
-                at.tenant,
-                routed,
-                Shadowed {
-                    call: Recorded {
-                        function: function.to_owned(),
-                        input: input.to_vec(),
-                        host_calls: tape.calls(),
-                        start: tape.start(),
-                        outcome: outcome.clone(),
-                    },
-                    grant: grant.clone(),
-                },
-            );
-        }
-        if let Some(tape) = sampled {
-            let recording = Recording {
-                tenant: at.tenant.to_owned(),
+        keeping.end(
+            &self.tapes,
+            &self.releases,
+            Kept {
+                tenant: at.tenant,
+                routed: routed.as_ref(),
+                module_id: served.id.clone(),
                 // The module's own name, looked up by the tape writer.
                 module_name: None,
-                module_id: served.id.clone(),
-                function: function.to_owned(),
-                input: input.to_vec(),
-                outcome,
-                host_calls: tape.calls(),
-                start: tape.start(),
-                fuel_used: called.as_ref().map_or(0, |out| out.fuel_used),
+                function,
+                input,
+                grant,
+                result: &called,
                 duration_us: called.as_ref().map_or(0, |out| {
                     u64::try_from(out.duration.as_micros()).unwrap_or(u64::MAX)
                 }),
-            };
-            self.tapes.record(recording, &tape);
-        }
+            },
+        );
         let result = self.finish_call(at, served, called, &buffer, &call_failure);
         if let Some(routed) = &routed {
             let failed = result
