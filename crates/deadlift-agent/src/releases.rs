@@ -255,6 +255,16 @@ impl ReleaseTable {
             .cloned()
     }
 
+    /// `tenant`'s names that have a release.
+    pub(crate) fn names(&self, tenant: &str) -> Vec<String> {
+        self.rows
+            .read()
+            .keys()
+            .filter(|(owner, _)| owner == tenant)
+            .map(|(_, name)| name.clone())
+            .collect()
+    }
+
     /// How many of `tenant`'s names have a rollout in progress.
     fn rollouts(&self, tenant: &str) -> usize {
         self.rows
@@ -328,6 +338,37 @@ fn write_row(
     release: Option<&Release>,
     entry: &HistoryEntry,
 ) -> Result<(), DbError> {
+    put_row(tx, tenant, name, release, entry.at_unix_ms)?;
+    tx.execute(
+        "INSERT INTO module_release_history (tenant, name, at_unix_ms, action, module, version, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            tenant,
+            name,
+            entry.at_unix_ms,
+            entry.action,
+            entry.module.to_string(),
+            entry.version,
+            entry.detail
+        ],
+    )?;
+    tx.execute(
+        "DELETE FROM module_release_history WHERE tenant = ?1 AND name = ?2 AND id <= (
+             SELECT id FROM module_release_history WHERE tenant = ?1 AND name = ?2
+             ORDER BY id DESC LIMIT 1 OFFSET ?3)",
+        params![tenant, name, HISTORY_KEPT],
+    )?;
+    Ok(())
+}
+
+/// Writes a name's release (or removes it), in the caller's transaction.
+fn put_row(
+    tx: &Transaction<'_>,
+    tenant: &str,
+    name: &str,
+    release: Option<&Release>,
+    now: i64,
+) -> Result<(), DbError> {
     match release {
         Some(release) => {
             let rollout = release
@@ -350,7 +391,7 @@ fn write_row(
                     release.previous.as_ref().map(|p| p.module.to_string()),
                     release.previous.as_ref().and_then(|p| p.version.clone()),
                     rollout,
-                    entry.at_unix_ms,
+                    now,
                 ],
             )?;
         }
@@ -361,25 +402,6 @@ fn write_row(
             )?;
         }
     }
-    tx.execute(
-        "INSERT INTO module_release_history (tenant, name, at_unix_ms, action, module, version, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            tenant,
-            name,
-            entry.at_unix_ms,
-            entry.action,
-            entry.module.to_string(),
-            entry.version,
-            entry.detail
-        ],
-    )?;
-    tx.execute(
-        "DELETE FROM module_release_history WHERE tenant = ?1 AND name = ?2 AND id <= (
-             SELECT id FROM module_release_history WHERE tenant = ?1 AND name = ?2
-             ORDER BY id DESC LIMIT 1 OFFSET ?3)",
-        params![tenant, name, HISTORY_KEPT],
-    )?;
     Ok(())
 }
 
@@ -590,6 +612,9 @@ pub struct Releases {
     judges: Mutex<HashMap<(String, String), Judge>>,
     /// Serialises changes, so each is checked against the state it replaces.
     writes: Mutex<()>,
+    /// Told of the releases this agent changed by itself (a canary rolled back), once the
+    /// agent is in a cluster.
+    changes: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
     pub(crate) shadow: crate::shadow::Shadows,
 }
 
@@ -610,6 +635,7 @@ impl Releases {
             engine,
             judges: Mutex::default(),
             writes: Mutex::new(()),
+            changes: std::sync::OnceLock::new(),
             shadow: crate::shadow::Shadows::default(),
         }
     }
@@ -736,6 +762,9 @@ impl Releases {
             return;
         }
         self.forget(tenant, name);
+        if let Some(changes) = self.changes.get() {
+            let _ = changes.send((tenant.to_owned(), name.to_owned()));
+        }
         tracing::warn!(tenant, module = name, candidate = %rollout.candidate.module, "canary rolled back: {detail}");
         let (db, tenant, name) = (self.db.clone(), tenant.to_owned(), name.to_owned());
         let record = move || {
@@ -991,6 +1020,46 @@ impl Releases {
             )
         })
         .await
+    }
+
+    /// From now on, releases this agent changes by itself are named on `changes`.
+    pub(crate) fn tell_changes(
+        &self,
+        changes: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+    ) {
+        let _ = self.changes.set(changes);
+    }
+
+    /// Puts a release another agent of the cluster changed (`None`: gone), with no
+    /// history entry of its own (the history stays each agent's record).
+    pub(crate) async fn replicate(
+        self: &Arc<Self>,
+        tenant: &str,
+        name: &str,
+        release: Option<Release>,
+    ) -> Result<(), ReleaseError> {
+        let this = self.clone();
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let _serialised = this.writes.lock();
+            {
+                let mut conn = this.db.lock();
+                let tx = conn.transaction().map_err(DbError::from)?;
+                put_row(&tx, &tenant, &name, release.as_ref(), now_ms())?;
+                tx.commit().map_err(DbError::from)?;
+            }
+            let started = release
+                .as_ref()
+                .and_then(|r| r.rollout.as_ref())
+                .map(|r| r.started_unix_ms);
+            let current = this.db.releases().get(&tenant, &name);
+            if current.and_then(|r| r.rollout.as_ref().map(|r| r.started_unix_ms)) != started {
+                this.forget(&tenant, &name);
+            }
+            this.db.releases().put(&tenant, &name, release);
+            Ok(())
+        })
+        .await?
     }
 
     /// Makes one change to `name`'s release on a blocking thread, one change at a time,

@@ -60,7 +60,7 @@ pub(super) async fn bind(
         .bind(
             &tenant,
             Binding {
-                hook: name,
+                hook: name.clone(),
                 module: request.module,
                 function: request.function,
                 pinned: None,
@@ -68,6 +68,9 @@ pub(super) async fn bind(
             },
         )
         .await?;
+    agent
+        .changed(deadlift_agent::cluster::Setting::Binding { tenant, hook: name })
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -80,5 +83,8 @@ pub(super) async fn unbind(
 ) -> Result<StatusCode, ApiError> {
     let tenant = caller.tenant()?;
     agent.hooks().unbind(&tenant, &name).await?;
+    agent
+        .changed(deadlift_agent::cluster::Setting::Binding { tenant, hook: name })
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -54,12 +54,12 @@ pub(super) async fn start_rollout(
     let tenant = caller.tenant()?;
     let spec: RolloutSpec = parse_json(&body)?;
     let uses = agent.name_uses(&tenant, &name).await?;
-    Ok(Json(
-        agent
-            .releases()
-            .start_rollout(&tenant, &name, spec, uses)
-            .await?,
-    ))
+    let status = agent
+        .releases()
+        .start_rollout(&tenant, &name, spec, uses)
+        .await?;
+    shared(&agent, tenant, name).await;
+    Ok(Json(status))
 }
 
 /// Which version to promote; without one, the rollout's candidate.
@@ -89,12 +89,12 @@ pub(super) async fn promote(
         parse_json(&body)?
     };
     let uses = agent.name_uses(&tenant, &name).await?;
-    Ok(Json(
-        agent
-            .releases()
-            .promote(&tenant, &name, request.version, uses)
-            .await?,
-    ))
+    let status = agent
+        .releases()
+        .promote(&tenant, &name, request.version, uses)
+        .await?;
+    shared(&agent, tenant, name).await;
+    Ok(Json(status))
 }
 
 #[utoipa::path(post, path = "/v1/modules/{reference}/rollback", tag = "modules", security(("bearer" = [])),
@@ -109,5 +109,14 @@ pub(super) async fn rollback(
 ) -> Result<Json<ReleaseStatus>, ApiError> {
     let tenant = caller.tenant()?;
     let uses = agent.name_uses(&tenant, &name).await?;
-    Ok(Json(agent.releases().rollback(&tenant, &name, uses).await?))
+    let status = agent.releases().rollback(&tenant, &name, uses).await?;
+    shared(&agent, tenant, name).await;
+    Ok(Json(status))
+}
+
+/// In a cluster, the other agents get the release too.
+async fn shared(agent: &AgentState, tenant: String, name: String) {
+    agent
+        .changed(deadlift_agent::cluster::Setting::Release { tenant, name })
+        .await;
 }

@@ -226,6 +226,16 @@ impl Cluster {
         let (shared, sharing) =
             shared::Shared::start(&jetstream, config.replicas, Arc::downgrade(agent), seed).await?;
         tasks.extend(sharing);
+        // A canary this agent rolls back by itself is shared too.
+        let (released, mut rolled_back) = tokio::sync::mpsc::unbounded_channel();
+        agent.releases().tell_changes(released);
+        let weak = Arc::downgrade(agent);
+        tasks.push(tokio::spawn(async move {
+            while let Some((tenant, name)) = rolled_back.recv().await {
+                let Some(agent) = weak.upgrade() else { return };
+                agent.changed(Setting::Release { tenant, name }).await;
+            }
+        }));
         let cluster = Arc::new(Self {
             client: client.clone(),
             jetstream,

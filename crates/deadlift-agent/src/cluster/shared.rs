@@ -68,6 +68,16 @@ pub enum Setting {
         tenant: String,
         name: String,
     },
+    /// A module name's release: its live version and rollout.
+    Release {
+        tenant: String,
+        name: String,
+    },
+    /// A tenant's binding to a hook (the hook must be declared on every agent).
+    Binding {
+        tenant: String,
+        hook: String,
+    },
 }
 
 impl Setting {
@@ -78,6 +88,8 @@ impl Setting {
             Self::Module { tenant, id } => format!("modules.{tenant}.{}", id.hex()),
             Self::Manifest { tenant, id } => format!("manifests.{tenant}.{}", id.hex()),
             Self::Workflow { tenant, name } => format!("workflows.{tenant}.{name}"),
+            Self::Release { tenant, name } => format!("releases.{tenant}.{name}"),
+            Self::Binding { tenant, hook } => format!("bindings.{tenant}.{hook}"),
         }
     }
 
@@ -111,6 +123,14 @@ impl Setting {
             "workflows" => {
                 let (tenant, name) = tenant_and(rest)?;
                 Some(Self::Workflow { tenant, name })
+            }
+            "releases" => {
+                let (tenant, name) = tenant_and(rest)?;
+                Some(Self::Release { tenant, name })
+            }
+            "bindings" => {
+                let (tenant, hook) = tenant_and(rest)?;
+                Some(Self::Binding { tenant, hook })
             }
             _ => None,
         }
@@ -280,6 +300,22 @@ pub(crate) async fn local_settings(agent: &Agent) -> Result<Vec<Setting>, Cluste
             });
         }
     }
+    for tenant in &tenants {
+        for name in agent.db().releases().names(tenant) {
+            seed.push(Setting::Release {
+                tenant: tenant.clone(),
+                name,
+            });
+        }
+        for hook in agent.hooks().list(tenant).await.map_err(|e| lookup(&e))? {
+            if hook.binding.is_some() {
+                seed.push(Setting::Binding {
+                    tenant: tenant.clone(),
+                    hook: hook.name,
+                });
+            }
+        }
+    }
     seed.extend(
         tokens
             .into_iter()
@@ -336,6 +372,17 @@ async fn local(agent: &Agent, setting: &Setting) -> Result<Option<Value>, String
                 Err(error) => Err(error.to_string()),
             }
         }
+        Setting::Release { tenant, name } => Ok(agent
+            .db()
+            .releases()
+            .get(tenant, name)
+            .map(|release| json!(*release))),
+        Setting::Binding { tenant, hook } => Ok(agent
+            .hooks()
+            .binding(tenant, hook)
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|binding| json!({"module": binding.module, "function": binding.function}))),
     }
 }
 
@@ -594,6 +641,38 @@ async fn apply(
                 .apply(&tenant, spec, Some(&name))
                 .await
                 .map_err(|e| e.to_string())?;
+        }
+        (Setting::Release { tenant, name }, there) => {
+            let release: Option<crate::releases::Release> = there
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| e.to_string())?;
+            agent
+                .releases()
+                .replicate(&tenant, &name, release)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        (Setting::Binding { tenant, hook }, Some(value)) => {
+            let text = |field: &str| value[field].as_str().unwrap_or_default().to_owned();
+            let binding = crate::hooks::Binding {
+                hook,
+                module: text("module"),
+                function: text("function"),
+                pinned: None,
+                updated_unix_ms: 0,
+            };
+            agent
+                .hooks()
+                .bind(&tenant, binding)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        (Setting::Binding { tenant, hook }, None) => {
+            match agent.hooks().unbind(&tenant, &hook).await {
+                Ok(()) | Err(crate::hooks::HookError::NotBound { .. }) => {}
+                Err(error) => return Err(error.to_string()),
+            }
         }
         (Setting::Workflow { tenant, name }, None) => {
             match agent.workflows().delete(&tenant, &name).await {

@@ -483,3 +483,124 @@ async fn firing_ids(agent: &TestAgent, token: &str) -> Vec<String> {
         .map(|run| run["event_id"].as_str().unwrap().to_owned())
         .collect()
 }
+
+/// A rollout and a hook binding made through one agent are the others' too, and a
+/// canary one agent rolls back by itself is rolled back on the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn releases_and_hook_bindings_are_shared() {
+    let nats = NatsServer::start();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut agents = Vec::new();
+    for dir in &dirs {
+        let agent = TestAgent::start_with(dir.path(), |b| {
+            b.hook(deadlift_agent::hooks::HookDecl::new(
+                "before_charge",
+                deadlift_engine::Grant::default(),
+            ))
+        })
+        .await;
+        agent
+            .agent
+            .join_cluster(&ClusterConfig {
+                urls: vec![nats.url.clone()],
+                ..ClusterConfig::default()
+            })
+            .await
+            .unwrap();
+        agents.push(agent);
+    }
+    let (one, other) = (&agents[0], &agents[1]);
+    let token = one.tenant_token("acme").await;
+    for (version, bytes) in [
+        ("1", fixture("add_ten")),
+        (
+            "2",
+            wat::parse_str(
+                r#"(module (memory (export "memory") 1) (func (export "_main") (result i32) unreachable))"#,
+            )
+            .unwrap(),
+        ),
+    ] {
+        let pushed = one
+            .http
+            .post(one.url(&format!("/v1/modules?name=scorer&version={version}")))
+            .bearer_auth(&token)
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        assert!(pushed.status().is_success());
+    }
+    let bound = one
+        .http
+        .put(one.url("/v1/hooks/before_charge/binding"))
+        .bearer_auth(&token)
+        .json(&json!({"module": "scorer", "function": "_main"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bound.status().as_u16(), 204);
+    let started = one
+        .http
+        .post(one.url("/v1/modules/scorer/rollout"))
+        .bearer_auth(&token)
+        .json(&json!({"candidate": "2", "percent": 100, "min_calls": 5, "window_s": 60}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        started.status().as_u16(),
+        200,
+        "{}",
+        started.text().await.unwrap()
+    );
+
+    // The other agent has the binding and the rollout.
+    until(|| async {
+        let hooks = other.get_json("/v1/hooks", &token).await;
+        hooks[0]["binding"]["module"] == "scorer"
+    })
+    .await;
+    until(|| async {
+        let release = other.get_json("/v1/modules/scorer/release", &token).await;
+        release["rollout"]["candidate"]["version"] == "2"
+    })
+    .await;
+    // There, the trapping canary takes every call and is rolled back after five...
+    for _ in 0..5 {
+        let called = other
+            .http
+            .post(other.url("/v1/modules/scorer/call/_main"))
+            .bearer_auth(&token)
+            .body("1")
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap();
+        assert_eq!(called["error"]["code"], "trap", "{called}");
+    }
+    let release = other.get_json("/v1/modules/scorer/release", &token).await;
+    assert!(release["rollout"].is_null(), "{release}");
+    // ...and so on the first agent.
+    until(|| async {
+        one.get_json("/v1/modules/scorer/release", &token).await["rollout"].is_null()
+    })
+    .await;
+    let called = one
+        .http
+        .post(one.url("/v1/modules/scorer/call/_main"))
+        .bearer_auth(&token)
+        .body("1")
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(called["output"], 11, "{called}");
+    for agent in agents {
+        agent.stop().await;
+    }
+}
