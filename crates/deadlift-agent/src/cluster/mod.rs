@@ -22,8 +22,8 @@
 //!   agent answers for the cluster's runs.
 //!
 //! Not yet shared through JetStream (each agent keeps its own, as without a cluster):
-//! runs in progress and their step journal, the outbox, dead letters, plug-in KV,
-//! releases, hook bindings, peers and the policy. So when an agent dies mid-run, its
+//! runs in progress and their step journal, the outbox, dead letters, plug-in KV, peers
+//! and the policy. So when an agent dies mid-run, its
 //! event runs again elsewhere from the first step, and if the agent comes back it
 //! resumes its own copy too.
 

@@ -1,8 +1,9 @@
 //! Settings every agent of a cluster shares: tenants, tenant tokens (their hashes),
 //! modules (metadata in the KV bucket, bytes in the object store `deadlift-modules`),
-//! module manifests and workflows. Each lives under one key of the KV bucket
-//! `deadlift-settings` (`tenants.<t>`, `tokens.<id>`, `modules.<t>.<hex>`,
-//! `manifests.<t>.<hex>`, `workflows.<t>.<name>`); a deleted one is a deleted key.
+//! module manifests, workflows, releases and hook bindings. Each lives under one key of
+//! the KV bucket `deadlift-settings` (`tenants.<t>`, `tokens.<id>`, `modules.<t>.<hex>`,
+//! `manifests.<t>.<hex>`, `workflows.<t>.<name>`, `releases.<t>.<name>`,
+//! `bindings.<t>.<hook>`); a deleted one is a deleted key.
 //!
 //! Each agent keeps its own copy in its SQLite database, as without a cluster, and the
 //! bucket keeps the copies together:
