@@ -364,7 +364,9 @@ async fn delete_module(
 ) -> Result<StatusCode, ApiError> {
     let tenant = caller.tenant()?;
     let info = resolve(&agent, tenant.clone(), reference).await?;
-    if let Some(reason) = agent.releases().in_use(&tenant, &info) {
+    // It lists the tenant's modules: off the async threads.
+    let (releases, owner, module) = (agent.releases().clone(), tenant.clone(), info.clone());
+    if let Some(reason) = blocking(move || Ok(releases.in_use(&owner, &module))).await? {
         return Err(ApiError::new(Code::ModuleInUse, reason));
     }
     if let Some(workflow) = agent.workflows().module_in_use(&tenant, &info).await? {
