@@ -1041,6 +1041,21 @@ impl Releases {
         let this = self.clone();
         let (tenant, name) = (tenant.to_owned(), name.to_owned());
         tokio::task::spawn_blocking(move || {
+            // Only versions this agent has, registered under this name, may serve it
+            // (else later, once they are here).
+            if let Some(release) = &release {
+                let versions = std::iter::once(&release.live)
+                    .chain(release.rollout.as_ref().map(|r| &r.candidate));
+                for version in versions {
+                    let info = this.engine.registry().get(&tenant, &version.module)?;
+                    if info.name != name {
+                        return Err(ReleaseError::Invalid(format!(
+                            "{} is registered as `{}`, not as a version of `{name}`",
+                            version.module, info.name
+                        )));
+                    }
+                }
+            }
             let _serialised = this.writes.lock();
             {
                 let mut conn = this.db.lock();
