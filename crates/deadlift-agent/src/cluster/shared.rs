@@ -48,6 +48,10 @@ pub const SETTINGS_BUCKET: &str = "deadlift-settings";
 pub const MODULES_BUCKET: &str = "deadlift-modules";
 /// How often settings that could not be applied are tried again.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// How long a setting that cannot be applied here holds back the events that follow it.
+const HOLD_BACK: Duration = Duration::from_secs(10);
+/// A setting not applied yet: its revision, its value, since when it waits.
+type Waiting = (u64, Option<Value>, tokio::time::Instant);
 /// How long an API change waits for the bucket to hold it.
 const PUBLISH_WAIT: Duration = Duration::from_secs(5);
 
@@ -493,14 +497,18 @@ async fn follow(
     agent: Weak<Agent>,
     revisions: Arc<Revisions>,
 ) {
-    // Key -> (revision, value) of entries not applied yet.
-    let mut waiting: BTreeMap<String, (u64, Option<Value>)> = BTreeMap::new();
+    // Key -> (revision, value, since when) of entries not applied yet.
+    let mut waiting: BTreeMap<String, Waiting> = BTreeMap::new();
     // The newest revision seen.
     let mut seen = 0;
-    let advance = |waiting: &BTreeMap<String, (u64, Option<Value>)>, seen: u64| {
+    // Events wait for the settings applied through their revision; an entry that cannot
+    // be applied here for long (a hook this agent does not declare, a manifest over its
+    // policy) stops holding them back.
+    let advance = |waiting: &BTreeMap<String, Waiting>, seen: u64| {
         let through = waiting
             .values()
-            .map(|(revision, _)| revision - 1)
+            .filter(|(_, _, since)| since.elapsed() < HOLD_BACK)
+            .map(|(revision, _, _)| revision - 1)
             .min()
             .unwrap_or(seen)
             .min(seen);
@@ -530,16 +538,22 @@ async fn follow(
                     let Some(agent) = agent.upgrade() else { return };
                     if let Err(error) = apply(&agent, &modules, &entry.key, value.clone()).await {
                         tracing::debug!(key = %entry.key, "a shared setting waits: {error}");
-                        waiting.insert(entry.key, (entry.revision, value));
+                        waiting.insert(
+                            entry.key,
+                            (entry.revision, value, tokio::time::Instant::now()),
+                        );
                     }
                     advance(&waiting, seen);
                 }
                 _ = retry.tick(), if !waiting.is_empty() => {
                     let Some(agent) = agent.upgrade() else { return };
-                    for (key, (revision, value)) in std::mem::take(&mut waiting) {
+                    for (key, (revision, value, since)) in std::mem::take(&mut waiting) {
                         if let Err(error) = apply(&agent, &modules, &key, value.clone()).await {
-                            tracing::debug!(%key, "a shared setting still waits: {error}");
-                            waiting.insert(key, (revision, value));
+                            let waited = since.elapsed();
+                            if (HOLD_BACK..HOLD_BACK + RETRY_EVERY).contains(&waited) {
+                                tracing::warn!(%key, "a shared setting cannot be applied here: {error}");
+                            }
+                            waiting.insert(key, (revision, value, since));
                         }
                     }
                     advance(&waiting, seen);

@@ -604,3 +604,54 @@ async fn releases_and_hook_bindings_are_shared() {
         agent.stop().await;
     }
 }
+
+/// A setting one agent cannot apply (a binding to a hook only the other declares) holds
+/// back its events for a while only: then that agent runs its share again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_setting_an_agent_cannot_apply_does_not_stop_its_events_for_long() {
+    let nats = NatsServer::start();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = TestAgent::start_with(dir_a.path(), |b| {
+        b.hook(deadlift_agent::hooks::HookDecl::new(
+            "before_charge",
+            deadlift_engine::Grant::default(),
+        ))
+    })
+    .await;
+    a.agent
+        .join_cluster(&ClusterConfig {
+            urls: vec![nats.url.clone()],
+            ..ClusterConfig::default()
+        })
+        .await
+        .unwrap();
+    let b = joined(dir_b.path(), &nats).await;
+    let token = a.tenant_token("acme").await;
+    configure(&a, &token).await;
+    let bound = a
+        .http
+        .put(a.url("/v1/hooks/before_charge/binding"))
+        .bearer_auth(&token)
+        .json(&json!({"module": "adder", "function": "_main"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bound.status().as_u16(), 204);
+    // Past the hold-back (10 s), events are again b's to run too.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let events = 60;
+    for n in 0..events {
+        post_event(&a, &token, &format!("late-{n}"), n).await;
+    }
+    until(|| async { runs_by_event(&a, &token).await.len() >= events as usize }).await;
+    let on_b = b
+        .metrics()
+        .await
+        .lines()
+        .find_map(|line| line.strip_prefix("deadlift_runs_started_total "))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(on_b > 0, "agent b ran none of the events");
+    a.stop().await;
+    b.stop().await;
+}
