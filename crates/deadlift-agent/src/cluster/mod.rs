@@ -329,8 +329,8 @@ fn message_id(tenant: &str, event: &CloudEvent) -> String {
     hex::encode(digest)
 }
 
-/// Pulls events from the shared consumer and journals each here, acknowledging it only
-/// after the journal's commit. Reconnects after a failure.
+/// Pulls events from the shared consumer and journals each here (`ingest`). Reconnects
+/// after a failure.
 async fn pull_events(
     consumer: consumer::PullConsumer,
     journal: Journal,
@@ -368,9 +368,10 @@ async fn pull_events(
     }
 }
 
-/// Journals one pulled event, then acknowledges it. An event that can never be journaled
-/// (not an event, an unknown subject) is terminated, so that it is not redelivered for
-/// ever; one the journal could not take now is left to be redelivered.
+/// Journals one pulled event once this agent has the settings it needs, and acknowledges
+/// it once its runs have ended and are in the cluster's history. An event that can never
+/// be journaled (not an event, an unknown subject) is terminated, so that it is not
+/// redelivered for ever; one the journal could not take now goes back to the cluster.
 async fn ingest(
     journal: &Journal,
     revisions: &shared::Revisions,
