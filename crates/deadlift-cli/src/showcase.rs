@@ -474,18 +474,7 @@ pub async fn run(dir: PathBuf) -> anyhow::Result<Story> {
     // platform's agent: nothing happens again (no email, no lookup), and Acme sees whose
     // outcome would change.
     for (charge_id, customer) in [("ch_1002", "cus_bob"), ("ch_1003", "cus_cy")] {
-        payments
-            .agent
-            .hook("before_charge")
-            .call(
-                "acme",
-                json!({
-                    "charge_id": charge_id, "customer": customer, "merchant": "acme",
-                    "amount_cents": 300, "category": "coffee",
-                }),
-            )
-            .await
-            .context("calling Acme's plug-in at before_charge")?;
+        coffee(&payments, charge_id, customer).await?;
     }
     // Version 2 goes up beside version 1; an upload changes nothing that runs.
     call(
@@ -532,18 +521,7 @@ pub async fn run(dir: PathBuf) -> anyhow::Result<Story> {
     .enumerate()
     {
         let charge_id = format!("ch_{}", 1004 + number);
-        let hooked = payments
-            .agent
-            .hook("before_charge")
-            .call(
-                "acme",
-                json!({
-                    "charge_id": charge_id, "customer": customer, "merchant": "acme",
-                    "amount_cents": 300, "category": "coffee",
-                }),
-            )
-            .await
-            .context("calling Acme's plug-in at before_charge")?;
+        let hooked = coffee(&payments, &charge_id, customer).await?;
         let run = payments
             .agent
             .workflows()
@@ -602,6 +580,26 @@ pub async fn run(dir: PathBuf) -> anyhow::Result<Story> {
         report,
         agents: vec![payments, acme],
     })
+}
+
+/// A $3 coffee charge of Acme's customer: Acme's plug-in runs at `before_charge`.
+async fn coffee(
+    payments: &Running,
+    charge_id: &str,
+    customer: &str,
+) -> anyhow::Result<deadlift::hooks::HookOutput> {
+    payments
+        .agent
+        .hook("before_charge")
+        .call(
+            "acme",
+            json!({
+                "charge_id": charge_id, "customer": customer, "merchant": "acme",
+                "amount_cents": 300, "category": "coffee",
+            }),
+        )
+        .await
+        .context("calling Acme's plug-in at before_charge")
 }
 
 fn print_run(side: &str, run: &Run) {
