@@ -129,19 +129,28 @@ impl Agent {
                 &manifest,
                 now_ms(),
             )?;
+            db.manifests().forget(&tenant, &module.id);
             Ok(module.id)
         })
         .await?
     }
 
-    /// The manifest stored with a tenant's module, if any.
+    /// The manifest stored with a tenant's module, if any; from memory once read (every
+    /// direct call asks).
     pub async fn manifest(
         &self,
         tenant: &str,
         module: &ModuleId,
     ) -> Result<Option<Manifest>, ManifestError> {
-        let (db, tenant, module) = (self.db().clone(), tenant.to_owned(), module.to_string());
-        Ok(tokio::task::spawn_blocking(move || get(&db.read(), &tenant, &module)).await??)
+        let cache = self.db().manifests();
+        if let Some(known) = cache.get(tenant, module) {
+            return Ok(known);
+        }
+        let generation = cache.generation();
+        let (db, owner, id) = (self.db().clone(), tenant.to_owned(), module.to_string());
+        let read = tokio::task::spawn_blocking(move || get(&db.read(), &owner, &id)).await??;
+        cache.put(tenant, module, read.clone(), generation);
+        Ok(read)
     }
 
     /// The grant a direct call of a tenant's module runs with: its manifest's (held to
@@ -200,6 +209,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_read_that_began_before_a_change_is_not_kept() {
+        let cache = ManifestCache::default();
+        let module = ModuleId::of(b"m");
+        let old: Manifest = serde_json::from_str(r#"{"timeout_ms": 1}"#).unwrap();
+        let before = cache.generation();
+        cache.forget("acme", &module);
+        cache.put("acme", &module, Some(old.clone()), before);
+        assert_eq!(cache.get("acme", &module), None, "a stale read was kept");
+        cache.put("acme", &module, Some(old.clone()), cache.generation());
+        assert_eq!(cache.get("acme", &module), Some(Some(old)));
+        cache.forget("acme", &module);
+        assert_eq!(cache.get("acme", &module), None);
+    }
+
+    #[test]
     fn a_manifest_reads_as_the_sdk_writes_it_and_becomes_a_grant() {
         let manifest: Manifest = serde_json::from_str(
             r#"{"config": {"greeting": "Hi"}, "allowed_hosts": ["api.example.com"],
@@ -212,5 +236,48 @@ mod tests {
         assert_eq!(grant.timeout, Duration::from_millis(250));
         assert_eq!(grant.fuel, Some(1000));
         assert!(serde_json::from_str::<Manifest>(r#"{"wasm": []}"#).is_err());
+    }
+}
+
+/// Manifests read from the database, kept in memory. A change forgets the entry and
+/// moves the generation on, so that a read that began before it is not kept.
+#[derive(Debug, Default)]
+pub struct ManifestCache {
+    entries: parking_lot::Mutex<std::collections::HashMap<(String, ModuleId), Option<Manifest>>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+/// Entries kept before the cache starts again.
+const CACHED_MANIFESTS: usize = 65_536;
+
+impl ManifestCache {
+    fn get(&self, tenant: &str, module: &ModuleId) -> Option<Option<Manifest>> {
+        self.entries
+            .lock()
+            .get(&(tenant.to_owned(), *module))
+            .cloned()
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn put(&self, tenant: &str, module: &ModuleId, manifest: Option<Manifest>, read_at: u64) {
+        let mut entries = self.entries.lock();
+        if self.generation() != read_at {
+            return;
+        }
+        if entries.len() >= CACHED_MANIFESTS {
+            entries.clear();
+        }
+        entries.insert((tenant.to_owned(), *module), manifest);
+    }
+
+    /// The manifest of `module` changed or went.
+    pub(crate) fn forget(&self, tenant: &str, module: &ModuleId) {
+        let mut entries = self.entries.lock();
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        entries.remove(&(tenant.to_owned(), *module));
     }
 }

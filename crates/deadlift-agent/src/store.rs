@@ -151,6 +151,8 @@ pub struct Database {
     known: Arc<Mutex<Known>>,
     /// What each module name stands for (`releases.rs`), kept in memory.
     releases: Arc<ReleaseTable>,
+    /// Module manifests read once (`manifest.rs`).
+    manifests: Arc<crate::manifest::ManifestCache>,
 }
 
 #[derive(Debug, Default)]
@@ -239,6 +241,7 @@ impl Database {
             conn,
             known: Arc::default(),
             releases,
+            manifests: Arc::default(),
         })
     }
 
@@ -254,6 +257,11 @@ impl Database {
     /// What each module name stands for.
     pub fn releases(&self) -> &ReleaseTable {
         &self.releases
+    }
+
+    /// Module manifests read once.
+    pub fn manifests(&self) -> &crate::manifest::ManifestCache {
+        &self.manifests
     }
 
     /// A read-only connection to committed state, which a commit in progress does not
@@ -619,6 +627,9 @@ impl ModuleStore for Database {
         )
         .map_err(DbError::from)?;
         tx.commit().map_err(DbError::from)?;
+        if let Ok(module) = id.parse::<ModuleId>() {
+            self.manifests.forget(tenant, &module);
+        }
         if let (Some(info), Some(release)) = (info, released) {
             self.releases.put(tenant, &info.name, release);
         }
