@@ -28,9 +28,10 @@
 //! resumes its own copy too.
 
 mod history;
+mod setting;
 mod shared;
 
-pub use shared::Setting;
+pub use setting::Setting;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -222,7 +223,7 @@ impl Cluster {
             runtime,
         )
         .await?;
-        let seed = shared::local_settings(agent).await?;
+        let seed = setting::local_settings(agent).await?;
         let (shared, sharing) =
             shared::Shared::start(&jetstream, config.replicas, Arc::downgrade(agent), seed).await?;
         tasks.extend(sharing);
