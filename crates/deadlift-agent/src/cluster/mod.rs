@@ -114,6 +114,13 @@ pub enum ClusterError {
     Setup(String),
     #[error("the cluster did not store the event: {0}")]
     Publish(String),
+    /// An event larger than the NATS servers take (their `max_payload`).
+    #[error("event `{id}` is {size} bytes; the cluster's servers take at most {limit}")]
+    TooLarge {
+        id: String,
+        size: usize,
+        limit: usize,
+    },
     #[error("this agent is in a cluster already")]
     Joined,
 }
@@ -122,6 +129,7 @@ impl ClusterError {
     pub fn code(&self) -> Code {
         match self {
             Self::Publish(_) => Code::ClusterUnavailable,
+            Self::TooLarge { .. } => Code::PayloadTooLarge,
             _ => Code::Internal,
         }
     }
@@ -268,13 +276,27 @@ impl Cluster {
         events: Vec<CloudEvent>,
     ) -> Result<Vec<Ingested>, ClusterError> {
         let subject = format!("{EVENTS_SUBJECT}.{tenant}");
+        // Every event fits, or none is stored: the caller gets one answer for the batch.
+        // (Headers take a little of the servers' limit too.)
+        let limit = self.client.server_info().max_payload.saturating_sub(1024);
+        let mut bodies = Vec::with_capacity(events.len());
+        for event in &events {
+            let body =
+                serde_json::to_vec(event).map_err(|e| ClusterError::Publish(e.to_string()))?;
+            if body.len() > limit {
+                return Err(ClusterError::TooLarge {
+                    id: event.id.clone(),
+                    size: body.len(),
+                    limit,
+                });
+            }
+            bodies.push(body);
+        }
         // The settings as they are now, whichever agent changed them: the agent that
         // journals the events applies as far first.
         let revision = self.shared.newest().await;
         let mut pending = Vec::with_capacity(events.len());
-        for event in &events {
-            let body =
-                serde_json::to_vec(event).map_err(|e| ClusterError::Publish(e.to_string()))?;
+        for (event, body) in events.iter().zip(bodies) {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", message_id(tenant, event).as_str());
             headers.insert(SETTINGS_REVISION, revision.to_string().as_str());

@@ -110,6 +110,19 @@ async fn events_posted_to_any_agent_run_exactly_once_in_the_cluster() {
     configure(&a, &token).await;
     let (token_a, token_b) = (token.clone(), token);
 
+    // An event larger than the NATS servers take is the caller's to shrink (413), not a
+    // cluster failure.
+    let big = a
+        .http
+        .post(a.url("/v1/events"))
+        .bearer_auth(&token_a)
+        .header("content-type", "application/cloudevents+json")
+        .json(&json!({"specversion": "1.0", "id": "big", "source": "/shop", "type": "orders.created", "data": "x".repeat(2 << 20)}))
+        .send()
+        .await
+        .unwrap();
+    TestAgent::expect_error(big, 413, "payload_too_large").await;
+
     // At once, before b may have the workflow: 120 events to a. The agent that journals
     // one first applies the settings a had when it stored the event (read your writes),
     // so b runs its share too.
