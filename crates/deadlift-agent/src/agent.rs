@@ -215,7 +215,6 @@ impl AgentBuilder {
         self
     }
 
-    /// How deliveries to peers are retried.
     /// Exports runs, steps and calls as OpenTelemetry spans to this OTLP/HTTP collector
     /// (its base URL, as in `OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub fn otlp_endpoint(mut self, endpoint: Option<String>) -> Self {
@@ -223,6 +222,14 @@ impl AgentBuilder {
         self
     }
 
+    /// The agent will join a cluster ([`Agent::join_cluster`]): runs it held under a
+    /// cluster lease when it stopped are left to the cluster, not resumed here at start.
+    pub fn clustered(mut self, clustered: bool) -> Self {
+        self.runtime.resume_leased = !clustered;
+        self
+    }
+
+    /// How deliveries to peers are retried.
     pub fn delivery(mut self, delivery: DeliveryConfig) -> Self {
         self.delivery = delivery;
         self

@@ -243,4 +243,8 @@ INSERT INTO module_releases (tenant, name, live, live_version, updated_unix_ms)
     r#"
 ALTER TABLE tapes ADD COLUMN start TEXT;
 "#,
+    // Runs an agent of a cluster holds under its event's lease: not resumed at start.
+    r#"
+ALTER TABLE runs ADD COLUMN leased INTEGER NOT NULL DEFAULT 0;
+"#,
 ];

@@ -31,7 +31,8 @@ pub async fn serve(config: Resolved, config_file: Option<PathBuf>) -> anyhow::Re
         .retention(config.retention)
         .durability(config.durability)
         .otlp_endpoint(config.otlp_endpoint.clone())
-        .name(&config.name);
+        .name(&config.name)
+        .clustered(config.cluster.is_some());
     let settings = config.clone();
     builder = builder.engine(move |mut engine| {
         if let Some(workers) = settings.workers {

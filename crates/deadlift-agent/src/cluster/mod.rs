@@ -28,6 +28,7 @@
 //! resumes its own copy too.
 
 mod history;
+mod runs;
 mod setting;
 mod shared;
 
@@ -245,6 +246,15 @@ impl Cluster {
                 agent.changed(Setting::Release { tenant, name }).await;
             }
         }));
+        let events_created = events.cached_info().created.unix_timestamp_nanos() as i64;
+        let steps = runs::StepJournal::start(
+            &jetstream,
+            config.replicas,
+            config.history_kept,
+            events_created,
+            shared.revisions.clone(),
+        )
+        .await?;
         let cluster = Arc::new(Self {
             client: client.clone(),
             jetstream,
@@ -253,10 +263,13 @@ impl Cluster {
         });
         let pulling = tokio::spawn(pull_events(
             ingest,
-            journal,
-            cluster.shared.revisions.clone(),
-            config.ack_wait,
-            sharer,
+            Ingest {
+                journal,
+                revisions: cluster.shared.revisions.clone(),
+                sharer,
+                steps,
+                ack_wait: config.ack_wait,
+            },
         ));
         let triggering = tokio::spawn(v1_trigger(
             client,
@@ -352,15 +365,19 @@ fn message_id(tenant: &str, event: &CloudEvent) -> String {
     hex::encode(digest)
 }
 
-/// Pulls events from the shared consumer and journals each here (`ingest`). Reconnects
-/// after a failure.
-async fn pull_events(
-    consumer: consumer::PullConsumer,
+/// What ingesting an event needs.
+#[derive(Debug, Clone)]
+struct Ingest {
     journal: Journal,
     revisions: Arc<shared::Revisions>,
-    ack_wait: Duration,
     sharer: history::Sharer,
-) {
+    steps: runs::StepJournal,
+    ack_wait: Duration,
+}
+
+/// Pulls events from the shared consumer and journals each here (`ingest`). Reconnects
+/// after a failure.
+async fn pull_events(consumer: consumer::PullConsumer, ingest: Ingest) {
     let ingesting = Arc::new(Semaphore::new(INGESTING));
     loop {
         let mut messages = match consumer.messages().await {
@@ -382,144 +399,151 @@ async fn pull_events(
             let Ok(permit) = ingesting.clone().acquire_owned().await else {
                 return;
             };
-            let (journal, revisions, sharer) = (journal.clone(), revisions.clone(), sharer.clone());
+            let ingest = ingest.clone();
             tokio::spawn(async move {
-                ingest(&journal, &revisions, &sharer, message, ack_wait).await;
+                ingest.one(message).await;
                 drop(permit);
             });
         }
     }
 }
 
-/// Journals one pulled event once this agent has the settings it needs, and acknowledges
-/// it once its runs have ended and are in the cluster's history. An event that can never
-/// be journaled (not an event, an unknown subject) is terminated, so that it is not
-/// redelivered for ever; one the journal could not take now goes back to the cluster.
-async fn ingest(
-    journal: &Journal,
-    revisions: &shared::Revisions,
-    sharer: &history::Sharer,
-    message: jetstream::Message,
-    ack_wait: Duration,
-) {
-    let tenant = message
-        .subject
-        .strip_prefix(EVENTS_SUBJECT)
-        .and_then(|rest| rest.strip_prefix('.'))
-        .filter(|tenant| deadlift_engine::names::tenant_name(tenant).is_ok())
-        .map(str::to_owned);
-    let event = serde_json::from_slice::<CloudEvent>(&message.payload)
-        .ok()
-        .filter(|event| event.validate().is_ok());
-    let (Some(tenant), Some(event)) = (tenant, event) else {
-        tracing::warn!(subject = %message.subject, "not a Deadlift event; dropped from the cluster's stream");
-        let _ = message.ack_with(jetstream::AckKind::Term).await;
-        return;
-    };
-    // Not before this agent has the settings (workflows, modules) the event's agent had.
-    let needed = message
-        .headers
-        .as_ref()
-        .and_then(|headers| headers.get(SETTINGS_REVISION))
-        .and_then(|value| value.as_str().parse::<u64>().ok())
-        .unwrap_or(0);
-    let started = tokio::time::Instant::now();
-    while revisions.applied() < needed {
-        if started.elapsed() > CATCH_UP {
-            tracing::warn!(%tenant, needed, applied = revisions.applied(), "behind the cluster's settings; the event goes back");
-            let _ = message
-                .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
+impl Ingest {
+    /// Journals one pulled event under its lease once this agent has the settings it
+    /// needs, and acknowledges it once its runs have ended and are in the cluster's
+    /// history. An event that can never be journaled (not an event, an unknown subject)
+    /// is terminated, so that it is not redelivered for ever; one the journal could not
+    /// take now goes back to the cluster.
+    async fn one(&self, message: jetstream::Message) {
+        let tenant = message
+            .subject
+            .strip_prefix(EVENTS_SUBJECT)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .filter(|tenant| deadlift_engine::names::tenant_name(tenant).is_ok())
+            .map(str::to_owned);
+        let event = serde_json::from_slice::<CloudEvent>(&message.payload)
+            .ok()
+            .filter(|event| event.validate().is_ok());
+        let info = message.info().ok().map(|info| {
+            (
+                info.stream_sequence,
+                (info.published.unix_timestamp_nanos() / 1_000_000) as i64,
+                info.delivered,
+            )
+        });
+        let (Some(tenant), Some(event), Some((sequence, published, delivered))) =
+            (tenant, event, info)
+        else {
+            tracing::warn!(subject = %message.subject, "not a Deadlift event; dropped from the cluster's stream");
+            let _ = message.ack_with(jetstream::AckKind::Term).await;
             return;
+        };
+        let back_later = || message.ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))));
+        // Not before this agent has the settings (workflows, modules) the event's agent
+        // had.
+        let needed = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(SETTINGS_REVISION))
+            .and_then(|value| value.as_str().parse::<u64>().ok())
+            .unwrap_or(0);
+        let started = tokio::time::Instant::now();
+        while self.revisions.applied() < needed {
+            if started.elapsed() > CATCH_UP {
+                tracing::warn!(%tenant, needed, applied = self.revisions.applied(), "behind the cluster's settings; the event goes back");
+                let _ = back_later().await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let event_id = event.id.clone();
-    // Delivered before: its agent may have died with it. A run of it this agent already
-    // knows (ran here, or one from the cluster's history) is the event's; none, and the
-    // event starts its runs here.
-    let redelivered = message.info().is_ok_and(|info| info.delivered > 1);
-    let known = if redelivered {
-        journal
-            .runs(
+        // Handed out before: its agent died or stalled, maybe mid-run. The lease brings
+        // what that agent journaled, and the runs go on after it.
+        let lease = match self
+            .steps
+            .lease(&tenant, sequence, published, delivered > 1)
+            .await
+        {
+            Ok(lease) => lease,
+            Err(error) => {
+                tracing::warn!(%tenant, "cannot read the cluster's step journal ({error}); the event goes back");
+                let _ = back_later().await;
+                return;
+            }
+        };
+        let runs = match self
+            .journal
+            .publish_leased(&tenant, event, lease.clone())
+            .await
+        {
+            Ok(ingested) => ingested.runs,
+            Err(error) => {
+                tracing::warn!(%tenant, "cannot journal an event from the cluster ({error}); it will be redelivered");
+                let _ = back_later().await;
+                return;
+            }
+        };
+        // The event stays this agent's until its runs have ended and are in the
+        // cluster's history: if the agent dies first, the cluster hands the event to
+        // another agent, which takes the runs over.
+        let this = self.clone();
+        tokio::spawn(async move {
+            let progress_every = this.ack_wait / 3;
+            if !hold_until_finished(
+                &this.journal,
                 &tenant,
-                crate::workflow::RunFilter {
-                    event_id: Some(event_id.clone()),
-                    ..crate::workflow::RunFilter::default()
-                },
+                &runs,
+                &message,
+                &lease,
+                progress_every,
             )
             .await
-            .map(|runs| runs.into_iter().map(|run| run.id).collect::<Vec<_>>())
-            .unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    let journaled = if known.is_empty() {
-        journal.publish(&tenant, vec![event]).await.map(|ingested| {
-            ingested
-                .into_iter()
-                .flat_map(|i| i.runs)
-                .collect::<Vec<_>>()
-        })
-    } else {
-        Ok(known)
-    };
-    match journaled {
-        Ok(runs) => {
-            // The event stays this agent's until its runs have ended and are in the
-            // cluster's history: if the agent dies first, the cluster hands the event to
-            // another agent, which finds the runs there or runs the event itself.
-            let (journal, sharer) = (journal.clone(), sharer.clone());
-            tokio::spawn(async move {
-                hold_until_finished(&journal, &tenant, &runs, &message, ack_wait / 3).await;
-                for run in &runs {
-                    // Still in hand while the history takes it.
-                    let sharing = sharer.share(&tenant, run);
-                    tokio::pin!(sharing);
-                    let mut progress = tokio::time::interval(ack_wait / 3);
-                    let shared = loop {
-                        tokio::select! {
-                            shared = &mut sharing => break shared,
-                            _ = progress.tick() => {
-                                let _ = message.ack_with(jetstream::AckKind::Progress).await;
-                            }
+            {
+                // A run stopped here: the event is another agent's now, or will be.
+                return;
+            }
+            for run in &runs {
+                // Still in hand while the history takes it.
+                let sharing = this.sharer.share(&tenant, run);
+                tokio::pin!(sharing);
+                let mut progress = tokio::time::interval(progress_every);
+                let shared = loop {
+                    tokio::select! {
+                        shared = &mut sharing => break shared,
+                        _ = progress.tick() => {
+                            let _ = message.ack_with(jetstream::AckKind::Progress).await;
                         }
-                    };
-                    if !shared {
-                        // Not in the history: another agent would not know the run. The
-                        // event goes back, and comes here again or runs elsewhere.
-                        tracing::warn!(%tenant, %run, "a run was not shared with the cluster; its event goes back");
-                        let _ = message
-                            .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
-                            .await;
-                        return;
                     }
+                };
+                if !shared {
+                    // Not in the history: another agent would not know the run ended. The
+                    // event goes back, and comes here again or is taken over elsewhere.
+                    tracing::warn!(%tenant, %run, "a run was not shared with the cluster; its event goes back");
+                    let _ = message
+                        .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                    return;
                 }
-                if let Err(error) = message.double_ack().await {
-                    tracing::warn!(
-                        "an event whose runs ended here was not acknowledged ({error}); another agent may run it again"
-                    );
-                }
-            });
-        }
-        Err(error) => {
-            tracing::warn!(%tenant, "cannot journal an event from the cluster ({error}); it will be redelivered");
-            let _ = message
-                .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-        }
+            }
+            if let Err(error) = message.double_ack().await {
+                tracing::warn!(
+                    "an event whose runs ended here was not acknowledged ({error}); another agent may take it over"
+                );
+            }
+        });
     }
 }
 
 /// Waits until every one of `runs` has ended, telling the cluster every few seconds that
-/// the event is still in hand (so that its ack wait does not run out).
+/// the event is still in hand (so that its ack wait does not run out); false when a run
+/// stopped here without ending (the lease was lost).
 async fn hold_until_finished(
     journal: &Journal,
     tenant: &str,
     runs: &[String],
     message: &jetstream::Message,
+    lease: &runs::Lease,
     progress_every: Duration,
-) {
+) -> bool {
     let mut wait = Duration::from_millis(10);
     let mut last_progress = tokio::time::Instant::now();
     for run in runs {
@@ -529,6 +553,9 @@ async fn hold_until_finished(
                 // Ended, gone (pruned), or unreadable: nothing more to wait for.
                 _ => break,
             }
+            if lease.is_lost() {
+                return false;
+            }
             if last_progress.elapsed() > progress_every {
                 let _ = message.ack_with(jetstream::AckKind::Progress).await;
                 last_progress = tokio::time::Instant::now();
@@ -537,6 +564,7 @@ async fn hold_until_finished(
             wait = (wait * 2).min(Duration::from_secs(1));
         }
     }
+    true
 }
 
 /// Subscribes, in a queue group, to the subject of each v1 workflow's first module and

@@ -17,6 +17,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::event::CloudEvent;
+use super::lease::RunLease;
 use super::records::{
     DeadLetter, Finish, Ingested, NewRun, Retention, Run, RunFilter, RunSummary, RunTicket,
     StepRecord, WorkflowVersion,
@@ -102,6 +103,25 @@ impl Journal {
             tenant: tenant.to_owned(),
             events,
             from_peer: None,
+            reply,
+        })
+        .await
+    }
+
+    /// One event the cluster leased to this agent: its runs take the lease's ids and
+    /// start after what the cluster journaled for them. Unlike [`publish`](Self::publish),
+    /// an event stored here before is routed again, so that runs this agent held before
+    /// are taken over; `runs` lists every run of the event, ended ones included.
+    pub(crate) async fn publish_leased(
+        &self,
+        tenant: &str,
+        event: CloudEvent,
+        lease: Arc<dyn RunLease>,
+    ) -> Result<Ingested, DbError> {
+        self.request(|reply| Command::IngestLeased {
+            tenant: tenant.to_owned(),
+            event: Box::new(event),
+            lease,
             reply,
         })
         .await
@@ -384,10 +404,12 @@ impl Journal {
             .await
     }
 
-    /// Runs a previous process left open, ready to resume. Blocking (at start).
-    pub(crate) fn open_tickets(&self) -> Result<Vec<RunTicket>, DbError> {
+    /// Runs a previous process left open, ready to resume; leased ones only when
+    /// `with_leased` (not in cluster mode, where their event's next holder resumes them).
+    /// Blocking (at start).
+    pub(crate) fn open_tickets(&self, with_leased: bool) -> Result<Vec<RunTicket>, DbError> {
         let conn = self.db.read();
-        sqlite::open_runs(&conn)?
+        sqlite::open_runs(&conn, with_leased)?
             .into_iter()
             .filter_map(|id| sqlite::open_ticket(&conn, &id).transpose())
             .collect()

@@ -10,6 +10,7 @@
 pub mod event;
 pub mod expr;
 mod journal;
+mod lease;
 pub mod records;
 mod runner;
 mod schedule;
@@ -30,6 +31,7 @@ pub(crate) use event::random_fraction;
 pub use event::{CloudEvent, EventError, TraceParent};
 pub(crate) use journal::JournalReceiver;
 pub use journal::{Journal, JournalSink, JournalStats};
+pub use lease::{LeaseLost, PriorSteps, RunLease};
 pub use records::{
     DeadLetter, Failure, Finish, Ingested, NewRun, Retention, Run, RunFilter, RunStatus,
     RunSummary, RunUpdate, StepRecord, StepStatus, TriggerKind, WorkflowVersion,
@@ -110,6 +112,9 @@ pub struct RuntimeConfig {
     pub prune_every: Duration,
     /// The source URI of events this agent's runs emit (`deadlift://<agent>`).
     pub source: String,
+    /// Whether runs held under a cluster lease are resumed at start: not when the agent
+    /// joins the cluster again (their event's next holder resumes them there).
+    pub resume_leased: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -119,6 +124,7 @@ impl Default for RuntimeConfig {
             retention: Retention::default(),
             prune_every: Duration::from_secs(60),
             source: "deadlift://agent".into(),
+            resume_leased: true,
         }
     }
 }
@@ -214,7 +220,7 @@ impl Runtime {
             outbox: Arc::default(),
             stats: journal.stats().clone(),
         };
-        let open = journal.open_tickets()?;
+        let open = journal.open_tickets(config.resume_leased)?;
         let resumed = open.len();
         if resumed > 0 {
             tracing::info!(

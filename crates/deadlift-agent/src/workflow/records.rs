@@ -239,6 +239,8 @@ pub struct RunTicket {
     pub started: bool,
     /// Set once a step of this execution was handed to the journal.
     pub journaled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The cluster's lease on the run (cluster mode): its steps are journaled there too.
+    pub lease: Option<std::sync::Arc<dyn super::lease::RunLease>>,
 }
 
 /// A run to create.
@@ -296,7 +298,7 @@ impl Default for Retention {
 }
 
 /// How a run ends, journaled with its last step.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Finish {
     pub status: RunStatus,
     pub output: Option<Value>,

@@ -16,7 +16,7 @@ use super::journal::Journal;
 use super::records::{Failure, Finish, RunStatus, RunSummary, RunTicket, StepRecord, StepStatus};
 use super::spec::{ErrorKind, Workflow};
 use super::sqlite::writer::Outlets;
-use super::step::{StepExecutor, StepScope, skipped};
+use super::step::{StepExecutor, StepOutcome, StepScope, skipped};
 use crate::store::DbError;
 use deadlift_engine::{CancelToken, Code};
 
@@ -231,6 +231,12 @@ impl Runner {
                 }
             };
             let ends = finish.is_some();
+            let Some(outcome) = self
+                .share_step(ticket, position, outcome, finish.as_ref())
+                .await
+            else {
+                return Ok(());
+            };
             self.journal
                 .step(ticket.clone(), position, outcome, finish)
                 .await?;
@@ -333,6 +339,12 @@ impl Runner {
                 if failure.is_none() {
                     failure = step_failure;
                 }
+                let Some(outcome) = self
+                    .share_step(ticket, index, outcome, finish.as_ref())
+                    .await
+                else {
+                    return Ok(());
+                };
                 self.journal
                     .step(ticket.clone(), index, outcome, finish)
                     .await?;
@@ -347,6 +359,41 @@ impl Runner {
                 .await;
         }
         Ok(())
+    }
+
+    /// A leased run's step goes to the cluster's step journal first, with the events it
+    /// emitted (which the local commit then leaves out: the cluster routes them).
+    /// `None` when the run is no longer this agent's, which then stops it.
+    async fn share_step(
+        &self,
+        ticket: &RunTicket,
+        position: usize,
+        outcome: StepOutcome,
+        finish: Option<&Finish>,
+    ) -> Option<StepOutcome> {
+        let Some(lease) = &ticket.lease else {
+            return Some(outcome);
+        };
+        let shared = lease
+            .journal_step(
+                &ticket.run_id,
+                position,
+                &outcome.record,
+                finish,
+                &outcome.emitted,
+            )
+            .await;
+        match shared {
+            Ok(()) => Some(StepOutcome {
+                emitted: Vec::new(),
+                ..outcome
+            }),
+            Err(lost) => {
+                tracing::warn!(run = %ticket.run_id, "{lost}; the run stops on this agent");
+                lease.lost(&ticket.run_id, &lost);
+                None
+            }
+        }
     }
 
     /// Waits until a run finishes (or `timeout` passes); `None` on timeout.

@@ -25,6 +25,13 @@ pub(crate) enum Command {
         from_peer: Option<String>,
         reply: Reply<Vec<Ingested>>,
     },
+    /// One event under a cluster lease (`Journal::publish_leased`).
+    IngestLeased {
+        tenant: String,
+        event: Box<CloudEvent>,
+        lease: std::sync::Arc<dyn crate::workflow::RunLease>,
+        reply: Reply<Ingested>,
+    },
     /// Another module's write (federation's peers and delivery attempts), in this
     /// writer's transaction and savepoint, so that it shares the group commit.
     Write {

@@ -19,6 +19,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::{Deserialize, Serialize};
 
 use super::event::{CloudEvent, TraceParent, new_id};
+use super::lease::PriorSteps;
 use super::records::{
     Failure, Finish, NewRun, Retention, Run, RunStatus, RunTicket, StepRecord, StepStatus,
     WorkflowVersion,
@@ -213,13 +214,32 @@ pub(crate) fn insert_event(
     Ok((inserted > 0).then(|| conn.last_insert_rowid()))
 }
 
+/// The `seq` of a tenant's own event stored before.
+pub(crate) fn event_seq(conn: &Connection, tenant: &str, id: &str) -> Result<Option<i64>, DbError> {
+    Ok(conn
+        .prepare_cached("SELECT seq FROM events WHERE tenant = ?1 AND id = ?2")?
+        .query_row(params![tenant, id], |row| row.get(0))
+        .optional()?)
+}
+
 /// Creates a queued run; `None` when the event already has a run of this workflow.
 pub(crate) fn insert_run(
     conn: &Connection,
     run: &NewRun,
     now: i64,
 ) -> Result<Option<RunTicket>, DbError> {
-    let id = new_id("run_");
+    insert_run_as(conn, run, new_id("run_"), false, now)
+}
+
+/// [`insert_run`] under a given id; a `leased` run is not resumed at start (see
+/// `workflow/lease.rs`).
+fn insert_run_as(
+    conn: &Connection,
+    run: &NewRun,
+    id: String,
+    leased: bool,
+    now: i64,
+) -> Result<Option<RunTicket>, DbError> {
     let (event_seq, event_id, event_value, depth) = match &run.event {
         Some((seq, event)) => (
             Some(*seq),
@@ -232,8 +252,8 @@ pub(crate) fn insert_run(
     let inserted = conn
         .prepare_cached(
             "INSERT OR IGNORE INTO runs (id, tenant, workflow, workflow_version, trigger, event_seq, event_id,
-                status, input, traceparent, trace_id, depth, created_unix_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?10, ?11, ?12)",
+                status, input, traceparent, trace_id, depth, created_unix_ms, leased)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?10, ?11, ?12, ?13)",
         )?
         .execute(params![
             id,
@@ -248,6 +268,7 @@ pub(crate) fn insert_run(
             run.trace.trace_id_hex(),
             depth as i64,
             now,
+            leased,
         ])?;
     if inserted == 0 {
         return Ok(None);
@@ -266,7 +287,69 @@ pub(crate) fn insert_run(
         done: Vec::new(),
         started: false,
         journaled: Default::default(),
+        lease: None,
     }))
+}
+
+/// What taking over a leased run found.
+pub(crate) enum Taken {
+    /// The run to execute, its journaled steps in `done`.
+    Open(RunTicket),
+    /// The run has ended (here, or per the cluster's step journal); its `seq`.
+    Ended(i64),
+    /// The event already has a run of this workflow under another id.
+    Other,
+}
+
+/// Takes the run of a leased event by `run.workflow` under the lease's id, with what the
+/// cluster journaled for it: a new run; or this agent's own open copy, brought up to the
+/// cluster's steps under a new execution (so that nothing still running here from before
+/// can journal into it); or nothing to do when the run has ended.
+pub(crate) fn take_leased_run(
+    conn: &Connection,
+    run: &NewRun,
+    id: &str,
+    prior: &PriorSteps,
+    now: i64,
+) -> Result<Taken, DbError> {
+    let existing: Option<(i64, String)> = conn
+        .prepare_cached("SELECT seq, status FROM runs WHERE id = ?1 AND tenant = ?2")?
+        .query_row(params![id, run.tenant], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .optional()?;
+    let seq = match existing {
+        Some((seq, status)) if !matches!(status.as_str(), "queued" | "running") => {
+            return Ok(Taken::Ended(seq));
+        }
+        Some((seq, _)) => {
+            conn.prepare_cached(
+                "UPDATE runs SET execution = execution + 1, status = 'queued', leased = 1 WHERE seq = ?1",
+            )?
+            .execute([seq])?;
+            conn.prepare_cached("DELETE FROM run_steps WHERE run_seq = ?1")?
+                .execute([seq])?;
+            seq
+        }
+        None => match insert_run_as(conn, run, id.to_owned(), true, now)? {
+            Some(ticket) => ticket.run_seq,
+            None => return Ok(Taken::Other),
+        },
+    };
+    for (position, record) in &prior.steps {
+        insert_step(conn, seq, *position, record)?;
+    }
+    if let Some(finish) = &prior.finish {
+        let execution: i64 = conn
+            .prepare_cached("SELECT execution FROM runs WHERE seq = ?1")?
+            .query_row([seq], |row| row.get(0))?;
+        finish_run(conn, seq, execution, finish, now)?;
+        return Ok(Taken::Ended(seq));
+    }
+    Ok(match open_ticket(conn, id)? {
+        Some(ticket) => Taken::Open(ticket),
+        None => Taken::Ended(seq),
+    })
 }
 
 /// Stores a run that already ran to its end (never queued, never dead-lettered: its
@@ -470,7 +553,7 @@ pub(crate) fn requeue_run(
 ) -> Result<Option<RunTicket>, DbError> {
     let changed = conn.execute(
         "UPDATE runs SET status = 'queued', error = NULL, output = NULL, finished_unix_ms = NULL,
-            execution = execution + 1
+            execution = execution + 1, leased = 0
          WHERE id = ?1 AND tenant = ?2 AND status IN ('failed', 'cancelled')",
         params![run_id, tenant],
     )?;
@@ -563,14 +646,16 @@ pub(crate) fn open_ticket(conn: &Connection, run_id: &str) -> Result<Option<RunT
         done,
         started: status == "running",
         journaled: Default::default(),
+        lease: None,
     }))
 }
 
 /// Ids of every open run, oldest first: what a starting agent resumes.
-pub(crate) fn open_runs(conn: &Connection) -> Result<Vec<String>, DbError> {
-    let mut statement =
-        conn.prepare("SELECT id FROM runs WHERE status IN ('queued', 'running') ORDER BY seq")?;
-    let rows = statement.query_map([], |row| row.get(0))?;
+pub(crate) fn open_runs(conn: &Connection, with_leased: bool) -> Result<Vec<String>, DbError> {
+    let mut statement = conn.prepare(
+        "SELECT id FROM runs WHERE status IN ('queued', 'running') AND (leased = 0 OR ?1) ORDER BY seq",
+    )?;
+    let rows = statement.query_map([with_leased], |row| row.get(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 

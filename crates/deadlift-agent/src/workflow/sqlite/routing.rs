@@ -3,17 +3,20 @@
 //! workflow of its tenant whose event trigger matches it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use rusqlite::Connection;
 use serde_json::Value;
 
 use super as sql;
+use super::Taken;
 use super::writer::{
     DELIVERIES_QUEUED, EVENTS_DUPLICATE, EVENTS_STORED, Effects, RUNS_STARTED, Writer,
 };
 use crate::federation::peers;
 use crate::store::DbError;
 use crate::workflow::event::{CloudEvent, MAX_DEPTH, TO_EXTENSION};
+use crate::workflow::lease::RunLease;
 use crate::workflow::records::{Ingested, NewRun, TriggerKind};
 use crate::workflow::spec::Workflow;
 use deadlift_engine::subject::SubjectPattern;
@@ -75,23 +78,61 @@ impl Writer {
         &self,
         tx: &Connection,
         tenant: &str,
+        event: CloudEvent,
+        from_peer: Option<&str>,
+        now: i64,
+        effects: &mut Effects,
+    ) -> Result<Ingested, DbError> {
+        self.route(tx, tenant, event, from_peer, None, now, effects)
+    }
+
+    /// One event the cluster leased to this agent (`Journal::publish_leased`).
+    pub(super) fn ingest_leased(
+        &self,
+        tx: &Connection,
+        tenant: &str,
+        event: CloudEvent,
+        lease: Arc<dyn RunLease>,
+        now: i64,
+        effects: &mut Effects,
+    ) -> Result<Ingested, DbError> {
+        self.route(tx, tenant, event, None, Some(&lease), now, effects)
+    }
+
+    /// Stores an event, sends it on to peers and starts its runs. With a lease, an event
+    /// stored before is routed again (its runs are taken over, not doubled: they keep the
+    /// lease's ids) but not sent again.
+    #[allow(clippy::too_many_arguments)] // one event's whole context, each once
+    fn route(
+        &self,
+        tx: &Connection,
+        tenant: &str,
         mut event: CloudEvent,
         from_peer: Option<&str>,
+        lease: Option<&Arc<dyn RunLease>>,
         now: i64,
         effects: &mut Effects,
     ) -> Result<Ingested, DbError> {
         event.complete();
         let id = event.id.clone();
-        let Some(seq) = sql::insert_event(tx, tenant, from_peer, &event, now)? else {
-            effects.count(EVENTS_DUPLICATE);
-            return Ok(Ingested {
-                id,
-                duplicate: true,
-                runs: Vec::new(),
-                clustered: false,
-            });
+        let (seq, new) = match sql::insert_event(tx, tenant, from_peer, &event, now)? {
+            Some(seq) => (seq, true),
+            None => match lease.map(|_| sql::event_seq(tx, tenant, &id)).transpose()? {
+                Some(Some(seq)) => (seq, false),
+                _ => {
+                    effects.count(EVENTS_DUPLICATE);
+                    return Ok(Ingested {
+                        id,
+                        duplicate: true,
+                        runs: Vec::new(),
+                        clustered: false,
+                    });
+                }
+            },
         };
-        effects.count(EVENTS_STORED);
+        if new {
+            effects.count(EVENTS_STORED);
+        }
         // Addressed to one peer: to its outbox only, not routed here.
         if let Some(to) = event.extensions.get(TO_EXTENSION).cloned() {
             let mut outgoing = event.clone();
@@ -101,11 +142,12 @@ impl Writer {
                 .peers
                 .check_sends(to, tenant, &outgoing.event_type)
                 .is_ok();
-            if from_peer.is_none() && sendable {
+            // (An event stored before went to the outbox then.)
+            if new && from_peer.is_none() && sendable {
                 peers::enqueue(tx, to, &outgoing, now)?;
                 effects.outbox_changed = true;
                 effects.count(DELIVERIES_QUEUED);
-            } else {
+            } else if new {
                 tracing::warn!(tenant, event = %id, peer = to, "event addressed to an unknown peer, or one it is not sent to; not sent");
             }
             return Ok(Ingested {
@@ -117,7 +159,7 @@ impl Writer {
         }
         // An event a peer sent is not relayed to other peers: this agent would sign what
         // it did not author.
-        let recipients: Vec<String> = if from_peer.is_some() {
+        let recipients: Vec<String> = if from_peer.is_some() || !new {
             Vec::new()
         } else {
             self.peers.with(|all| {
@@ -167,11 +209,31 @@ impl Writer {
                 event: Some((seq, event.clone())),
                 trace: trace.child(),
             };
-            if let Some(ticket) = sql::insert_run(tx, &run, now)? {
-                effects.count(RUNS_STARTED);
-                runs.push(ticket.run_id.clone());
-                effects.changed_runs.push(ticket.run_seq);
-                effects.tickets.push(ticket);
+            let Some(lease) = lease else {
+                if let Some(ticket) = sql::insert_run(tx, &run, now)? {
+                    effects.count(RUNS_STARTED);
+                    runs.push(ticket.run_id.clone());
+                    effects.changed_runs.push(ticket.run_seq);
+                    effects.tickets.push(ticket);
+                }
+                continue;
+            };
+            let run_id = lease.run_id(&route.workflow);
+            match sql::take_leased_run(tx, &run, &run_id, &lease.prior(&run_id), now)? {
+                Taken::Open(mut ticket) => {
+                    if ticket.done.is_empty() && ticket.execution == 0 {
+                        effects.count(RUNS_STARTED);
+                    }
+                    ticket.lease = Some(lease.clone());
+                    runs.push(run_id);
+                    effects.changed_runs.push(ticket.run_seq);
+                    effects.tickets.push(ticket);
+                }
+                Taken::Ended(run_seq) => {
+                    runs.push(run_id);
+                    effects.changed_runs.push(run_seq);
+                }
+                Taken::Other => {}
             }
         }
         Ok(Ingested {

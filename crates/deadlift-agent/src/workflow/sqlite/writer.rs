@@ -289,6 +289,15 @@ impl Writer {
                     .collect();
                 answer(result, reply, effects)
             }
+            Command::IngestLeased {
+                tenant,
+                event,
+                lease,
+                reply,
+            } => {
+                let result = self.ingest_leased(tx, &tenant, *event, lease, now, effects);
+                answer(result, reply, effects)
+            }
             Command::Write { apply, reply } => answer(apply(tx), reply, effects),
             Command::Apply {
                 tenant,
@@ -521,6 +530,7 @@ fn fail_command(command: Command, error: DbError) {
     let error = || DbError::Commit(message.clone());
     match command {
         Command::Ingest { reply, .. } => Effects::fail(reply, error()),
+        Command::IngestLeased { reply, .. } => Effects::fail(reply, error()),
         Command::Write { reply, .. } => Effects::fail(reply, error()),
         Command::Apply { reply, .. } | Command::ApplyV1 { reply, .. } => {
             Effects::fail(reply, error())
