@@ -1,11 +1,18 @@
-//! Issue 13: three `deadlift serve` processes on a three-node NATS cluster (JetStream, R3
-//! streams), all on loopback. Events are posted round-robin, some twice to different
-//! agents; a third of the way through one agent is killed (SIGKILL), two thirds of the
-//! way one NATS node. Every accepted event ends with exactly one succeeded run, and each
-//! surviving agent shows every one of them.
+//! Issue 13, with real processes on loopback:
+//! - three `deadlift serve` processes on a three-node NATS cluster (JetStream, R3
+//!   streams). Events are posted round-robin, some twice to different agents; a third of
+//!   the way through one agent is killed (SIGKILL), two thirds of the way one NATS node.
+//!   Every accepted event ends with exactly one succeeded run, and each surviving agent
+//!   shows every one of them.
+//! - a run whose agent is killed between steps resumes on another agent after its last
+//!   journaled step, and the killed agent, back, does not run it again.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -31,6 +38,10 @@ fn free_port() -> u16 {
 
 impl NatsCluster {
     fn start() -> Self {
+        Self::start_nodes(3)
+    }
+
+    fn start_nodes(count: usize) -> Self {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/nats-server");
         let installed = Command::new(script)
             .stderr(Stdio::inherit())
@@ -42,21 +53,26 @@ impl NatsCluster {
             .trim()
             .to_owned();
         let dir = tempfile::tempdir().unwrap();
-        let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let clients: Vec<u16> = (0..count).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..count).map(|_| free_port()).collect();
         let mut nodes = Vec::new();
-        for n in 0..3 {
-            let others: Vec<String> = (0..3)
+        for n in 0..count {
+            let others: Vec<String> = (0..count)
                 .filter(|m| *m != n)
                 .map(|m| format!("nats://127.0.0.1:{}", routes[m]))
                 .collect();
-            let child = Command::new(&binary)
+            let mut command = Command::new(&binary);
+            command
                 .args(["--jetstream", "--addr", "127.0.0.1"])
                 .args(["--server_name", &format!("n{n}")])
-                .args(["--port", &clients[n].to_string()])
-                .args(["--cluster_name", "deadlift"])
-                .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[n])])
-                .args(["--routes", &others.join(",")])
+                .args(["--port", &clients[n].to_string()]);
+            if count > 1 {
+                command
+                    .args(["--cluster_name", "deadlift"])
+                    .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[n])])
+                    .args(["--routes", &others.join(",")]);
+            }
+            let child = command
                 .arg("--store_dir")
                 .arg(dir.path().join(format!("n{n}")))
                 .stdout(Stdio::null())
@@ -230,7 +246,7 @@ fn a_cluster_loses_no_event_when_an_agent_and_a_nats_node_die() {
     );
 
     // Every accepted event: one succeeded run, shown by each surviving agent.
-    for n in 0..2 {
+    let check = |agents: &[Option<Server>], n: usize| {
         let base = url(&agents, n).unwrap();
         let mut by_event: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for _ in 0..600 {
@@ -294,7 +310,24 @@ fn a_cluster_loses_no_event_when_an_agent_and_a_nats_node_die() {
             doubled.is_empty(),
             "agent {n}: events that succeeded twice: {doubled:?}"
         );
+    };
+    for n in 0..2 {
+        check(&agents, n);
     }
+    // The killed agent comes back: it resumes none of the runs it held (their events
+    // were taken over), and shows the cluster's runs, none doubled.
+    agents[2] = Some(Server::start_with(
+        dirs[2].path(),
+        &[
+            ("DEADLIFT_NATS", &urls),
+            ("DEADLIFT_NATS_REPLICAS", "3"),
+            ("DEADLIFT_NATS_ACK_WAIT_SECS", "3"),
+            ("DEADLIFT_ADMIN_TOKEN", ADMIN),
+        ],
+    ));
+    assert_eq!(agents[2].as_ref().unwrap().resumed, 0);
+    check(&agents, 2);
+    check(&agents, 0);
 
     // With every NATS server gone, an agent still stops when told to (SIGTERM).
     drop(nats);
@@ -315,4 +348,246 @@ fn a_cluster_loses_no_event_when_an_agent_and_a_nats_node_die() {
         stopped.is_some_and(|status| status.success()),
         "the agent did not stop within 15 s without NATS: {stopped:?}"
     );
+}
+
+/// Counts the requests each path gets, answering each with JSON; the first request for
+/// `/two` is held until `release` (its caller is killed meanwhile).
+struct StepCounter {
+    port: u16,
+    hits: Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
+    release: Arc<AtomicBool>,
+}
+
+impl StepCounter {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits: Arc<std::sync::Mutex<BTreeMap<String, usize>>> = Arc::default();
+        let release = Arc::new(AtomicBool::new(false));
+        let (counted, released) = (hits.clone(), release.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (hits, release) = (counted.clone(), released.clone());
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream);
+                    let mut request = String::new();
+                    if reader.read_line(&mut request).is_err() {
+                        return;
+                    }
+                    let mut header = String::new();
+                    while reader.read_line(&mut header).is_ok_and(|n| n > 2) {
+                        header.clear();
+                    }
+                    let path = request.split(' ').nth(1).unwrap_or("").to_owned();
+                    let seen = {
+                        let mut hits = hits.lock().unwrap();
+                        let count = hits.entry(path.clone()).or_default();
+                        *count += 1;
+                        *count
+                    };
+                    if path == "/two" && seen == 1 {
+                        while !release.load(Ordering::Acquire) {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                    let body = format!("{{\"step\":\"{}\"}}", path.trim_start_matches('/'));
+                    let _ = write!(
+                        reader.get_mut(),
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                });
+            }
+        });
+        Self {
+            port,
+            hits,
+            release,
+        }
+    }
+
+    fn hits(&self) -> BTreeMap<String, usize> {
+        self.hits.lock().unwrap().clone()
+    }
+}
+
+/// Polls `check` every 50 ms for up to `seconds`.
+fn eventually(seconds: u64, mut check: impl FnMut() -> bool) -> bool {
+    for _ in 0..seconds * 20 {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Issue 13: a run whose agent dies between steps resumes on another agent without
+/// repeating a journaled step; the dead agent, started again, leaves the run alone.
+#[test]
+fn a_run_resumes_on_another_agent_after_its_last_journaled_step() {
+    let nats = NatsCluster::start_nodes(1);
+    let urls = nats.urls.join(",");
+    let counter = StepCounter::start();
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "[policy.default]\nallowed_hosts = [\"127.0.0.1\"]\n",
+    )
+    .unwrap();
+    let config_path = config.path().to_str().unwrap().to_owned();
+    let env = [
+        ("DEADLIFT_NATS", urls.as_str()),
+        ("DEADLIFT_NATS_ACK_WAIT_SECS", "2"),
+        ("DEADLIFT_ADMIN_TOKEN", ADMIN),
+        ("DEADLIFT_CONFIG", config_path.as_str()),
+    ];
+    let (first_dir, second_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = Server::start_with(first_dir.path(), &env);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let step = |id: &str| {
+        format!(
+            "[[steps]]\nid = \"{id}\"\ncall = \"fetcher\"\nfunction = \"fetch\"\ninput = \"{{'url': 'http://127.0.0.1:{}/{id}'}}\"\ngrant = {{ allowed_hosts = [\"127.0.0.1\"] }}\n",
+            counter.port
+        )
+    };
+    let workflow = format!(
+        "trigger = {{ event = \"orders.created\" }}\n{}{}{}",
+        step("one"),
+        step("two"),
+        step("three")
+    );
+    let token = runtime.block_on(async {
+        let base = &first.url;
+        let created = http
+            .post(format!("{base}/v1/tenants"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"name": "acme"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status().as_u16(), 201);
+        let token: Value = http
+            .post(format!("{base}/v1/tenants/acme/tokens"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = token["token"].as_str().unwrap().to_owned();
+        let pushed = http
+            .post(format!("{base}/v1/modules?name=fetcher"))
+            .bearer_auth(&token)
+            .body(std::fs::read(fixture("fetcher")).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert!(pushed.status().is_success());
+        let applied = http
+            .put(format!("{base}/v1/workflows/orders"))
+            .bearer_auth(&token)
+            .header("content-type", "application/toml")
+            .body(workflow)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(applied.status().as_u16(), 200, "{}", applied.text().await.unwrap());
+        let posted = http
+            .post(format!("{base}/v1/events"))
+            .bearer_auth(&token)
+            .json(&json!({"specversion": "1.0", "id": "order-1", "source": "/shop", "type": "orders.created", "data": {}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(posted.status().as_u16(), 202);
+        token
+    });
+    // The first agent is in step two: step one is journaled.
+    assert!(
+        eventually(20, || counter.hits().get("/two") == Some(&1)),
+        "step two never started: {:?}",
+        counter.hits()
+    );
+    let second = Server::start_with(second_dir.path(), &env);
+    drop(first);
+    counter.release.store(true, Ordering::Release);
+
+    let runs = |base: &str| -> Vec<Value> {
+        runtime.block_on(async {
+            let page: Value = http
+                .get(format!("{base}/v1/runs"))
+                .bearer_auth(&token)
+                .query(&[("workflow", "orders")])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap_or_default();
+            page["runs"].as_array().cloned().unwrap_or_default()
+        })
+    };
+    let succeeded = |base: &str| -> Option<Value> {
+        let runs = runs(base);
+        (runs.len() == 1 && runs[0]["status"] == "succeeded").then(|| runs[0].clone())
+    };
+    let mut run = None;
+    assert!(
+        eventually(30, || {
+            run = succeeded(&second.url);
+            run.is_some()
+        }),
+        "the second agent did not finish the run: {:?}, hits {:?}",
+        runs(&second.url),
+        counter.hits()
+    );
+    let run = run.unwrap();
+    let expected: BTreeMap<String, usize> = [("/one", 1), ("/three", 1), ("/two", 2)]
+        .into_iter()
+        .map(|(path, count)| (path.to_owned(), count))
+        .collect();
+    // Step two ran twice (the first agent died in it, before journaling it); step one,
+    // journaled, never ran again.
+    assert_eq!(counter.hits(), expected);
+    let detail: Value = runtime.block_on(async {
+        http.get(format!(
+            "{}/v1/runs/{}",
+            second.url,
+            run["id"].as_str().unwrap()
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+    });
+    let steps: Vec<&str> = detail["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["one", "two", "three"], "{detail}");
+
+    // The first agent comes back: it learns the run's end from the cluster and does not
+    // resume its own copy.
+    let first = Server::start_with(first_dir.path(), &env);
+    assert_eq!(first.resumed, 0, "the returning agent resumed a leased run");
+    assert!(
+        eventually(30, || succeeded(&first.url)
+            .is_some_and(|again| again["id"] == run["id"])),
+        "the returning agent does not show the run's end: {:?}",
+        runs(&first.url)
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(counter.hits(), expected);
+    drop(nats);
 }
