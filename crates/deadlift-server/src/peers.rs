@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorBody;
 use crate::{AgentState, ApiError, Caller, RawBody, json, parse_json};
+use deadlift_agent::cluster::Setting;
 use deadlift_agent::federation::{
     FederationError, OutboxEntry, OutboxStatus, Peer, PeerView, Received, Webhook,
 };
@@ -75,6 +76,7 @@ pub(super) async fn add_peer(
     caller.require_admin()?;
     let peer: Peer = parse_json(&body)?;
     let stored = agent.federation().add_peer(peer).await?;
+    agent.changed(Setting::Peer(stored.name.clone())).await;
     Ok(json(StatusCode::CREATED, stored))
 }
 
@@ -87,6 +89,7 @@ pub(super) async fn remove_peer(
 ) -> Result<StatusCode, ApiError> {
     caller.require_admin()?;
     agent.federation().remove_peer(&name).await?;
+    agent.changed(Setting::Peer(name)).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

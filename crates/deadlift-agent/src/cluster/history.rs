@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
-use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
 use super::ClusterError;
@@ -22,7 +21,7 @@ use crate::workflow::{Journal, Run, Runtime};
 /// The stream of finished runs.
 pub const HISTORY_STREAM: &str = "DEADLIFT_HISTORY";
 const HISTORY_SUBJECT: &str = "deadlift.history";
-/// The header naming the agent that ran a run (its identity's key, hashed).
+/// The header naming the agent that ran a run (its member id, `cluster-member.id`).
 const RAN_BY: &str = "Deadlift-Agent";
 
 /// Shares this agent's finished runs with the cluster's history.
@@ -47,7 +46,7 @@ pub(crate) async fn start(
     jetstream: &jetstream::Context,
     replicas: usize,
     kept: Duration,
-    agent_key: &str,
+    member: &str,
     runtime: &Runtime,
 ) -> Result<(Sharer, Vec<JoinHandle<()>>), ClusterError> {
     let setup = |e: &dyn std::fmt::Display| ClusterError::Setup(e.to_string());
@@ -63,7 +62,7 @@ pub(crate) async fn start(
         })
         .await
         .map_err(|e| setup(&e))?;
-    let me = agent_id(agent_key);
+    let me = member.to_owned();
     let durable = format!("history-{me}");
     let imports: consumer::PullConsumer = history
         .get_or_create_consumer(
@@ -92,11 +91,6 @@ pub(crate) async fn start(
         me,
     };
     Ok((sharer, vec![publishing, importing]))
-}
-
-/// A short stable name for this agent among the cluster's: its public key, hashed.
-fn agent_id(public_key: &str) -> String {
-    hex::encode(&Sha256::digest(public_key.as_bytes())[..8])
 }
 
 /// Runs shared with the cluster at once.

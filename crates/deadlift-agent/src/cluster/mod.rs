@@ -28,6 +28,7 @@
 //! resumes its own copy too.
 
 mod history;
+mod outbox;
 mod runs;
 mod setting;
 mod shared;
@@ -124,6 +125,11 @@ pub enum ClusterError {
     },
     #[error("this agent is in a cluster already")]
     Joined,
+    /// Peers know a cluster by one name and key, whichever agent delivers.
+    #[error(
+        "this agent is `{ours}`, but the cluster's agents are `{theirs}`: every agent of a cluster needs the same name and identity key (copy identity.key from another agent's data directory)"
+    )]
+    Identity { ours: String, theirs: String },
 }
 
 impl ClusterError {
@@ -212,6 +218,7 @@ impl Cluster {
             )
             .await
             .map_err(|e| ClusterError::Setup(e.to_string()))?;
+        check_identity(&jetstream, config.replicas, agent.federation().identity()).await?;
         let firings = jetstream
             .create_key_value(async_nats::jetstream::kv::Config {
                 bucket: FIRINGS_BUCKET.into(),
@@ -228,7 +235,7 @@ impl Cluster {
             &jetstream,
             config.replicas,
             config.history_kept,
-            &agent.federation().identity().public_key(),
+            &member_id(agent.data_dir())?,
             runtime,
         )
         .await?;
@@ -255,6 +262,15 @@ impl Cluster {
             shared.revisions.clone(),
         )
         .await?;
+        let (forwarder, delivering) = outbox::start(
+            &jetstream,
+            config.replicas,
+            config.dedupe_window,
+            Arc::downgrade(agent),
+        )
+        .await?;
+        agent.federation().forward_with(Arc::new(forwarder));
+        tasks.push(delivering);
         let cluster = Arc::new(Self {
             client: client.clone(),
             jetstream,
@@ -264,6 +280,7 @@ impl Cluster {
         let pulling = tokio::spawn(pull_events(
             ingest,
             Ingest {
+                agent: Arc::downgrade(agent),
                 journal,
                 revisions: cluster.shared.revisions.clone(),
                 sharer,
@@ -352,6 +369,65 @@ impl Cluster {
     }
 }
 
+/// This agent's name among the cluster's members (its history consumer's, for one),
+/// made at its first join and kept in its data directory: the agents share an identity,
+/// so that cannot tell them apart.
+fn member_id(data_dir: &std::path::Path) -> Result<String, ClusterError> {
+    let path = data_dir.join("cluster-member.id");
+    let failed = |e: std::io::Error| ClusterError::Setup(format!("{}: {e}", path.display()));
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_owned()),
+        Ok(_) => Err(ClusterError::Setup(format!("{} is empty", path.display()))),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let id = crate::workflow::event::new_id("")[12..].to_owned();
+            std::fs::write(&path, &id).map_err(failed)?;
+            Ok(id)
+        }
+        Err(error) => Err(failed(error)),
+    }
+}
+
+/// The KV bucket holding what all agents of the cluster must agree on.
+pub const CLUSTER_BUCKET: &str = "deadlift-cluster";
+
+/// The first agent to join names the cluster's identity; the others must have it too,
+/// since a peer checks every delivery against one registered name and key.
+async fn check_identity(
+    jetstream: &jetstream::Context,
+    replicas: usize,
+    identity: &crate::federation::Identity,
+) -> Result<(), ClusterError> {
+    let setup = |e: &dyn std::fmt::Display| ClusterError::Setup(e.to_string());
+    let bucket = jetstream
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: CLUSTER_BUCKET.into(),
+            history: 1,
+            num_replicas: replicas.max(1),
+            storage: stream::StorageType::File,
+            ..async_nats::jetstream::kv::Config::default()
+        })
+        .await
+        .map_err(|e| setup(&e))?;
+    let ours = format!("{} ({})", identity.name, identity.public_key());
+    match bucket.create("identity", ours.clone().into()).await {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+            let theirs = bucket
+                .get("identity")
+                .await
+                .map_err(|e| setup(&e))?
+                .map(|value| String::from_utf8_lossy(&value).into_owned())
+                .unwrap_or_default();
+            if theirs == ours {
+                Ok(())
+            } else {
+                Err(ClusterError::Identity { ours, theirs })
+            }
+        }
+        Err(error) => Err(setup(&error)),
+    }
+}
+
 /// The stream's deduplication key of an event: its tenant, source and id (hashed, so that
 /// any source fits a header).
 fn message_id(tenant: &str, event: &CloudEvent) -> String {
@@ -368,6 +444,7 @@ fn message_id(tenant: &str, event: &CloudEvent) -> String {
 /// What ingesting an event needs.
 #[derive(Debug, Clone)]
 struct Ingest {
+    agent: std::sync::Weak<crate::Agent>,
     journal: Journal,
     revisions: Arc<shared::Revisions>,
     sharer: history::Sharer,
@@ -470,6 +547,7 @@ impl Ingest {
                 return;
             }
         };
+        let event_id = event.id.clone();
         let runs = match self
             .journal
             .publish_leased(&tenant, event, lease.clone())
@@ -501,6 +579,8 @@ impl Ingest {
                 // A run stopped here: the event is another agent's now, or will be.
                 return;
             }
+            // Its deliveries to peers are in the cluster's outbox before it goes.
+            this.hold_until_forwarded(&event_id, &message).await;
             for run in &runs {
                 // Still in hand while the history takes it.
                 let sharing = this.sharer.share(&tenant, run);
@@ -530,6 +610,28 @@ impl Ingest {
                 );
             }
         });
+    }
+}
+
+impl Ingest {
+    /// Waits until this agent has handed the event's outbox entries to the cluster.
+    async fn hold_until_forwarded(&self, event_id: &str, message: &jetstream::Message) {
+        let mut last_progress = tokio::time::Instant::now();
+        loop {
+            let Some(agent) = self.agent.upgrade() else {
+                return;
+            };
+            match agent.federation().unforwarded(event_id).await {
+                Ok(true) => {}
+                _ => return,
+            }
+            drop(agent);
+            if last_progress.elapsed() > self.ack_wait / 3 {
+                let _ = message.ack_with(jetstream::AckKind::Progress).await;
+                last_progress = tokio::time::Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

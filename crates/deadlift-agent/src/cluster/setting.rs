@@ -40,6 +40,8 @@ pub enum Setting {
         tenant: String,
         hook: String,
     },
+    /// A peer, by name: every agent delivers to it and accepts its deliveries.
+    Peer(String),
 }
 
 impl Setting {
@@ -52,6 +54,7 @@ impl Setting {
             Self::Workflow { tenant, name } => format!("workflows.{tenant}.{name}"),
             Self::Release { tenant, name } => format!("releases.{tenant}.{name}"),
             Self::Binding { tenant, hook } => format!("bindings.{tenant}.{hook}"),
+            Self::Peer(name) => format!("peers.{name}"),
         }
     }
 
@@ -93,6 +96,10 @@ impl Setting {
             "bindings" => {
                 let (tenant, hook) = tenant_and(rest)?;
                 Some(Self::Binding { tenant, hook })
+            }
+            "peers" => {
+                crate::workflow::spec::validate_name(rest).ok()?;
+                Some(Self::Peer(rest.to_owned()))
             }
             _ => None,
         }
@@ -162,6 +169,13 @@ pub(crate) async fn local_settings(agent: &Agent) -> Result<Vec<Setting>, Cluste
         }
     }
     seed.extend(
+        agent
+            .federation()
+            .peers()
+            .into_iter()
+            .map(|peer| Setting::Peer(peer.name)),
+    );
+    seed.extend(
         tokens
             .into_iter()
             .filter(|token| !token.admin)
@@ -228,6 +242,13 @@ pub(super) async fn local(agent: &Agent, setting: &Setting) -> Result<Option<Val
             .await
             .map_err(|e| e.to_string())?
             .map(|binding| json!({"module": binding.module, "function": binding.function}))),
+        // When it was registered differs from agent to agent.
+        Setting::Peer(name) => Ok(agent.federation().peer(name).map(|peer| {
+            json!(crate::federation::Peer {
+                created_unix_ms: 0,
+                ..peer
+            })
+        })),
     }
 }
 
@@ -364,6 +385,19 @@ pub(super) async fn apply(
                 Err(error) => return Err(error.to_string()),
             }
         }
+        (Setting::Peer(_), Some(value)) => {
+            let peer: crate::federation::Peer =
+                serde_json::from_value(value).map_err(|e| e.to_string())?;
+            agent
+                .federation()
+                .add_peer(peer)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        (Setting::Peer(name), None) => match agent.federation().remove_peer(&name).await {
+            Ok(()) | Err(crate::federation::FederationError::PeerNotFound(_)) => {}
+            Err(error) => return Err(error.to_string()),
+        },
         (Setting::Workflow { tenant, name }, None) => {
             match agent.workflows().delete(&tenant, &name).await {
                 Ok(()) | Err(WorkflowError::NotFound(_)) => {}
@@ -396,6 +430,7 @@ mod tests {
                 tenant: "acme".into(),
                 name: "orders.v2".into(),
             },
+            Setting::Peer("acme.eu".into()),
         ] {
             assert_eq!(Setting::from_key(&setting.key()), Some(setting));
         }

@@ -46,6 +46,17 @@ impl Default for DeliveryConfig {
     }
 }
 
+/// Where due entries go in cluster mode instead of to their peers: the cluster's outbox,
+/// from which whichever agent holds a peer's lease delivers them.
+#[async_trait::async_trait]
+pub trait OutboxForwarder: Send + Sync + std::fmt::Debug {
+    /// Stores the entries in the cluster; answers once it holds every one.
+    async fn forward(&self, entries: &[OutboxEntry]) -> Result<(), String>;
+}
+
+/// The forwarder, once the agent has joined a cluster.
+pub(crate) type Forwarding = Arc<std::sync::OnceLock<Arc<dyn OutboxForwarder>>>;
+
 /// Runs until the task is aborted.
 pub(crate) async fn run(
     db: Database,
@@ -54,6 +65,7 @@ pub(crate) async fn run(
     directory: PeerDirectory,
     wake: Arc<Notify>,
     config: DeliveryConfig,
+    forwarding: Forwarding,
 ) {
     let http = match reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -97,6 +109,10 @@ pub(crate) async fn run(
             }
             continue;
         }
+        if let Some(forwarder) = forwarding.get() {
+            forward(forwarder.as_ref(), &journal, due).await;
+            continue;
+        }
         let mut sending = tokio::task::JoinSet::new();
         for batch in batches(due) {
             while sending.len() >= config.concurrency.max(1) {
@@ -136,6 +152,54 @@ pub(crate) async fn run(
     }
 }
 
+/// Hands due entries to the cluster's outbox and marks them forwarded; on failure they
+/// stay pending and are tried again after a moment.
+async fn forward(forwarder: &dyn OutboxForwarder, journal: &Journal, due: Vec<OutboxEntry>) {
+    if let Err(error) = forwarder.forward(&due).await {
+        tracing::warn!(%error, "cannot hand the outbox to the cluster; trying again");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        return;
+    }
+    let ids: Vec<i64> = due.iter().map(|entry| entry.id).collect();
+    if let Err(error) = journal
+        .write(move |tx| peers::mark_forwarded(tx, &ids))
+        .await
+    {
+        // Handed over but not marked: handed over again, which the cluster drops.
+        tracing::warn!(%error, "cannot mark outbox entries forwarded");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Records a cluster delivery attempt's outcome for each entry, then counts them.
+pub(crate) async fn record_cluster(journal: &Journal, outcomes: Vec<(OutboxEntry, Attempt)>) {
+    let now = now_ms();
+    let written = journal
+        .write(move |tx| {
+            for (entry, attempt) in &outcomes {
+                peers::record_cluster_attempt(tx, entry, attempt, now)?;
+            }
+            Ok(outcomes)
+        })
+        .await;
+    match written {
+        Ok(outcomes) => count(journal, outcomes.into_iter().map(|(_, attempt)| attempt)),
+        Err(error) => tracing::warn!(%error, "cannot record a delivery attempt"),
+    }
+}
+
+fn count(journal: &Journal, attempts: impl Iterator<Item = Attempt>) {
+    let stats = journal.stats();
+    for attempt in attempts {
+        let counter = match attempt {
+            Attempt::Delivered => &stats.deliveries_done,
+            Attempt::Retry { .. } => &stats.deliveries_retried,
+            Attempt::Dead { .. } => &stats.deliveries_dead,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Records each entry's attempt outcome in one write, then counts them.
 async fn record(journal: &Journal, outcomes: Vec<(i64, Attempt)>) {
     let now = now_ms();
@@ -147,21 +211,9 @@ async fn record(journal: &Journal, outcomes: Vec<(i64, Attempt)>) {
             Ok(outcomes)
         })
         .await;
-    let outcomes = match written {
-        Ok(outcomes) => outcomes,
-        Err(error) => {
-            tracing::warn!(%error, "cannot record a delivery attempt");
-            return;
-        }
-    };
-    let stats = journal.stats();
-    for (_, attempt) in outcomes {
-        let counter = match attempt {
-            Attempt::Delivered => &stats.deliveries_done,
-            Attempt::Retry { .. } => &stats.deliveries_retried,
-            Attempt::Dead { .. } => &stats.deliveries_dead,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+    match written {
+        Ok(outcomes) => count(journal, outcomes.into_iter().map(|(_, attempt)| attempt)),
+        Err(error) => tracing::warn!(%error, "cannot record a delivery attempt"),
     }
 }
 
@@ -183,7 +235,7 @@ const MAX_BATCH_EVENTS: usize = 100;
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// Due entries grouped by peer, in order, into batches.
-fn batches(due: Vec<OutboxEntry>) -> Vec<Vec<OutboxEntry>> {
+pub(crate) fn batches(due: Vec<OutboxEntry>) -> Vec<Vec<OutboxEntry>> {
     let mut by_peer: Vec<Vec<Vec<OutboxEntry>>> = Vec::new();
     let mut peers: Vec<String> = Vec::new();
     for entry in due {
@@ -242,7 +294,7 @@ struct Answer {
 
 /// One delivery attempt of a batch (one event is sent as a structured CloudEvent, more
 /// as a CloudEvents batch): its outcome, and the events the peer refused one by one.
-async fn attempt(
+pub(crate) async fn attempt(
     http: &reqwest::Client,
     identity: &Identity,
     peer: Option<&Peer>,

@@ -170,6 +170,9 @@ pub struct Federation {
     deliverer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Asks peers for their side of a trace (`views`).
     views_http: reqwest::Client,
+    /// Set when the agent joins a cluster: the outbox goes there.
+    forwarding: deliver::Forwarding,
+    config: DeliveryConfig,
 }
 
 impl Federation {
@@ -182,13 +185,15 @@ impl Federation {
         outbox_ready: Arc<Notify>,
         config: DeliveryConfig,
     ) -> Self {
+        let forwarding = deliver::Forwarding::default();
         let deliverer = tokio::spawn(deliver::run(
             db.clone(),
             identity.clone(),
             journal.clone(),
             peers.clone(),
             outbox_ready.clone(),
-            config,
+            config.clone(),
+            forwarding.clone(),
         ));
         Self {
             identity,
@@ -201,7 +206,34 @@ impl Federation {
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap_or_default(),
+            forwarding,
+            config,
         }
+    }
+
+    /// From now on the outbox is handed to the cluster (`deliver::OutboxForwarder`).
+    pub(crate) fn forward_with(&self, forwarder: Arc<dyn deliver::OutboxForwarder>) {
+        let _ = self.forwarding.set(forwarder);
+        self.outbox_ready.notify_one();
+    }
+
+    /// How deliveries are retried.
+    pub(crate) fn delivery_config(&self) -> &DeliveryConfig {
+        &self.config
+    }
+
+    /// The journal deliveries are recorded through.
+    pub(crate) fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Whether an outbox entry of this event id still waits to be handed to the cluster.
+    pub(crate) async fn unforwarded(&self, event_id: &str) -> Result<bool, FederationError> {
+        let (db, event_id) = (self.db.clone(), event_id.to_owned());
+        Ok(
+            tokio::task::spawn_blocking(move || peers::unforwarded(&db.read(), &event_id))
+                .await??,
+        )
     }
 
     /// This agent's identity (name and signing key).

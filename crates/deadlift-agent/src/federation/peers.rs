@@ -162,6 +162,9 @@ pub enum OutboxStatus {
     Delivered,
     /// Retries exhausted or refused by the peer; can be replayed.
     Dead,
+    /// Handed to the cluster's outbox (cluster mode): whichever agent holds the peer's
+    /// lease delivers it, and records the outcome in its own outbox.
+    Forwarded,
 }
 
 impl OutboxStatus {
@@ -170,6 +173,7 @@ impl OutboxStatus {
             Self::Pending => "pending",
             Self::Delivered => "delivered",
             Self::Dead => "dead",
+            Self::Forwarded => "forwarded",
         }
     }
 }
@@ -178,10 +182,10 @@ impl std::str::FromStr for OutboxStatus {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        [Self::Pending, Self::Delivered, Self::Dead]
+        [Self::Pending, Self::Delivered, Self::Dead, Self::Forwarded]
             .into_iter()
             .find(|status| status.as_str() == text)
-            .ok_or_else(|| format!("`{text}` is not pending, delivered or dead"))
+            .ok_or_else(|| format!("`{text}` is not pending, delivered, dead or forwarded"))
     }
 }
 
@@ -288,6 +292,65 @@ pub(crate) fn record_attempt(
         )?
         .execute(params![id, error])?,
     };
+    Ok(())
+}
+
+/// Marks entries handed to the cluster's outbox.
+pub(crate) fn mark_forwarded(conn: &Connection, ids: &[i64]) -> Result<(), DbError> {
+    let mut statement = conn.prepare_cached(
+        "UPDATE outbox SET status = 'forwarded' WHERE id = ?1 AND status = 'pending'",
+    )?;
+    for id in ids {
+        statement.execute([id])?;
+    }
+    Ok(())
+}
+
+/// Whether an entry of this event id still waits to be handed to the cluster's outbox.
+pub(crate) fn unforwarded(conn: &Connection, event_id: &str) -> Result<bool, DbError> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM outbox WHERE event_id = ?1 AND status = 'pending' LIMIT 1")?
+        .query_row([event_id], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// Records the outcome of a cluster delivery attempt made here, on this agent's entry for
+/// the same peer and event (made if the event entered the cluster elsewhere). `attempts`
+/// counts every agent's attempts.
+pub(crate) fn record_cluster_attempt(
+    conn: &Connection,
+    entry: &OutboxEntry,
+    outcome: &Attempt,
+    now: i64,
+) -> Result<(), DbError> {
+    let (status, error, next, delivered) = match outcome {
+        Attempt::Delivered => ("delivered", None, now, Some(now)),
+        Attempt::Retry {
+            error,
+            next_unix_ms,
+        } => ("forwarded", Some(error.as_str()), *next_unix_ms, None),
+        Attempt::Dead { error } => ("dead", Some(error.as_str()), now, None),
+    };
+    conn.prepare_cached(
+        "INSERT INTO outbox (peer, event_id, body, status, attempts, next_attempt_unix_ms, last_error,
+            created_unix_ms, delivered_unix_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (peer, event_id) DO UPDATE SET status = excluded.status,
+            attempts = excluded.attempts, next_attempt_unix_ms = excluded.next_attempt_unix_ms,
+            last_error = excluded.last_error, delivered_unix_ms = excluded.delivered_unix_ms",
+    )?
+    .execute(params![
+        entry.peer,
+        entry.event_id,
+        entry.body,
+        status,
+        entry.attempts + 1,
+        next,
+        error,
+        entry.created_unix_ms,
+        delivered,
+    ])?;
     Ok(())
 }
 

@@ -19,6 +19,18 @@ use serde_json::{Value, json};
 
 use crate::{Server, fixture};
 
+/// A data directory holding the cluster's identity key: every agent of a cluster has the
+/// same name and key (the first to join names them).
+fn agent_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("identity.key"),
+        "5d2e8f0c4b6a19371d0e2f4a6c8b0d1e3f5a7c9b1d3e5f7a9c0b2d4e6f8a1c3e",
+    )
+    .unwrap();
+    dir
+}
+
 const ADMIN: &str = "test-admin-token-Zq3xV9pL2mR7tK4wY8nB6cH1";
 
 /// Three nats-servers routed into one cluster, JetStream on; killed when dropped.
@@ -111,7 +123,7 @@ impl Drop for NatsCluster {
 fn a_cluster_loses_no_event_when_an_agent_and_a_nats_node_die() {
     let mut nats = NatsCluster::start();
     let urls = nats.urls.join(",");
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs: Vec<_> = (0..3).map(|_| agent_dir()).collect();
     let mut agents: Vec<Option<Server>> = dirs
         .iter()
         .map(|dir| {
@@ -442,7 +454,7 @@ fn a_run_resumes_on_another_agent_after_its_last_journaled_step() {
         ("DEADLIFT_ADMIN_TOKEN", ADMIN),
         ("DEADLIFT_CONFIG", config_path.as_str()),
     ];
-    let (first_dir, second_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (first_dir, second_dir) = (agent_dir(), agent_dir());
     let first = Server::start_with(first_dir.path(), &env);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -589,5 +601,176 @@ fn a_run_resumes_on_another_agent_after_its_last_journaled_step() {
     );
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(counter.hits(), expected);
+    drop(nats);
+}
+
+/// Issue 13: a peer that is down gets everything the cluster's agents accepted for it
+/// once it is back, delivered by whichever agent holds its outbox lease then: here the
+/// one left alive after the other was killed.
+#[test]
+fn a_peer_that_was_down_gets_everything_from_whichever_agent_is_left() {
+    let nats = NatsCluster::start_nodes(1);
+    let urls = nats.urls.join(",");
+    let env = [
+        ("DEADLIFT_NATS", urls.as_str()),
+        ("DEADLIFT_NATS_ACK_WAIT_SECS", "2"),
+        ("DEADLIFT_ADMIN_TOKEN", ADMIN),
+    ];
+    let (one_dir, two_dir) = (agent_dir(), agent_dir());
+    let cluster_key = deadlift::federation::Identity::load_or_create(one_dir.path(), "deadlift")
+        .unwrap()
+        .public_key();
+    // The partner: another organisation's agent, down while the events are accepted.
+    let partner_dir = tempfile::tempdir().unwrap();
+    let partner_key = deadlift::federation::Identity::load_or_create(partner_dir.path(), "partner")
+        .unwrap()
+        .public_key();
+    let partner_address = format!("127.0.0.1:{}", free_port());
+    let partner_env = [
+        ("DEADLIFT_NAME", "partner"),
+        ("DEADLIFT_ADMIN_TOKEN", ADMIN),
+    ];
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let send = |request: reqwest::RequestBuilder, body: Value| -> (u16, Value) {
+        runtime.block_on(async {
+            let response = request.bearer_auth(ADMIN).json(&body).send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json().await.unwrap_or(Value::Null))
+        })
+    };
+
+    // The partner accepts the cluster's orders and runs a workflow for each.
+    let partner = Server::start_on(partner_dir.path(), &partner_address, &partner_env);
+    let partner_url = partner.url.clone();
+    let (status, _) = send(
+        http.post(format!("{partner_url}/v1/peers")),
+        json!({"name": "deadlift", "url": "http://127.0.0.1:9", "public_key": cluster_key,
+               "tenant": "default", "accept": ["orders.*"]}),
+    );
+    assert_eq!(status, 201);
+    runtime.block_on(async {
+        let pushed = http
+            .post(format!("{partner_url}/v1/modules?name=adder"))
+            .bearer_auth(ADMIN)
+            .header("x-deadlift-tenant", "default")
+            .body(std::fs::read(fixture("add_ten")).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert!(pushed.status().is_success());
+        let applied = http
+            .put(format!("{partner_url}/v1/workflows/orders"))
+            .bearer_auth(ADMIN)
+            .header("x-deadlift-tenant", "default")
+            .header("content-type", "application/toml")
+            .body("trigger = { event = \"orders.*\" }\n[[steps]]\nid = \"add\"\ncall = \"adder\"\n")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(applied.status().as_u16(), 200);
+    });
+    drop(partner);
+
+    // Two agents of one cluster; the peer is registered on the first only.
+    let mut one = Some(Server::start_with(one_dir.path(), &env));
+    let two = Server::start_with(two_dir.path(), &env);
+    let first = one.as_ref().unwrap().url.clone();
+    let (status, _) = send(
+        http.post(format!("{first}/v1/tenants")),
+        json!({"name": "acme"}),
+    );
+    assert_eq!(status, 201);
+    let (status, _) = send(
+        http.post(format!("{first}/v1/peers")),
+        json!({"name": "partner", "url": partner_url, "public_key": partner_key,
+               "tenant": "acme", "send": ["orders.*"]}),
+    );
+    assert_eq!(status, 201);
+    assert!(
+        eventually(10, || {
+            let (status, peers) = send(http.get(format!("{}/v1/peers", two.url)), Value::Null);
+            status == 200 && peers.as_array().is_some_and(|p| p.len() == 1)
+        }),
+        "the peer did not reach the second agent"
+    );
+    let events = 40;
+    for n in 0..events {
+        let base = if n % 2 == 0 { &first } else { &two.url };
+        let (status, _) = send(
+            http.post(format!("{base}/v1/events"))
+                .header("x-deadlift-tenant", "acme"),
+            json!({"specversion": "1.0", "id": format!("order-{n}"), "source": "/shop",
+                   "type": "orders.created", "data": n}),
+        );
+        assert_eq!(status, 202);
+    }
+    // Both agents try, and fail, to deliver; then the first dies.
+    assert!(
+        eventually(20, || {
+            let (_, dead_or_retried) = send(
+                http.get(format!("{first}/v1/outbox?status=forwarded")),
+                Value::Null,
+            );
+            dead_or_retried
+                .as_array()
+                .is_some_and(|entries| entries.iter().any(|e| e["last_error"].is_string()))
+        }),
+        "no failed delivery recorded on the first agent"
+    );
+    drop(one.take());
+
+    let partner = Server::start_on(partner_dir.path(), &partner_address, &partner_env);
+    let received = || -> BTreeMap<String, usize> {
+        let (_, page) = runtime.block_on(async {
+            let response = http
+                .get(format!("{}/v1/runs", partner.url))
+                .bearer_auth(ADMIN)
+                .header("x-deadlift-tenant", "default")
+                .query(&[("workflow", "orders"), ("limit", "500")])
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap_or_default(),
+            )
+        });
+        let mut by_event = BTreeMap::new();
+        for run in page["runs"].as_array().cloned().unwrap_or_default() {
+            *by_event
+                .entry(run["event_id"].as_str().unwrap_or_default().to_owned())
+                .or_default() += 1;
+        }
+        by_event
+    };
+    let mut got = BTreeMap::new();
+    assert!(
+        eventually(60, || {
+            got = received();
+            got.len() == events
+        }),
+        "the partner got {} of {events} events: {got:?}",
+        got.len()
+    );
+    assert!(got.values().all(|runs| *runs == 1), "{got:?}");
+    // The agent left alive delivered them, and says so (once it has settled them).
+    let delivered = || {
+        send(
+            http.get(format!("{}/v1/outbox?status=delivered&limit=500", two.url)),
+            Value::Null,
+        )
+        .1
+        .as_array()
+        .map_or(0, Vec::len)
+    };
+    assert!(
+        eventually(10, || delivered() == events),
+        "the second agent recorded {} deliveries",
+        delivered()
+    );
     drop(nats);
 }

@@ -14,6 +14,18 @@ use crate::common::nats::NatsServer;
 use crate::common::server::TestAgent;
 use deadlift_agent::cluster::ClusterConfig;
 
+/// A data directory holding the cluster's identity key: every agent of a cluster has the
+/// same name and key (the first to join names them).
+fn agent_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("identity.key"),
+        "5d2e8f0c4b6a19371d0e2f4a6c8b0d1e3f5a7c9b1d3e5f7a9c0b2d4e6f8a1c3e",
+    )
+    .unwrap();
+    dir
+}
+
 async fn joined(dir: &std::path::Path, nats: &NatsServer) -> TestAgent {
     let agent = TestAgent::start(dir).await;
     agent
@@ -102,7 +114,7 @@ async fn runs_by_event(agent: &TestAgent, token: &str) -> Vec<(String, Value)> {
 #[tokio::test(flavor = "multi_thread")]
 async fn events_posted_to_any_agent_run_exactly_once_in_the_cluster() {
     let nats = NatsServer::start();
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (dir_a, dir_b) = (agent_dir(), agent_dir());
     let a = joined(dir_a.path(), &nats).await;
     let b = joined(dir_b.path(), &nats).await;
     // Made on agent a only: the tenant, its token, the module and the workflow reach b.
@@ -197,7 +209,7 @@ async fn events_posted_to_any_agent_run_exactly_once_in_the_cluster() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_on_a_nats_subject_starts_the_v1_workflow_at_its_second_module() {
     let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = agent_dir();
     let agent = joined(dir.path(), &nats).await;
     for (bytes, subject) in [
         (fixture("add_ten"), "shop.orders.ingest"),
@@ -287,7 +299,7 @@ async fn a_message_on_a_nats_subject_starts_the_v1_workflow_at_its_second_module
 #[tokio::test(flavor = "multi_thread")]
 async fn what_one_agent_is_given_the_others_have() {
     let nats = NatsServer::start();
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs: Vec<_> = (0..3).map(|_| agent_dir()).collect();
     let mut agents = Vec::new();
     for dir in &dirs {
         agents.push(joined(dir.path(), &nats).await);
@@ -407,7 +419,7 @@ async fn what_one_agent_is_given_the_others_have() {
 #[tokio::test(flavor = "multi_thread")]
 async fn each_scheduled_firing_runs_once_in_the_cluster() {
     let nats = NatsServer::start();
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs: Vec<_> = (0..3).map(|_| agent_dir()).collect();
     let mut agents = Vec::new();
     for dir in &dirs {
         agents.push(joined(dir.path(), &nats).await);
@@ -502,7 +514,7 @@ async fn firing_ids(agent: &TestAgent, token: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn releases_and_hook_bindings_are_shared() {
     let nats = NatsServer::start();
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs: Vec<_> = (0..2).map(|_| agent_dir()).collect();
     let mut agents = Vec::new();
     for dir in &dirs {
         let agent = TestAgent::start_with(dir.path(), |b| {
@@ -623,7 +635,7 @@ async fn releases_and_hook_bindings_are_shared() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_setting_an_agent_cannot_apply_does_not_stop_its_events_for_long() {
     let nats = NatsServer::start();
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (dir_a, dir_b) = (agent_dir(), agent_dir());
     let a = TestAgent::start_with(dir_a.path(), |b| {
         b.hook(deadlift_agent::hooks::HookDecl::new(
             "before_charge",
@@ -667,4 +679,31 @@ async fn a_setting_an_agent_cannot_apply_does_not_stop_its_events_for_long() {
     assert!(on_b > 0, "agent b ran none of the events");
     a.stop().await;
     b.stop().await;
+}
+
+/// Peers check every delivery against one name and key: an agent with another identity
+/// cannot join, and is told what to do.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_with_another_identity_cannot_join() {
+    let nats = NatsServer::start();
+    let dir = agent_dir();
+    let _first = joined(dir.path(), &nats).await;
+    let stranger_dir = tempfile::tempdir().unwrap();
+    let stranger = TestAgent::start(stranger_dir.path()).await;
+    let refused = stranger
+        .agent
+        .join_cluster(&ClusterConfig {
+            urls: vec![nats.url.clone()],
+            ..ClusterConfig::default()
+        })
+        .await
+        .expect_err("another identity is refused");
+    assert!(
+        matches!(
+            refused,
+            deadlift_agent::cluster::ClusterError::Identity { .. }
+        ),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("identity.key"), "{refused}");
 }
