@@ -1,6 +1,5 @@
-//! Cluster mode on NATS JetStream: many agents serving the same tenants. This is its
-//! first part: shared settings (`shared.rs`), events and the original Deadlift's NATS
-//! trigger.
+//! Cluster mode on NATS JetStream: many agents serving the same tenants, as one
+//! organisation (one identity, checked at join).
 //!
 //! - **Events** posted to any agent go into one JetStream stream (`DEADLIFT_EVENTS`,
 //!   subject `deadlift.events.<tenant>`), each with a `Nats-Msg-Id` made of its tenant,
@@ -8,24 +7,24 @@
 //!   is stored once within the stream's duplicate window. An agent answers `202` only
 //!   once the stream has acknowledged the event (replicated, on an R3 stream).
 //! - **Ingest**: every agent pulls from one shared durable consumer (`deadlift-ingest`),
-//!   so each stored event is handed to one agent, which journals it in its own SQLite
+//!   so each stored event is leased to one agent, which journals it in its own SQLite
 //!   (routing it to workflows and starting runs there, in one transaction) and
-//!   acknowledges it only once those runs have ended, telling the cluster it is still at
-//!   work meanwhile. An agent that dies first loses the event to another agent when the
-//!   consumer's ack wait ends; that agent starts its runs again, unless it already knows
-//!   a run of it (from the cluster's history).
+//!   acknowledges it only once those runs have ended and its outbox entries are in the
+//!   cluster, telling the cluster it is still at work meanwhile. An agent that dies first
+//!   loses the event to another agent when the consumer's ack wait ends, which takes its
+//!   runs over after their last journaled step (`runs.rs`).
+//! - **The outbox** (`outbox.rs`) goes through the cluster: any agent delivers any
+//!   entry, one at a time.
 //! - **The v1 NATS trigger**: a message published on a NATS core subject equal to a v1
 //!   workflow's first module's subject becomes a `v1` event of that type (in a queue
 //!   group, so one agent takes it), which starts the workflow at its second module.
-//!
-//! - **History** (`history.rs`): every agent stores the runs the others finish, so any
-//!   agent answers for the cluster's runs.
+//! - **Settings** (`setting.rs`, `shared.rs`) and **history** (`history.rs`): every agent
+//!   follows the shared settings, and stores the runs the others finish, so any agent
+//!   answers for the cluster's runs.
 //!
 //! Not yet shared through JetStream (each agent keeps its own, as without a cluster):
-//! runs in progress and their step journal, the outbox, dead letters, plug-in KV, peers
-//! and the policy. So when an agent dies mid-run, its
-//! event runs again elsewhere from the first step, and if the agent comes back it
-//! resumes its own copy too.
+//! dead letters, plug-in KV and the policy; events emitted outside runs and peers'
+//! deliveries are journaled by the agent that receives them.
 
 mod history;
 mod outbox;
