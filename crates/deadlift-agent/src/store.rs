@@ -153,6 +153,28 @@ pub struct Database {
     releases: Arc<ReleaseTable>,
     /// Module manifests read once (`manifest.rs`).
     manifests: Arc<crate::manifest::ManifestCache>,
+    /// In a cluster, plug-in KV lives there, and this file's `kv` table is left as it was.
+    shared_kv: Arc<SharedKv>,
+}
+
+/// Where plug-in KV lives once the agent is in a cluster.
+#[derive(Default)]
+struct SharedKv(std::sync::OnceLock<Arc<dyn KvStore>>);
+
+impl SharedKv {
+    fn get(&self) -> Option<&Arc<dyn KvStore>> {
+        self.0.get()
+    }
+}
+
+impl std::fmt::Debug for SharedKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "SharedKv(cluster)"
+        } else {
+            "SharedKv(local)"
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -242,11 +264,26 @@ impl Database {
             known: Arc::default(),
             releases,
             manifests: Arc::default(),
+            shared_kv: Arc::default(),
         })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock()
+    }
+
+    /// From now on plug-in KV (`KvStore`) is `kv`'s: the cluster's.
+    pub(crate) fn share_kv(&self, kv: Arc<dyn KvStore>) {
+        let _ = self.shared_kv.0.set(kv);
+    }
+
+    /// Every plug-in KV entry in this file: (tenant, key, value).
+    pub(crate) fn kv_entries(&self) -> Result<Vec<(String, String, Vec<u8>)>, DbError> {
+        let conn = self.reader.lock();
+        let mut statement =
+            conn.prepare("SELECT tenant, key, value FROM kv ORDER BY tenant, key")?;
+        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The connection, for the workflow journal's own SQL.
@@ -639,6 +676,9 @@ impl ModuleStore for Database {
 
 impl KvStore for Database {
     fn get(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        if let Some(shared) = self.shared_kv.get() {
+            return shared.get(tenant, key);
+        }
         Ok(self
             .conn()
             .query_row(
@@ -651,6 +691,9 @@ impl KvStore for Database {
     }
 
     fn set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
+        if let Some(shared) = self.shared_kv.get() {
+            return shared.set(tenant, key, value);
+        }
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(DbError::from)?;
         tx.execute(
@@ -669,6 +712,9 @@ impl KvStore for Database {
     }
 
     fn delete(&self, tenant: &str, key: &str) -> Result<bool, KvError> {
+        if let Some(shared) = self.shared_kv.get() {
+            return shared.delete(tenant, key);
+        }
         Ok(self
             .conn()
             .execute(
@@ -680,6 +726,9 @@ impl KvStore for Database {
     }
 
     fn keys(&self, tenant: &str, prefix: &str) -> Result<Vec<String>, KvError> {
+        if let Some(shared) = self.shared_kv.get() {
+            return shared.keys(tenant, prefix);
+        }
         let conn = self.conn();
         let mut stmt = conn
             .prepare(

@@ -22,12 +22,15 @@
 //!   follows the shared settings, and stores the runs the others finish, so any agent
 //!   answers for the cluster's runs.
 //!
+//! - **Plug-in KV** (`plugin_kv.rs`) is the cluster's.
+//!
 //! Not yet shared through JetStream (each agent keeps its own, as without a cluster):
-//! dead letters, plug-in KV and the policy; events emitted outside runs and peers'
+//! dead letters and the policy; events emitted outside runs and peers'
 //! deliveries are journaled by the agent that receives them.
 
 mod history;
 mod outbox;
+mod plugin_kv;
 mod runs;
 mod setting;
 mod shared;
@@ -261,6 +264,8 @@ impl Cluster {
             shared.revisions.clone(),
         )
         .await?;
+        let plugin_kv = plugin_kv::PluginKv::start(&jetstream, config.replicas, agent.db()).await?;
+        agent.db().share_kv(Arc::new(plugin_kv));
         let (forwarder, delivering) = outbox::start(
             &jetstream,
             config.replicas,

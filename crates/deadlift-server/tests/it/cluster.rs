@@ -707,3 +707,142 @@ async fn an_agent_with_another_identity_cannot_join() {
     );
     assert!(refused.to_string().contains("identity.key"), "{refused}");
 }
+
+/// Plug-in KV is the cluster's: a count a plug-in keeps goes on whichever agent runs it,
+/// the KV API answers the same on every agent, an agent joining brings its own entries,
+/// and another tenant sees none of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_kv_is_one_store_for_the_cluster() {
+    let nats = NatsServer::start();
+    let grant = deadlift_engine::Grant::default().allow(["kv_get", "kv_set", "kv_delete"]);
+    let (dir_a, dir_b) = (agent_dir(), agent_dir());
+    let a = TestAgent::start_with(dir_a.path(), |b| b.default_grant(grant.clone())).await;
+    let b = TestAgent::start_with(dir_b.path(), |b| b.default_grant(grant.clone())).await;
+    let token = a.tenant_token("acme").await;
+    // Written by the second agent before it is in the cluster.
+    let b_token = b.tenant_token("acme").await;
+    let put = b
+        .http
+        .put(b.url("/v1/kv/brought"))
+        .bearer_auth(&b_token)
+        .body("from b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status().as_u16(), 204);
+    for agent in [&a, &b] {
+        agent
+            .agent
+            .join_cluster(&ClusterConfig {
+                urls: vec![nats.url.clone()],
+                ..ClusterConfig::default()
+            })
+            .await
+            .unwrap();
+    }
+    let pushed = a
+        .http
+        .post(a.url("/v1/modules?name=counter"))
+        .bearer_auth(&token)
+        .body(fixture("kv_counter"))
+        .send()
+        .await
+        .unwrap();
+    assert!(pushed.status().is_success());
+    let call = |agent: &TestAgent| {
+        agent
+            .http
+            .post(agent.url("/v1/modules/counter/call/increment"))
+            .bearer_auth(&token)
+            .body("visits")
+            .send()
+    };
+    // The module reaches the second agent a moment later.
+    let mut counts = Vec::new();
+    let first: Value = call(&a).await.unwrap().json().await.unwrap();
+    counts.push(first["output"].clone());
+    for _ in 0..100 {
+        let answer = call(&b).await.unwrap();
+        if answer.status().is_success() {
+            let out: Value = answer.json().await.unwrap();
+            counts.push(out["output"].clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let third: Value = call(&a).await.unwrap().json().await.unwrap();
+    counts.push(third["output"].clone());
+    assert_eq!(counts, [json!(1), json!(2), json!(3)]);
+    for agent in [&a, &b] {
+        let read = |path: &str| agent.http.get(agent.url(path)).bearer_auth(&token).send();
+        assert_eq!(
+            read("/v1/kv/visits").await.unwrap().text().await.unwrap(),
+            "3"
+        );
+        assert_eq!(
+            read("/v1/kv/brought").await.unwrap().text().await.unwrap(),
+            "from b"
+        );
+        let keys: Value = read("/v1/kv").await.unwrap().json().await.unwrap();
+        assert_eq!(keys["keys"], json!(["brought", "visits"]));
+        let keys: Value = read("/v1/kv?prefix=vis")
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(keys["keys"], json!(["visits"]));
+    }
+    let deleted = b
+        .http
+        .delete(b.url("/v1/kv/brought"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status().as_u16(), 204);
+    let gone = a
+        .http
+        .get(a.url("/v1/kv/brought"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    TestAgent::expect_error(gone, 404, "key_not_found").await;
+    // Another tenant: nothing of acme's, on any agent.
+    let globex = a.tenant_token("globex").await;
+    for agent in [&a, &b] {
+        for _ in 0..100 {
+            let known = agent
+                .http
+                .get(agent.url("/v1/whoami"))
+                .bearer_auth(&globex)
+                .send()
+                .await
+                .unwrap();
+            if known.status().is_success() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let read = agent
+            .http
+            .get(agent.url("/v1/kv/visits"))
+            .bearer_auth(&globex)
+            .send()
+            .await
+            .unwrap();
+        TestAgent::expect_error(read, 404, "key_not_found").await;
+        let keys: Value = agent
+            .http
+            .get(agent.url("/v1/kv"))
+            .bearer_auth(&globex)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(keys["keys"], json!([]));
+    }
+}
