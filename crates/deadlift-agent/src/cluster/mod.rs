@@ -68,6 +68,8 @@ const INGESTING: usize = 256;
 pub const FIRINGS_BUCKET: &str = "deadlift-firings";
 /// How long a claim is kept: longer than any two agents' clocks disagree.
 const FIRINGS_KEPT: Duration = Duration::from_secs(24 * 60 * 60);
+/// The header naming the peer that delivered an event to an agent of the cluster.
+const FROM_PEER: &str = "Deadlift-From-Peer";
 /// The header carrying the settings revision an event's agent knew when it stored it.
 const SETTINGS_REVISION: &str = "Deadlift-Settings-Revision";
 /// How long an agent waits to catch up with an event's settings before it hands the event
@@ -281,6 +283,9 @@ impl Cluster {
             shared,
             tasks: Mutex::new(tasks),
         });
+        agent
+            .federation()
+            .receive_into(Arc::new(Inbox(Arc::downgrade(&cluster))));
         let pulling = tokio::spawn(pull_events(
             ingest,
             Ingest {
@@ -309,6 +314,18 @@ impl Cluster {
         tenant: &str,
         events: Vec<CloudEvent>,
     ) -> Result<Vec<Ingested>, ClusterError> {
+        self.publish_from(tenant, events, None).await
+    }
+
+    /// [`publish`](Self::publish), for events a peer delivered to this agent (`from_peer`):
+    /// deduplicated among that peer's ids, stored as the peer's wherever they are
+    /// journaled.
+    async fn publish_from(
+        &self,
+        tenant: &str,
+        events: Vec<CloudEvent>,
+        from_peer: Option<&str>,
+    ) -> Result<Vec<Ingested>, ClusterError> {
         let subject = format!("{EVENTS_SUBJECT}.{tenant}");
         // Every event fits, or none is stored: the caller gets one answer for the batch.
         // (Headers take a little of the servers' limit too.)
@@ -332,8 +349,11 @@ impl Cluster {
         let mut pending = Vec::with_capacity(events.len());
         for (event, body) in events.iter().zip(bodies) {
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", message_id(tenant, event).as_str());
+            headers.insert("Nats-Msg-Id", message_id(tenant, from_peer, event).as_str());
             headers.insert(SETTINGS_REVISION, revision.to_string().as_str());
+            if let Some(peer) = from_peer {
+                headers.insert(FROM_PEER, peer);
+            }
             let ack = self
                 .jetstream
                 .publish_with_headers(subject.clone(), headers, body.into())
@@ -434,15 +454,40 @@ async fn check_identity(
 
 /// The stream's deduplication key of an event: its tenant, source and id (hashed, so that
 /// any source fits a header).
-fn message_id(tenant: &str, event: &CloudEvent) -> String {
-    let digest = Sha256::new()
+fn message_id(tenant: &str, from_peer: Option<&str>, event: &CloudEvent) -> String {
+    let mut digest = Sha256::new()
         .chain_update(tenant.as_bytes())
-        .chain_update([0])
-        .chain_update(event.source.as_bytes())
-        .chain_update([0])
-        .chain_update(event.id.as_bytes())
-        .finalize();
-    hex::encode(digest)
+        .chain_update([0]);
+    match from_peer {
+        // A peer's ids are its own (as in the journal): the source is the peer's to say.
+        Some(peer) => digest.update([&[1], peer.as_bytes()].concat()),
+        None => digest.update(event.source.as_bytes()),
+    }
+    hex::encode(
+        digest
+            .chain_update([0])
+            .chain_update(event.id.as_bytes())
+            .finalize(),
+    )
+}
+
+/// Peers' deliveries, stored in the cluster ([`Cluster::publish_from`]).
+#[derive(Debug)]
+struct Inbox(std::sync::Weak<Cluster>);
+
+#[async_trait::async_trait]
+impl crate::federation::ClusterInbox for Inbox {
+    async fn store(
+        &self,
+        peer: &crate::federation::Peer,
+        events: Vec<CloudEvent>,
+    ) -> Result<Vec<Ingested>, String> {
+        let cluster = self.0.upgrade().ok_or("the agent left the cluster")?;
+        cluster
+            .publish_from(&peer.tenant, events, Some(&peer.name))
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// What ingesting an event needs.
@@ -552,9 +597,15 @@ impl Ingest {
             }
         };
         let event_id = event.id.clone();
+        let from_peer = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(FROM_PEER))
+            .map(|peer| peer.as_str().to_owned())
+            .filter(|peer| crate::workflow::spec::validate_name(peer).is_ok());
         let runs = match self
             .journal
-            .publish_leased(&tenant, event, lease.clone())
+            .publish_leased(&tenant, event, from_peer, lease.clone())
             .await
         {
             Ok(ingested) => ingested.runs,

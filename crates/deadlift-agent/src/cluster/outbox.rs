@@ -141,9 +141,13 @@ async fn follow_peers(outbox: stream::Stream, agent: Weak<Agent>) {
             keep
         });
         for peer in peers {
-            if !delivering.contains_key(&peer) {
-                let task = tokio::spawn(deliver_to(outbox.clone(), peer.clone(), agent.clone()));
-                delivering.insert(peer, task);
+            if let std::collections::btree_map::Entry::Vacant(vacant) = delivering.entry(peer) {
+                let peer = vacant.key().clone();
+                vacant.insert(tokio::spawn(deliver_to(
+                    outbox.clone(),
+                    peer,
+                    agent.clone(),
+                )));
             }
         }
         tokio::time::sleep(PEER_RESCAN).await;

@@ -35,6 +35,18 @@ use crate::workflow::event::{EventError, parse_events};
 use crate::workflow::{Ingested, Journal};
 use deadlift_engine::Code;
 
+/// Where a peer's checked delivery goes in cluster mode: the cluster's events stream,
+/// from which any agent runs it (as the peer's, never sent back to it).
+#[async_trait::async_trait]
+pub trait ClusterInbox: Send + Sync + std::fmt::Debug {
+    /// Stores the events; answers once the cluster holds every one.
+    async fn store(
+        &self,
+        peer: &Peer,
+        events: Vec<crate::workflow::CloudEvent>,
+    ) -> Result<Vec<Ingested>, String>;
+}
+
 /// What a delivery from a peer did: the events committed, and those refused.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Received {
@@ -76,6 +88,9 @@ pub enum FederationError {
     Event(#[from] EventError),
     #[error(transparent)]
     Db(#[from] DbError),
+    /// The cluster did not store a delivery (cluster mode).
+    #[error("the cluster did not store the delivery: {0}")]
+    Cluster(String),
 }
 
 impl FederationError {
@@ -91,6 +106,7 @@ impl FederationError {
             Self::DeliveryNotDead(_) => Code::DeliveryNotDead,
             Self::Event(error) => error.code(),
             Self::Db(error) => error.code(),
+            Self::Cluster(_) => Code::ClusterUnavailable,
         }
     }
 }
@@ -172,6 +188,8 @@ pub struct Federation {
     views_http: reqwest::Client,
     /// Set when the agent joins a cluster: the outbox goes there.
     forwarding: deliver::Forwarding,
+    /// Set when the agent joins a cluster: peers' deliveries go there.
+    inbox: std::sync::OnceLock<Arc<dyn ClusterInbox>>,
     config: DeliveryConfig,
 }
 
@@ -207,8 +225,14 @@ impl Federation {
                 .build()
                 .unwrap_or_default(),
             forwarding,
+            inbox: std::sync::OnceLock::new(),
             config,
         }
+    }
+
+    /// From now on peers' deliveries are stored in the cluster, which runs them anywhere.
+    pub(crate) fn receive_into(&self, inbox: Arc<dyn ClusterInbox>) {
+        let _ = self.inbox.set(inbox);
     }
 
     /// From now on the outbox is handed to the cluster (`deliver::OutboxForwarder`).
@@ -460,6 +484,11 @@ impl Federation {
             .collect();
         let events = if accepted.is_empty() {
             Vec::new()
+        } else if let Some(inbox) = self.inbox.get() {
+            inbox
+                .store(&peer, accepted)
+                .await
+                .map_err(FederationError::Cluster)?
         } else {
             self.journal.receive(&peer, accepted).await?
         };

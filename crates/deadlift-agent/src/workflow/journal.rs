@@ -111,16 +111,20 @@ impl Journal {
     /// One event the cluster leased to this agent: its runs take the lease's ids and
     /// start after what the cluster journaled for them. Unlike [`publish`](Self::publish),
     /// an event stored here before is routed again, so that runs this agent held before
-    /// are taken over; `runs` lists every run of the event, ended ones included.
+    /// are taken over; `runs` lists every run of the event, ended ones included. An event
+    /// `from_peer` (delivered to an agent of the cluster) is stored as
+    /// [`receive`](Self::receive) stores it.
     pub(crate) async fn publish_leased(
         &self,
         tenant: &str,
         event: CloudEvent,
+        from_peer: Option<String>,
         lease: Arc<dyn RunLease>,
     ) -> Result<Ingested, DbError> {
         self.request(|reply| Command::IngestLeased {
             tenant: tenant.to_owned(),
             event: Box::new(event),
+            from_peer,
             lease,
             reply,
         })

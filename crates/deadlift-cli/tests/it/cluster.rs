@@ -259,7 +259,7 @@ fn a_cluster_loses_no_event_when_an_agent_and_a_nats_node_die() {
 
     // Every accepted event: one succeeded run, shown by each surviving agent.
     let check = |agents: &[Option<Server>], n: usize| {
-        let base = url(&agents, n).unwrap();
+        let base = url(agents, n).unwrap();
         let mut by_event: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for _ in 0..600 {
             by_event.clear();

@@ -846,3 +846,88 @@ async fn plugin_kv_is_one_store_for_the_cluster() {
         assert_eq!(keys["keys"], json!([]));
     }
 }
+
+/// A peer's delivery to any agent of the cluster is stored in the cluster's stream, once
+/// among that peer's ids, and runs as the peer's event wherever it is journaled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peers_delivery_to_any_agent_runs_once_in_the_cluster() {
+    use deadlift_agent::federation::{Identity, Webhook};
+    let nats = NatsServer::start();
+    let (dir_a, dir_b) = (agent_dir(), agent_dir());
+    let a = joined(dir_a.path(), &nats).await;
+    let b = joined(dir_b.path(), &nats).await;
+    let token = a.tenant_token("acme").await;
+    configure(&a, &token).await;
+    let partner_dir = tempfile::tempdir().unwrap();
+    let partner = Identity::load_or_create(partner_dir.path(), "partner").unwrap();
+    let added = a
+        .http
+        .post(a.url("/v1/peers"))
+        .bearer_auth(crate::common::server::ADMIN)
+        .json(&json!({"name": "partner", "url": "http://127.0.0.1:9",
+                      "public_key": partner.public_key(), "tenant": "acme",
+                      "accept": ["orders.*"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status().as_u16(), 201);
+    let deliver = |agent: &TestAgent, webhook_id: &str| {
+        let body = json!({"specversion": "1.0", "id": "p-1", "source": "/partner",
+                          "type": "orders.created", "data": 1})
+        .to_string();
+        let signed = Webhook::sign(
+            &partner,
+            webhook_id.to_owned(),
+            unix_now_secs(),
+            body.as_bytes(),
+        );
+        let mut request = agent
+            .http
+            .post(agent.url("/v1/peer/events"))
+            .header("content-type", "application/cloudevents+json");
+        for (name, value) in signed.headers() {
+            request = request.header(name, value);
+        }
+        request.body(body).send()
+    };
+    // The peer reaches the second agent a moment later.
+    let mut first = Value::Null;
+    for _ in 0..100 {
+        let answer = deliver(&b, "w-1").await.unwrap();
+        if answer.status().is_success() {
+            first = answer.json().await.unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(first["events"][0]["clustered"], true, "{first}");
+    assert_eq!(first["events"][0]["duplicate"], false, "{first}");
+    // Delivered again (a retry) to the other agent: stored once.
+    let again: Value = deliver(&a, "w-2").await.unwrap().json().await.unwrap();
+    assert_eq!(again["events"][0]["duplicate"], true, "{again}");
+    for agent in [&a, &b] {
+        until(|| async {
+            let runs: Value = agent
+                .http
+                .get(agent.url("/v1/runs?workflow=orders"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            runs["runs"].as_array().is_some_and(|r| {
+                r.len() == 1 && r[0]["status"] == "succeeded" && r[0]["event_id"] == "p-1"
+            })
+        })
+        .await;
+    }
+}
+
+fn unix_now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}

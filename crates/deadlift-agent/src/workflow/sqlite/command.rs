@@ -29,6 +29,8 @@ pub(crate) enum Command {
     IngestLeased {
         tenant: String,
         event: Box<CloudEvent>,
+        /// The peer that delivered it to an agent of the cluster.
+        from_peer: Option<String>,
         lease: std::sync::Arc<dyn crate::workflow::RunLease>,
         reply: Reply<Ingested>,
     },

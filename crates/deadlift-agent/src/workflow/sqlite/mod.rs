@@ -202,10 +202,7 @@ pub(crate) fn insert_event(
     event: &CloudEvent,
     now: i64,
 ) -> Result<Option<i64>, DbError> {
-    let key = match from_peer {
-        Some(peer) => format!("\u{1}{peer}\u{1}{}", event.id),
-        None => event.id.clone(),
-    };
+    let key = event_key(from_peer, &event.id);
     let inserted = conn
         .prepare_cached(
             "INSERT OR IGNORE INTO events (tenant, id, type, body, received_unix_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -214,11 +211,24 @@ pub(crate) fn insert_event(
     Ok((inserted > 0).then(|| conn.last_insert_rowid()))
 }
 
-/// The `seq` of a tenant's own event stored before.
-pub(crate) fn event_seq(conn: &Connection, tenant: &str, id: &str) -> Result<Option<i64>, DbError> {
+/// An event's key among the tenant's stored events (see [`insert_event`]).
+fn event_key(from_peer: Option<&str>, id: &str) -> String {
+    match from_peer {
+        Some(peer) => format!("\u{1}{peer}\u{1}{id}"),
+        None => id.to_owned(),
+    }
+}
+
+/// The `seq` of an event stored before.
+pub(crate) fn event_seq(
+    conn: &Connection,
+    tenant: &str,
+    from_peer: Option<&str>,
+    id: &str,
+) -> Result<Option<i64>, DbError> {
     Ok(conn
         .prepare_cached("SELECT seq FROM events WHERE tenant = ?1 AND id = ?2")?
-        .query_row(params![tenant, id], |row| row.get(0))
+        .query_row(params![tenant, event_key(from_peer, id)], |row| row.get(0))
         .optional()?)
 }
 
@@ -294,7 +304,7 @@ fn insert_run_as(
 /// What taking over a leased run found.
 pub(crate) enum Taken {
     /// The run to execute, its journaled steps in `done`.
-    Open(RunTicket),
+    Open(Box<RunTicket>),
     /// The run has ended (here, or per the cluster's step journal); its `seq`.
     Ended(i64),
     /// The event already has a run of this workflow under another id.
@@ -347,7 +357,7 @@ pub(crate) fn take_leased_run(
         return Ok(Taken::Ended(seq));
     }
     Ok(match open_ticket(conn, id)? {
-        Some(ticket) => Taken::Open(ticket),
+        Some(ticket) => Taken::Open(Box::new(ticket)),
         None => Taken::Ended(seq),
     })
 }

@@ -86,17 +86,20 @@ impl Writer {
         self.route(tx, tenant, event, from_peer, None, now, effects)
     }
 
-    /// One event the cluster leased to this agent (`Journal::publish_leased`).
+    /// One event the cluster leased to this agent (`Journal::publish_leased`), maybe
+    /// one a peer delivered to an agent of the cluster.
+    #[allow(clippy::too_many_arguments)] // one event's whole context, each once
     pub(super) fn ingest_leased(
         &self,
         tx: &Connection,
         tenant: &str,
         event: CloudEvent,
+        from_peer: Option<&str>,
         lease: Arc<dyn RunLease>,
         now: i64,
         effects: &mut Effects,
     ) -> Result<Ingested, DbError> {
-        self.route(tx, tenant, event, None, Some(&lease), now, effects)
+        self.route(tx, tenant, event, from_peer, Some(&lease), now, effects)
     }
 
     /// Stores an event, sends it on to peers and starts its runs. With a lease, an event
@@ -117,7 +120,10 @@ impl Writer {
         let id = event.id.clone();
         let (seq, new) = match sql::insert_event(tx, tenant, from_peer, &event, now)? {
             Some(seq) => (seq, true),
-            None => match lease.map(|_| sql::event_seq(tx, tenant, &id)).transpose()? {
+            None => match lease
+                .map(|_| sql::event_seq(tx, tenant, from_peer, &id))
+                .transpose()?
+            {
                 Some(Some(seq)) => (seq, false),
                 _ => {
                     effects.count(EVENTS_DUPLICATE);
@@ -227,7 +233,7 @@ impl Writer {
                     ticket.lease = Some(lease.clone());
                     runs.push(run_id);
                     effects.changed_runs.push(ticket.run_seq);
-                    effects.tickets.push(ticket);
+                    effects.tickets.push(*ticket);
                 }
                 Taken::Ended(run_seq) => {
                     runs.push(run_id);

@@ -292,10 +292,19 @@ impl Writer {
             Command::IngestLeased {
                 tenant,
                 event,
+                from_peer,
                 lease,
                 reply,
             } => {
-                let result = self.ingest_leased(tx, &tenant, *event, lease, now, effects);
+                let result = self.ingest_leased(
+                    tx,
+                    &tenant,
+                    *event,
+                    from_peer.as_deref(),
+                    lease,
+                    now,
+                    effects,
+                );
                 answer(result, reply, effects)
             }
             Command::Write { apply, reply } => answer(apply(tx), reply, effects),
