@@ -24,9 +24,11 @@
 //!
 //! - **Plug-in KV** (`plugin_kv.rs`) is the cluster's.
 //!
+//! - **Events from elsewhere**: a module's `emit` outside a run, and a peer's delivery to
+//!   any agent, go to the events stream too.
+//!
 //! Not yet shared through JetStream (each agent keeps its own, as without a cluster):
-//! dead letters and the policy; events emitted outside runs and peers'
-//! deliveries are journaled by the agent that receives them.
+//! dead letters (and retries, cancels) and the policy.
 
 mod history;
 mod outbox;
@@ -286,6 +288,10 @@ impl Cluster {
         agent
             .federation()
             .receive_into(Arc::new(Inbox(Arc::downgrade(&cluster))));
+        journal.emit_to(Arc::new(Outlet {
+            cluster: Arc::downgrade(&cluster),
+            runtime: tokio::runtime::Handle::current(),
+        }));
         let pulling = tokio::spawn(pull_events(
             ingest,
             Ingest {
@@ -469,6 +475,34 @@ fn message_id(tenant: &str, from_peer: Option<&str>, event: &CloudEvent) -> Stri
             .chain_update(event.id.as_bytes())
             .finalize(),
     )
+}
+
+/// Events modules emit outside runs, stored in the cluster (`workflow::EventOutlet`).
+#[derive(Debug)]
+struct Outlet {
+    cluster: std::sync::Weak<Cluster>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// How long a module's `emit` outside a run waits for the cluster.
+const EMIT_WAIT: Duration = Duration::from_secs(10);
+
+impl crate::workflow::EventOutlet for Outlet {
+    fn publish_blocking(&self, tenant: &str, event: CloudEvent) -> Result<(), String> {
+        let cluster = self.cluster.upgrade().ok_or("the agent left the cluster")?;
+        let (answer, answered) = std::sync::mpsc::sync_channel(1);
+        let tenant = tenant.to_owned();
+        self.runtime.spawn(async move {
+            let stored = cluster.publish(&tenant, vec![event]).await;
+            let _ = answer.send(stored.map(drop).map_err(|e| e.to_string()));
+        });
+        answered.recv_timeout(EMIT_WAIT).map_err(|_| {
+            format!(
+                "the cluster did not store the event within {} s",
+                EMIT_WAIT.as_secs()
+            )
+        })?
+    }
 }
 
 /// Peers' deliveries, stored in the cluster ([`Cluster::publish_from`]).

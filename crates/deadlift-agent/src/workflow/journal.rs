@@ -37,6 +37,16 @@ pub struct Journal {
     commands: mpsc::UnboundedSender<Command>,
     db: Database,
     stats: Arc<JournalStats>,
+    /// Set in cluster mode: events emitted outside runs go there ([`JournalSink`]).
+    outlet: Arc<std::sync::OnceLock<Arc<dyn EventOutlet>>>,
+}
+
+/// Where events modules emit outside runs (direct and hook calls) go in cluster mode:
+/// the cluster's events stream, from which any agent runs them.
+pub trait EventOutlet: Send + Sync + std::fmt::Debug {
+    /// Stores one event of `tenant` in the cluster and waits until it holds it (from an
+    /// engine worker thread, which runs no Tokio runtime).
+    fn publish_blocking(&self, tenant: &str, event: CloudEvent) -> Result<(), String>;
 }
 
 /// The writer's end of the queue, handed to the runtime when it starts.
@@ -51,6 +61,7 @@ impl Journal {
             commands,
             db,
             stats: Arc::default(),
+            outlet: Arc::default(),
         };
         (journal, JournalReceiver(receiver))
     }
@@ -62,6 +73,11 @@ impl Journal {
             self.stats.writes_waiting.fetch_sub(1, Ordering::Relaxed);
             DbError::Closed
         })
+    }
+
+    /// From now on events emitted outside runs go to `outlet` (cluster mode).
+    pub(crate) fn emit_to(&self, outlet: Arc<dyn EventOutlet>) {
+        let _ = self.outlet.set(outlet);
     }
 
     /// What the journal has committed since start.
@@ -458,6 +474,11 @@ impl JournalSink {
 impl EventSink for JournalSink {
     fn publish(&self, ctx: &CallContext, event: EmittedEvent) -> Result<(), SinkError> {
         let event = CloudEvent::new(event.event_type, self.source.clone(), event.data);
+        if let Some(outlet) = self.journal.outlet.get() {
+            return outlet
+                .publish_blocking(&ctx.tenant, event)
+                .map_err(SinkError::Rejected);
+        }
         let (reply, answer) = oneshot::channel();
         let shutting_down = || SinkError::Rejected("the agent is shutting down".into());
         self.journal

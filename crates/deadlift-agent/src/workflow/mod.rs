@@ -30,7 +30,7 @@ use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
 pub(crate) use event::random_fraction;
 pub use event::{CloudEvent, EventError, TraceParent};
 pub(crate) use journal::JournalReceiver;
-pub use journal::{Journal, JournalSink, JournalStats};
+pub use journal::{EventOutlet, Journal, JournalSink, JournalStats};
 pub use lease::{LeaseLost, PriorSteps, RunLease};
 pub use records::{
     DeadLetter, Failure, Finish, Ingested, NewRun, Retention, Run, RunFilter, RunStatus,

@@ -931,3 +931,86 @@ fn unix_now_secs() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+/// An event a module emits outside a run (a direct call) goes to the cluster's stream,
+/// not into the calling agent's own journal, and its run is the cluster's.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_a_module_emits_in_a_direct_call_goes_to_the_cluster() {
+    let nats = NatsServer::start();
+    let grant = deadlift_engine::Grant::default().allow(["emit"]);
+    let (dir_a, dir_b) = (agent_dir(), agent_dir());
+    let mut agents = Vec::new();
+    for dir in [&dir_a, &dir_b] {
+        let agent = TestAgent::start_with(dir.path(), |b| b.default_grant(grant.clone())).await;
+        agent
+            .agent
+            .join_cluster(&ClusterConfig {
+                urls: vec![nats.url.clone()],
+                ..ClusterConfig::default()
+            })
+            .await
+            .unwrap();
+        agents.push(agent);
+    }
+    let (a, b) = (&agents[0], &agents[1]);
+    let token = a.tenant_token("acme").await;
+    configure(a, &token).await;
+    let pushed = a
+        .http
+        .post(a.url("/v1/modules?name=emitter"))
+        .bearer_auth(&token)
+        .body(fixture("emitter"))
+        .send()
+        .await
+        .unwrap();
+    assert!(pushed.status().is_success());
+    let jetstream = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let stored = || async {
+        let mut events = jetstream
+            .get_stream(deadlift_agent::cluster::EVENTS_STREAM)
+            .await
+            .unwrap();
+        events.info().await.unwrap().state.last_sequence
+    };
+    let before = stored().await;
+    let mut called = false;
+    for _ in 0..100 {
+        let answer = b
+            .http
+            .post(b.url("/v1/modules/emitter/call/emit_event"))
+            .bearer_auth(&token)
+            .body(r#"{"type": "orders.created", "data": 5}"#)
+            .send()
+            .await
+            .unwrap();
+        if answer.status().is_success() {
+            called = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(called, "the module never reached the second agent");
+    assert_eq!(
+        stored().await,
+        before + 1,
+        "the emitted event is in the stream"
+    );
+    for agent in [a, b] {
+        until(|| async {
+            let runs: Value = agent
+                .http
+                .get(agent.url("/v1/runs?workflow=orders"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            runs["runs"]
+                .as_array()
+                .is_some_and(|r| r.len() == 1 && r[0]["status"] == "succeeded")
+        })
+        .await;
+    }
+}
