@@ -151,6 +151,8 @@ impl ClusterError {
 /// This agent's membership of a cluster.
 #[derive(Debug)]
 pub struct Cluster {
+    /// Flips to true when the agent leaves: the events it holds go back at once.
+    leaving: tokio::sync::watch::Sender<bool>,
     client: async_nats::Client,
     jetstream: jetstream::Context,
     shared: shared::Shared,
@@ -279,7 +281,9 @@ impl Cluster {
         .await?;
         agent.federation().forward_with(Arc::new(forwarder));
         tasks.push(delivering);
+        let (leaving, left) = tokio::sync::watch::channel(false);
         let cluster = Arc::new(Self {
+            leaving,
             client: client.clone(),
             jetstream,
             shared,
@@ -301,6 +305,7 @@ impl Cluster {
                 sharer,
                 steps,
                 ack_wait: config.ack_wait,
+                left,
             },
         ));
         let triggering = tokio::spawn(v1_trigger(
@@ -388,13 +393,17 @@ impl Cluster {
         self.shared.changed(setting).await;
     }
 
-    /// Stops pulling and triggering, and flushes what the client still holds.
-    /// Stops pulling and triggering, and flushes what the client still holds, for a
-    /// moment at most: with every NATS server gone a flush would wait for ever.
+    /// Stops pulling and triggering, hands back the events whose runs are still going
+    /// here (their next holder takes the runs over), and flushes what the client still
+    /// holds, for a moment at most: with every NATS server gone a flush would wait for
+    /// ever.
     pub async fn leave(&self) {
         for task in self.tasks.lock().drain(..) {
             task.abort();
         }
+        // The events whose runs are still going here go back to the cluster.
+        self.leaving.send_replace(true);
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
     }
 }
@@ -533,6 +542,8 @@ struct Ingest {
     sharer: history::Sharer,
     steps: runs::StepJournal,
     ack_wait: Duration,
+    /// True once the agent leaves the cluster.
+    left: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Pulls events from the shared consumer and journals each here (`ingest`). Reconnects
@@ -655,18 +666,26 @@ impl Ingest {
         let this = self.clone();
         tokio::spawn(async move {
             let progress_every = this.ack_wait / 3;
-            if !hold_until_finished(
+            let held = hold_until_finished(
                 &this.journal,
                 &tenant,
                 &runs,
                 &message,
                 &lease,
                 progress_every,
+                this.left.clone(),
             )
-            .await
-            {
+            .await;
+            match held {
+                Held::Finished => {}
                 // A run stopped here: the event is another agent's now, or will be.
-                return;
+                Held::Lost => return,
+                Held::Leaving => {
+                    // The agent stops: the event goes back now, not when its lease ends,
+                    // and the next holder takes its runs over.
+                    let _ = message.ack_with(jetstream::AckKind::Nak(None)).await;
+                    return;
+                }
             }
             // Its deliveries to peers are in the cluster's outbox before it goes.
             this.hold_until_forwarded(&event_id, &message).await;
@@ -724,9 +743,17 @@ impl Ingest {
     }
 }
 
+/// How holding an event's runs ended.
+enum Held {
+    Finished,
+    /// A run stopped here without ending (the lease was lost).
+    Lost,
+    /// The agent is leaving the cluster.
+    Leaving,
+}
+
 /// Waits until every one of `runs` has ended, telling the cluster every few seconds that
-/// the event is still in hand (so that its ack wait does not run out); false when a run
-/// stopped here without ending (the lease was lost).
+/// the event is still in hand (so that its ack wait does not run out).
 async fn hold_until_finished(
     journal: &Journal,
     tenant: &str,
@@ -734,7 +761,8 @@ async fn hold_until_finished(
     message: &jetstream::Message,
     lease: &runs::Lease,
     progress_every: Duration,
-) -> bool {
+    mut left: tokio::sync::watch::Receiver<bool>,
+) -> Held {
     let mut wait = Duration::from_millis(10);
     let mut last_progress = tokio::time::Instant::now();
     for run in runs {
@@ -745,17 +773,23 @@ async fn hold_until_finished(
                 _ => break,
             }
             if lease.is_lost() {
-                return false;
+                return Held::Lost;
+            }
+            if *left.borrow() {
+                return Held::Leaving;
             }
             if last_progress.elapsed() > progress_every {
                 let _ = message.ack_with(jetstream::AckKind::Progress).await;
                 last_progress = tokio::time::Instant::now();
             }
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = left.changed() => {}
+            }
             wait = (wait * 2).min(Duration::from_secs(1));
         }
     }
-    true
+    Held::Finished
 }
 
 /// Subscribes, in a queue group, to the subject of each v1 workflow's first module and

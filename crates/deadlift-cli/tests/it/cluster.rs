@@ -438,6 +438,25 @@ fn eventually(seconds: u64, mut check: impl FnMut() -> bool) -> bool {
 /// repeating a journaled step; the dead agent, started again, leaves the run alone.
 #[test]
 fn a_run_resumes_on_another_agent_after_its_last_journaled_step() {
+    take_over_a_run(Stop::Kill);
+}
+
+/// An agent told to stop (SIGTERM) hands its events back at once: the run goes on
+/// elsewhere long before the 60 s lease would have run out, again without repeating its
+/// journaled step.
+#[test]
+fn an_agent_that_stops_hands_its_runs_over_at_once() {
+    take_over_a_run(Stop::Terminate);
+}
+
+#[derive(PartialEq)]
+enum Stop {
+    Kill,
+    Terminate,
+}
+
+fn take_over_a_run(stop: Stop) {
+    let ack_wait = if stop == Stop::Kill { "2" } else { "60" };
     let nats = NatsCluster::start_nodes(1);
     let urls = nats.urls.join(",");
     let counter = StepCounter::start();
@@ -450,7 +469,7 @@ fn a_run_resumes_on_another_agent_after_its_last_journaled_step() {
     let config_path = config.path().to_str().unwrap().to_owned();
     let env = [
         ("DEADLIFT_NATS", urls.as_str()),
-        ("DEADLIFT_NATS_ACK_WAIT_SECS", "2"),
+        ("DEADLIFT_NATS_ACK_WAIT_SECS", ack_wait),
         ("DEADLIFT_ADMIN_TOKEN", ADMIN),
         ("DEADLIFT_CONFIG", config_path.as_str()),
     ];
@@ -527,7 +546,17 @@ fn a_run_resumes_on_another_agent_after_its_last_journaled_step() {
         counter.hits()
     );
     let second = Server::start_with(second_dir.path(), &env);
-    drop(first);
+    if stop == Stop::Terminate {
+        let mut first = first;
+        Command::new("kill")
+            .args(["-TERM", &first.child.id().to_string()])
+            .status()
+            .unwrap();
+        let exited = eventually(15, || first.child.try_wait().unwrap().is_some());
+        assert!(exited, "the first agent did not stop");
+    } else {
+        drop(first);
+    }
     counter.release.store(true, Ordering::Release);
 
     let runs = |base: &str| -> Vec<Value> {
