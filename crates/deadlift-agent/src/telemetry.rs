@@ -210,7 +210,8 @@ async fn export_loop(
     while open {
         tokio::select! {
             update = updates.recv() => match update {
-                Ok(update) if update.run.status.is_finished() => {
+                // Another agent exported its own runs.
+                Ok(update) if update.run.status.is_finished() && !update.imported => {
                     match journal.run(&update.tenant, &update.run.id).await {
                         Ok(Some(run)) => batch.extend(run_spans(&update.tenant, &run)),
                         // Gone already (retention), or unreadable: nothing to send.

@@ -5,9 +5,9 @@
 //! `GET /v1/runs` and `GET /v1/runs/{id}` on any agent show the cluster's runs, a moment
 //! after they finish. An agent that was away catches up from where it left off.
 //!
-//! Imported runs are records only: this agent never resumes, announces, exports or
-//! shares them again. Dead letters, retries and cancels stay with the agent that ran
-//! the run.
+//! Imported runs are records: this agent never resumes, exports or shares them again
+//! (watchers of its live list see them, marked imported). Dead letters, retries and
+//! cancels stay with the agent that ran the run.
 
 use std::time::Duration;
 
@@ -132,7 +132,7 @@ async fn publish(
     let mut kept_up = crate::clock::now_ms();
     loop {
         let finished: Vec<(String, String)> = match updates.recv().await {
-            Ok(update) if update.run.status.is_finished() => {
+            Ok(update) if update.run.status.is_finished() && !update.imported => {
                 kept_up = crate::clock::now_ms();
                 vec![(update.tenant, update.run.id)]
             }

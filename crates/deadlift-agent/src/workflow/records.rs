@@ -326,6 +326,8 @@ pub struct Ingested {
 pub struct RunUpdate {
     pub tenant: String,
     pub run: RunSummary,
+    /// Another agent of the cluster ran it (this agent stored it from the history).
+    pub imported: bool,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -1014,3 +1014,35 @@ async fn an_event_a_module_emits_in_a_direct_call_goes_to_the_cluster() {
         .await;
     }
 }
+
+/// An agent's live list of runs shows the cluster's runs as they finish, the ones other
+/// agents ran included (marked imported, so that it does not export them again).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_live_list_shows_runs_other_agents_ran() {
+    let nats = NatsServer::start();
+    let (dir_a, dir_b) = (agent_dir(), agent_dir());
+    let a = joined(dir_a.path(), &nats).await;
+    let b = joined(dir_b.path(), &nats).await;
+    let token = a.tenant_token("acme").await;
+    configure(&a, &token).await;
+    let (mut updates, _) = b.agent.workflows().subscribe();
+    let events = 40;
+    for n in 0..events {
+        let to = if n % 2 == 0 { &a } else { &b };
+        post_event(to, &token, &format!("live-{n}"), n).await;
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seen.len() < events as usize {
+        let update = tokio::time::timeout_at(deadline, updates.recv())
+            .await
+            .expect("every run shows on the live list")
+            .unwrap();
+        if update.run.status.is_finished() {
+            seen.insert(update.run.id.clone(), update.imported);
+        }
+    }
+    // Some ran on each agent: the imported ones are the first agent's.
+    assert!(seen.values().any(|imported| *imported), "{seen:?}");
+    assert!(seen.values().any(|imported| !*imported), "{seen:?}");
+}

@@ -211,6 +211,14 @@ pub(crate) fn insert_event(
     Ok((inserted > 0).then(|| conn.last_insert_rowid()))
 }
 
+/// A run's `seq`, by its id.
+pub(crate) fn run_seq(conn: &Connection, tenant: &str, id: &str) -> Result<Option<i64>, DbError> {
+    Ok(conn
+        .prepare_cached("SELECT seq FROM runs WHERE tenant = ?1 AND id = ?2")?
+        .query_row(params![tenant, id], |row| row.get(0))
+        .optional()?)
+}
+
 /// An event's key among the tenant's stored events (see [`insert_event`]).
 fn event_key(from_peer: Option<&str>, id: &str) -> String {
     match from_peer {

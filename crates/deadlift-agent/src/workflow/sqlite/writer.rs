@@ -75,6 +75,9 @@ pub(super) struct Effects {
     pub(super) replies: Vec<ReplyFn>,
     pub(super) tickets: Vec<RunTicket>,
     pub(super) changed_runs: Vec<i64>,
+    /// Runs other agents of the cluster ran, stored here: announced to watchers as
+    /// imported (not this agent's to export or share again).
+    pub(super) imported_runs: Vec<i64>,
     pub(super) route_changes: Vec<(String, String, Option<Route>)>,
     pub(super) outbox_changed: bool,
     /// Counter increments, applied after the commit: indexes into `JournalStats::counters`.
@@ -156,8 +159,9 @@ impl Writer {
         match outcome {
             Ok(()) => {
                 let summaries = self.summaries(&conn, &effects.changed_runs);
+                let imported = self.summaries(&conn, &effects.imported_runs);
                 drop(conn);
-                self.after_commit(effects, summaries);
+                self.after_commit(effects, summaries, imported);
             }
             Err(error) => {
                 drop(conn);
@@ -181,7 +185,12 @@ impl Writer {
             .collect()
     }
 
-    fn after_commit(&mut self, effects: Effects, summaries: Vec<(String, RunSummary)>) {
+    fn after_commit(
+        &mut self,
+        effects: Effects,
+        summaries: Vec<(String, RunSummary)>,
+        imported: Vec<(String, RunSummary)>,
+    ) {
         // Counters first, so that whoever gets a reply sees them already counted.
         let stats = &self.outlets.stats;
         let counters = [
@@ -211,17 +220,25 @@ impl Writer {
         for ticket in effects.tickets {
             let _ = self.outlets.runs.send(ticket);
         }
-        if summaries.is_empty() {
+        if summaries.is_empty() && imported.is_empty() {
             return;
         }
         let mut waiters = self.outlets.waiters.lock();
-        for (tenant, run) in summaries {
+        let all = summaries
+            .into_iter()
+            .map(|summary| (summary, false))
+            .chain(imported.into_iter().map(|summary| (summary, true)));
+        for ((tenant, run), imported) in all {
             if run.status.is_finished() {
                 for waiter in waiters.remove(&run.id).into_iter().flatten() {
                     let _ = waiter.send(run.clone());
                 }
             }
-            let _ = self.outlets.updates.send(RunUpdate { tenant, run });
+            let _ = self.outlets.updates.send(RunUpdate {
+                tenant,
+                run,
+                imported,
+            });
         }
     }
 
@@ -242,6 +259,7 @@ impl Writer {
                     effects.replies.append(&mut local.replies);
                     effects.tickets.append(&mut local.tickets);
                     effects.changed_runs.append(&mut local.changed_runs);
+                    effects.imported_runs.append(&mut local.imported_runs);
                     effects.route_changes.append(&mut local.route_changes);
                     effects.outbox_changed |= local.outbox_changed;
                     for (total, n) in effects.counts.iter_mut().zip(local.counts) {
@@ -438,9 +456,15 @@ impl Writer {
                 answer(result, reply, effects)
             }
             Command::Import { tenant, run, reply } => {
-                // Not among the changed runs: an imported run is not this agent's to
-                // announce, export or share again.
-                answer(sql::import_run(tx, &tenant, &run), reply, effects)
+                // Announced as imported: watchers see it, but it is not this agent's to
+                // export or share again.
+                let result = sql::import_run(tx, &tenant, &run);
+                if let Ok(true) = result
+                    && let Ok(Some(seq)) = sql::run_seq(tx, &tenant, &run.summary.id)
+                {
+                    effects.imported_runs.push(seq);
+                }
+                answer(result, reply, effects)
             }
             Command::Requeue {
                 tenant,
