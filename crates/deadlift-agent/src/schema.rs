@@ -247,4 +247,8 @@ ALTER TABLE tapes ADD COLUMN start TEXT;
     r#"
 ALTER TABLE runs ADD COLUMN leased INTEGER NOT NULL DEFAULT 0;
 "#,
+    // Runs another agent of the cluster ran (its member id): retried or cancelled there.
+    r#"
+ALTER TABLE runs ADD COLUMN ran_by TEXT;
+"#,
 ];

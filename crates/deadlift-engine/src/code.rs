@@ -94,6 +94,8 @@ codes! {
     ModuleIncompatible = "module_incompatible" => CONFLICT,
     RunNotRetryable = "run_not_retryable" => CONFLICT,
     RunNotOpen = "run_not_open" => CONFLICT,
+    // A run another agent of the cluster ran: it is retried or cancelled there.
+    RunElsewhere = "run_elsewhere" => CONFLICT,
     DeliveryNotDead = "delivery_not_dead" => CONFLICT,
     PayloadTooLarge = "payload_too_large" => PAYLOAD_TOO_LARGE,
     InputTooLarge = "input_too_large" => PAYLOAD_TOO_LARGE,

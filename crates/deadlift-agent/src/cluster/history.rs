@@ -6,8 +6,9 @@
 //! after they finish. An agent that was away catches up from where it left off.
 //!
 //! Imported runs are records: this agent never resumes, exports or shares them again
-//! (watchers of its live list see them, marked imported). Dead letters, retries and
-//! cancels stay with the agent that ran the run.
+//! (watchers of its live list see them, marked imported). A failed one is a dead letter
+//! here too, but retries, replays and cancels are the agent's that ran it
+//! (`run_elsewhere` here): the import records who that was.
 
 use std::time::Duration;
 
@@ -220,11 +221,13 @@ async fn import(consumer: consumer::PullConsumer, journal: Journal, me: String) 
             let Ok(message) = message else {
                 break;
             };
-            let mine = message
+            let ran_by = message
                 .headers
                 .as_ref()
                 .and_then(|headers| headers.get(RAN_BY))
-                .is_some_and(|ran_by| ran_by.as_str() == me);
+                .map(|ran_by| ran_by.as_str().to_owned())
+                .unwrap_or_default();
+            let mine = ran_by == me;
             let tenant = message
                 .subject
                 .strip_prefix(HISTORY_SUBJECT)
@@ -236,7 +239,7 @@ async fn import(consumer: consumer::PullConsumer, journal: Journal, me: String) 
                 let _ = message.ack().await;
                 continue;
             };
-            match journal.import_run(&tenant, run).await {
+            match journal.import_run(&tenant, run, &ran_by).await {
                 Ok(_) => {
                     let _ = message.ack().await;
                 }

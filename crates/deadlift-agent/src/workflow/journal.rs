@@ -368,10 +368,12 @@ impl Journal {
         &self,
         tenant: &str,
         run: crate::workflow::Run,
+        ran_by: &str,
     ) -> Result<bool, DbError> {
         self.request(|reply| Command::Import {
             tenant: tenant.to_owned(),
             run: Box::new(run),
+            ran_by: ran_by.to_owned(),
             reply,
         })
         .await
@@ -386,6 +388,18 @@ impl Journal {
     /// Answers once everything queued before has committed.
     pub(crate) async fn flush(&self) -> Result<(), DbError> {
         self.request(|reply| Command::Flush { reply }).await
+    }
+
+    /// The member id of the cluster's agent that ran a run stored here from the history
+    /// (`None` for this agent's own runs).
+    pub(crate) async fn ran_by(
+        &self,
+        tenant: &str,
+        run_id: &str,
+    ) -> Result<Option<String>, DbError> {
+        let (tenant, run_id) = (tenant.to_owned(), run_id.to_owned());
+        self.read(move |conn| sqlite::ran_by(conn, &tenant, &run_id))
+            .await
     }
 
     /// Runs queued and runs running now, across tenants.

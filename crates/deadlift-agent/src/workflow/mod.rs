@@ -66,6 +66,10 @@ pub enum WorkflowError {
     RunNotRetryable(String),
     #[error("run {0} is not queued or running")]
     RunNotOpen(String),
+    #[error(
+        "run {run} ran on another agent of the cluster (member {agent}): retry or cancel it there"
+    )]
+    RunElsewhere { run: String, agent: String },
     #[error("no dead letter {0}")]
     DeadLetterNotFound(i64),
     #[error("no module has the subject `{0}`")]
@@ -87,6 +91,7 @@ impl WorkflowError {
             Self::RunNotFound(_) => Code::RunNotFound,
             Self::RunNotRetryable(_) => Code::RunNotRetryable,
             Self::RunNotOpen(_) => Code::RunNotOpen,
+            Self::RunElsewhere { .. } => Code::RunElsewhere,
             Self::DeadLetterNotFound(_) => Code::DeadLetterNotFound,
             Self::SubjectUnknown(_) => Code::SubjectUnknown,
             Self::PipelineEmpty => Code::PipelineEmpty,
@@ -514,8 +519,9 @@ impl Runtime {
         if self.journal.requeue(tenant, run_id).await?.is_some() {
             return Ok(());
         }
-        // Tell "no such run" from "not retryable".
+        // Tell "no such run" and "another agent's" from "not retryable".
         self.run(tenant, run_id).await?;
+        self.not_elsewhere(tenant, run_id).await?;
         Err(WorkflowError::RunNotRetryable(run_id.to_owned()))
     }
 
@@ -526,7 +532,19 @@ impl Runtime {
             return Ok(());
         }
         self.run(tenant, run_id).await?;
+        self.not_elsewhere(tenant, run_id).await?;
         Err(WorkflowError::RunNotOpen(run_id.to_owned()))
+    }
+
+    /// An error when another agent of the cluster ran the run.
+    async fn not_elsewhere(&self, tenant: &str, run_id: &str) -> Result<(), WorkflowError> {
+        match self.journal.ran_by(tenant, run_id).await? {
+            Some(agent) => Err(WorkflowError::RunElsewhere {
+                run: run_id.to_owned(),
+                agent,
+            }),
+            None => Ok(()),
+        }
     }
 
     pub async fn dead_letters(

@@ -1046,3 +1046,97 @@ async fn the_live_list_shows_runs_other_agents_ran() {
     assert!(seen.values().any(|imported| *imported), "{seen:?}");
     assert!(seen.values().any(|imported| !*imported), "{seen:?}");
 }
+
+/// Dead letters are answered by every agent: a failed run another agent ran is a dead
+/// letter here too, but it is replayed (or retried) on the agent that ran it, and only
+/// there, so that it cannot run twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_agent_shows_dead_letters_and_the_one_that_ran_the_run_replays_it() {
+    let nats = NatsServer::start();
+    let (dir_a, dir_b) = (agent_dir(), agent_dir());
+    let a = joined(dir_a.path(), &nats).await;
+    let b = joined(dir_b.path(), &nats).await;
+    let token = a.tenant_token("acme").await;
+    let pushed = a
+        .http
+        .post(a.url("/v1/modules?name=trapper"))
+        .bearer_auth(&token)
+        .body(fixture("trapper"))
+        .send()
+        .await
+        .unwrap();
+    assert!(pushed.status().is_success());
+    let applied = a
+        .http
+        .put(a.url("/v1/workflows/orders"))
+        .bearer_auth(&token)
+        .header("content-type", "application/toml")
+        .body("trigger = { event = \"orders.created\" }\n[[steps]]\nid = \"t\"\ncall = \"trapper\"\nfunction = \"trap\"\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status().as_u16(), 200);
+    let events = 10;
+    for n in 0..events {
+        let to = if n % 2 == 0 { &a } else { &b };
+        post_event(to, &token, &format!("bad-{n}"), n).await;
+    }
+    let dead_letters = |agent: &TestAgent| {
+        let request = agent
+            .http
+            .get(agent.url("/v1/dead-letters"))
+            .bearer_auth(&token)
+            .send();
+        async move {
+            let body: Value = request.await.unwrap().json().await.unwrap();
+            body.as_array().cloned().unwrap_or_default()
+        }
+    };
+    for agent in [&a, &b] {
+        until(|| async { dead_letters(agent).await.len() == events as usize }).await;
+    }
+    // Each agent replays the ones it ran, and refuses the others'.
+    let runs_here = |agent: &TestAgent| {
+        let request = agent
+            .http
+            .get(agent.url("/v1/runs?workflow=orders"))
+            .bearer_auth(&token)
+            .send();
+        async move {
+            let body: Value = request.await.unwrap().json().await.unwrap();
+            body["runs"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let (mut replayed, mut refused) = (0, 0);
+    for agent in [&a, &b] {
+        assert_eq!(runs_here(agent).await.len(), events as usize);
+        for letter in dead_letters(agent).await {
+            let answer = agent
+                .http
+                .post(agent.url(&format!("/v1/dead-letters/{}/replay", letter["id"])))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            if answer.status().is_success() {
+                replayed += 1;
+            } else {
+                TestAgent::expect_error(answer, 409, "run_elsewhere").await;
+                refused += 1;
+                let retry = agent
+                    .http
+                    .post(agent.url(&format!(
+                        "/v1/runs/{}/retry",
+                        letter["run_id"].as_str().unwrap()
+                    )))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap();
+                TestAgent::expect_error(retry, 409, "run_elsewhere").await;
+            }
+        }
+    }
+    // Every run replayed exactly once, by the agent that ran it.
+    assert_eq!((replayed, refused), (events, events), "replayed, refused");
+}

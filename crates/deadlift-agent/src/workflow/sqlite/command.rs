@@ -94,6 +94,8 @@ pub(crate) enum Command {
     Import {
         tenant: String,
         run: Box<Run>,
+        /// The member id of the agent that ran it.
+        ran_by: String,
         reply: Reply<bool>,
     },
     Requeue {

@@ -211,6 +211,15 @@ pub(crate) fn insert_event(
     Ok((inserted > 0).then(|| conn.last_insert_rowid()))
 }
 
+/// Which agent of the cluster ran a run stored from the history (`None`: this one).
+pub(crate) fn ran_by(conn: &Connection, tenant: &str, id: &str) -> Result<Option<String>, DbError> {
+    Ok(conn
+        .prepare_cached("SELECT ran_by FROM runs WHERE tenant = ?1 AND id = ?2")?
+        .query_row(params![tenant, id], |row| row.get::<_, Option<String>>(0))
+        .optional()?
+        .flatten())
+}
+
 /// A run's `seq`, by its id.
 pub(crate) fn run_seq(conn: &Connection, tenant: &str, id: &str) -> Result<Option<i64>, DbError> {
     Ok(conn
@@ -401,10 +410,17 @@ pub(crate) fn insert_finished_run(
     Ok((id, conn.last_insert_rowid()))
 }
 
-/// Stores a finished run another agent ran, with its steps, under its own id; a run
-/// already here under that id is brought up to date (the other agent retried it).
-/// Answers whether anything changed.
-pub(crate) fn import_run(conn: &Connection, tenant: &str, run: &Run) -> Result<bool, DbError> {
+/// Stores a finished run another agent ran (`ran_by`, its member id), with its steps,
+/// under its own id; a run already here under that id is brought up to date (the other
+/// agent retried it). A failed run the runner ran is a dead letter here too (shown, not
+/// replayed here: its agent replays it), and a retried one that then succeeded is no
+/// longer. Answers whether anything changed.
+pub(crate) fn import_run(
+    conn: &Connection,
+    tenant: &str,
+    run: &Run,
+    ran_by: &str,
+) -> Result<bool, DbError> {
     let summary = &run.summary;
     if !summary.status.is_finished() {
         return Ok(false);
@@ -419,7 +435,8 @@ pub(crate) fn import_run(conn: &Connection, tenant: &str, run: &Run) -> Result<b
         Some((_, finished)) if finished >= summary.finished_unix_ms => return Ok(false),
         Some((seq, _)) => {
             conn.prepare_cached(
-                "UPDATE runs SET status = ?2, output = ?3, error = ?4, finished_unix_ms = ?5
+                "UPDATE runs SET status = ?2, output = ?3, error = ?4, finished_unix_ms = ?5,
+                    ran_by = ?6
                  WHERE seq = ?1",
             )?
             .execute(params![
@@ -428,6 +445,7 @@ pub(crate) fn import_run(conn: &Connection, tenant: &str, run: &Run) -> Result<b
                 run.output.as_ref().map(json_text).transpose()?,
                 summary.error.as_ref().map(json_text).transpose()?,
                 summary.finished_unix_ms,
+                ran_by,
             ])?;
             conn.prepare_cached("DELETE FROM run_steps WHERE run_seq = ?1")?
                 .execute([seq])?;
@@ -437,8 +455,8 @@ pub(crate) fn import_run(conn: &Connection, tenant: &str, run: &Run) -> Result<b
             conn.prepare_cached(
                 "INSERT INTO runs (id, tenant, workflow, workflow_version, trigger, event_id,
                     status, input, output, error, traceparent, trace_id, depth,
-                    created_unix_ms, started_unix_ms, finished_unix_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 0, ?13, ?14, ?15)",
+                    created_unix_ms, started_unix_ms, finished_unix_ms, ran_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 0, ?13, ?14, ?15, ?16)",
             )?
             .execute(params![
                 summary.id,
@@ -456,12 +474,40 @@ pub(crate) fn import_run(conn: &Connection, tenant: &str, run: &Run) -> Result<b
                 summary.created_unix_ms,
                 summary.started_unix_ms,
                 summary.finished_unix_ms,
+                ran_by,
             ])?;
             conn.last_insert_rowid()
         }
     };
     for (position, step) in run.steps.iter().enumerate() {
         insert_step(conn, run_seq, position, step)?;
+    }
+    let runner_ran = matches!(
+        summary.trigger,
+        super::records::TriggerKind::Event
+            | super::records::TriggerKind::Http
+            | super::records::TriggerKind::Schedule
+    );
+    if summary.status == RunStatus::Failed && runner_ran {
+        let error = summary.error.as_ref().map(json_text).transpose()?;
+        conn.prepare_cached(
+            "INSERT INTO dead_letters (tenant, run_seq, error, created_unix_ms)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (run_seq) DO UPDATE SET error = excluded.error,
+                created_unix_ms = excluded.created_unix_ms, replayed_unix_ms = NULL",
+        )?
+        .execute(params![
+            tenant,
+            run_seq,
+            error.unwrap_or_default(),
+            summary.finished_unix_ms
+        ])?;
+    } else {
+        conn.prepare_cached(
+            "UPDATE dead_letters SET replayed_unix_ms = COALESCE(replayed_unix_ms, ?2)
+             WHERE run_seq = ?1",
+        )?
+        .execute(params![run_seq, summary.finished_unix_ms])?;
     }
     Ok(true)
 }
@@ -572,7 +618,7 @@ pub(crate) fn requeue_run(
     let changed = conn.execute(
         "UPDATE runs SET status = 'queued', error = NULL, output = NULL, finished_unix_ms = NULL,
             execution = execution + 1, leased = 0
-         WHERE id = ?1 AND tenant = ?2 AND status IN ('failed', 'cancelled')",
+         WHERE id = ?1 AND tenant = ?2 AND status IN ('failed', 'cancelled') AND ran_by IS NULL",
         params![run_id, tenant],
     )?;
     if changed == 0 {
@@ -607,7 +653,7 @@ pub(crate) fn cancel_run(
     Ok(conn
         .prepare_cached(
             "UPDATE runs SET status = 'cancelled', error = ?3, finished_unix_ms = ?4
-             WHERE id = ?1 AND tenant = ?2 AND status IN ('queued', 'running')
+             WHERE id = ?1 AND tenant = ?2 AND status IN ('queued', 'running') AND ran_by IS NULL
              RETURNING execution",
         )?
         .query_row(params![run_id, tenant, json_text(&failure)?, now], |row| {

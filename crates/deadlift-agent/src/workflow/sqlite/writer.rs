@@ -455,10 +455,15 @@ impl Writer {
                 })();
                 answer(result, reply, effects)
             }
-            Command::Import { tenant, run, reply } => {
+            Command::Import {
+                tenant,
+                run,
+                ran_by,
+                reply,
+            } => {
                 // Announced as imported: watchers see it, but it is not this agent's to
                 // export or share again.
-                let result = sql::import_run(tx, &tenant, &run);
+                let result = sql::import_run(tx, &tenant, &run, &ran_by);
                 if let Ok(true) = result
                     && let Ok(Some(seq)) = sql::run_seq(tx, &tenant, &run.summary.id)
                 {
