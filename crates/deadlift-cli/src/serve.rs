@@ -133,6 +133,7 @@ async fn reload_policy_on_hangup(agent: Arc<deadlift::Agent>, path: PathBuf) {
             match read {
                 Ok(policy) => {
                     agent.policy().replace(policy);
+                    agent.changed(deadlift::cluster::Setting::Policy).await;
                     println!("policy reloaded from {}", path.display());
                 }
                 Err(error) => {

@@ -42,5 +42,8 @@ pub(super) async fn put_policy(
         .validate()
         .map_err(|message| ApiError::new(Code::InvalidInput, message))?;
     agent.policy().replace(policy.clone());
+    agent
+        .changed(deadlift_agent::cluster::Setting::Policy)
+        .await;
     Ok(Json(policy))
 }

@@ -27,8 +27,8 @@
 //! - **Events from elsewhere**: a module's `emit` outside a run, and a peer's delivery to
 //!   any agent, go to the events stream too.
 //!
-//! Not yet shared through JetStream: the policy (each agent's config). A dead letter
-//! shows on every agent (`history.rs`) but is replayed by the agent that ran its run.
+//! A dead letter shows on every agent (`history.rs`) but is replayed by the agent that
+//! ran its run. Not shared: v1 workflow ids.
 
 mod history;
 mod outbox;

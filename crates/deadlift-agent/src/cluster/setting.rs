@@ -42,6 +42,9 @@ pub enum Setting {
     },
     /// A peer, by name: every agent delivers to it and accepts its deliveries.
     Peer(String),
+    /// The operator's policy: one for the cluster (the newest `PUT /v1/policy`, reload
+    /// or agent to join sets it).
+    Policy,
 }
 
 impl Setting {
@@ -55,6 +58,7 @@ impl Setting {
             Self::Release { tenant, name } => format!("releases.{tenant}.{name}"),
             Self::Binding { tenant, hook } => format!("bindings.{tenant}.{hook}"),
             Self::Peer(name) => format!("peers.{name}"),
+            Self::Policy => "policy.all".into(),
         }
     }
 
@@ -97,6 +101,7 @@ impl Setting {
                 let (tenant, hook) = tenant_and(rest)?;
                 Some(Self::Binding { tenant, hook })
             }
+            "policy" if rest == "all" => Some(Self::Policy),
             "peers" => {
                 crate::workflow::spec::validate_name(rest).ok()?;
                 Some(Self::Peer(rest.to_owned()))
@@ -168,6 +173,7 @@ pub(crate) async fn local_settings(agent: &Agent) -> Result<Vec<Setting>, Cluste
             }
         }
     }
+    seed.push(Setting::Policy);
     seed.extend(
         agent
             .federation()
@@ -242,6 +248,7 @@ pub(super) async fn local(agent: &Agent, setting: &Setting) -> Result<Option<Val
             .await
             .map_err(|e| e.to_string())?
             .map(|binding| json!({"module": binding.module, "function": binding.function}))),
+        Setting::Policy => Ok(Some(json!(*agent.policy().current()))),
         // When it was registered differs from agent to agent.
         Setting::Peer(name) => Ok(agent.federation().peer(name).map(|peer| {
             json!(crate::federation::Peer {
@@ -385,6 +392,14 @@ pub(super) async fn apply(
                 Err(error) => return Err(error.to_string()),
             }
         }
+        (Setting::Policy, Some(value)) => {
+            let policy: crate::policy::Policy =
+                serde_json::from_value(value).map_err(|e| e.to_string())?;
+            policy.validate()?;
+            agent.policy().replace(policy);
+        }
+        // The policy is never deleted.
+        (Setting::Policy, None) => {}
         (Setting::Peer(_), Some(value)) => {
             let peer: crate::federation::Peer =
                 serde_json::from_value(value).map_err(|e| e.to_string())?;
@@ -431,6 +446,7 @@ mod tests {
                 name: "orders.v2".into(),
             },
             Setting::Peer("acme.eu".into()),
+            Setting::Policy,
         ] {
             assert_eq!(Setting::from_key(&setting.key()), Some(setting));
         }

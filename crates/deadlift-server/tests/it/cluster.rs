@@ -1140,3 +1140,47 @@ async fn every_agent_shows_dead_letters_and_the_one_that_ran_the_run_replays_it(
     // Every run replayed exactly once, by the agent that ran it.
     assert_eq!((replayed, refused), (events, events), "replayed, refused");
 }
+
+/// The policy is the cluster's: a policy put through one agent holds on the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_put_on_one_agent_holds_on_the_others() {
+    let nats = NatsServer::start();
+    let (dir_a, dir_b) = (agent_dir(), agent_dir());
+    let a = joined(dir_a.path(), &nats).await;
+    let b = joined(dir_b.path(), &nats).await;
+    let admin = crate::common::server::ADMIN;
+    let mut policy: Value = a
+        .http
+        .get(a.url("/v1/policy"))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    policy["default"]["max_timeout_ms"] = json!(1234);
+    let put = a
+        .http
+        .put(a.url("/v1/policy"))
+        .bearer_auth(admin)
+        .json(&policy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status().as_u16(), 200);
+    until(|| async {
+        let there: Value = b
+            .http
+            .get(b.url("/v1/policy"))
+            .bearer_auth(admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        there["default"]["max_timeout_ms"] == 1234
+    })
+    .await;
+}
