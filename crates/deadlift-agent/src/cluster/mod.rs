@@ -467,6 +467,49 @@ async fn check_identity(
     }
 }
 
+/// Reads what `stream` holds now under `filter` (`deliver` says which messages: all,
+/// or the newest per subject), `most` messages at most, through a short-lived consumer
+/// of its own. For reads of a few messages off the hot path (a run taken over, a KV key
+/// listing).
+async fn read_now(
+    stream: &stream::Stream,
+    filter: String,
+    deliver: consumer::DeliverPolicy,
+    headers_only: bool,
+    most: usize,
+) -> Result<Vec<jetstream::Message>, String> {
+    let mut reader = stream
+        .create_consumer(consumer::pull::Config {
+            filter_subject: filter,
+            deliver_policy: deliver,
+            ack_policy: consumer::AckPolicy::None,
+            headers_only,
+            inactive_threshold: Duration::from_secs(30),
+            ..consumer::pull::Config::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let pending = (reader.info().await.map_err(|e| e.to_string())?.num_pending as usize).min(most);
+    let mut read = Vec::with_capacity(pending);
+    while read.len() < pending {
+        let mut batch = reader
+            .fetch()
+            .max_messages(pending - read.len())
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
+        let before = read.len();
+        while let Some(message) = batch.next().await {
+            read.push(message.map_err(|e| e.to_string())?);
+        }
+        if read.len() == before {
+            return Err(format!("read {before} of {pending} messages"));
+        }
+    }
+    Ok(read)
+}
+
 /// The stream's deduplication key of an event: its tenant, source and id (hashed, so that
 /// any source fits a header).
 fn message_id(tenant: &str, from_peer: Option<&str>, event: &CloudEvent) -> String {

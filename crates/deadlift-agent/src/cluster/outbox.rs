@@ -178,16 +178,8 @@ async fn deliver_to(outbox: stream::Stream, peer: String, agent: Weak<Agent>) {
             }
         }
     };
-    let http = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-    {
-        Ok(http) => http,
-        Err(error) => {
-            tracing::error!(%error, "cannot build the delivery HTTP client; no deliveries");
-            return;
-        }
+    let Some(http) = deliver::http_client() else {
+        return;
     };
     loop {
         let fetched = consumer

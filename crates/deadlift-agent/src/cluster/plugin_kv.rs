@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 use deadlift_engine::host::{KvError, KvStore};
-use futures_util::StreamExt;
 
 use super::ClusterError;
 use crate::store::Database;
@@ -97,55 +96,35 @@ impl PluginKv {
 /// deletions left out.
 async fn list(stream: &stream::Stream, tenant: &str, prefix: &str) -> Result<Vec<String>, String> {
     let subjects = format!("$KV.{KV_BUCKET}.{tenant}.k{}", hex::encode(prefix));
-    let mut reader = stream
-        .create_consumer(consumer::pull::Config {
-            filter_subject: format!("$KV.{KV_BUCKET}.{tenant}.>"),
-            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-            ack_policy: consumer::AckPolicy::None,
-            headers_only: true,
-            inactive_threshold: Duration::from_secs(30),
-            ..consumer::pull::Config::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let pending = reader.info().await.map_err(|e| e.to_string())?.num_pending as usize;
+    let messages = super::read_now(
+        stream,
+        format!("$KV.{KV_BUCKET}.{tenant}.>"),
+        consumer::DeliverPolicy::LastPerSubject,
+        true,
+        usize::MAX,
+    )
+    .await?;
     let mut keys = Vec::new();
-    let mut read = 0;
-    while read < pending {
-        let mut batch = reader
-            .fetch()
-            .max_messages(pending - read)
-            .expires(Duration::from_secs(2))
-            .messages()
-            .await
-            .map_err(|e| e.to_string())?;
-        let before = read;
-        while let Some(message) = batch.next().await {
-            let message = message.map_err(|e| e.to_string())?;
-            read += 1;
-            let deleted = message
-                .headers
-                .as_ref()
-                .and_then(|headers| headers.get("KV-Operation"))
-                .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
-            if deleted || !message.subject.starts_with(subjects.as_str()) {
-                continue;
-            }
-            let hex_key = message
-                .subject
-                .rsplit('.')
-                .next()
-                .and_then(|token| token.strip_prefix('k'))
-                .unwrap_or_default();
-            if let Some(key) = hex::decode(hex_key)
-                .ok()
-                .and_then(|bytes| String::from_utf8(bytes).ok())
-            {
-                keys.push(key);
-            }
+    for message in messages {
+        let deleted = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get("KV-Operation"))
+            .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+        if deleted || !message.subject.starts_with(subjects.as_str()) {
+            continue;
         }
-        if read == before {
-            return Err(format!("read {read} of {pending} keys"));
+        let hex_key = message
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|token| token.strip_prefix('k'))
+            .unwrap_or_default();
+        if let Some(key) = hex::decode(hex_key)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+        {
+            keys.push(key);
         }
     }
     keys.sort();

@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
-use futures_util::StreamExt;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -130,57 +129,35 @@ impl StepJournal {
         &self,
         key: &str,
     ) -> Result<(HashMap<String, PriorSteps>, HashMap<String, u64>), String> {
-        let mut reader = self
-            .steps
-            .create_consumer(consumer::pull::Config {
-                filter_subject: format!("{STEPS_SUBJECT}.{key}.*"),
-                deliver_policy: consumer::DeliverPolicy::All,
-                ack_policy: consumer::AckPolicy::None,
-                inactive_threshold: Duration::from_secs(30),
-                ..consumer::pull::Config::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let pending = reader.info().await.map_err(|e| e.to_string())?.num_pending as usize;
+        let messages = super::read_now(
+            &self.steps,
+            format!("{STEPS_SUBJECT}.{key}.*"),
+            consumer::DeliverPolicy::All,
+            false,
+            MAX_PRIOR_STEPS,
+        )
+        .await?;
         let mut steps: HashMap<String, (BTreeMap<usize, StepRecord>, Option<Finish>)> =
             HashMap::new();
         let mut last = HashMap::new();
-        let mut read = 0;
-        while read < pending.min(MAX_PRIOR_STEPS) {
-            let mut batch = reader
-                .fetch()
-                .max_messages(pending.min(MAX_PRIOR_STEPS) - read)
-                .expires(Duration::from_secs(2))
-                .messages()
-                .await
-                .map_err(|e| e.to_string())?;
-            let before = read;
-            while let Some(message) = batch.next().await {
-                let message = message.map_err(|e| e.to_string())?;
-                read += 1;
-                let Some(run_id) = message.subject.rsplit('.').next().map(str::to_owned) else {
-                    continue;
-                };
-                if let Ok(info) = message.info() {
-                    last.insert(run_id.clone(), info.stream_sequence);
-                }
-                match serde_json::from_slice::<JournaledStep>(&message.payload) {
-                    Ok(step) => {
-                        let run = steps.entry(run_id).or_default();
-                        run.0.insert(step.position, step.record);
-                        if step.finish.is_some() {
-                            run.1 = step.finish;
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(subject = %message.subject, "an unreadable step in the cluster's journal: {error}")
-                    }
-                }
+        for message in messages {
+            let Some(run_id) = message.subject.rsplit('.').next().map(str::to_owned) else {
+                continue;
+            };
+            if let Ok(info) = message.info() {
+                last.insert(run_id.clone(), info.stream_sequence);
             }
-            if read == before {
-                return Err(format!(
-                    "read {read} of the {pending} steps journaled for an event"
-                ));
+            match serde_json::from_slice::<JournaledStep>(&message.payload) {
+                Ok(step) => {
+                    let run = steps.entry(run_id).or_default();
+                    run.0.insert(step.position, step.record);
+                    if step.finish.is_some() {
+                        run.1 = step.finish;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(subject = %message.subject, "an unreadable step in the cluster's journal: {error}")
+                }
             }
         }
         let prior = steps

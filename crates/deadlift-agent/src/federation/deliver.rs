@@ -57,6 +57,19 @@ pub trait OutboxForwarder: Send + Sync + std::fmt::Debug {
 /// The forwarder, once the agent has joined a cluster.
 pub(crate) type Forwarding = Arc<std::sync::OnceLock<Arc<dyn OutboxForwarder>>>;
 
+/// The deliveries' HTTP client: a deadline per attempt, and no redirects (a delivery is
+/// signed for its peer's URL). `None`, logged, when it cannot be built.
+pub(crate) fn http_client() -> Option<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .inspect_err(
+            |error| tracing::error!(%error, "cannot build the delivery HTTP client; no deliveries"),
+        )
+        .ok()
+}
+
 /// Runs until the task is aborted.
 pub(crate) async fn run(
     db: Database,
@@ -67,16 +80,8 @@ pub(crate) async fn run(
     config: DeliveryConfig,
     forwarding: Forwarding,
 ) {
-    let http = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-    {
-        Ok(http) => http,
-        Err(error) => {
-            tracing::error!(%error, "cannot build the delivery HTTP client; no deliveries");
-            return;
-        }
+    let Some(http) = http_client() else {
+        return;
     };
     let mut pruned = Instant::now();
     loop {

@@ -119,6 +119,57 @@ impl Drop for NatsCluster {
     }
 }
 
+/// Makes tenant acme on the agent at `base`, with a token, the module `module` (a name
+/// and its fixture) and the workflow `orders`; answers the token.
+async fn set_up_acme(
+    http: &reqwest::Client,
+    base: &str,
+    module: (&str, &str),
+    workflow: String,
+) -> String {
+    let created = http
+        .post(format!("{base}/v1/tenants"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let token: Value = http
+        .post(format!("{base}/v1/tenants/acme/tokens"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["token"].as_str().unwrap().to_owned();
+    let pushed = http
+        .post(format!("{base}/v1/modules?name={}", module.0))
+        .bearer_auth(&token)
+        .body(std::fs::read(fixture(module.1)).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert!(pushed.status().is_success());
+    let applied = http
+        .put(format!("{base}/v1/workflows/orders"))
+        .bearer_auth(&token)
+        .header("content-type", "application/toml")
+        .body(workflow)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        applied.status().as_u16(),
+        200,
+        "{}",
+        applied.text().await.unwrap()
+    );
+    token
+}
+
 #[test]
 fn a_cluster_loses_no_event_when_an_agent_and_a_nats_node_die() {
     let mut nats = NatsCluster::start();
@@ -147,44 +198,13 @@ fn a_cluster_loses_no_event_when_an_agent_and_a_nats_node_die() {
     let first = url(&agents, 0).unwrap();
 
     // Acme, its module and its workflow, made on the first agent only.
-    let token = runtime.block_on(async {
-        let created = http
-            .post(format!("{first}/v1/tenants"))
-            .bearer_auth(ADMIN)
-            .json(&json!({"name": "acme"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status().as_u16(), 201);
-        let token: Value = http
-            .post(format!("{first}/v1/tenants/acme/tokens"))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let token = token["token"].as_str().unwrap().to_owned();
-        let pushed = http
-            .post(format!("{first}/v1/modules?name=adder"))
-            .bearer_auth(&token)
-            .body(std::fs::read(fixture("add_ten")).unwrap())
-            .send()
-            .await
-            .unwrap();
-        assert!(pushed.status().is_success());
-        let applied = http
-            .put(format!("{first}/v1/workflows/orders"))
-            .bearer_auth(&token)
-            .header("content-type", "application/toml")
-            .body("trigger = { event = \"orders.created\" }\n[[steps]]\nid = \"add\"\ncall = \"adder\"\n")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(applied.status().as_u16(), 200);
-        token
-    });
+    let token = runtime.block_on(set_up_acme(
+        &http,
+        &first,
+        ("adder", "add_ten"),
+        "trigger = { event = \"orders.created\" }\n[[steps]]\nid = \"add\"\ncall = \"adder\"\n"
+            .into(),
+    ));
     // The token must be on every agent before events go to them.
     runtime.block_on(async {
         for n in 1..3 {
@@ -494,41 +514,7 @@ fn take_over_a_run(stop: Stop) {
     );
     let token = runtime.block_on(async {
         let base = &first.url;
-        let created = http
-            .post(format!("{base}/v1/tenants"))
-            .bearer_auth(ADMIN)
-            .json(&json!({"name": "acme"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status().as_u16(), 201);
-        let token: Value = http
-            .post(format!("{base}/v1/tenants/acme/tokens"))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let token = token["token"].as_str().unwrap().to_owned();
-        let pushed = http
-            .post(format!("{base}/v1/modules?name=fetcher"))
-            .bearer_auth(&token)
-            .body(std::fs::read(fixture("fetcher")).unwrap())
-            .send()
-            .await
-            .unwrap();
-        assert!(pushed.status().is_success());
-        let applied = http
-            .put(format!("{base}/v1/workflows/orders"))
-            .bearer_auth(&token)
-            .header("content-type", "application/toml")
-            .body(workflow)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(applied.status().as_u16(), 200, "{}", applied.text().await.unwrap());
+        let token = set_up_acme(&http, base, ("fetcher", "fetcher"), workflow).await;
         let posted = http
             .post(format!("{base}/v1/events"))
             .bearer_auth(&token)

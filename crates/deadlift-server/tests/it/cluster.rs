@@ -28,6 +28,11 @@ fn agent_dir() -> tempfile::TempDir {
 
 async fn joined(dir: &std::path::Path, nats: &NatsServer) -> TestAgent {
     let agent = TestAgent::start(dir).await;
+    join(&agent, nats).await;
+    agent
+}
+
+async fn join(agent: &TestAgent, nats: &NatsServer) {
     agent
         .agent
         .join_cluster(&ClusterConfig {
@@ -36,7 +41,6 @@ async fn joined(dir: &std::path::Path, nats: &NatsServer) -> TestAgent {
         })
         .await
         .expect("the agent joins the cluster");
-    agent
 }
 
 /// Acme's module and workflow, made on one agent.
@@ -524,14 +528,7 @@ async fn releases_and_hook_bindings_are_shared() {
             ))
         })
         .await;
-        agent
-            .agent
-            .join_cluster(&ClusterConfig {
-                urls: vec![nats.url.clone()],
-                ..ClusterConfig::default()
-            })
-            .await
-            .unwrap();
+        join(&agent, &nats).await;
         agents.push(agent);
     }
     let (one, other) = (&agents[0], &agents[1]);
@@ -643,13 +640,7 @@ async fn a_setting_an_agent_cannot_apply_does_not_stop_its_events_for_long() {
         ))
     })
     .await;
-    a.agent
-        .join_cluster(&ClusterConfig {
-            urls: vec![nats.url.clone()],
-            ..ClusterConfig::default()
-        })
-        .await
-        .unwrap();
+    join(&a, &nats).await;
     let b = joined(dir_b.path(), &nats).await;
     let token = a.tenant_token("acme").await;
     configure(&a, &token).await;
@@ -731,14 +722,7 @@ async fn plugin_kv_is_one_store_for_the_cluster() {
         .unwrap();
     assert_eq!(put.status().as_u16(), 204);
     for agent in [&a, &b] {
-        agent
-            .agent
-            .join_cluster(&ClusterConfig {
-                urls: vec![nats.url.clone()],
-                ..ClusterConfig::default()
-            })
-            .await
-            .unwrap();
+        join(agent, &nats).await;
     }
     let pushed = a
         .http
@@ -942,14 +926,7 @@ async fn an_event_a_module_emits_in_a_direct_call_goes_to_the_cluster() {
     let mut agents = Vec::new();
     for dir in [&dir_a, &dir_b] {
         let agent = TestAgent::start_with(dir.path(), |b| b.default_grant(grant.clone())).await;
-        agent
-            .agent
-            .join_cluster(&ClusterConfig {
-                urls: vec![nats.url.clone()],
-                ..ClusterConfig::default()
-            })
-            .await
-            .unwrap();
+        join(&agent, &nats).await;
         agents.push(agent);
     }
     let (a, b) = (&agents[0], &agents[1]);
