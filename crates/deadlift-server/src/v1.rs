@@ -63,9 +63,18 @@ pub(crate) async fn create_workflow(
             format!("expected {{\"name\", \"description\"?, \"pipeline\": [subject, ...]}}: {e}"),
         )
     })?;
+    // In a cluster, ids are one space across its agents, and the workflow is theirs too.
+    let cluster_id = match agent.cluster() {
+        Some(cluster) => {
+            let here = agent.workflows().max_v1_id().await?;
+            Some(cluster.next_v1_id(here).await?)
+        }
+        None => None,
+    };
     let id = agent
         .workflows()
-        .create_v1(
+        .create_v1_as(
+            cluster_id,
             V1_TENANT,
             &request.name,
             request.description,
@@ -73,6 +82,12 @@ pub(crate) async fn create_workflow(
             agent.default_grant().clone(),
         )
         .await?;
+    agent
+        .changed(deadlift_agent::cluster::Setting::Workflow {
+            tenant: V1_TENANT.to_owned(),
+            name: deadlift_agent::workflow::v1::workflow_name(id),
+        })
+        .await;
     Ok((StatusCode::CREATED, id.to_string()).into_response())
 }
 

@@ -28,7 +28,8 @@
 //!   any agent, go to the events stream too.
 //!
 //! A dead letter shows on every agent (`history.rs`) but is replayed by the agent that
-//! ran its run. Not shared: v1 workflow ids.
+//! ran its run. v1 workflows are shared settings under ids from a cluster-wide counter
+//! ([`Cluster::next_v1_id`]).
 
 mod history;
 mod outbox;
@@ -151,6 +152,8 @@ impl ClusterError {
 /// This agent's membership of a cluster.
 #[derive(Debug)]
 pub struct Cluster {
+    /// What the agents agree on: the identity, the next v1 workflow id.
+    agreed: async_nats::jetstream::kv::Store,
     /// Flips to true when the agent leaves: the events it holds go back at once.
     leaving: tokio::sync::watch::Sender<bool>,
     client: async_nats::Client,
@@ -226,7 +229,8 @@ impl Cluster {
             )
             .await
             .map_err(|e| ClusterError::Setup(e.to_string()))?;
-        check_identity(&jetstream, config.replicas, agent.federation().identity()).await?;
+        let agreed =
+            check_identity(&jetstream, config.replicas, agent.federation().identity()).await?;
         let firings = jetstream
             .create_key_value(async_nats::jetstream::kv::Config {
                 bucket: FIRINGS_BUCKET.into(),
@@ -283,6 +287,7 @@ impl Cluster {
         tasks.push(delivering);
         let (leaving, left) = tokio::sync::watch::channel(false);
         let cluster = Arc::new(Self {
+            agreed,
             leaving,
             client: client.clone(),
             jetstream,
@@ -387,6 +392,41 @@ impl Cluster {
         Ok(ingested)
     }
 
+    /// The next v1 workflow id, one space for the cluster (above `at_least`, this
+    /// agent's own highest): a counter in the `deadlift-cluster` bucket, taken by
+    /// compare-and-set.
+    pub async fn next_v1_id(&self, at_least: i64) -> Result<i64, ClusterError> {
+        const KEY: &str = "v1-workflow-id";
+        let failed = |e: &dyn std::fmt::Display| ClusterError::Publish(e.to_string());
+        for _ in 0..100 {
+            let entry = self.agreed.entry(KEY).await.map_err(|e| failed(&e))?;
+            let current = entry
+                .as_ref()
+                .filter(|entry| entry.operation == async_nats::jetstream::kv::Operation::Put)
+                .and_then(|entry| std::str::from_utf8(&entry.value).ok()?.parse::<i64>().ok())
+                .unwrap_or(0);
+            let next = current.max(at_least) + 1;
+            let taken = match &entry {
+                Some(entry) => self
+                    .agreed
+                    .update(KEY, next.to_string().into(), entry.revision)
+                    .await
+                    .is_ok(),
+                None => self
+                    .agreed
+                    .create(KEY, next.to_string().into())
+                    .await
+                    .is_ok(),
+            };
+            if taken {
+                return Ok(next);
+            }
+        }
+        Err(ClusterError::Publish(
+            "another agent kept taking the next v1 workflow id".into(),
+        ))
+    }
+
     /// A setting changed through this agent: the cluster gets it. Answers once the
     /// cluster holds it.
     pub async fn changed(&self, setting: Setting) {
@@ -435,7 +475,7 @@ async fn check_identity(
     jetstream: &jetstream::Context,
     replicas: usize,
     identity: &crate::federation::Identity,
-) -> Result<(), ClusterError> {
+) -> Result<async_nats::jetstream::kv::Store, ClusterError> {
     let setup = |e: &dyn std::fmt::Display| ClusterError::Setup(e.to_string());
     let bucket = jetstream
         .create_key_value(async_nats::jetstream::kv::Config {
@@ -449,7 +489,7 @@ async fn check_identity(
         .map_err(|e| setup(&e))?;
     let ours = format!("{} ({})", identity.name, identity.public_key());
     match bucket.create("identity", ours.clone().into()).await {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(bucket),
         Err(error) if error.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
             let theirs = bucket
                 .get("identity")
@@ -458,7 +498,7 @@ async fn check_identity(
                 .map(|value| String::from_utf8_lossy(&value).into_owned())
                 .unwrap_or_default();
             if theirs == ours {
-                Ok(())
+                Ok(bucket)
             } else {
                 Err(ClusterError::Identity { ours, theirs })
             }

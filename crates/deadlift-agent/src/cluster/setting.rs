@@ -359,6 +359,18 @@ pub(super) async fn apply(
                 .apply(&tenant, spec, Some(&name))
                 .await
                 .map_err(|e| e.to_string())?;
+            // A v1 workflow another agent created is that v1 workflow here too.
+            if tenant == crate::V1_TENANT
+                && let Some(id) = name
+                    .strip_prefix("v1-workflow-")
+                    .and_then(|id| id.parse::<i64>().ok())
+            {
+                agent
+                    .workflows()
+                    .register_v1(&tenant, id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
         }
         (Setting::Release { tenant, name }, there) => {
             let release: Option<crate::releases::Release> = there

@@ -199,14 +199,29 @@ impl Journal {
     pub(crate) async fn apply_v1(
         &self,
         tenant: &str,
+        id: Option<i64>,
         build: impl FnOnce(i64) -> Result<Workflow, String> + Send + 'static,
     ) -> Result<i64, DbError> {
         self.request(|reply| Command::ApplyV1 {
             tenant: tenant.to_owned(),
+            id,
             build: Box::new(build),
             reply,
         })
         .await
+    }
+
+    /// Records that the workflow `v1-workflow-<id>`, shared by another agent of the
+    /// cluster, is the v1 workflow `id` here too.
+    pub(crate) async fn register_v1(&self, tenant: &str, id: i64) -> Result<(), DbError> {
+        let tenant = tenant.to_owned();
+        self.write(move |tx| sqlite::register_v1_workflow(tx, &tenant, id))
+            .await
+    }
+
+    /// The highest v1 workflow id here (0 when none).
+    pub(crate) async fn max_v1_id(&self) -> Result<i64, DbError> {
+        self.read(sqlite::max_v1_workflow_id).await
     }
 
     /// Deletes a workflow (its runs stay); false when there was none.

@@ -51,6 +51,21 @@ impl Runtime {
         pipeline: Vec<String>,
         grant: Grant,
     ) -> Result<i64, WorkflowError> {
+        self.create_v1_as(None, tenant, name, description, pipeline, grant)
+            .await
+    }
+
+    /// [`create_v1`](Self::create_v1) under a given id (the cluster's, so that ids are
+    /// one space across its agents), or the next one here.
+    pub async fn create_v1_as(
+        &self,
+        id: Option<i64>,
+        tenant: &str,
+        name: &str,
+        description: Option<String>,
+        pipeline: Vec<String>,
+        grant: Grant,
+    ) -> Result<i64, WorkflowError> {
         if pipeline.is_empty() {
             return Err(WorkflowError::PipelineEmpty);
         }
@@ -83,7 +98,18 @@ impl Runtime {
             let spec = v1_spec(id, description, trigger_subject, &modules, grant);
             Workflow::compile(spec, None).map_err(|e| e.to_string())
         };
-        Ok(self.journal.apply_v1(tenant, build).await?)
+        Ok(self.journal.apply_v1(tenant, id, build).await?)
+    }
+
+    /// Makes the shared workflow `v1-workflow-<id>` the v1 workflow `id` here (cluster
+    /// mode: another agent created it).
+    pub(crate) async fn register_v1(&self, tenant: &str, id: i64) -> Result<(), WorkflowError> {
+        Ok(self.journal.register_v1(tenant, id).await?)
+    }
+
+    /// The highest v1 workflow id here (0 when none).
+    pub async fn max_v1_id(&self) -> Result<i64, WorkflowError> {
+        Ok(self.journal.max_v1_id().await?)
     }
 
     /// Runs a v1 workflow with `input` and answers its output; recorded as a run, in the

@@ -1161,3 +1161,73 @@ async fn a_policy_put_on_one_agent_holds_on_the_others() {
     })
     .await;
 }
+
+/// The original's v1 workflows are the cluster's: ids are one space across the agents,
+/// and a v1 workflow created on one agent executes on another.
+#[tokio::test(flavor = "multi_thread")]
+async fn v1_workflows_are_shared_with_ids_unique_in_the_cluster() {
+    let nats = NatsServer::start();
+    let (dir_a, dir_b) = (agent_dir(), agent_dir());
+    let a = joined(dir_a.path(), &nats).await;
+    let b = joined(dir_b.path(), &nats).await;
+    for (bytes, subject) in [
+        (fixture("add_ten"), "shop.orders.ingest"),
+        (fixture("multiply_by_five"), "shop.orders.score"),
+    ] {
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "binary",
+                reqwest::multipart::Part::bytes(bytes).file_name("m.wasm"),
+            )
+            .text("title", subject)
+            .text("subject", subject);
+        let uploaded = a
+            .http
+            .post(a.url("/api/v1/modules"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(uploaded.status().as_u16(), 201);
+    }
+    let create = |agent: &TestAgent| {
+        agent
+            .http
+            .post(agent.url("/api/v1/workflows"))
+            .json(
+                &json!({"name": "orders", "pipeline": ["shop.orders.ingest", "shop.orders.score"]}),
+            )
+            .send()
+    };
+    let first = create(&a).await.unwrap().text().await.unwrap();
+    // The second agent has the modules a moment later.
+    let mut second = None;
+    for _ in 0..100 {
+        let answer = create(&b).await.unwrap();
+        if answer.status().as_u16() == 201 {
+            second = Some(answer.text().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = second.expect("the second agent creates a v1 workflow");
+    assert_ne!(first, second, "v1 workflow ids are unique in the cluster");
+    for (agent, id) in [(&b, &first), (&a, &second)] {
+        let mut output = Value::Null;
+        for _ in 0..100 {
+            let answer = agent
+                .http
+                .post(agent.url(&format!("/api/v1/workflows/{id}/execute")))
+                .json(&json!(1))
+                .send()
+                .await
+                .unwrap();
+            if answer.status().is_success() {
+                output = answer.json().await.unwrap();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(output, json!(55), "v1 workflow {id} on the other agent");
+    }
+}

@@ -49,6 +49,8 @@ pub(crate) enum Command {
     /// for that id.
     ApplyV1 {
         tenant: String,
+        /// The id to take (the cluster's), or the next one here.
+        id: Option<i64>,
         build: Box<dyn FnOnce(i64) -> Result<Workflow, String> + Send>,
         reply: Reply<i64>,
     },

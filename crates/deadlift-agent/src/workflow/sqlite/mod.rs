@@ -174,10 +174,14 @@ pub(crate) fn workflow_version(
 }
 
 /// Registers a v1 workflow id for a workflow name to be created; returns the id.
-pub(crate) fn new_v1_workflow(conn: &Connection, tenant: &str) -> Result<i64, DbError> {
+pub(crate) fn new_v1_workflow(
+    conn: &Connection,
+    tenant: &str,
+    id: Option<i64>,
+) -> Result<i64, DbError> {
     conn.execute(
-        "INSERT INTO v1_workflows (tenant, workflow) VALUES (?1, '')",
-        params![tenant],
+        "INSERT INTO v1_workflows (id, tenant, workflow) VALUES (?1, ?2, '')",
+        params![id, tenant],
     )?;
     let id = conn.last_insert_rowid();
     conn.execute(
@@ -185,6 +189,28 @@ pub(crate) fn new_v1_workflow(conn: &Connection, tenant: &str) -> Result<i64, Db
         params![id, crate::workflow::v1::workflow_name(id)],
     )?;
     Ok(id)
+}
+
+/// Registers the v1 workflow `id` whose workflow another agent of the cluster shared.
+pub(crate) fn register_v1_workflow(
+    conn: &Connection,
+    tenant: &str,
+    id: i64,
+) -> Result<(), DbError> {
+    conn.execute(
+        "INSERT OR IGNORE INTO v1_workflows (id, tenant, workflow) VALUES (?1, ?2, ?3)",
+        params![id, tenant, crate::workflow::v1::workflow_name(id)],
+    )?;
+    Ok(())
+}
+
+/// The highest v1 workflow id (0 when none).
+pub(crate) fn max_v1_workflow_id(conn: &Connection) -> Result<i64, DbError> {
+    Ok(
+        conn.query_row("SELECT COALESCE(MAX(id), 0) FROM v1_workflows", [], |row| {
+            row.get(0)
+        })?,
+    )
 }
 
 // ---- events and runs -------------------------------------------------------------

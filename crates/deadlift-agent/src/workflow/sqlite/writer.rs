@@ -342,11 +342,12 @@ impl Writer {
             }
             Command::ApplyV1 {
                 tenant,
+                id,
                 build,
                 reply,
             } => {
                 let result = (|| {
-                    let id = sql::new_v1_workflow(tx, &tenant)?;
+                    let id = sql::new_v1_workflow(tx, &tenant, id)?;
                     let workflow = build(id).map_err(|e| {
                         DbError::Corrupt(format!("the v1 workflow built does not compile: {e}"))
                     })?;
