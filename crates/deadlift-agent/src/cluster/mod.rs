@@ -6,13 +6,13 @@
 //!   source and id, so that the same event posted twice, to the same agent or another,
 //!   is stored once within the stream's duplicate window. An agent answers `202` only
 //!   once the stream has acknowledged the event (replicated, on an R3 stream).
-//! - **Ingest** (`ingest.rs`): every agent pulls from one shared durable consumer (`deadlift-ingest`),
-//!   so each stored event is leased to one agent, which journals it in its own SQLite
-//!   (routing it to workflows and starting runs there, in one transaction) and
-//!   acknowledges it only once those runs have ended and its outbox entries are in the
-//!   cluster, telling the cluster it is still at work meanwhile. An agent that dies first
-//!   loses the event to another agent when the consumer's ack wait ends, which takes its
-//!   runs over after their last journaled step (`runs.rs`).
+//! - **Ingest** (`ingest.rs`): every agent pulls from one shared durable consumer
+//!   (`deadlift-ingest`), so each stored event is leased to one agent, which journals it
+//!   in its own SQLite (routing it to workflows and starting runs there, in one
+//!   transaction) and acknowledges it only once those runs have ended and its outbox
+//!   entries are in the cluster, telling the cluster it is still at work meanwhile. An
+//!   agent that dies first loses the event to another agent when the consumer's ack wait
+//!   ends, which takes its runs over after their last journaled step (`runs.rs`).
 //! - **The outbox** (`outbox.rs`) goes through the cluster: any agent delivers any
 //!   entry, one at a time.
 //! - **The v1 NATS trigger**: a message published on a NATS core subject equal to a v1
