@@ -171,7 +171,8 @@ impl Ingest {
                 }
             }
             // Its deliveries to peers are in the cluster's outbox before it goes.
-            this.hold_until_forwarded(&event_id, &message).await;
+            this.hold_until_forwarded(&tenant, &event_id, &message)
+                .await;
             for run in &runs {
                 // Still in hand while the history takes it.
                 let sharing = this.sharer.share(&tenant, run);
@@ -204,13 +205,18 @@ impl Ingest {
     }
 
     /// Waits until this agent has handed the event's outbox entries to the cluster.
-    async fn hold_until_forwarded(&self, event_id: &str, message: &jetstream::Message) {
+    async fn hold_until_forwarded(
+        &self,
+        tenant: &str,
+        event_id: &str,
+        message: &jetstream::Message,
+    ) {
         let mut last_progress = tokio::time::Instant::now();
         loop {
             let Some(agent) = self.agent.upgrade() else {
                 return;
             };
-            match agent.federation().unforwarded(event_id).await {
+            match agent.federation().unforwarded(tenant, event_id).await {
                 Ok(true) => {}
                 _ => return,
             }

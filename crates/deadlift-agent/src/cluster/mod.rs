@@ -243,11 +243,12 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError::Setup(e.to_string()))?;
         runtime.claim_firings_with(Arc::new(Firings(firings)));
+        let member = member_id(agent.data_dir())?;
         let (sharer, mut tasks) = history::start(
             &jetstream,
             config.replicas,
             config.history_kept,
-            &member_id(agent.data_dir())?,
+            &member,
             runtime,
         )
         .await?;
@@ -274,7 +275,9 @@ impl Cluster {
             shared.revisions.clone(),
         )
         .await?;
-        let plugin_kv = plugin_kv::PluginKv::start(&jetstream, config.replicas, agent.db()).await?;
+        let plugin_kv =
+            plugin_kv::PluginKv::start(&jetstream, config.replicas, agent.db(), &agreed, &member)
+                .await?;
         agent.db().share_kv(Arc::new(plugin_kv));
         let (forwarder, delivering) = outbox::start(
             &jetstream,

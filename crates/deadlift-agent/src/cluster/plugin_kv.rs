@@ -5,9 +5,10 @@
 //! agent, concurrent read-modify-writes are last-writer-wins.
 //!
 //! The engine calls `KvStore` from its worker threads, which run no Tokio runtime: each
-//! operation runs on the agent's runtime and is waited for there ([`KV_WAIT`] at most). At join, the
-//! agent's own entries go to the bucket where it has none under their keys; its SQLite
-//! `kv` table is left as it was (used again if it runs alone again).
+//! operation runs on the agent's runtime and is waited for there ([`KV_WAIT`] at most).
+//! At its first join, the agent's own entries go to the bucket where it has none under
+//! their keys (once: a key in `deadlift-cluster` says so); its SQLite `kv` table is left
+//! as it was (used again if it runs alone again).
 
 use std::time::Duration;
 
@@ -31,11 +32,14 @@ pub(super) struct PluginKv {
 }
 
 impl PluginKv {
-    /// Opens (or makes) the bucket and brings this agent's entries it lacks.
+    /// Opens (or makes) the bucket and, at this member's first join, brings this agent's
+    /// entries it lacks (`agreed`: the `deadlift-cluster` bucket, which remembers).
     pub(super) async fn start(
         jetstream: &jetstream::Context,
         replicas: usize,
         db: &Database,
+        agreed: &kv::Store,
+        member: &str,
     ) -> Result<Self, ClusterError> {
         let setup = |e: &dyn std::fmt::Display| ClusterError::Setup(e.to_string());
         let store = jetstream
@@ -52,17 +56,29 @@ impl PluginKv {
             .get_stream(format!("KV_{KV_BUCKET}"))
             .await
             .map_err(|e| setup(&e))?;
-        let local = db.clone();
-        let entries = tokio::task::spawn_blocking(move || local.kv_entries())
+        let brought = format!("kv-brought.{member}");
+        if agreed
+            .get(brought.as_str())
             .await
             .map_err(|e| setup(&e))?
-            .map_err(|e| setup(&e))?;
-        for (tenant, key, value) in entries {
-            match store.create(key_of(&tenant, &key), value.into()).await {
-                Ok(_) => {}
-                Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {}
-                Err(error) => return Err(setup(&error)),
+            .is_none()
+        {
+            let local = db.clone();
+            let entries = tokio::task::spawn_blocking(move || local.kv_entries())
+                .await
+                .map_err(|e| setup(&e))?
+                .map_err(|e| setup(&e))?;
+            for (tenant, key, value) in entries {
+                match store.create(key_of(&tenant, &key), value.into()).await {
+                    Ok(_) => {}
+                    Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                    Err(error) => return Err(setup(&error)),
+                }
             }
+            agreed
+                .put(brought, bytes::Bytes::new())
+                .await
+                .map_err(|e| setup(&e))?;
         }
         Ok(Self {
             store,

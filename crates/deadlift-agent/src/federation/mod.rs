@@ -251,11 +251,22 @@ impl Federation {
         &self.journal
     }
 
-    /// Whether an outbox entry of this event id still waits to be handed to the cluster.
-    pub(crate) async fn unforwarded(&self, event_id: &str) -> Result<bool, FederationError> {
-        let (db, event_id) = (self.db.clone(), event_id.to_owned());
+    /// Whether an outbox entry of this tenant's event still waits to be handed to the
+    /// cluster. A tenant without peers (most events) is answered from memory.
+    pub(crate) async fn unforwarded(
+        &self,
+        tenant: &str,
+        event_id: &str,
+    ) -> Result<bool, FederationError> {
+        if !self
+            .peers
+            .with(|all| all.iter().any(|peer| peer.tenant == tenant))
+        {
+            return Ok(false);
+        }
+        let (db, tenant, event_id) = (self.db.clone(), tenant.to_owned(), event_id.to_owned());
         Ok(
-            tokio::task::spawn_blocking(move || peers::unforwarded(&db.read(), &event_id))
+            tokio::task::spawn_blocking(move || peers::unforwarded(&db.read(), &tenant, &event_id))
                 .await??,
         )
     }

@@ -306,11 +306,19 @@ pub(crate) fn mark_forwarded(conn: &Connection, ids: &[i64]) -> Result<(), DbErr
     Ok(())
 }
 
-/// Whether an entry of this event id still waits to be handed to the cluster's outbox.
-pub(crate) fn unforwarded(conn: &Connection, event_id: &str) -> Result<bool, DbError> {
+/// Whether an entry of this tenant's event still waits to be handed to the cluster's
+/// outbox.
+pub(crate) fn unforwarded(
+    conn: &Connection,
+    tenant: &str,
+    event_id: &str,
+) -> Result<bool, DbError> {
     Ok(conn
-        .prepare_cached("SELECT 1 FROM outbox WHERE event_id = ?1 AND status = 'pending' LIMIT 1")?
-        .query_row([event_id], |_| Ok(()))
+        .prepare_cached(
+            "SELECT 1 FROM outbox o JOIN peers p ON p.name = o.peer
+             WHERE o.event_id = ?1 AND p.tenant = ?2 AND o.status = 'pending' LIMIT 1",
+        )?
+        .query_row(params![event_id, tenant], |_| Ok(()))
         .optional()?
         .is_some())
 }
