@@ -15,9 +15,10 @@
 //!   ends, which takes its runs over after their last journaled step (`runs.rs`).
 //! - **The outbox** (`outbox.rs`) goes through the cluster: any agent delivers any
 //!   entry, one at a time.
-//! - **The v1 NATS trigger**: a message published on a NATS core subject equal to a v1
-//!   workflow's first module's subject becomes a `v1` event of that type (in a queue
-//!   group, so one agent takes it), which starts the workflow at its second module.
+//! - **The v1 NATS trigger** (`v1_trigger.rs`): a message published on a NATS core
+//!   subject equal to a v1 workflow's first module's subject becomes a `v1` event of
+//!   that type (in a queue group, so one agent takes it), which starts the workflow at
+//!   its second module.
 //! - **Settings** (`setting.rs`, `shared.rs`) and **history** (`history.rs`): every agent
 //!   follows the shared settings, and stores the runs the others finish, so any agent
 //!   answers for the cluster's runs.
@@ -38,10 +39,10 @@ mod plugin_kv;
 mod runs;
 mod setting;
 mod shared;
+mod v1_trigger;
 
 pub use setting::Setting;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,11 +50,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use parking_lot::Mutex;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
-use crate::V1_TENANT;
 use crate::workflow::{CloudEvent, Ingested, Journal, Runtime};
 use deadlift_engine::Code;
 
@@ -63,8 +62,6 @@ pub const EVENTS_STREAM: &str = "DEADLIFT_EVENTS";
 const EVENTS_SUBJECT: &str = "deadlift.events";
 /// The durable consumer all agents pull events from.
 pub const INGEST_CONSUMER: &str = "deadlift-ingest";
-/// The queue group of the v1 trigger's subscriptions.
-const V1_QUEUE: &str = "deadlift-v1";
 /// Events one agent journals at once (each waits for its commit before its ack).
 const INGESTING: usize = 256;
 /// The KV bucket where an agent claims a scheduled firing before it fires it.
@@ -78,8 +75,6 @@ const SETTINGS_REVISION: &str = "Deadlift-Settings-Revision";
 /// How long an agent waits to catch up with an event's settings before it hands the event
 /// back to the cluster.
 const CATCH_UP: Duration = Duration::from_secs(5);
-/// How often the v1 trigger looks for new v1 workflows.
-const V1_RESCAN: Duration = Duration::from_secs(1);
 
 /// How an agent joins a cluster.
 #[derive(Debug, Clone)]
@@ -316,7 +311,7 @@ impl Cluster {
                 left,
             },
         ));
-        let triggering = tokio::spawn(v1_trigger(
+        let triggering = tokio::spawn(v1_trigger::run(
             client,
             Arc::downgrade(&cluster),
             runtime.v1_triggers(),
@@ -616,84 +611,6 @@ impl crate::federation::ClusterInbox for Inbox {
             .publish_from(&peer.tenant, events, Some(&peer.name))
             .await
             .map_err(|e| e.to_string())
-    }
-}
-
-/// Subscribes, in a queue group, to the subject of each v1 workflow's first module and
-/// turns each message into a `v1` event of that type, stored in the cluster's stream.
-async fn v1_trigger(
-    client: async_nats::Client,
-    cluster: std::sync::Weak<Cluster>,
-    triggers: crate::workflow::V1Triggers,
-) {
-    let mut subscribed: BTreeMap<String, JoinHandle<()>> = BTreeMap::new();
-    loop {
-        let wanted: BTreeSet<String> = match triggers.subjects().await {
-            Ok(subjects) => subjects,
-            Err(error) => {
-                tracing::warn!("cannot read the v1 workflows: {error}");
-                BTreeSet::new()
-            }
-        };
-        subscribed.retain(|subject, task| {
-            let keep = wanted.contains(subject);
-            if !keep {
-                task.abort();
-            }
-            keep
-        });
-        for subject in wanted {
-            if subscribed.contains_key(&subject) {
-                continue;
-            }
-            match client
-                .queue_subscribe(subject.clone(), V1_QUEUE.into())
-                .await
-            {
-                Ok(subscriber) => {
-                    let task = tokio::spawn(forward_v1(subscriber, cluster.clone()));
-                    subscribed.insert(subject, task);
-                }
-                Err(error) => {
-                    tracing::warn!(%subject, "cannot subscribe for the v1 trigger: {error}")
-                }
-            }
-        }
-        tokio::time::sleep(V1_RESCAN).await;
-    }
-}
-
-/// Each message on a v1 trigger subject, as a `v1` event: its data the message's JSON
-/// (or its text), its id the message's `Nats-Msg-Id` when it has one.
-async fn forward_v1(mut subscriber: async_nats::Subscriber, cluster: std::sync::Weak<Cluster>) {
-    while let Some(message) = subscriber.next().await {
-        let Some(cluster) = cluster.upgrade() else {
-            return;
-        };
-        let data = serde_json::from_slice::<Value>(&message.payload).unwrap_or_else(|_| {
-            Value::String(String::from_utf8_lossy(&message.payload).into_owned())
-        });
-        let mut event = CloudEvent::new(
-            message.subject.to_string(),
-            format!("nats://{}", message.subject),
-            data,
-        );
-        if let Some(id) = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|id| id.as_str().to_owned())
-            .filter(|id| !id.is_empty() && id.len() <= 256)
-        {
-            event.id = id;
-        }
-        if let Err(error) = event.validate() {
-            tracing::warn!(subject = %message.subject, "a v1 trigger message is not an event: {error}");
-            continue;
-        }
-        if let Err(error) = cluster.publish(V1_TENANT, vec![event]).await {
-            tracing::warn!(subject = %message.subject, "a v1 trigger message was not stored: {error}");
-        }
     }
 }
 

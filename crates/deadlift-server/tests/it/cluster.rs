@@ -43,6 +43,35 @@ async fn join(agent: &TestAgent, nats: &NatsServer) {
         .expect("the agent joins the cluster");
 }
 
+/// The two v1 modules of the original's example pipeline, uploaded through the v1 API.
+async fn upload_v1_modules(agent: &TestAgent) {
+    for (bytes, subject) in [
+        (fixture("add_ten"), "shop.orders.ingest"),
+        (fixture("multiply_by_five"), "shop.orders.score"),
+    ] {
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "binary",
+                reqwest::multipart::Part::bytes(bytes).file_name("m.wasm"),
+            )
+            .text("title", subject)
+            .text("subject", subject);
+        let uploaded = agent
+            .http
+            .post(agent.url("/api/v1/modules"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            uploaded.status().as_u16(),
+            201,
+            "{}",
+            uploaded.text().await.unwrap()
+        );
+    }
+}
+
 /// Acme's module and workflow, made on one agent.
 async fn configure(agent: &TestAgent, token: &str) {
     let pushed = agent
@@ -215,31 +244,7 @@ async fn a_message_on_a_nats_subject_starts_the_v1_workflow_at_its_second_module
     let nats = NatsServer::start();
     let dir = agent_dir();
     let agent = joined(dir.path(), &nats).await;
-    for (bytes, subject) in [
-        (fixture("add_ten"), "shop.orders.ingest"),
-        (fixture("multiply_by_five"), "shop.orders.score"),
-    ] {
-        let form = reqwest::multipart::Form::new()
-            .part(
-                "binary",
-                reqwest::multipart::Part::bytes(bytes).file_name("m.wasm"),
-            )
-            .text("title", subject)
-            .text("subject", subject);
-        let uploaded = agent
-            .http
-            .post(agent.url("/api/v1/modules"))
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            uploaded.status().as_u16(),
-            201,
-            "{}",
-            uploaded.text().await.unwrap()
-        );
-    }
+    upload_v1_modules(&agent).await;
     let created = agent
         .http
         .post(agent.url("/api/v1/workflows"))
@@ -1170,26 +1175,7 @@ async fn v1_workflows_are_shared_with_ids_unique_in_the_cluster() {
     let (dir_a, dir_b) = (agent_dir(), agent_dir());
     let a = joined(dir_a.path(), &nats).await;
     let b = joined(dir_b.path(), &nats).await;
-    for (bytes, subject) in [
-        (fixture("add_ten"), "shop.orders.ingest"),
-        (fixture("multiply_by_five"), "shop.orders.score"),
-    ] {
-        let form = reqwest::multipart::Form::new()
-            .part(
-                "binary",
-                reqwest::multipart::Part::bytes(bytes).file_name("m.wasm"),
-            )
-            .text("title", subject)
-            .text("subject", subject);
-        let uploaded = a
-            .http
-            .post(a.url("/api/v1/modules"))
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(uploaded.status().as_u16(), 201);
-    }
+    upload_v1_modules(&a).await;
     let create = |agent: &TestAgent| {
         agent
             .http

@@ -1,11 +1,14 @@
 //! The agent's durable state in one SQLite file: tenants, API tokens (hashed), module
 //! metadata and bytes, and key-value entries (the workflow journal's tables live here
 //! too; their SQL is in `workflow::journal`). It implements the library's storage
-//! traits ([`ModuleStore`], [`KvStore`]) so the engine persists without knowing SQL.
+//! traits ([`ModuleStore`], and `KvStore` in `kv.rs`) so the engine persists without
+//! knowing SQL.
 //!
 //! Migrations are embedded and applied in order at open; every connection runs in WAL
 //! mode with foreign keys on. All calls block: async code reaches them through
 //! `spawn_blocking` (the server does), engine workers call them directly.
+
+mod kv;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +23,7 @@ use deadlift_engine::Code;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
-use deadlift_engine::host::{KvError, KvStore};
+use deadlift_engine::host::KvError;
 use deadlift_engine::registry::{ModuleId, ModuleInfo, ModuleStore, StoreError};
 
 /// Errors of the database layer.
@@ -154,27 +157,7 @@ pub struct Database {
     /// Module manifests read once (`manifest.rs`).
     manifests: Arc<crate::manifest::ManifestCache>,
     /// In a cluster, plug-in KV lives there, and this file's `kv` table is left as it was.
-    shared_kv: Arc<SharedKv>,
-}
-
-/// Where plug-in KV lives once the agent is in a cluster.
-#[derive(Default)]
-struct SharedKv(std::sync::OnceLock<Arc<dyn KvStore>>);
-
-impl SharedKv {
-    fn get(&self) -> Option<&Arc<dyn KvStore>> {
-        self.0.get()
-    }
-}
-
-impl std::fmt::Debug for SharedKv {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.get().is_some() {
-            "SharedKv(cluster)"
-        } else {
-            "SharedKv(local)"
-        })
-    }
+    shared_kv: Arc<kv::SharedKv>,
 }
 
 #[derive(Debug, Default)]
@@ -270,20 +253,6 @@ impl Database {
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock()
-    }
-
-    /// From now on plug-in KV (`KvStore`) is `kv`'s: the cluster's.
-    pub(crate) fn share_kv(&self, kv: Arc<dyn KvStore>) {
-        let _ = self.shared_kv.0.set(kv);
-    }
-
-    /// Every plug-in KV entry in this file: (tenant, key, value).
-    pub(crate) fn kv_entries(&self) -> Result<Vec<(String, String, Vec<u8>)>, DbError> {
-        let conn = self.reader.lock();
-        let mut statement =
-            conn.prepare("SELECT tenant, key, value FROM kv ORDER BY tenant, key")?;
-        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The connection, for the workflow journal's own SQL.
@@ -674,80 +643,10 @@ impl ModuleStore for Database {
     }
 }
 
-impl KvStore for Database {
-    fn get(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
-        if let Some(shared) = self.shared_kv.get() {
-            return shared.get(tenant, key);
-        }
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT value FROM kv WHERE tenant = ?1 AND key = ?2",
-                params![tenant, key],
-                |row| row.get(0),
-            )
-            .optional()
-            .map_err(DbError::from)?)
-    }
-
-    fn set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
-        if let Some(shared) = self.shared_kv.get() {
-            return shared.set(tenant, key, value);
-        }
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(DbError::from)?;
-        tx.execute(
-            "INSERT OR IGNORE INTO tenants (name, created_unix_ms) VALUES (?1, ?2)",
-            params![tenant, now_ms()],
-        )
-        .map_err(DbError::from)?;
-        tx.execute(
-            "INSERT INTO kv (tenant, key, value) VALUES (?1, ?2, ?3)
-             ON CONFLICT (tenant, key) DO UPDATE SET value = excluded.value",
-            params![tenant, key, value],
-        )
-        .map_err(DbError::from)?;
-        tx.commit().map_err(DbError::from)?;
-        Ok(())
-    }
-
-    fn delete(&self, tenant: &str, key: &str) -> Result<bool, KvError> {
-        if let Some(shared) = self.shared_kv.get() {
-            return shared.delete(tenant, key);
-        }
-        Ok(self
-            .conn()
-            .execute(
-                "DELETE FROM kv WHERE tenant = ?1 AND key = ?2",
-                params![tenant, key],
-            )
-            .map_err(DbError::from)?
-            == 1)
-    }
-
-    fn keys(&self, tenant: &str, prefix: &str) -> Result<Vec<String>, KvError> {
-        if let Some(shared) = self.shared_kv.get() {
-            return shared.keys(tenant, prefix);
-        }
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT key FROM kv WHERE tenant = ?1 AND substr(key, 1, length(?2)) = ?2
-                 ORDER BY key",
-            )
-            .map_err(DbError::from)?;
-        let keys = stmt
-            .query_map(params![tenant, prefix], |row| row.get(0))
-            .map_err(DbError::from)?
-            .collect::<Result<_, _>>()
-            .map_err(DbError::from)?;
-        Ok(keys)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use deadlift_engine::host::KvStore;
     use deadlift_engine::registry;
 
     fn module_info(tenant: &str, name: &str, bytes: &[u8]) -> ModuleInfo {
